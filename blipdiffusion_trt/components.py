@@ -1,0 +1,329 @@
+"""One declaration per exported component: names, dtypes, symbolic shapes, ranges, tolerances.
+
+Export (dynamic axes, example inputs), the TensorRT builder (optimization profiles), the Triton
+writer (dims, batching) and the tests all read these declarations; nothing else spells a shape.
+Every size comes from the package's :class:`PipelineConfig`, which export derives from the
+checkpoint's own configs, so no dimension of one particular checkpoint is written here.
+
+This module imports only the standard library: the runtime, the engine builder and the export
+code all depend on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import PackageError
+
+PIPELINE_CONFIG_NAME = "pipeline.json"
+PACKAGE_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Everything the runtime needs to know about a checkpoint, besides the graphs themselves.
+
+    Written by export as ``pipeline.json``; all fields are read from the checkpoint's configs.
+    """
+
+    ctx_begin_pos: int
+    # Q-Former side
+    image_size: tuple[int, int]  # (height, width) of the subject image fed to the vision encoder
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    image_resample: int  # PIL resampling filter id (3 = bicubic)
+    num_query_tokens: int
+    qformer_hidden_size: int
+    qformer_max_text_length: int
+    # text encoder side
+    text_max_length: int  # CLIP max_position_embeddings: context tokens + prompt tokens
+    text_hidden_size: int
+    # latent space
+    latent_channels: int
+    latent_scale_factor: int  # image size / latent size
+    unet_size_multiple: int  # latent sizes must be multiples of this (UNet down/up sampling)
+    vae_scaling_factor: float
+    unet_block_out_channels: tuple[int, ...]
+    unet_layers_per_block: int
+    default_height: int
+    default_width: int
+    has_controlnet: bool
+    controlnet_conditioning_channels: int = 3
+    max_batch_size: int = 4
+    # Declared image-size range (pixels). Profiles, validation and Triton configs read it.
+    min_image_size: int = 0
+    max_image_size: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.min_image_size:
+            object.__setattr__(self, "min_image_size", self.image_multiple)
+        if not self.max_image_size:
+            object.__setattr__(
+                self, "max_image_size", 2 * max(self.default_height, self.default_width)
+            )
+
+    @property
+    def text_length(self) -> int:
+        """Prompt tokens the context text encoder takes: the rest of its positions hold the subject."""
+        return self.text_max_length - self.num_query_tokens
+
+    @property
+    def image_multiple(self) -> int:
+        """Generated heights and widths must be multiples of this many pixels."""
+        return self.latent_scale_factor * self.unet_size_multiple
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["format_version"] = PACKAGE_FORMAT_VERSION
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "PipelineConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name not in data]
+        if missing:
+            raise PackageError(f"{PIPELINE_CONFIG_NAME}: missing fields {', '.join(missing)}")
+        kwargs = {}
+        for key, value in data.items():
+            if key not in names:
+                continue
+            kwargs[key] = tuple(value) if isinstance(value, list) else value
+        return cls(**kwargs)
+
+    @classmethod
+    def load(cls, package_dir: str | Path) -> "PipelineConfig":
+        path = Path(package_dir) / PIPELINE_CONFIG_NAME
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise PackageError(f"{path}: not found; is this a blipdiffusion-trt package?") from None
+        except (OSError, ValueError) as error:
+            raise PackageError(f"{path}: unreadable ({error})") from None
+        version = data.get("format_version")
+        if version != PACKAGE_FORMAT_VERSION:
+            raise PackageError(
+                f"{path}: package format_version {version!r}, this blipdiffusion-trt reads "
+                f"{PACKAGE_FORMAT_VERSION}; re-export the checkpoint"
+            )
+        return cls.from_dict(data)
+
+
+@dataclass(frozen=True)
+class Axis:
+    """A dynamic axis with its optimization range: TensorRT's min/opt/max, Triton's -1."""
+
+    name: str
+    min: int
+    opt: int
+    max: int
+    multiple_of: int = 1
+
+    def check(self, value: int) -> str | None:
+        """None when ``value`` is allowed, else why not (one line)."""
+        if not self.min <= value <= self.max:
+            return f"{self.name}={value} outside [{self.min}, {self.max}]"
+        if value % self.multiple_of:
+            return f"{self.name}={value} is not a multiple of {self.multiple_of}"
+        return None
+
+
+Dim = int | Axis
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name of the fp32 graph's tensor ("float32", "int64")
+    shape: tuple[Dim, ...]
+
+    def shape_at(self, point: str | Mapping[str, int]) -> tuple[int, ...]:
+        """Concrete shape at "min"/"opt"/"max", or with the named axes set from a mapping."""
+        dims = []
+        for dim in self.shape:
+            if isinstance(dim, int):
+                dims.append(dim)
+            elif isinstance(point, str):
+                dims.append(getattr(dim, point))
+            else:
+                dims.append(point[dim.name])
+        return tuple(dims)
+
+    @property
+    def axes(self) -> dict[int, str]:
+        return {i: d.name for i, d in enumerate(self.shape) if isinstance(d, Axis)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shape": [d if isinstance(d, int) else d.name for d in self.shape],
+        }
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """One exported graph: its I/O, its dynamic axes and how closely it must match PyTorch."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    # Export validation (ONNX Runtime CPU fp32 vs PyTorch fp32), max abs difference.
+    atol: float = 1e-4
+    # fp16 graph vs fp32 graph.
+    fp16_min_cosine: float = 0.999
+    # Whether requests can be batched along axis 0 (Triton dynamic batching).
+    batchable: bool = True
+    description: str = ""
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    @property
+    def axes(self) -> dict[str, Axis]:
+        found: dict[str, Axis] = {}
+        for tensor in (*self.inputs, *self.outputs):
+            for dim in tensor.shape:
+                if isinstance(dim, Axis):
+                    found[dim.name] = dim
+        return found
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {t.name: t.axes for t in (*self.inputs, *self.outputs) if t.axes}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "axes": {a.name: dataclasses.asdict(a) for a in self.axes.values()},
+            "atol": self.atol,
+            "fp16_min_cosine": self.fp16_min_cosine,
+        }
+
+
+def controlnet_residual_shapes(
+    config: PipelineConfig, batch: Dim, latent_h: Dim, latent_w: Dim
+) -> tuple[list[tuple[int, int]], tuple[int, int]]:
+    """(channels, downsampling) of every ControlNet down residual, and of the mid residual.
+
+    Mirrors UNet2DConditionModel's down path: conv_in, then per block ``layers_per_block``
+    resnets and (except for the last block) one downsampler.
+    """
+    channels = config.unet_block_out_channels
+    residuals = [(channels[0], 1)]
+    scale = 1
+    for i, ch in enumerate(channels):
+        residuals += [(ch, scale)] * config.unet_layers_per_block
+        if i < len(channels) - 1:
+            scale *= 2
+            residuals.append((ch, scale))
+    return residuals, (channels[-1], scale)
+
+
+def _scaled_axis(axis: Axis, divisor: int, name: str) -> Axis:
+    return Axis(name, axis.min // divisor, axis.opt // divisor, axis.max // divisor,
+                max(1, axis.multiple_of // divisor))
+
+
+def declare_components(config: PipelineConfig) -> dict[str, ComponentSpec]:
+    """The package's components, in pipeline order, with shapes read from ``config``."""
+    f = config.latent_scale_factor
+    multiple = config.image_multiple
+    batch = Axis("batch", 1, 1, config.max_batch_size)
+    # Classifier-free guidance runs the UNet (and ControlNet) on [negative; positive].
+    unet_batch = Axis("unet_batch", 1, 2, 2 * config.max_batch_size)
+    height = Axis("height", config.min_image_size, config.default_height, config.max_image_size, multiple)
+    width = Axis("width", config.min_image_size, config.default_width, config.max_image_size, multiple)
+    latent_h = _scaled_axis(height, f, "latent_height")
+    latent_w = _scaled_axis(width, f, "latent_width")
+    qformer_text = Axis("qformer_text_length", 1, 8, config.qformer_max_text_length - config.num_query_tokens)
+    text_len = Axis("text_length", config.ctx_begin_pos, config.text_length, config.text_length)
+    plain_text_len = Axis("plain_text_length", 1, config.text_max_length, config.text_max_length)
+    c = config.latent_channels
+    hidden = config.text_hidden_size
+    ih, iw = config.image_size
+
+    def embeddings(batch_axis: Axis, length: Dim) -> TensorSpec:
+        return TensorSpec("encoder_hidden_states", "float32", (batch_axis, length, hidden))
+
+    unet_io = (
+        TensorSpec("sample", "float32", (unet_batch, c, latent_h, latent_w)),
+        TensorSpec("timestep", "float32", (unet_batch,)),
+        embeddings(unet_batch, config.text_max_length),
+    )
+    down, (mid_ch, mid_scale) = controlnet_residual_shapes(config, unet_batch, latent_h, latent_w)
+
+    def residual(name: str, ch: int, scale: int) -> TensorSpec:
+        if scale == 1:
+            return TensorSpec(name, "float32", (unet_batch, ch, latent_h, latent_w))
+        return TensorSpec(
+            name, "float32",
+            (unet_batch, ch, _scaled_axis(latent_h, scale, f"latent_height_{scale}"),
+             _scaled_axis(latent_w, scale, f"latent_width_{scale}")),
+        )
+
+    residuals = tuple(residual(f"down_block_res_{i}", ch, s) for i, (ch, s) in enumerate(down))
+    residuals += (residual("mid_block_res", mid_ch, mid_scale),)
+    noise = (TensorSpec("noise_pred", "float32", (unet_batch, c, latent_h, latent_w)),)
+
+    specs = [
+        ComponentSpec(
+            "qformer",
+            inputs=(
+                TensorSpec("pixel_values", "float32", (batch, 3, ih, iw)),
+                TensorSpec("input_ids", "int64", (batch, qformer_text)),
+                TensorSpec("attention_mask", "int64", (batch, qformer_text)),
+            ),
+            outputs=(TensorSpec("query_embeds", "float32", (batch, config.num_query_tokens, config.qformer_hidden_size)),),
+            description="ViT vision encoder + query transformer + projection: subject image and word -> query embeddings",
+        ),
+        ComponentSpec(
+            "text_encoder",
+            inputs=(
+                TensorSpec("input_ids", "int64", (batch, text_len)),
+                TensorSpec("ctx_embeddings", "float32", (batch, config.num_query_tokens, hidden)),
+            ),
+            outputs=(TensorSpec("text_embeddings", "float32", (batch, Axis("ctx_text_length", config.ctx_begin_pos + config.num_query_tokens, config.text_max_length, config.text_max_length), hidden)),),
+            description=f"CLIP text encoder with the subject embeddings spliced in at position {config.ctx_begin_pos}",
+        ),
+        ComponentSpec(
+            "text_encoder_plain",
+            inputs=(TensorSpec("input_ids", "int64", (batch, plain_text_len)),),
+            outputs=(TensorSpec("text_embeddings", "float32", (batch, plain_text_len, hidden)),),
+            description="CLIP text encoder without subject context (negative prompt)",
+        ),
+        ComponentSpec(
+            "unet",
+            inputs=unet_io + residuals,
+            outputs=noise,
+            description="UNet with ControlNet residual inputs",
+        ),
+        ComponentSpec("unet_plain", inputs=unet_io, outputs=noise, description="UNet without residual inputs"),
+    ]
+    if config.has_controlnet:
+        specs.append(ComponentSpec(
+            "controlnet",
+            inputs=unet_io + (
+                TensorSpec("controlnet_cond", "float32", (unet_batch, config.controlnet_conditioning_channels, height, width)),
+                TensorSpec("conditioning_scale", "float32", (1,)),
+            ),
+            outputs=residuals,
+            description="ControlNet: condition image -> UNet residuals (scaled by conditioning_scale)",
+        ))
+    specs.append(ComponentSpec(
+        "vae_decoder",
+        inputs=(TensorSpec("latents", "float32", (batch, c, latent_h, latent_w)),),
+        outputs=(TensorSpec("image", "float32", (batch, 3, height, width)),),
+        description="VAE decoder: unscaled latents -> image in [-1, 1]",
+    ))
+    return {spec.name: spec for spec in specs}

@@ -1,0 +1,586 @@
+"""Checkpoint -> model package: load with diffusers, trace each component to ONNX, validate.
+
+A package is a directory that needs neither torch nor diffusers::
+
+    manifest.json                 format version, components and their I/O, tools, sha256 of files
+    pipeline.json                 PipelineConfig (ctx_begin_pos, image mean/std, latent factor, ...)
+    scheduler/scheduler_config.json
+    tokenizer/tokenizer.json      CLIP BPE (+ tokenizer_settings.json: pad id, max length)
+    qformer_tokenizer/tokenizer.json
+    onnx/fp32/<component>.onnx    (+ <component>.onnx.data where a graph exceeds 2 GB)
+    onnx/fp16/<component>.onnx    on request: strongly typed fp16 graphs, fp32 inputs/outputs
+
+The package is written to a temporary sibling directory and renamed into place at the end, so an
+interrupted export leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from .. import __version__
+from ..components import PIPELINE_CONFIG_NAME, ComponentSpec, PipelineConfig, declare_components
+from ..errors import CheckpointError, InputError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+PRECISIONS = ("fp32", "fp16")
+BLIP_CLASSES = ("BlipDiffusionPipeline", "BlipDiffusionControlNetPipeline")
+WEIGHT_MODULES = ("text_encoder", "vae", "unet", "qformer", "controlnet")
+# Protobuf cannot serialise a ModelProto over 2 GiB; keep a margin for the graph itself.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Loading and checking the checkpoint
+# --------------------------------------------------------------------------------------------
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found ({what})") from None
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: unreadable {what} ({error})") from None
+
+
+def check_checkpoint_dir(checkpoint: Path, allow_pickle: bool) -> dict:
+    """Validate a diffusers BLIP-Diffusion directory before loading it; returns model_index.json."""
+    if not checkpoint.is_dir():
+        raise CheckpointError(f"checkpoint directory {checkpoint} does not exist")
+    index = _read_json(checkpoint / "model_index.json", "diffusers model_index.json: is this a diffusers checkpoint?")
+    class_name = index.get("_class_name")
+    if class_name not in BLIP_CLASSES:
+        raise CheckpointError(
+            f"{checkpoint}/model_index.json: model class {class_name!r} is not BLIP-Diffusion "
+            f"(expected one of {', '.join(BLIP_CLASSES)})"
+        )
+    for name in WEIGHT_MODULES:
+        if name not in index:
+            continue
+        _check_weights(checkpoint / name, allow_pickle)
+    for name in ("tokenizer", "scheduler", "image_processor"):
+        if not (checkpoint / name).is_dir():
+            raise CheckpointError(f"checkpoint incomplete: {checkpoint / name} is missing")
+    return index
+
+
+def _check_weights(folder: Path, allow_pickle: bool) -> None:
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"checkpoint incomplete: {folder / 'config.json'} is missing")
+    names = [p.name for p in folder.iterdir()]
+    if any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in names):
+        return
+    if any(n.endswith(".bin") or n.endswith(".bin.index.json") for n in names):
+        if allow_pickle:
+            return
+        raise CheckpointError(
+            f"{folder}: weights only in pickle form (.bin); convert them to safetensors or pass "
+            "--allow-pickle if you trust the file"
+        )
+    raise CheckpointError(f"checkpoint incomplete: no weights (.safetensors) in {folder}")
+
+
+def load_pipeline(checkpoint: str | Path, controlnet: str | Path | None = None, *, allow_pickle: bool = False):
+    """Load a diffusers BLIP-Diffusion (ControlNet) pipeline in fp32 on the CPU, offline."""
+    import torch
+    from diffusers import ControlNetModel
+    from diffusers.pipelines import BlipDiffusionControlNetPipeline, BlipDiffusionPipeline
+
+    checkpoint = Path(checkpoint)
+    index = check_checkpoint_dir(checkpoint, allow_pickle)
+    pipeline_cls = {c.__name__: c for c in (BlipDiffusionPipeline, BlipDiffusionControlNetPipeline)}[index["_class_name"]]
+    kwargs: dict[str, Any] = dict(torch_dtype=torch.float32, use_safetensors=not allow_pickle, local_files_only=True)
+    if controlnet is not None:
+        controlnet = Path(controlnet)
+        if not controlnet.is_dir():
+            raise CheckpointError(f"ControlNet directory {controlnet} does not exist")
+        config = _read_json(controlnet / "config.json", "ControlNet config")
+        if config.get("_class_name") != "ControlNetModel":
+            raise CheckpointError(f"{controlnet}/config.json: class {config.get('_class_name')!r} is not ControlNetModel")
+        _check_weights(controlnet, allow_pickle)
+        unet_config = _read_json(checkpoint / "unet" / "config.json", "UNet config")
+        _check_controlnet_matches(config, unet_config, controlnet)
+        try:
+            kwargs["controlnet"] = ControlNetModel.from_pretrained(
+                controlnet, torch_dtype=torch.float32, use_safetensors=not allow_pickle, local_files_only=True
+            )
+        except Exception as error:  # diffusers raises many types; the user needs one line
+            raise CheckpointError(f"{controlnet}: cannot load ControlNet ({_first_line(error)})") from None
+        pipeline_cls = BlipDiffusionControlNetPipeline
+    elif "controlnet" in index:
+        _check_controlnet_matches(
+            _read_json(checkpoint / "controlnet" / "config.json", "ControlNet config"),
+            _read_json(checkpoint / "unet" / "config.json", "UNet config"),
+            checkpoint / "controlnet",
+        )
+    try:
+        pipe = pipeline_cls.from_pretrained(checkpoint, **kwargs)
+    except Exception as error:  # diffusers raises many types; the user needs one line
+        raise CheckpointError(f"{checkpoint}: cannot load {pipeline_cls.__name__} ({_first_line(error)})") from None
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+    return pipe
+
+
+def _check_controlnet_matches(controlnet: dict, unet: dict, where: Path) -> None:
+    for key in ("cross_attention_dim", "block_out_channels", "layers_per_block", "in_channels"):
+        if controlnet.get(key) != unet.get(key):
+            raise CheckpointError(
+                f"{where}: ControlNet {key}={controlnet.get(key)} does not match the UNet's {unet.get(key)}"
+            )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+def pipeline_config_from(pipe, max_batch_size: int = 4) -> PipelineConfig:
+    """Everything the runtime needs, read from the loaded checkpoint's own configs."""
+    proc = pipe.image_processor
+    unet, vae, text, qformer = pipe.unet.config, pipe.vae.config, pipe.text_encoder.config, pipe.qformer.config
+    # diffusers' BLIP pipelines derive the latent size from the UNet; the VAE must agree.
+    factor = 2 ** (len(unet.block_out_channels) - 1)
+    vae_factor = 2 ** (len(vae.block_out_channels) - 1)
+    if factor != vae_factor:
+        raise CheckpointError(f"UNet latent factor {factor} does not match the VAE's {vae_factor}")
+    if qformer.qformer_config.hidden_size != text.hidden_size:
+        raise CheckpointError(
+            f"Q-Former hidden size {qformer.qformer_config.hidden_size} != text encoder hidden size {text.hidden_size}"
+        )
+    controlnet = getattr(pipe, "controlnet", None)
+    if controlnet is not None:
+        cond_factor = 2 ** (len(controlnet.config.conditioning_embedding_out_channels) - 1)
+        if cond_factor != factor:
+            raise CheckpointError(f"ControlNet conditioning downsamples by {cond_factor}, latents by {factor}")
+    return PipelineConfig(
+        ctx_begin_pos=int(pipe.config.ctx_begin_pos),
+        image_size=(int(proc.size["height"]), int(proc.size["width"])),
+        image_mean=tuple(float(v) for v in (pipe.config.mean or proc.image_mean)),
+        image_std=tuple(float(v) for v in (pipe.config.std or proc.image_std)),
+        image_resample=int(proc.resample),
+        num_query_tokens=int(qformer.num_query_tokens),
+        qformer_hidden_size=int(qformer.qformer_config.hidden_size),
+        qformer_max_text_length=int(qformer.qformer_config.max_position_embeddings),
+        text_max_length=int(text.max_position_embeddings),
+        text_hidden_size=int(text.hidden_size),
+        latent_channels=int(unet.in_channels),
+        latent_scale_factor=factor,
+        unet_size_multiple=2 ** (len(unet.block_out_channels) - 1),
+        vae_scaling_factor=float(vae.scaling_factor),
+        unet_block_out_channels=tuple(int(c) for c in unet.block_out_channels),
+        unet_layers_per_block=int(unet.layers_per_block),
+        default_height=int(unet.sample_size) * factor,
+        default_width=int(unet.sample_size) * factor,
+        has_controlnet=controlnet is not None,
+        controlnet_conditioning_channels=int(controlnet.config.conditioning_channels) if controlnet is not None else 3,
+        max_batch_size=max_batch_size,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Example inputs and the torch module of each component
+# --------------------------------------------------------------------------------------------
+
+def export_point(spec: ComponentSpec) -> dict[str, int]:
+    """Axis values for tracing: the optimum, but batch 2 (batch-1 traces bake batch 1 in)."""
+    point = {name: axis.opt for name, axis in spec.axes.items()}
+    for name in ("batch", "unet_batch"):
+        if name in point:
+            point[name] = 2
+    return point
+
+
+def second_point(spec: ComponentSpec) -> dict[str, int]:
+    """Another point in the declared ranges: other batch, other size, shorter text."""
+    point = export_point(spec)
+    axes = spec.axes
+    for name in ("batch", "unet_batch"):
+        if name in point:
+            point[name] = min(3, axes[name].max) if name == "unet_batch" else 1
+    for name in ("height", "width"):
+        if name in axes:
+            axis = axes[name]
+            other = axis.opt - axis.multiple_of if name == "height" else axis.opt + axis.multiple_of
+            point[name] = other if axis.min <= other <= axis.max else axis.min
+    _derive_latent_axes(spec, point)
+    for name in ("qformer_text_length", "text_length", "plain_text_length"):
+        if name in axes:
+            point[name] = max(axes[name].min, axes[name].opt - 3)
+    if "ctx_text_length" in axes and "text_length" in point:
+        point["ctx_text_length"] = point["text_length"] + (axes["ctx_text_length"].opt - axes["text_length"].opt)
+    return point
+
+
+def _derive_latent_axes(spec: ComponentSpec, point: dict[str, int]) -> None:
+    """Keep latent and residual axes consistent with the pixel height/width in ``point``."""
+    axes = spec.axes
+    for pixel, latent in (("height", "latent_height"), ("width", "latent_width")):
+        if latent not in axes:
+            continue
+        if pixel in point:
+            factor = axes[pixel].opt // axes[latent].opt
+            point[latent] = point[pixel] // factor
+        else:
+            step = axes[latent].multiple_of
+            other = axes[latent].opt - step if pixel == "height" else axes[latent].opt + step
+            point[latent] = other if axes[latent].min <= other <= axes[latent].max else axes[latent].opt
+        for name in axes:
+            if name.startswith(latent + "_"):
+                point[name] = point[latent] // int(name.rsplit("_", 1)[1])
+
+
+def example_inputs(spec: ComponentSpec, point: dict[str, int], *, vocab_sizes: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs at ``point`` with realistic value ranges (token ids, masks, timesteps)."""
+    rng = np.random.default_rng(seed)
+    feed: dict[str, np.ndarray] = {}
+    for tensor in spec.inputs:
+        shape = tensor.shape_at(point)
+        if tensor.name == "input_ids":
+            feed[tensor.name] = rng.integers(0, vocab_sizes[spec.name], size=shape, dtype=np.int64)
+        elif tensor.name == "attention_mask":
+            mask = np.ones(shape, dtype=np.int64)
+            mask[0, max(1, shape[1] - 2):] = 0  # padding in the first row exercises the mask
+            feed[tensor.name] = mask
+        elif tensor.name == "timestep":
+            feed[tensor.name] = rng.uniform(0, 999, size=shape).astype(np.float32)
+        elif tensor.name == "conditioning_scale":
+            feed[tensor.name] = np.array([0.8], dtype=np.float32)
+        elif tensor.name == "controlnet_cond":
+            feed[tensor.name] = rng.uniform(0, 1, size=shape).astype(np.float32)
+        else:
+            feed[tensor.name] = rng.standard_normal(shape).astype(np.float32)
+    return feed
+
+
+def component_modules(pipe, config: PipelineConfig) -> dict[str, Any]:
+    """Factories of the torch module for each component (built lazily to keep memory low)."""
+    from . import modules
+
+    factories = {
+        "qformer": lambda: modules.QFormerGraph(pipe.qformer),
+        "text_encoder": lambda: modules.ContextTextEncoderGraph(pipe.text_encoder, config.ctx_begin_pos),
+        "text_encoder_plain": lambda: modules.PlainTextEncoderGraph(pipe.text_encoder),
+        "unet": lambda: modules.UNetGraph(pipe.unet, with_residuals=True),
+        "unet_plain": lambda: modules.UNetGraph(pipe.unet, with_residuals=False),
+        "vae_decoder": lambda: modules.VaeDecoderGraph(pipe.vae),
+    }
+    if config.has_controlnet:
+        factories["controlnet"] = lambda: modules.ControlNetGraph(pipe.controlnet)
+    # A new wrapper is in training mode, and the exporter restores that mode on every child after
+    # tracing: without eval() dropout would be live in the PyTorch reference afterwards.
+    return {name: (lambda make=make: make().eval()) for name, make in factories.items()}
+
+
+def vocab_sizes(pipe) -> dict[str, int]:
+    text_vocab = int(pipe.text_encoder.config.vocab_size)
+    return {"qformer": len(pipe.qformer.tokenizer), "text_encoder": text_vocab, "text_encoder_plain": text_vocab}
+
+
+def run_torch(module, spec: ComponentSpec, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    import torch
+
+    with torch.no_grad():
+        out = module(*[torch.from_numpy(feed[name]) for name in spec.input_names])
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return [o.detach().float().numpy() for o in outs]
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Tracing, fp16 conversion, validation
+# --------------------------------------------------------------------------------------------
+
+def trace_to_onnx(module, spec: ComponentSpec, feed: dict[str, np.ndarray], path: Path, opset: int) -> None:
+    """Trace with the TorchScript exporter; writes ``path`` (+ external data for > 2 GB)."""
+    import warnings
+
+    import onnx
+    import torch
+
+    scratch = Path(tempfile.mkdtemp(prefix=f"{spec.name}-", dir=path.parent))
+    try:
+        raw = scratch / f"{spec.name}.onnx"
+        args = tuple(torch.from_numpy(feed[name]) for name in spec.input_names)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
+            torch.onnx.export(
+                module, args, str(raw), input_names=spec.input_names, output_names=spec.output_names,
+                dynamic_axes=spec.dynamic_axes(), opset_version=opset, do_constant_folding=True, dynamo=False,
+            )
+        model = onnx.load(str(raw))  # gathers the legacy exporter's per-tensor external files
+        model.producer_name = "blipdiffusion-trt"
+        save_onnx(model, path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def save_onnx(model, path: Path) -> None:
+    """Save as one file, or one file plus one ``.data`` file when the graph exceeds protobuf's limit."""
+    import onnx
+
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    data_path = path.with_name(path.name + ".data")
+    if data_path.exists():
+        data_path.unlink()
+    size = sum(t.ByteSize() for t in model.graph.initializer)
+    if size > EXTERNAL_DATA_THRESHOLD:
+        convert_model_to_external_data(model, all_tensors_to_one_file=True, location=data_path.name, size_threshold=1024)
+    onnx.save_model(model, str(path))
+
+
+def convert_fp16(src: Path, dst: Path) -> None:
+    """fp16 graph with fp32 inputs/outputs, for strongly typed TensorRT and ORT-CUDA.
+
+    onnxruntime.transformers.float16 (the maintained copy of onnxconverter-common's
+    converter) clamps constants to +-1e4 (``max_finite_val``), so any
+    ``finfo(float32).min`` mask constant left in a graph does not become -inf.
+    """
+    import onnx
+    from onnxruntime.transformers import float16
+
+    model = onnx.load(str(src))
+    big = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
+    model16 = float16.convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=big)
+    _check_finite_constants(model16, dst.name)
+    save_onnx(model16, dst)
+
+
+def _check_finite_constants(model, where: str) -> None:
+    from onnx import numpy_helper
+
+    tensors = list(model.graph.initializer)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            tensors += [a.t for a in node.attribute if a.name == "value"]
+    for tensor in tensors:
+        if tensor.data_type in (1, 10) and tensor.raw_data:
+            values = numpy_helper.to_array(tensor)
+            if not np.isfinite(values).all():
+                raise RuntimeError(f"{where}: constant {tensor.name or '?'} holds inf/NaN after fp16 conversion")
+
+
+def ort_session(path: Path, providers: Iterable[str] = ("CPUExecutionProvider",)):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=list(providers))
+
+
+def run_onnx(path_or_session, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    session = path_or_session if not isinstance(path_or_session, (str, Path)) else ort_session(Path(path_or_session))
+    return session.run(None, feed)
+
+
+def max_abs_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    return max(float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)))) if x.size else 0.0 for x, y in zip(a, b))
+
+
+def cosine(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    x = np.concatenate([v.ravel() for v in a]).astype(np.float64)
+    y = np.concatenate([v.ravel() for v in b]).astype(np.float64)
+    return float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y) + 1e-30))
+
+
+# --------------------------------------------------------------------------------------------
+# 4. The package
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class ExportReport:
+    package: Path
+    components: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tool_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    versions = {"blipdiffusion-trt": __version__, "python": platform.python_version()}
+    for dist in ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxconverter-common", "tokenizers"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _prepare_output(out: Path, force: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise InputError(f"output directory {out} exists and is not empty (pass --force to replace it)")
+    if not out.parent.exists():
+        raise InputError(f"parent directory of {out} does not exist")
+
+
+def export_package(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    controlnet: str | Path | None = None,
+    precisions: Iterable[str] = ("fp32",),
+    opset: int = 17,
+    force: bool = False,
+    allow_pickle: bool = False,
+    validate: bool = True,
+    max_batch_size: int = 4,
+    progress: bool = True,
+) -> ExportReport:
+    """Export every component of a BLIP-Diffusion checkpoint into a self-contained package."""
+    from tqdm.auto import tqdm
+
+    from .tokenizer_files import export_tokenizer_json, tokenizer_settings
+
+    precisions = tuple(dict.fromkeys(precisions))
+    bad = [p for p in precisions if p not in PRECISIONS]
+    if bad or "fp32" not in precisions:
+        raise InputError(f"--precision must list fp32 and optionally fp16, got {','.join(precisions)}")
+    if not 14 <= opset <= 21:
+        raise InputError(f"--opset must be in [14, 21], got {opset}")
+    out = Path(out).resolve()
+    _prepare_output(out, force)
+    start = time.perf_counter()
+    pipe = load_pipeline(checkpoint, controlnet, allow_pickle=allow_pickle)
+    config = pipeline_config_from(pipe, max_batch_size=max_batch_size)
+    specs = declare_components(config)
+    report = ExportReport(out)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        # Configs and tokenizers.
+        (tmp / PIPELINE_CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2))
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(pipe.scheduler.config), indent=2, default=_json_default))
+        for folder, tokenizer in (("tokenizer", pipe.tokenizer), ("qformer_tokenizer", pipe.qformer.tokenizer)):
+            (tmp / folder).mkdir()
+            export_tokenizer_json(tokenizer, tmp / folder / "tokenizer.json")
+            (tmp / folder / "tokenizer_settings.json").write_text(json.dumps(tokenizer_settings(tokenizer), indent=2))
+
+        # Graphs, one component at a time (the full UNet alone peaks near 14 GB while tracing).
+        factories = component_modules(pipe, config)
+        vocab = vocab_sizes(pipe)
+        for precision in precisions:
+            (tmp / "onnx" / precision).mkdir(parents=True)
+        bar = tqdm(list(specs.values()), desc="export", unit="component", disable=not progress)
+        for spec in bar:
+            bar.set_postfix_str(spec.name)
+            module = factories[spec.name]()
+            entry: dict[str, Any] = {}
+            path32 = tmp / "onnx" / "fp32" / f"{spec.name}.onnx"
+            t0 = time.perf_counter()
+            feed = example_inputs(spec, export_point(spec), vocab_sizes=vocab)
+            trace_to_onnx(module, spec, feed, path32, opset)
+            entry["export_seconds"] = round(time.perf_counter() - t0, 2)
+            if validate:
+                entry["validation"] = validate_component(module, spec, path32, vocab)
+            if "fp16" in precisions:
+                path16 = tmp / "onnx" / "fp16" / f"{spec.name}.onnx"
+                convert_fp16(path32, path16)
+                if validate:
+                    entry["fp16_validation"] = validate_fp16(spec, path32, path16, vocab)
+            report.components[spec.name] = entry
+            del module
+            gc.collect()
+        del pipe
+        gc.collect()
+
+        manifest = {
+            "format_version": config.to_dict()["format_version"],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source": {"checkpoint": str(Path(checkpoint).resolve().name), "controlnet": str(controlnet) if controlnet else None},
+            "precisions": list(precisions),
+            "opset": opset,
+            "tools": tool_versions(),
+            "components": {name: {**specs[name].to_dict(), **report.components[name]} for name in specs},
+        }
+        manifest["files"] = {
+            str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
+        }
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report.seconds = round(time.perf_counter() - start, 2)
+    return report
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def validate_component(module, spec: ComponentSpec, path: Path, vocab: dict[str, int]) -> list[dict[str, Any]]:
+    """ONNX Runtime CPU vs PyTorch fp32 at the export point and a second point.
+
+    The tolerance is ``spec.atol`` scaled by the output magnitude when that exceeds 1 (the
+    full-size random-weight models produce large activations).
+    """
+    session = ort_session(path)
+    results = []
+    for label, point in (("export", export_point(spec)), ("second", second_point(spec))):
+        feed = example_inputs(spec, point, vocab_sizes=vocab, seed=1)
+        expected = run_torch(module, spec, feed)
+        got = run_onnx(session, feed)
+        diff = max_abs_diff(got, expected)
+        scale = max(1.0, max(float(np.max(np.abs(e))) for e in expected))
+        results.append({"point": label, "shapes": {k: list(v.shape) for k, v in feed.items()}, "max_abs": diff, "scale": scale})
+        if not diff <= spec.atol * scale:
+            raise RuntimeError(f"{spec.name}: ONNX differs from PyTorch by {diff:.3g} at {label} shapes (tolerance {spec.atol * scale:.3g})")
+    return results
+
+
+def validate_fp16(spec: ComponentSpec, path32: Path, path16: Path, vocab: dict[str, int]) -> dict[str, Any]:
+    """fp16 vs fp32 graph on ONNX Runtime CPU, where ORT CPU has fp16 kernels for every node."""
+    feed = example_inputs(spec, export_point(spec), vocab_sizes=vocab, seed=2)
+    try:
+        session = ort_session(path16)
+    except Exception as error:  # ORT CPU lacks some fp16 kernels: that check needs a GPU
+        return {"checked": False, "reason": f"ONNX Runtime CPU cannot run it ({_first_line(error)}); needs a GPU"}
+    got = run_onnx(session, feed)
+    expected = run_onnx(path32, feed)
+    finite = all(np.isfinite(g).all() for g in got)
+    cos = cosine(got, expected)
+    result = {"checked": True, "finite": bool(finite), "cosine": cos, "max_abs": max_abs_diff(got, expected)}
+    if not finite or not cos >= spec.fp16_min_cosine:
+        raise RuntimeError(f"{spec.name}: fp16 graph off (finite={finite}, cosine={cos:.5f} < {spec.fp16_min_cosine})")
+    return result
