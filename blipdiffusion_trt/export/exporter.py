@@ -17,7 +17,6 @@ interrupted export leaves nothing half-written.
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import logging
 import os
@@ -34,10 +33,10 @@ import numpy as np
 from .. import __version__
 from ..components import PIPELINE_CONFIG_NAME, ComponentSpec, PipelineConfig, declare_components
 from ..errors import CheckpointError, InputError
+from ..runtime.package import MANIFEST_NAME, sha256_file
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
 PRECISIONS = ("fp32", "fp16")
 BLIP_CLASSES = ("BlipDiffusionPipeline", "BlipDiffusionControlNetPipeline")
 WEIGHT_MODULES = ("text_encoder", "vae", "unet", "qformer", "controlnet")
@@ -101,6 +100,12 @@ def load_pipeline(checkpoint: str | Path, controlnet: str | Path | None = None, 
     from diffusers import ControlNetModel
     from diffusers.pipelines import BlipDiffusionControlNetPipeline, BlipDiffusionPipeline
 
+    import diffusers
+    import transformers
+
+    # Loading notes (no accelerate, untyped mean/std) are noise to a user of this tool.
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
     checkpoint = Path(checkpoint)
     index = check_checkpoint_dir(checkpoint, allow_pickle)
     pipeline_cls = {c.__name__: c for c in (BlipDiffusionPipeline, BlipDiffusionControlNetPipeline)}[index["_class_name"]]
@@ -132,6 +137,7 @@ def load_pipeline(checkpoint: str | Path, controlnet: str | Path | None = None, 
         pipe = pipeline_cls.from_pretrained(checkpoint, **kwargs)
     except Exception as error:  # diffusers raises many types; the user needs one line
         raise CheckpointError(f"{checkpoint}: cannot load {pipeline_cls.__name__} ({_first_line(error)})") from None
+    pipe.set_progress_bar_config(disable=True)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.eval()
@@ -408,14 +414,6 @@ class ExportReport:
     package: Path
     components: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def tool_versions() -> dict[str, str]:

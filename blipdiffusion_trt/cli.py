@@ -1,0 +1,105 @@
+"""``blipdiffusion-trt`` command line: export, generate, demo.
+
+Subcommands import what they need lazily, so ``generate`` never imports torch or diffusers.
+User errors (:class:`~blipdiffusion_trt.errors.BlipDiffusionTrtError`) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .errors import BlipDiffusionTrtError, InputError
+
+logger = logging.getLogger("blipdiffusion_trt")
+
+
+def _precisions(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a diffusers BLIP-Diffusion checkpoint to an ONNX model package")
+    p.add_argument("checkpoint", help="diffusers-layout BLIP-Diffusion checkpoint directory")
+    p.add_argument("--out", required=True, help="package directory to create")
+    p.add_argument("--controlnet", help="ControlNetModel directory (SD1.5 ControlNet) to export with it")
+    p.add_argument("--precision", default="fp32", type=_precisions, help="fp32 or fp32,fp16 (default fp32)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (14-21, default 17)")
+    p.add_argument("--max-batch-size", type=int, default=4, help="largest batch the declarations allow")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--allow-pickle", action="store_true", help="also load .bin (pickle) weights")
+    p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args) -> int:
+    from .export.exporter import export_package
+
+    if args.max_batch_size < 1:
+        raise InputError(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
+    report = export_package(
+        args.checkpoint, args.out, controlnet=args.controlnet, precisions=args.precision, opset=args.opset,
+        force=args.force, allow_pickle=args.allow_pickle, validate=not args.no_validate,
+        max_batch_size=args.max_batch_size,
+    )
+    _print_export_report(report)
+    return 0
+
+
+def _print_export_report(report) -> None:
+    print(f"wrote {report.package} in {report.seconds:.1f} s")
+    for name, entry in report.components.items():
+        checks = ", ".join(f"{v['point']} max|diff| {v['max_abs']:.2e}" for v in entry.get("validation", []))
+        fp16 = entry.get("fp16_validation")
+        if fp16:
+            checks += f"; fp16 cosine {fp16['cosine']:.6f}" if fp16.get("checked") else f"; fp16 {fp16['reason']}"
+        print(f"  {name:<20} {checks}")
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="build a tiny random-weight checkpoint, export it and generate an image")
+    p.add_argument("--out", default="blipdiffusion-demo", help="directory for the checkpoint, package and image")
+    p.add_argument("--controlnet", action="store_true", help="use a ControlNet checkpoint (canny edges)")
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), controlnet=args.controlnet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blipdiffusion-trt", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_export(sub)
+    try:
+        from .runtime.cli import add_generate
+    except ImportError:  # the runtime is optional only while it is being built
+        pass
+    else:
+        add_generate(sub)
+    _add_demo(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except BlipDiffusionTrtError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

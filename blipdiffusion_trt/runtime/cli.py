@@ -1,0 +1,98 @@
+"""``blipdiffusion-trt generate``: run a package from the command line (no torch needed)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from .engine import BACKENDS
+
+logger = logging.getLogger(__name__)
+
+SCHEDULER_NAMES = ("pndm", "ddim", "euler", "dpmpp-2m")
+OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy")
+
+
+def add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate an image of a subject from a model package")
+    p.add_argument("package", help="model package directory (from `blipdiffusion-trt export`)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--reference-image", required=True, help="image of the subject")
+    p.add_argument("--source-subject", required=True, help="category word of the subject in the image, e.g. dog")
+    p.add_argument("--target-subject", required=True, help="category word to generate, e.g. dog")
+    p.add_argument("--out", required=True, help="output .png/.jpg (image) or .npy (float32 HxWx3 in [0,1])")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--latents", help="float32 .npy of shape [1, C, H/f, W/f] (f: the package's latent factor)")
+    p.add_argument("--scheduler", default="pndm", help=f"one of {', '.join(SCHEDULER_NAMES)}")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--prompt-strength", type=float, default=1.0)
+    p.add_argument("--prompt-reps", type=int, default=20)
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--condition-image", help="control map for a ControlNet package (canny, depth, scribble)")
+    group.add_argument("--canny", help="image to compute canny edges from (OpenCV) as the control map")
+    p.add_argument("--canny-low", type=int, default=100)
+    p.add_argument("--canny-high", type=int, default=200)
+    p.add_argument("--controlnet-scale", type=float, default=1.0)
+    p.add_argument("--backend", default="cpu", help=f"one of {', '.join(BACKENDS)}")
+    p.add_argument("--precision", default="fp32", help="fp32 or fp16 (the package must hold fp16 graphs)")
+    p.add_argument("--no-verify", action="store_true", help="skip checking the package files' sha256")
+    p.add_argument("--timings", action="store_true", help="print per-stage times")
+    p.set_defaults(run=run_generate)
+
+
+def run_generate(args) -> int:
+    from .images import save_image
+    from .pipeline import BlipDiffusionRuntime
+
+    out = Path(args.out)
+    if out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise InputError(f"--out must end in one of {', '.join(OUTPUT_SUFFIXES)}, got {out.name!r}")
+    if not out.parent.resolve().is_dir():
+        raise InputError(f"--out: directory {out.parent} does not exist")
+    if args.scheduler not in SCHEDULER_NAMES:
+        raise InputError(f"--scheduler must be one of {', '.join(SCHEDULER_NAMES)}, got {args.scheduler!r}")
+    latents = load_latents(args.latents) if args.latents else None
+    runtime = BlipDiffusionRuntime.from_package(args.package, args.backend, precision=args.precision, verify=not args.no_verify)
+    result = runtime(
+        args.prompt, args.reference_image, args.source_subject, args.target_subject,
+        guidance_scale=args.guidance, height=args.height, width=args.width, num_inference_steps=args.steps,
+        seed=args.seed, latents=latents, neg_prompt=args.negative_prompt, prompt_strength=args.prompt_strength,
+        prompt_reps=args.prompt_reps, scheduler=args.scheduler, output_type="np",
+        condition_image=args.condition_image, canny_image=args.canny, canny_low_threshold=args.canny_low,
+        canny_high_threshold=args.canny_high, controlnet_conditioning_scale=args.controlnet_scale, progress=True,
+    )
+    save_image(result.images[0], out, field="--out")
+    print(f"wrote {out}")
+    if args.timings:
+        print(format_timings(result.timings))
+    return 0
+
+
+def load_latents(path: str) -> np.ndarray:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise InputError(f"--latents: file {path} not found") from None
+    except (OSError, ValueError) as error:
+        raise InputError(f"--latents: {path} is not a numpy .npy array ({error})") from None
+    if array.dtype != np.float32:
+        raise InputError(f"--latents: {path} holds {array.dtype}, expected float32")
+    return array
+
+
+def format_timings(timings: dict[str, float]) -> str:
+    steps = int(timings.get("steps", 0)) or 1
+    rows = ["stage               seconds"]
+    for name, value in timings.items():
+        if name == "steps":
+            continue
+        per = f"  ({value / steps * 1000:.1f} ms/step)" if name in ("unet", "controlnet", "scheduler", "denoise_loop") else ""
+        rows.append(f"{name:<18} {value:8.3f}{per}")
+    return "\n".join(rows)

@@ -1,0 +1,143 @@
+"""Inference backends behind one small interface.
+
+An :class:`Engine` runs one component: ``infer(feed, keep=())`` takes named inputs and returns
+named outputs. Outputs named in ``keep`` may stay in the backend's own (device) memory and be fed
+to another engine of the same backend as they are: that is how ControlNet residuals reach the
+UNet without a round trip through the host on a GPU. On the CPU everything is numpy.
+
+The pipeline picks the backend once, when the package is loaded; the denoising loop never asks
+which backend it drives.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from ..components import ComponentSpec
+from ..errors import EngineError, InputError
+
+logger = logging.getLogger(__name__)
+
+
+class Engine(ABC):
+    """One component's compiled graph: name-based inputs and outputs, and ``infer``."""
+
+    spec: ComponentSpec
+
+    @property
+    def input_names(self) -> list[str]:
+        return self.spec.input_names
+
+    @property
+    def output_names(self) -> list[str]:
+        return self.spec.output_names
+
+    @abstractmethod
+    def infer(self, feed: Mapping[str, Any], keep: Sequence[str] = ()) -> dict[str, Any]:
+        """Run once. Outputs in ``keep`` may be backend-native (device) values, the rest numpy."""
+
+
+def ort_session_options(threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
+
+
+class OnnxRuntimeEngine(Engine):
+    """ONNX Runtime on the CPU: plain ``session.run`` on numpy arrays."""
+
+    providers: tuple = ("CPUExecutionProvider",)
+
+    def __init__(self, spec: ComponentSpec, path: Path, *, threads: int | None = None, providers: Sequence | None = None):
+        import onnxruntime as ort
+
+        self.spec = spec
+        self.path = path
+        providers = list(providers or self.providers)
+        try:
+            self.session = ort.InferenceSession(str(path), ort_session_options(threads), providers=providers)
+        except Exception as error:  # ORT raises its own exception types; the user needs one line
+            raise EngineError(f"{path}: ONNX Runtime cannot load it ({_first_line(error)})") from None
+        missing = [p if isinstance(p, str) else p[0] for p in providers]
+        active = self.session.get_providers()
+        if missing[0] not in active:
+            raise EngineError(f"{path}: {missing[0]} is not available here (active: {', '.join(active)})")
+
+    def infer(self, feed: Mapping[str, Any], keep: Sequence[str] = ()) -> dict[str, Any]:
+        outputs = self.session.run(None, {name: feed[name] for name in self.input_names})
+        return dict(zip(self.output_names, outputs))
+
+
+class OnnxRuntimeCudaEngine(OnnxRuntimeEngine):
+    """ONNX Runtime with the CUDA provider and IO binding.
+
+    Outputs stay on the GPU (as ``OrtValue``) when asked to be kept and are bound as they are
+    when fed back; host inputs are copied once per call by ``bind_cpu_input``.
+    """
+
+    providers = ("CUDAExecutionProvider",)
+
+    def infer(self, feed: Mapping[str, Any], keep: Sequence[str] = ()) -> dict[str, Any]:
+        import onnxruntime as ort
+
+        binding = self.session.io_binding()
+        for name in self.input_names:
+            value = feed[name]
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in self.output_names:
+            binding.bind_output(name, "cuda")
+        self.session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        return {name: (v if name in keep else v.numpy()) for name, v in zip(self.output_names, values)}
+
+
+class OnnxRuntimeTensorRTEngine(OnnxRuntimeCudaEngine):
+    """ONNX Runtime's TensorRT execution provider (CUDA for nodes TensorRT does not take).
+
+    Engines are cached next to the package's graphs; fp16 comes from the fp16 graph.
+    """
+
+    def __init__(self, spec: ComponentSpec, path: Path, *, threads: int | None = None, providers: Sequence | None = None):
+        cache = path.parent.parent.parent / "engines" / "ort-trt"
+        options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache), "trt_timing_cache_enable": True}
+        super().__init__(spec, path, threads=threads,
+                         providers=providers or [("TensorrtExecutionProvider", options), "CUDAExecutionProvider"])
+
+
+# name -> (engine class, description). The TensorRT issue adds a native engine here.
+BACKENDS: dict[str, tuple[Callable[..., Engine], str]] = {
+    "cpu": (OnnxRuntimeEngine, "ONNX Runtime, CPU"),
+    "cuda": (OnnxRuntimeCudaEngine, "ONNX Runtime, CUDA provider with IO binding"),
+    "ort-tensorrt": (OnnxRuntimeTensorRTEngine, "ONNX Runtime, TensorRT execution provider"),
+}
+
+
+def engine_factory(backend: str) -> Callable[..., Engine]:
+    try:
+        return BACKENDS[backend][0]
+    except KeyError:
+        raise InputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}") from None
+
+
+def default_threads() -> int | None:
+    value = os.environ.get("BLIPDIFFUSION_TRT_THREADS")
+    return int(value) if value else None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

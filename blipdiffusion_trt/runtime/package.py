@@ -1,0 +1,91 @@
+"""Reading a model package: manifest, pipeline config, graphs, tokenizers, with integrity checks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from ..components import ComponentSpec, PipelineConfig, declare_components
+from ..errors import PackageError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class ModelPackage:
+    root: Path
+    manifest: dict[str, Any]
+    config: PipelineConfig
+
+    @classmethod
+    def open(cls, path: str | Path, *, verify: bool = True) -> "ModelPackage":
+        """Open a package; ``verify`` checks every file against the manifest's sha256."""
+        root = Path(path)
+        if not root.is_dir():
+            raise PackageError(f"package directory {root} does not exist")
+        manifest_path = root / MANIFEST_NAME
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except FileNotFoundError:
+            raise PackageError(f"{manifest_path}: not found; is {root} a blipdiffusion-trt package?") from None
+        except (OSError, ValueError) as error:
+            raise PackageError(f"{manifest_path}: unreadable ({error})") from None
+        files = manifest.get("files")
+        if not isinstance(files, dict) or not files:
+            raise PackageError(f"{manifest_path}: no file list; re-export the package")
+        for name, digest in files.items():
+            file = root / name
+            if not file.is_file():
+                raise PackageError(f"package incomplete: {file} is missing")
+            if verify and sha256_file(file) != digest:
+                raise PackageError(f"package altered: {file} does not match its sha256 in {MANIFEST_NAME}")
+        package = cls(root, manifest, PipelineConfig.load(root))
+        for name in package.specs:
+            if f"onnx/fp32/{name}.onnx" not in files:
+                raise PackageError(f"package incomplete: onnx/fp32/{name}.onnx is not in {MANIFEST_NAME}")
+        return package
+
+    @cached_property
+    def specs(self) -> dict[str, ComponentSpec]:
+        return declare_components(self.config)
+
+    @property
+    def precisions(self) -> list[str]:
+        return list(self.manifest.get("precisions", ["fp32"]))
+
+    def onnx_path(self, component: str, precision: str) -> Path:
+        if precision not in self.precisions:
+            raise PackageError(
+                f"{self.root}: no {precision} graphs (package has {', '.join(self.precisions)}); "
+                f"re-export with --precision fp32,{precision}"
+            )
+        return self.root / "onnx" / precision / f"{component}.onnx"
+
+    def tokenizer_settings(self, folder: str) -> dict[str, Any]:
+        path = self.root / folder / "tokenizer_settings.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise PackageError(f"{path}: unreadable ({error})") from None
+
+    def scheduler_config(self) -> dict[str, Any]:
+        path = self.root / "scheduler" / "scheduler_config.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise PackageError(f"{path}: unreadable ({error})") from None

@@ -1,0 +1,95 @@
+"""Shared fixtures: real diffusers BLIP-Diffusion checkpoints with random weights, and their packages.
+
+Checkpoints are built with the real diffusers classes, saved with ``save_pretrained`` and loaded
+back with ``from_pretrained`` (offline), once per test session.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# name -> (architecture, ControlNet, model_index mean/std, precisions)
+CHECKPOINTS = {
+    # model_index.json sets mean/std (as the real Salesforce/blipdiffusion does), not the defaults
+    "tiny": ("tiny", False, ([0.5, 0.45, 0.4], [0.27, 0.26, 0.28]), ("fp32", "fp16")),
+    "tiny_cn": ("tiny", True, (None, None), ("fp32", "fp16")),
+    # unlike diffusers' test configs: 40 text positions, 6 queries, 42 px subject, latent factor 4
+    "odd": ("tiny-odd", False, (None, None), ("fp32",)),
+    "odd_cn": ("tiny-odd", True, (None, None), ("fp32",)),
+}
+
+
+@dataclass(frozen=True)
+class Fixture:
+    name: str
+    checkpoint: Path
+    package: Path
+    controlnet: bool
+
+
+@pytest.fixture(scope="session")
+def fixture_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("blipdiffusion")
+
+
+_built: dict[str, Fixture] = {}
+
+
+def build_fixture(name: str, root: Path) -> Fixture:
+    if name in _built:
+        return _built[name]
+    pytest.importorskip("diffusers", reason="export tests need the export extra (pip install .[export])")
+    from blipdiffusion_trt.export.exporter import export_package
+    from blipdiffusion_trt.export.random_checkpoint import build_random_checkpoint
+
+    arch, controlnet, (mean, std), precisions = CHECKPOINTS[name]
+    checkpoint = build_random_checkpoint(root / f"{name}-checkpoint", arch, controlnet=controlnet, mean=mean, std=std, seed=len(name))
+    package = root / f"{name}-package"
+    export_package(checkpoint, package, precisions=precisions, progress=False)
+    _built[name] = Fixture(name, checkpoint, package, controlnet)
+    return _built[name]
+
+
+@pytest.fixture(scope="session")
+def tiny(fixture_root) -> Fixture:
+    return build_fixture("tiny", fixture_root)
+
+
+@pytest.fixture(scope="session")
+def tiny_cn(fixture_root) -> Fixture:
+    return build_fixture("tiny_cn", fixture_root)
+
+
+@pytest.fixture(scope="session")
+def odd(fixture_root) -> Fixture:
+    return build_fixture("odd", fixture_root)
+
+
+@pytest.fixture(scope="session")
+def odd_cn(fixture_root) -> Fixture:
+    return build_fixture("odd_cn", fixture_root)
+
+
+@pytest.fixture(scope="session", params=list(CHECKPOINTS))
+def any_fixture(request, fixture_root) -> Fixture:
+    return build_fixture(request.param, fixture_root)
+
+
+_pipes: dict[str, object] = {}
+
+
+def load_diffusers(fixture: Fixture):
+    """The diffusers pipeline of a fixture, loaded back through from_pretrained (cached)."""
+    if fixture.name not in _pipes:
+        from blipdiffusion_trt.export.exporter import load_pipeline
+
+        _pipes[fixture.name] = load_pipeline(fixture.checkpoint)
+    return _pipes[fixture.name]
