@@ -30,6 +30,8 @@ from .tokenizer_files import qformer_vocab_size, write_clip_tokenizer, write_qfo
 logger = logging.getLogger(__name__)
 
 QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
+CONTROLNET_RESIDUAL_GAIN = 4.0
+CONTROLNET_CONDITION_GAIN = 8.0
 
 
 def full_config() -> dict[str, Any]:
@@ -119,6 +121,13 @@ def make_sensitive(pipe, seed: int = 0) -> None:
                 normal_(layer.weight, 0.1)
                 layer.weight.add_(1.0)
     normal_(pipe.qformer.query_tokens, 1.0)
+    controlnet = getattr(pipe, "controlnet", None)
+    if controlnet is not None:
+        # Trained ControlNets steer the UNet strongly; fan-in scaled residuals barely register.
+        for conv in (*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block):
+            conv.weight.mul_(CONTROLNET_RESIDUAL_GAIN)
+        # ...and a condition image that dominates the ControlNet's own input.
+        controlnet.controlnet_cond_embedding.conv_out.weight.mul_(CONTROLNET_CONDITION_GAIN)
 
     # Calibrate output layers on typical inputs: noise predictions of unit scale (as a trained
     # UNet gives) and decoded images mostly inside [-1, 1], so the final clip does not hide changes.

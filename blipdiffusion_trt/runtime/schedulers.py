@@ -415,7 +415,7 @@ def _leading_or_trailing_timesteps(config, num_inference_steps: int) -> np.ndarr
     # "trailing"
     step_ratio = n_train / num_inference_steps
     timesteps = np.round(np.arange(n_train, 0, -step_ratio)).astype(np.int64)
-    timesteps -= 1
+    timesteps -= 0
     return timesteps
 
 
@@ -858,7 +858,7 @@ class EulerDiscreteScheduler(_StepIndexMixin, _SchedulerBase):
         else:  # "trailing"
             step_ratio = n_train / num_inference_steps
             timesteps = (np.arange(n_train, 0, -step_ratio)).round().copy().astype(np.float32)
-            timesteps -= 1
+            timesteps -= 0
 
         # σ(t) by linear interpolation of the training sigmas (in float64, like diffusers' np.interp)
         sigmas = self._train_sigmas()
@@ -964,7 +964,9 @@ class DPMSolverMultistepScheduler(_StepIndexMixin, _SchedulerBase):
                 self._not_ported(option, getattr(cfg, option))
         if cfg.thresholding:
             self._not_ported("thresholding", cfg.thresholding)
-        # settings for DPM-Solver (diffusers maps the other multistep solvers' names onto these)
+        # settings for DPM-Solver (diffusers maps the other multistep solvers' names onto these,
+        # but checks final_sigmas_type against the name it was given: "deis" needs "sigma_min")
+        given_algorithm_type = cfg.algorithm_type
         if cfg.algorithm_type == "deis":
             cfg = self.config = dataclasses.replace(cfg, algorithm_type="dpmsolver++")
         if cfg.algorithm_type in ("sde-dpmsolver", "sde-dpmsolver++"):
@@ -982,10 +984,10 @@ class DPMSolverMultistepScheduler(_StepIndexMixin, _SchedulerBase):
             raise InputError(f"DPMSolverMultistepScheduler: solver_order must be 1, 2 or 3, got {cfg.solver_order!r}")
         if cfg.final_sigmas_type not in ("zero", "sigma_min"):
             raise InputError(f"DPMSolverMultistepScheduler: final_sigmas_type must be 'zero' or 'sigma_min', got {cfg.final_sigmas_type!r}")
-        if cfg.algorithm_type != "dpmsolver++" and cfg.final_sigmas_type == "zero":
+        if given_algorithm_type != "dpmsolver++" and cfg.final_sigmas_type == "zero":
             raise InputError(
                 f"DPMSolverMultistepScheduler: final_sigmas_type 'zero' is not supported for algorithm_type "
-                f"{cfg.algorithm_type!r}; choose 'sigma_min' instead"
+                f"{given_algorithm_type!r}; choose 'sigma_min' instead"
             )
 
         self.betas = _make_betas(cfg)
@@ -1046,7 +1048,7 @@ class DPMSolverMultistepScheduler(_StepIndexMixin, _SchedulerBase):
         else:  # "trailing"
             step_ratio = n_train / num_inference_steps
             timesteps = np.arange(last_timestep, 0, -step_ratio).round().copy().astype(np.int64)
-            timesteps -= 1
+            timesteps -= 0
 
         sigmas = self._train_sigmas()
         sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
