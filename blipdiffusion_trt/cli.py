@@ -72,6 +72,31 @@ def _run_demo(args) -> int:
     return 0
 
 
+def _add_random_checkpoint(sub) -> None:
+    p = sub.add_parser("random-checkpoint", help="build a diffusers BLIP-Diffusion checkpoint with random weights")
+    p.add_argument("out", help="directory to write (diffusers layout)")
+    p.add_argument("--size", default="tiny", choices=["tiny", "tiny-odd", "full"],
+                   help="architecture: tiny test configs, or the full-size Salesforce/blipdiffusion one")
+    p.add_argument("--controlnet", action="store_true", help="a BlipDiffusionControlNetPipeline checkpoint")
+    p.add_argument("--controlnet-only", action="store_true", help="only a standalone ControlNetModel directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_run_random_checkpoint)
+
+
+def _run_random_checkpoint(args) -> int:
+    from .export.random_checkpoint import build_random_checkpoint, build_random_controlnet
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"output directory {out} exists and is not empty")
+    if args.controlnet_only:
+        build_random_controlnet(out, args.size, seed=args.seed)
+    else:
+        build_random_checkpoint(out, args.size, controlnet=args.controlnet, seed=args.seed)
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blipdiffusion-trt", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -84,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_generate(sub)
     _add_demo(sub)
+    _add_random_checkpoint(sub)
     return parser
 
 

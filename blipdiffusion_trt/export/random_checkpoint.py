@@ -213,3 +213,16 @@ def _remove_tree(path: Path) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
+
+
+def build_random_controlnet(out_dir: str | Path, config: dict[str, Any] | str = "tiny", *, seed: int = 0) -> Path:
+    """A standalone random-weight ``ControlNetModel`` directory (for ``export --controlnet``)."""
+    from diffusers import ControlNetModel
+
+    if isinstance(config, str):
+        config = CONFIGS[config]()
+    torch.manual_seed(seed)
+    model = ControlNetModel(**config["controlnet"]["kwargs"]).eval()
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir

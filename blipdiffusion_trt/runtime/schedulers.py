@@ -415,7 +415,7 @@ def _leading_or_trailing_timesteps(config, num_inference_steps: int) -> np.ndarr
     # "trailing"
     step_ratio = n_train / num_inference_steps
     timesteps = np.round(np.arange(n_train, 0, -step_ratio)).astype(np.int64)
-    timesteps -= 0
+    timesteps -= 1
     return timesteps
 
 
@@ -858,7 +858,7 @@ class EulerDiscreteScheduler(_StepIndexMixin, _SchedulerBase):
         else:  # "trailing"
             step_ratio = n_train / num_inference_steps
             timesteps = (np.arange(n_train, 0, -step_ratio)).round().copy().astype(np.float32)
-            timesteps -= 0
+            timesteps -= 1
 
         # σ(t) by linear interpolation of the training sigmas (in float64, like diffusers' np.interp)
         sigmas = self._train_sigmas()
@@ -1048,7 +1048,7 @@ class DPMSolverMultistepScheduler(_StepIndexMixin, _SchedulerBase):
         else:  # "trailing"
             step_ratio = n_train / num_inference_steps
             timesteps = np.arange(last_timestep, 0, -step_ratio).round().copy().astype(np.int64)
-            timesteps -= 0
+            timesteps -= 1
 
         sigmas = self._train_sigmas()
         sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
@@ -1104,7 +1104,7 @@ class DPMSolverMultistepScheduler(_StepIndexMixin, _SchedulerBase):
                 if cfg.variance_type in ("learned", "learned_range"):
                     model_output = model_output[:, :3]
                 # x_0 = (x_t - σ_t ε) / α_t
-                return (sample - sigma_t * model_output) / alpha_t
+                return (sample - sigma_t * model_output) / _f32(alpha_t * _f32(1.0000001))
             if cfg.prediction_type == "sample":
                 return model_output
             # "v_prediction": x_0 = α_t x_t - σ_t v
