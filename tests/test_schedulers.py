@@ -7,7 +7,7 @@ Two references are used, both the installed diffusers code:
   not correctly rounded (on x86 ``torch.sqrt`` differs from IEEE sqrt by one ulp on ~0.6% of float32
   inputs; 6 of the 1000 training sigmas of BLIP-Diffusion's schedule). With that one difference
   removed, every other float32 operation of diffusers is reproduced by the ports, and whole
-  sampling loops (up to 1000 steps, random model outputs) must agree to 1e-6 (they are in fact
+  sampling loops (up to 1000 steps, random model outputs) must agree to 1e-6 (on x86-64 they are
   bit-identical).
 * stock diffusers (torch untouched): every step is fed diffusers' own current sample
   ("teacher forcing") and a plausible denoiser output, and must agree to 1e-6. Whole free-running

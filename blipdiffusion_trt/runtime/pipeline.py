@@ -139,7 +139,10 @@ class BlipDiffusionRuntime:
         """Weighted average of subject embeddings (the paper's subject interpolation)."""
         if not subjects:
             raise InputError("mix_subjects needs at least one (subject, weight) pair")
-        weights = np.array([float(w) for _, w in subjects], dtype=np.float64)
+        try:
+            weights = np.array([float(w) for _, w in subjects], dtype=np.float64)
+        except (TypeError, ValueError):
+            raise InputError(f"mix_subjects weights must be finite numbers, got {[w for _, w in subjects]!r}") from None
         if not np.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
             raise InputError(f"mix_subjects weights must be finite, >= 0 and not all 0, got {weights.tolist()}")
         shapes = {s.embeddings.shape for s, _ in subjects}

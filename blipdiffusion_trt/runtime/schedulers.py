@@ -1104,7 +1104,7 @@ class DPMSolverMultistepScheduler(_StepIndexMixin, _SchedulerBase):
                 if cfg.variance_type in ("learned", "learned_range"):
                     model_output = model_output[:, :3]
                 # x_0 = (x_t - σ_t ε) / α_t
-                return (sample - sigma_t * model_output) / _f32(alpha_t * _f32(1.0000001))
+                return (sample - sigma_t * model_output) / alpha_t
             if cfg.prediction_type == "sample":
                 return model_output
             # "v_prediction": x_0 = α_t x_t - σ_t v
