@@ -96,20 +96,23 @@ def _check_weights(folder: Path, allow_pickle: bool) -> None:
 
 def load_pipeline(checkpoint: str | Path, controlnet: str | Path | None = None, *, allow_pickle: bool = False):
     """Load a diffusers BLIP-Diffusion (ControlNet) pipeline in fp32 on the CPU, offline."""
+    checkpoint = Path(checkpoint)
+    index = check_checkpoint_dir(checkpoint, allow_pickle)  # before the slow imports: instant errors
+
+    import diffusers
     import torch
+    import transformers
     from diffusers import ControlNetModel
     from diffusers.pipelines import BlipDiffusionControlNetPipeline, BlipDiffusionPipeline
 
-    import diffusers
-    import transformers
-
     # Loading notes (no accelerate, untyped mean/std) are noise to a user of this tool.
     diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    checkpoint = Path(checkpoint)
-    index = check_checkpoint_dir(checkpoint, allow_pickle)
+    # None lets each component load whichever format it has; True refuses pickle everywhere.
+    safetensors_only = None if allow_pickle else True
     pipeline_cls = {c.__name__: c for c in (BlipDiffusionPipeline, BlipDiffusionControlNetPipeline)}[index["_class_name"]]
-    kwargs: dict[str, Any] = dict(torch_dtype=torch.float32, use_safetensors=not allow_pickle, local_files_only=True)
+    kwargs: dict[str, Any] = dict(torch_dtype=torch.float32, use_safetensors=safetensors_only, local_files_only=True)
     if controlnet is not None:
         controlnet = Path(controlnet)
         if not controlnet.is_dir():
@@ -122,7 +125,7 @@ def load_pipeline(checkpoint: str | Path, controlnet: str | Path | None = None, 
         _check_controlnet_matches(config, unet_config, controlnet)
         try:
             kwargs["controlnet"] = ControlNetModel.from_pretrained(
-                controlnet, torch_dtype=torch.float32, use_safetensors=not allow_pickle, local_files_only=True
+                controlnet, torch_dtype=torch.float32, use_safetensors=safetensors_only, local_files_only=True
             )
         except Exception as error:  # diffusers raises many types; the user needs one line
             raise CheckpointError(f"{controlnet}: cannot load ControlNet ({_first_line(error)})") from None
@@ -331,9 +334,33 @@ def trace_to_onnx(module, spec: ComponentSpec, feed: dict[str, np.ndarray], path
             )
         model = onnx.load(str(raw))  # gathers the legacy exporter's per-tensor external files
         model.producer_name = "blipdiffusion-trt"
+        apply_declared_shapes(model, spec)
         save_onnx(model, path)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def apply_declared_shapes(model, spec: ComponentSpec) -> None:
+    """Write the declaration's dims onto the graph's inputs and outputs.
+
+    The tracer names output dims after the ops that produce them ("Addquery_embeds_dim_1") even
+    where the declaration knows a fixed size or a shared axis name; TensorRT and Triton read these.
+    """
+    declared = {t.name: t for t in (*spec.inputs, *spec.outputs)}
+    for value in (*model.graph.input, *model.graph.output):
+        tensor = declared.get(value.name)
+        if tensor is None:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) != len(tensor.shape):
+            raise RuntimeError(f"{spec.name}: {value.name} has rank {len(dims)}, declared {len(tensor.shape)}")
+        for dim, declared_dim in zip(dims, tensor.shape):
+            if isinstance(declared_dim, int):
+                dim.ClearField("dim_param")
+                dim.dim_value = declared_dim
+            else:
+                dim.ClearField("dim_value")
+                dim.dim_param = declared_dim.name
 
 
 def save_onnx(model, path: Path) -> None:

@@ -1,0 +1,631 @@
+"""Triton model repositories: the configs of every flavor, and a real Triton server.
+
+The server is the ``tritonserver`` that nvidia-pytriton bundles (with its python backend and the
+python stub built for this interpreter); it serves the ``python-cpu`` repositories of the tiny
+packages on 127.0.0.1 only, and its images are compared with the Python API's.
+
+The bundled stub is built against numpy 1.x (pytriton requires numpy<2): with numpy 2 in the
+stub's Python every tensor it creates is garbage. When this interpreter has numpy>=2 the server
+tests need a directory holding numpy<2 (``pip install --target DIR "numpy<2"``) in
+``BLIPDIFFUSION_TRT_STUB_NUMPY``: the stub then runs in an overlay environment (this
+environment's packages, that numpy first). Otherwise they are skipped with that reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="needs the triton extra (pip install .[triton])")
+onnx = pytest.importorskip("onnx", reason="needs the export extra")
+
+from google.protobuf import text_format  # noqa: E402  (tritonclient[grpc] brings protobuf)
+from tritonclient.grpc import model_config_pb2  # noqa: E402
+
+from blipdiffusion_trt.components import Axis, ComponentSpec, PipelineConfig, TensorSpec  # noqa: E402
+from blipdiffusion_trt.engines import triton as tr  # noqa: E402
+from blipdiffusion_trt.errors import InputError, PackageError  # noqa: E402
+
+FLAVORS = ("python-cpu", "onnxruntime", "tensorrt")
+ONNX_TO_TRITON = {1: "TYPE_FP32", 10: "TYPE_FP16", 7: "TYPE_INT64", 6: "TYPE_INT32", 2: "TYPE_UINT8", 9: "TYPE_BOOL"}
+DataType = model_config_pb2.DataType
+KIND = model_config_pb2.ModelInstanceGroup.Kind
+
+
+def parse_config(path: Path):
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def fake_plans(package: Path, dst: Path, archs: tuple[str, ...] = ("sm_89-trt10.8.0",)) -> Path:
+    """A copy of ``package`` with fake TensorRT plans (their content names them) in engines/<arch>/."""
+    shutil.copytree(package, dst)
+    components = json.loads((dst / "manifest.json").read_text())["components"]
+    for arch in archs:
+        folder = dst / "engines" / arch
+        folder.mkdir(parents=True)
+        for name in components:
+            (folder / f"{name}.plan").write_bytes(f"plan {arch} {name}".encode())
+    return dst
+
+
+@pytest.fixture(scope="module")
+def trt_packages(tiny, tiny_cn, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("trt-packages")
+    return {f.name: fake_plans(f.package, root / f.name) for f in (tiny, tiny_cn)}
+
+
+def onnx_io(path: Path) -> dict[str, tuple[str, list[int | None]]]:
+    """name -> (Triton dtype, dims with None for a symbolic dim) of a graph's inputs and outputs."""
+    model = onnx.load(str(path), load_external_data=False)
+    found = {}
+    for value in (*model.graph.input, *model.graph.output):
+        tensor = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+        found[value.name] = (ONNX_TO_TRITON[tensor.elem_type], dims)
+    return found
+
+
+def model_dims(tensor, max_batch_size: int) -> list[int]:
+    """The shape the model itself sees (batch as -1, reshape applied)."""
+    dims = list(tensor.reshape.shape) if tensor.HasField("reshape") else list(tensor.dims)
+    return ([-1] if max_batch_size > 0 else []) + dims
+
+
+# --------------------------------------------------------------------------------------------
+# Configs (no server)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+@pytest.mark.parametrize("which", ["tiny", "tiny_cn"])
+def test_repository_configs(flavor, which, request, trt_packages, tmp_path):
+    from blipdiffusion_trt.runtime.package import ModelPackage
+
+    fixture = request.getfixturevalue(which)
+    source = trt_packages[which] if flavor == "tensorrt" else fixture.package
+    repo = tr.write_triton_repository(source, tmp_path / "repo", flavor, instances=2)
+    package = ModelPackage.open(fixture.package, verify=False)
+    config: PipelineConfig = package.config
+    components = tr.pipeline_components(config)
+    expected = ["controlnet", "unet"] if fixture.controlnet else ["unet_plain"]
+    assert set(expected) <= set(components) and ("unet_plain" in components) != fixture.controlnet
+    assert sorted(p.name for p in repo.path.iterdir()) == sorted(components + ["blip_diffusion"])
+    assert not list(tmp_path.glob(".repo.partial-*")), "temporary directory left behind"
+
+    for component in components:
+        spec = package.specs[component]
+        model_dir = repo.path / component
+        cfg = parse_config(model_dir / "config.pbtxt")
+        assert cfg.name == component
+        if flavor == "tensorrt":
+            assert (cfg.platform, cfg.backend) == ("tensorrt_plan", "")
+            assert (model_dir / "1" / "model.plan").read_bytes() == f"plan sm_89-trt10.8.0 {component}".encode()
+            assert not cfg.cc_model_filenames
+            graph = fixture.package / "onnx" / "fp32" / f"{component}.onnx"
+        elif flavor == "onnxruntime":
+            assert (cfg.platform, cfg.backend) == ("onnxruntime_onnx", "")
+            graph = model_dir / "1" / "model.onnx"
+            assert graph.read_bytes() == (fixture.package / "onnx" / "fp16" / f"{component}.onnx").read_bytes()
+            (accelerator,) = cfg.optimization.execution_accelerators.gpu_execution_accelerator
+            assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "FP16"
+        else:
+            assert (cfg.platform, cfg.backend) == ("", "python")
+            graph = model_dir / "1" / "model.onnx"
+            assert graph.read_bytes() == (fixture.package / "onnx" / "fp32" / f"{component}.onnx").read_bytes()
+            compile((model_dir / "1" / "model.py").read_text(), "model.py", "exec")
+        (group,) = cfg.instance_group
+        assert group.count == 2
+        assert group.kind == (KIND.KIND_CPU if flavor == "python-cpu" else KIND.KIND_GPU)
+
+        # batching: from the declarations; UNet/ControlNet batch is 2 x B; ControlNet's scalar
+        # conditioning_scale has no batch axis, so it cannot batch at all
+        axis = tr.batch_axis(spec)
+        if component == "controlnet":
+            assert axis is None
+        if axis is None:
+            assert cfg.max_batch_size == 0 and not cfg.HasField("dynamic_batching")
+        else:
+            assert cfg.max_batch_size == axis.max > 0 and cfg.HasField("dynamic_batching")
+            factor = 2 if component in ("unet", "unet_plain") else 1
+            assert cfg.max_batch_size == factor * config.max_batch_size
+        # CUDA graphs only where shapes are static: every component here has dynamic axes
+        assert not cfg.optimization.cuda.graphs
+
+        # dims and dtypes against the ONNX graph
+        graph_io = onnx_io(graph)
+        assert [t.name for t in cfg.input] == spec.input_names
+        assert [t.name for t in cfg.output] == spec.output_names
+        for tensor in (*cfg.input, *cfg.output):
+            dtype, onnx_dims = graph_io[tensor.name]
+            assert DataType.Name(tensor.data_type) == dtype, tensor.name
+            dims = model_dims(tensor, cfg.max_batch_size)
+            assert len(dims) == len(onnx_dims), (component, tensor.name, dims, onnx_dims)
+            is_input = tensor.name in spec.input_names
+            for got, want in zip(dims, onnx_dims):
+                # a fixed ONNX dim must be met exactly; inputs are dynamic exactly where the graph
+                # is; an output the graph leaves symbolic may be declared fixed
+                ok = got == want if want is not None else (got == -1 if is_input else got == -1 or got > 0)
+                assert ok, (component, tensor.name, dims, onnx_dims)
+        graph_inputs = [i.name for i in onnx.load(str(graph), load_external_data=False).graph.input]
+        assert sorted(graph_inputs) == sorted(spec.input_names)
+
+    # the BLS model
+    bls_dir = repo.path / "blip_diffusion"
+    cfg = parse_config(bls_dir / "config.pbtxt")
+    assert (cfg.name, cfg.backend, cfg.platform, cfg.max_batch_size) == ("blip_diffusion", "python", "", 0)
+    (group,) = cfg.instance_group
+    assert group.kind == KIND.KIND_CPU and group.count == 2
+    inputs = {t.name: (DataType.Name(t.data_type), list(t.dims), t.optional) for t in cfg.input}
+    assert inputs == {
+        "prompt": ("TYPE_STRING", [1], False),
+        "reference_image": ("TYPE_UINT8", [-1, -1, 3], False),
+        "source_subject": ("TYPE_STRING", [1], False),
+        "target_subject": ("TYPE_STRING", [1], False),
+        "steps": ("TYPE_INT32", [1], False),
+        "guidance_scale": ("TYPE_FP32", [1], False),
+        "seed": ("TYPE_INT64", [1], False),
+        "height": ("TYPE_INT32", [1], False),
+        "width": ("TYPE_INT32", [1], False),
+        "negative_prompt": ("TYPE_STRING", [1], True),
+        "scheduler": ("TYPE_STRING", [1], True),
+        "condition_image": ("TYPE_UINT8", [-1, -1, 3], True),
+        "controlnet_conditioning_scale": ("TYPE_FP32", [1], True),
+    }
+    assert [(t.name, DataType.Name(t.data_type), list(t.dims)) for t in cfg.output] == [("image", "TYPE_UINT8", [-1, -1, 3])]
+    params = {k: v.string_value for k, v in cfg.parameters.items()}
+    assert json.loads(params["components"]) == {c: c for c in components}
+    batch_sizes = json.loads(params["component_max_batch_sizes"])
+    assert batch_sizes == {c: parse_config(repo.path / c / "config.pbtxt").max_batch_size for c in components}
+    version_dir = bls_dir / "1"
+    package_copy = version_dir / params["package_dir"]
+    assert (package_copy / "pipeline.json").read_bytes() == (fixture.package / "pipeline.json").read_bytes()
+    assert (package_copy / "tokenizer" / "tokenizer.json").is_file() and not (package_copy / "onnx").exists()
+    assert (version_dir / params["code_dir"] / "blipdiffusion_trt" / "runtime" / "pipeline.py").is_file()
+    assert not list((version_dir / "blipdiffusion_trt").rglob("export*")), "export code (torch) must not be copied"
+    compile((version_dir / "model.py").read_text(), "model.py", "exec")
+
+
+def test_tensorrt_several_architectures(tiny, tmp_path):
+    package = fake_plans(tiny.package, tmp_path / "pkg", ("sm_89-trt10.8.0", "sm_90-trt10.8.0", "sm_90-trt10.3.0", "sm_86-trt10.8.0"))
+    (package / "engines" / "sm_86-trt10.8.0" / "vae_decoder.plan").unlink()  # incomplete: skipped
+    repo = tr.write_triton_repository(package, tmp_path / "repo", "tensorrt")
+    for component in tr.pipeline_components(PipelineConfig.load(package)):
+        cfg = parse_config(repo.path / component / "config.pbtxt")
+        assert dict(cfg.cc_model_filenames) == {"8.9": "model.sm_89.plan", "9.0": "model.sm_90.plan"}
+        version_dir = repo.path / component / "1"
+        assert (version_dir / "model.sm_89.plan").read_bytes() == f"plan sm_89-trt10.8.0 {component}".encode()
+        # the newest TensorRT of an architecture wins
+        assert (version_dir / "model.sm_90.plan").read_bytes() == f"plan sm_90-trt10.8.0 {component}".encode()
+        assert not (version_dir / "model.plan").exists()
+
+
+def test_tensorrt_without_plans(tiny, tmp_path):
+    with pytest.raises(PackageError, match="run blipdiffusion-trt build first") as error:
+        tr.write_triton_repository(tiny.package, tmp_path / "repo", "tensorrt")
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "repo").exists() and not list(tmp_path.iterdir())
+
+
+def test_cuda_graphs_only_for_static_shapes():
+    batch = Axis("batch", 1, 1, 4)
+    static = ComponentSpec("static", inputs=(TensorSpec("x", "float32", (batch, 3, 8)),),
+                           outputs=(TensorSpec("y", "float32", (batch, 3)),))
+    dynamic = ComponentSpec("dynamic", inputs=(TensorSpec("x", "float32", (batch, Axis("n", 1, 2, 9))),),
+                            outputs=(TensorSpec("y", "float32", (batch, 3)),))
+    config = PipelineConfig.from_dict(json.loads(json.dumps({
+        "ctx_begin_pos": 2, "image_size": [8, 8], "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "image_resample": 3,
+        "num_query_tokens": 2, "qformer_hidden_size": 4, "qformer_max_text_length": 8, "text_max_length": 8,
+        "text_hidden_size": 4, "latent_channels": 4, "latent_scale_factor": 2, "unet_size_multiple": 2,
+        "vae_scaling_factor": 0.18, "unet_block_out_channels": [4], "unet_layers_per_block": 1,
+        "default_height": 8, "default_width": 8, "has_controlnet": False,
+    })))
+    texts = {}
+    for spec in (static, dynamic):
+        text, mbs = tr.component_config(spec, config, name=spec.name, flavor="tensorrt", max_batch_size=4, instances=1)
+        texts[spec.name] = text_format.Parse(text, model_config_pb2.ModelConfig())
+        assert mbs == 4
+    assert texts["static"].optimization.cuda.graphs and not texts["dynamic"].optimization.cuda.graphs
+    assert list(texts["static"].input[0].dims) == [3, 8] and list(texts["dynamic"].input[0].dims) == [-1]
+
+
+def test_max_batch_size_option(tiny, tmp_path):
+    repo = tr.write_triton_repository(tiny.package, tmp_path / "two", "onnxruntime", max_batch_size=2)
+    assert parse_config(repo.path / "unet_plain" / "config.pbtxt").max_batch_size == 4
+    assert parse_config(repo.path / "qformer" / "config.pbtxt").max_batch_size == 2
+    repo = tr.write_triton_repository(tiny.package, tmp_path / "off", "onnxruntime", max_batch_size=0)
+    for component in tr.pipeline_components(PipelineConfig.load(tiny.package)):
+        cfg = parse_config(repo.path / component / "config.pbtxt")
+        assert cfg.max_batch_size == 0 and not cfg.HasField("dynamic_batching")
+    timestep = [t for t in parse_config(repo.path / "unet_plain" / "config.pbtxt").input if t.name == "timestep"][0]
+    assert list(timestep.dims) == [-1] and not timestep.HasField("reshape")
+    timestep = [t for t in parse_config(tmp_path / "two" / "unet_plain" / "config.pbtxt").input if t.name == "timestep"][0]
+    assert list(timestep.dims) == [1] and timestep.HasField("reshape") and list(timestep.reshape.shape) == []
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"flavor": "tensorrt-llm"}, "flavor must be one of python-cpu, onnxruntime, tensorrt"),
+    ({"max_batch_size": 5}, "max batch size must be an integer in [0, 4], got 5"),
+    ({"max_batch_size": -1}, "max batch size must be an integer in [0, 4], got -1"),
+    ({"instances": 0}, "instances must be an integer in [1, 64], got 0"),
+    ({"name_prefix": "a b/"}, "name prefix must be"),
+    ({"max_image_pixels": 0}, "max_image_pixels must be an integer >= 1"),
+])
+def test_bad_arguments(tiny, tmp_path, kwargs, message):
+    with pytest.raises(InputError) as error:
+        tr.write_triton_repository(tiny.package, tmp_path / "repo", **kwargs)
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_output_directory_handling(tiny, tmp_path):
+    with pytest.raises(PackageError, match="does not exist"):
+        tr.write_triton_repository(tmp_path / "nope", tmp_path / "repo")
+    out = tmp_path / "repo"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(InputError, match="exists and is not empty"):
+        tr.write_triton_repository(tiny.package, out)
+    assert (out / "keep.txt").exists()
+    tr.write_triton_repository(tiny.package, out, force=True)
+    assert not (out / "keep.txt").exists() and (out / "blip_diffusion" / "config.pbtxt").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="exists and is not a directory"):
+        tr.write_triton_repository(tiny.package, tmp_path / "file", force=True)
+
+
+def test_cli(tiny, tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="blipdiffusion-trt")
+    tr.add_triton(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["triton", str(tiny.package), "--out", str(tmp_path / "repo"), "--flavor", "onnxruntime",
+                              "--max-batch-size", "1", "--instances", "3", "--no-verify"])
+    assert args.run(args) == 0
+    assert "unet_plain" in capsys.readouterr().out
+    cfg = parse_config(tmp_path / "repo" / "unet_plain" / "config.pbtxt")
+    assert cfg.max_batch_size == 2 and cfg.instance_group[0].count == 3
+    args = parser.parse_args(["triton", str(tiny.package), "--out", str(tmp_path / "other"), "--flavor", "gpu"])
+    with pytest.raises(InputError, match="flavor must be one of"):
+        args.run(args)
+
+
+# --------------------------------------------------------------------------------------------
+# A real Triton server (python-cpu flavor)
+# --------------------------------------------------------------------------------------------
+
+MAX_IMAGE_PIXELS = 64 * 64
+STARTUP_SECONDS = 180
+REFERENCE = np.random.default_rng(7).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+CONDITION = np.random.default_rng(8).integers(0, 256, (24, 28, 3), dtype=np.uint8)
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _glibc() -> tuple[int, ...] | None:
+    try:
+        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+    except (AttributeError, ValueError, OSError):
+        return None
+    return tuple(int(p) for p in version.split(".")[:2]) if name == "glibc" else None
+
+
+def _stub_python_bin(tmp: Path) -> Path:
+    """bin/ directory of the Python the stub runs: this environment, with numpy<2 in front if needed."""
+    if int(np.__version__.split(".")[0]) < 2:
+        return Path(sys.executable).parent
+    numpy1 = os.environ.get("BLIPDIFFUSION_TRT_STUB_NUMPY")
+    if not numpy1:
+        pytest.skip(
+            f"pytriton's python backend stub is built against numpy 1.x (pytriton requires numpy<2), this "
+            f"environment has numpy {np.__version__}: install the triton extra, or set BLIPDIFFUSION_TRT_STUB_NUMPY "
+            f"to a directory made with `pip install --target DIR 'numpy<2'`"
+        )
+    overlay = tmp / "stub-env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(overlay)], check=True)
+    site_dir = Path(subprocess.run(
+        [str(overlay / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True, capture_output=True, text=True).stdout.strip())
+    for entry in Path(numpy1).iterdir():
+        if entry.name.startswith("numpy"):
+            (site_dir / entry.name).symlink_to(entry)
+    import site
+
+    lines = "".join(f"import site; site.addsitedir({p!r})\n" for p in site.getsitepackages())
+    (site_dir / "zz_blipdiffusion_trt_base.pth").write_text(lines)
+    check = subprocess.run([str(overlay / "bin" / "python"), "-c", "import numpy, onnxruntime, tokenizers; print(numpy.__version__)"],
+                           capture_output=True, text=True)
+    if check.returncode or not check.stdout.startswith("1."):
+        pytest.skip(f"BLIPDIFFUSION_TRT_STUB_NUMPY={numpy1}: no usable numpy<2 there ({check.stdout.strip() or check.stderr.strip()[-200:]})")
+    return overlay / "bin"
+
+
+class TritonServer:
+    def __init__(self, process: subprocess.Popen, http_port: int, grpc_port: int, log: Path):
+        self.process = process
+        self.http_url = f"127.0.0.1:{http_port}"
+        self.grpc_url = f"127.0.0.1:{grpc_port}"
+        self.log = log
+        self._clients = []
+
+    def client(self, protocol: str):
+        if protocol == "http":
+            import tritonclient.http as module
+
+            client = module.InferenceServerClient(self.http_url, network_timeout=120.0, connection_timeout=30.0)
+        else:
+            import tritonclient.grpc as module
+
+            client = module.InferenceServerClient(self.grpc_url)
+        self._clients.append(client)
+        return client
+
+    def close_clients(self) -> None:
+        while self._clients:
+            self._clients.pop().close()
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+@pytest.fixture(scope="module")
+def triton_server(tiny, tiny_cn, tmp_path_factory):
+    pytriton = pytest.importorskip("pytriton", reason="needs nvidia-pytriton (it bundles tritonserver)")
+    glibc = _glibc()
+    if glibc is None or glibc < (2, 35):
+        pytest.skip(f"pytriton's tritonserver needs glibc >= 2.35, this system has {glibc}")
+    dist = Path(pytriton.__file__).parent / "tritonserver"
+    binary = dist / "bin" / "tritonserver"
+    python_backend = dist / "backends" / "python"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
+    libs = dist.parent.parent / "nvidia_pytriton.libs"
+    for needed in (binary, python_backend / "libtriton_python.so", stub):
+        if not needed.is_file():
+            pytest.skip(f"pytriton's server is incomplete here: {needed} is missing")
+
+    tmp = tmp_path_factory.mktemp("triton")
+    backends = tmp / "backends"
+    shutil.copytree(python_backend, backends / "python", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(stub, backends / "python" / "triton_python_backend_stub")
+    python_bin = _stub_python_bin(tmp)
+    repos = [
+        tr.write_triton_repository(tiny.package, tmp / "repo-tiny", "python-cpu", max_image_pixels=MAX_IMAGE_PIXELS).path,
+        tr.write_triton_repository(tiny_cn.package, tmp / "repo-cn", "python-cpu", name_prefix="cn_",
+                                   max_image_pixels=MAX_IMAGE_PIXELS).path,
+    ]
+    env = dict(os.environ)
+    env["PATH"] = f"{python_bin}{os.pathsep}{env.get('PATH', '')}"
+    ld = [sysconfig.get_config_var("LIBDIR") or "", str(libs), env.get("LD_LIBRARY_PATH", "")]
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in ld if p)
+    http_port, grpc_port, metrics_port = _free_ports(3)
+    command = [str(binary)]
+    for repo in repos:
+        command += ["--model-repository", str(repo)]
+    command += [
+        "--backend-directory", str(backends), "--http-address", "127.0.0.1", "--grpc-address", "127.0.0.1",
+        "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
+        "--allow-metrics", "false", "--allow-gpu-metrics", "false", "--exit-timeout-secs", "10",
+    ]
+    log = tmp / "tritonserver.log"
+    with open(log, "wb") as log_file:
+        process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=tmp,
+                                   start_new_session=True)
+    server = TritonServer(process, http_port, grpc_port, log)
+    try:
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"tritonserver exited with {process.returncode}:\n{server.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"http://{server.http_url}/v2/health/ready", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"tritonserver not ready after {STARTUP_SECONDS} s:\n{server.log_tail()}")
+            time.sleep(0.5)
+        yield server
+    finally:
+        server.close_clients()
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)  # its own session: the server and its stubs only
+                process.wait(timeout=10)
+
+
+_runtimes: dict[str, object] = {}
+_references: dict[tuple, np.ndarray] = {}
+
+
+def reference_image(fixture, **kwargs) -> np.ndarray:
+    """The Python API's image for the same request, quantised as the BLS model does."""
+    from blipdiffusion_trt.runtime.pipeline import BlipDiffusionRuntime
+
+    key = (fixture.name, tuple(sorted((k, v if not isinstance(v, np.ndarray) else v.tobytes()) for k, v in kwargs.items())))
+    if key not in _references:
+        if fixture.name not in _runtimes:
+            _runtimes[fixture.name] = BlipDiffusionRuntime.from_package(fixture.package)
+        runtime = _runtimes[fixture.name]
+        args = dict(kwargs)
+        result = runtime(args.pop("prompt"), args.pop("reference_image"), args.pop("source_subject"),
+                         args.pop("target_subject"), output_type="np", **args)
+        _references[key] = (result.images[0] * 255).round().astype(np.uint8)
+    return _references[key]
+
+
+def generation(fixture, **overrides) -> dict:
+    """Python API arguments of a small generation."""
+    args = dict(prompt="a photo in the snow", reference_image=REFERENCE, source_subject="dog", target_subject="dog",
+                num_inference_steps=2, guidance_scale=7.5, seed=0, height=32, width=32)
+    if fixture.controlnet:
+        args["condition_image"] = CONDITION
+    args.update(overrides)
+    return args
+
+
+def triton_inputs(protocol: str, args: dict, *, drop: tuple[str, ...] = (), raw: dict | None = None) -> list:
+    """Triton inputs of the BLS model for Python API arguments (``raw``: arrays sent as they are)."""
+    module = __import__(f"tritonclient.{protocol}", fromlist=["InferInput"])
+    names = {"num_inference_steps": "steps", "neg_prompt": "negative_prompt", "source_subject": "source_subject"}
+    arrays = {}
+    for key, value in args.items():
+        name = names.get(key, key)
+        if name in ("prompt", "source_subject", "target_subject", "negative_prompt", "scheduler"):
+            arrays[name] = np.array([value.encode() if isinstance(value, str) else value], dtype=np.object_)
+        elif name in ("reference_image", "condition_image"):
+            arrays[name] = value
+        elif name in ("steps", "height", "width"):
+            arrays[name] = np.array([value], np.int32)
+        elif name == "seed":
+            arrays[name] = np.array([value], np.int64)
+        else:
+            arrays[name] = np.array([value], np.float32)
+    arrays.update(raw or {})
+    datatypes = {np.dtype(np.uint8): "UINT8", np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64",
+                 np.dtype(np.float32): "FP32", np.dtype(np.float64): "FP64", np.dtype(np.object_): "BYTES"}
+    inputs = []
+    for name, array in arrays.items():
+        if name in drop:
+            continue
+        tensor = module.InferInput(name, list(array.shape), datatypes[array.dtype])
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def infer(client, protocol: str, model: str, inputs: list) -> np.ndarray:
+    module = __import__(f"tritonclient.{protocol}", fromlist=["InferRequestedOutput"])
+    result = client.infer(model, inputs, outputs=[module.InferRequestedOutput("image")])
+    return result.as_numpy("image")
+
+
+CASES = [
+    {},
+    {"seed": 5, "guidance_scale": 1.0, "height": 24, "width": 40, "scheduler": "ddim"},
+    {"seed": 3, "neg_prompt": "blurry", "scheduler": "euler", "target_subject": "cat"},
+]
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize("which", ["tiny", "tiny_cn"])
+def test_server_matches_python_api(triton_server, request, which, protocol):
+    fixture = request.getfixturevalue(which)
+    model = "cn_blip_diffusion" if fixture.controlnet else "blip_diffusion"
+    client = triton_server.client(protocol)
+    assert client.is_model_ready(model)
+    cases = CASES + ([{"seed": 2, "controlnet_conditioning_scale": 0.5}] if fixture.controlnet else [])
+    for case in cases:
+        args = generation(fixture, **case)
+        image = infer(client, protocol, model, triton_inputs(protocol, args))
+        expected = reference_image(fixture, **args)
+        assert image.dtype == np.uint8 and image.shape == (args["height"], args["width"], 3)
+        np.testing.assert_array_equal(image, expected, err_msg=f"{which} {protocol} {case}")
+    # different seeds really give different images
+    assert not np.array_equal(reference_image(fixture, **generation(fixture)), reference_image(fixture, **generation(fixture, seed=5)))
+
+
+def test_server_under_load(triton_server, tiny, tiny_cn):
+    clients, requests_each, seeds = 8, 10, (0, 1, 2)
+    fixtures = (tiny, tiny_cn)
+    expected = {(f.name, s): reference_image(f, **generation(f, seed=s)) for f in fixtures for s in seeds}
+    connections = [triton_server.client("http" if i % 2 == 0 else "grpc") for i in range(clients)]
+
+    def worker(index: int) -> list[tuple[str, int, bool]]:
+        protocol = "http" if index % 2 == 0 else "grpc"
+        client = connections[index]
+        results = []
+        for k in range(requests_each):
+            fixture = fixtures[(index + k) % 2]
+            seed = seeds[(index * requests_each + k) % len(seeds)]
+            model = "cn_blip_diffusion" if fixture.controlnet else "blip_diffusion"
+            image = infer(client, protocol, model, triton_inputs(protocol, generation(fixture, seed=seed)))
+            results.append((fixture.name, seed, np.array_equal(image, expected[(fixture.name, seed)])))
+        return results
+
+    start = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        futures = [pool.submit(worker, i) for i in range(clients)]
+        results = [r for f in futures for r in f.result(timeout=150)]
+    elapsed = time.monotonic() - start
+    assert len(results) == clients * requests_each
+    wrong = [r for r in results if not r[2]]
+    assert not wrong, f"{len(wrong)} of {len(results)} images differ from the Python API's: {wrong[:5]}"
+    assert elapsed < 150, f"{len(results)} generations took {elapsed:.0f} s"
+
+
+BAD_REQUESTS = [
+    # (name, args overrides, dropped inputs, raw arrays, expected message part)
+    ("missing input", {}, ("seed",), None, "missing required input(s) ['seed']"),
+    ("wrong dtype", {}, (), {"steps": np.array([2.0], np.float32)}, "data-type is 'FP32', but model 'blip_diffusion' expects 'INT32'"),
+    ("oversized image", {}, (), {"reference_image": np.zeros((80, 60, 3), np.uint8)},
+     f"reference_image: the image array of shape (80, 60, 3) is 60x80 = 4800 pixels, more than the limit of {MAX_IMAGE_PIXELS} pixels"),
+    ("steps too small", {"num_inference_steps": 0}, (), None, "num_inference_steps must be an integer in [1, 1000], got 0"),
+    ("steps too large", {"num_inference_steps": 1001}, (), None, "num_inference_steps must be an integer in [1, 1000], got 1001"),
+    ("unknown scheduler", {"scheduler": "karras"}, (), None, "unknown scheduler 'karras'; allowed: pndm, ddim, euler, dpmpp-2m"),
+    ("bad height", {"height": 30}, (), None, "height must be a multiple of 4"),
+    ("negative seed", {"seed": -3}, (), None, "seed must be a non-negative integer, got -3"),
+    ("empty prompt", {"prompt": "  "}, (), None, "prompt must be a non-empty string"),
+    ("bad utf-8", {}, (), {"prompt": np.array([b"\xff\xfe"], dtype=np.object_)}, "prompt: not valid UTF-8"),
+    ("two prompts", {}, (), {"prompt": np.array([b"a", b"b"], dtype=np.object_)}, "unexpected shape for input 'prompt'"),
+    ("no controlnet", {"condition_image": CONDITION}, (), None, "this package has no ControlNet"),
+    ("rgba image", {}, (), {"reference_image": np.zeros((8, 8, 4), np.uint8)}, "unexpected shape for input 'reference_image'"),
+]
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_server_bad_requests(triton_server, tiny, tiny_cn, protocol):
+    from tritonclient.utils import InferenceServerException
+
+    client = triton_server.client(protocol)
+    for name, overrides, drop, raw, message in BAD_REQUESTS:
+        inputs = triton_inputs(protocol, generation(tiny, **overrides), drop=drop, raw=raw)
+        with pytest.raises(InferenceServerException) as error:
+            infer(client, protocol, "blip_diffusion", inputs)
+        text = error.value.message()
+        assert message in text, f"{name}: {text}"
+        assert "\n" not in text and "Traceback" not in text, f"{name}: {text}"
+    # the ControlNet package without its condition image
+    with pytest.raises(InferenceServerException, match="pass condition_image or canny_image"):
+        infer(client, protocol, "cn_blip_diffusion", triton_inputs(protocol, generation(tiny), drop=("condition_image",)))
+    # still serving, and still right
+    assert client.is_server_live() and client.is_model_ready("blip_diffusion")
+    for fixture in (tiny, tiny_cn):
+        model = "cn_blip_diffusion" if fixture.controlnet else "blip_diffusion"
+        args = generation(fixture, seed=11)
+        np.testing.assert_array_equal(infer(client, protocol, model, triton_inputs(protocol, args)),
+                                      reference_image(fixture, **args))
+    assert "not healthy" not in triton_server.log_tail(200_000)
