@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_export(sub)
+    from .engines.cli import add_build  # light: TensorRT is imported only when a build runs
+
+    add_build(sub)
     try:
         from .runtime.cli import add_generate
     except ImportError:  # the runtime is optional only while it is being built

@@ -495,6 +495,7 @@ def test_cli_argument_errors(tiny):
         (["--workspace", "0"], "--workspace must be a size in GiB > 0"),
         (["--components", "unet,nope"], "--components: unknown nope"),
         (["--timing-cache", tiny.package / "no" / "dir" / "t.cache"], "--timing-cache: directory"),
+        (["--timing-cache", tiny.package / "onnx"], "is a directory, give a file"),
     ]
     for extra, expected in cases:
         line = _one_line_error(run_build_cli(tiny.package, *extra))

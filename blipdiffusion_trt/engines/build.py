@@ -485,10 +485,13 @@ def fp16_graph(package, component: str) -> Path:
     path = package.root / "onnx" / "fp16" / f"{component}.onnx"
     listed = f"onnx/fp16/{component}.onnx" in package.manifest.get("files", {})
     if "fp16" not in package.precisions or not listed or not path.is_file():
-        checkpoint = (package.manifest.get("source") or {}).get("checkpoint") or "CHECKPOINT"
+        source = package.manifest.get("source") or {}
+        controlnet = f" --controlnet {shlex.quote(str(source['controlnet']))}" if source.get("controlnet") else ""
+        hint = f" (CHECKPOINT: the {source['checkpoint']} directory)" if source.get("checkpoint") else ""
         raise PackageError(
             f"{path} not found: TensorRT engines are built from the package's fp16 graphs; re-export with "
-            f"`blipdiffusion-trt export {checkpoint} --out {package.root} --precision fp32,fp16 --force`"
+            f"`blipdiffusion-trt export CHECKPOINT{controlnet} --out {shlex.quote(str(package.root))} "
+            f"--precision fp32,fp16 --force`{hint}"
         )
     return path
 
@@ -523,6 +526,8 @@ def build_engines(
     cache_path = Path(timing_cache) if timing_cache is not None else engines_root(package.root) / TIMING_CACHE_NAME
     if timing_cache is not None and not cache_path.parent.is_dir():
         raise InputError(f"--timing-cache: directory {cache_path.parent} does not exist")
+    if cache_path.is_dir():
+        raise InputError(f"--timing-cache: {cache_path} is a directory, give a file")
     onnx_digests = package.manifest.get("files", {})
 
     trt = import_tensorrt()

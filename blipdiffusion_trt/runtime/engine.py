@@ -118,11 +118,18 @@ class OnnxRuntimeTensorRTEngine(OnnxRuntimeCudaEngine):
                          providers=providers or [("TensorrtExecutionProvider", options), "CUDAExecutionProvider"])
 
 
-# name -> (engine class, description). The TensorRT issue adds a native engine here.
+def _tensorrt_engine(spec: ComponentSpec, path: Path, **kwargs) -> Engine:
+    from .tensorrt_engine import tensorrt_engine_factory  # lazy: TensorRT and CUDA are optional
+
+    return tensorrt_engine_factory(spec, path, **kwargs)
+
+
+# name -> (engine factory, description)
 BACKENDS: dict[str, tuple[Callable[..., Engine], str]] = {
     "cpu": (OnnxRuntimeEngine, "ONNX Runtime, CPU"),
     "cuda": (OnnxRuntimeCudaEngine, "ONNX Runtime, CUDA provider with IO binding"),
     "ort-tensorrt": (OnnxRuntimeTensorRTEngine, "ONNX Runtime, TensorRT execution provider"),
+    "tensorrt": (_tensorrt_engine, "TensorRT engines from `blipdiffusion-trt build` (needs --precision fp16)"),
 }
 
 
