@@ -23,3 +23,7 @@ class PackageError(BlipDiffusionTrtError):
 
 class EngineError(BlipDiffusionTrtError):
     """An engine (TensorRT plan, ONNX Runtime session) cannot be built or loaded."""
+
+
+class ValidationError(BlipDiffusionTrtError):
+    """An exported graph does not reproduce PyTorch within its declared tolerance."""

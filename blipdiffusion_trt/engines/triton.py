@@ -92,37 +92,53 @@ def batch_axis(spec: ComponentSpec) -> Axis | None:
     return axis
 
 
-def triton_max_batch_size(spec: ComponentSpec, config: PipelineConfig, max_batch_size: int) -> int:
+Range = tuple[int, int, int]
+
+
+def _range(axis: Axis, ranges: dict[str, Range] | None) -> Range:
+    if ranges is not None and axis.name in ranges:
+        return tuple(ranges[axis.name])  # type: ignore[return-value]
+    return axis.min, axis.opt, axis.max
+
+
+def triton_max_batch_size(spec: ComponentSpec, config: PipelineConfig, max_batch_size: int,
+                          ranges: dict[str, Range] | None = None) -> int:
     """Triton's max_batch_size for a component, for generations of up to ``max_batch_size`` images.
 
     0 when the component cannot batch (or batching is off); the UNet's axis is declared as a
-    multiple of the generation batch (2 x B with guidance), and so is its limit.
+    multiple of the generation batch (2 x B with guidance), and so is its limit. ``ranges``
+    (axis name -> (min, opt, max)) are what a TensorRT engine was built for: a fixed batch, or
+    one that does not start at 1, is served unbatched.
     """
     axis = batch_axis(spec)
     if axis is None or max_batch_size == 0:
         return 0
+    low, _, high = _range(axis, ranges)
+    if low == high or low > 1:
+        return 0
     factor = max(1, axis.max // config.max_batch_size)
-    return max_batch_size * factor
+    return min(high, max_batch_size * factor)
 
 
-def _dim(dim: int | Axis) -> int:
+def _dim(dim: int | Axis, ranges: dict[str, Range] | None = None) -> int:
     if isinstance(dim, int):
         return dim
-    return dim.min if dim.min == dim.max else -1
+    low, _, high = _range(dim, ranges)
+    return low if low == high else -1
 
 
-def tensor_dims(tensor: TensorSpec, batching: bool) -> tuple[list[int], list[int] | None]:
+def tensor_dims(tensor: TensorSpec, batching: bool, ranges: dict[str, Range] | None = None) -> tuple[list[int], list[int] | None]:
     """(dims, reshape) for config.pbtxt; reshape is [] for a tensor that is only the batch axis."""
-    dims = [_dim(d) for d in (tensor.shape[1:] if batching else tensor.shape)]
+    dims = [_dim(d, ranges) for d in (tensor.shape[1:] if batching else tensor.shape)]
     if batching and not dims:
         return [1], []
     return dims, None
 
 
-def is_static(spec: ComponentSpec, batching: bool) -> bool:
+def is_static(spec: ComponentSpec, batching: bool, ranges: dict[str, Range] | None = None) -> bool:
     """Whether every non-batch dim of every tensor is fixed (CUDA graphs need static shapes)."""
     for tensor in (*spec.inputs, *spec.outputs):
-        dims, _ = tensor_dims(tensor, batching)
+        dims, _ = tensor_dims(tensor, batching, ranges)
         if any(d < 0 for d in dims):
             return False
     return True
@@ -174,10 +190,13 @@ class ModelEntry:
 
 def component_config(
     spec: ComponentSpec, config: PipelineConfig, *, name: str, flavor: str, max_batch_size: int, instances: int,
-    cc_model_filenames: dict[str, str] | None = None, cpu_threads: int = 0,
+    cc_model_filenames: dict[str, str] | None = None, cpu_threads: int = 0, ranges: dict[str, Range] | None = None,
 ) -> tuple[str, int]:
-    """config.pbtxt text of one component model, and its max_batch_size."""
-    mbs = triton_max_batch_size(spec, config, max_batch_size)
+    """config.pbtxt text of one component model, and its max_batch_size.
+
+    ``ranges``: the axis ranges a TensorRT engine was built for (default: the declared ones).
+    """
+    mbs = triton_max_batch_size(spec, config, max_batch_size, ranges)
     batching = mbs > 0
     lines = [f"name: {_q(name)}"]
     if flavor == "tensorrt":
@@ -192,7 +211,7 @@ def component_config(
     def blocks(tensors: Iterable[TensorSpec]) -> list[str]:
         out = []
         for t in tensors:
-            dims, reshape = tensor_dims(t, batching)
+            dims, reshape = tensor_dims(t, batching, ranges)
             out.append(_tensor_block(t.name, TRITON_DTYPES[t.dtype], dims, reshape=reshape))
         return out
 
@@ -207,7 +226,7 @@ def component_config(
             text += "".join(
                 f"cc_model_filenames {{\n  key: {_q(cc)}\n  value: {_q(file)}\n}}\n" for cc, file in sorted(cc_model_filenames.items())
             )
-        if is_static(spec, batching):
+        if is_static(spec, batching, ranges):
             text += "optimization {\n  cuda {\n    graphs: true\n  }\n}\n"
     elif flavor == "onnxruntime":
         text += (
@@ -588,6 +607,44 @@ def find_plans(package_root: Path, components: Sequence[str]) -> dict[str, Path]
     return {cc: folder for cc, (_, folder) in found.items()}
 
 
+def engine_ranges(config: PipelineConfig, spec: ComponentSpec, folders: Iterable[Path]) -> dict[str, Range] | None:
+    """Axis ranges the component's engines were built for, from each folder's ``engines.json``.
+
+    The builder records its options (``--shapes static|dynamic``, ``--batch``, ``--height``,
+    ``--width``); the ranges are recomputed from them with the builder's own profile code and
+    checked against the recorded profile. None (declared ranges) when no folder records the
+    component; several folders (architectures) must agree, since they share one config.pbtxt.
+    """
+    from .build import BuildOptions, read_record
+    from .profiles import axis_ranges, profile_from_json, spec_profile
+
+    found: dict[Path, dict[str, Range]] = {}
+    for folder in folders:
+        entry = ((read_record(folder) or {}).get("components") or {}).get(spec.name)
+        if not entry:
+            continue
+        options = BuildOptions.from_dict(entry.get("options"))
+        ranges = axis_ranges(config, options.shapes, batch=options.batch, height=options.height, width=options.width)
+        profile = entry.get("profile")
+        if profile and profile_from_json(profile) != spec_profile(spec, ranges):
+            raise PackageError(
+                f"{folder}/engines.json: the recorded profile of {spec.name} does not match its build options; "
+                f"rebuild with blipdiffusion-trt build"
+            )
+        found[folder] = {name: tuple(r) for name, r in ranges.items()}  # type: ignore[misc]
+    if not found:
+        logger.warning("no engines.json records %s; its config uses the declared shape ranges", spec.name)
+        return None
+    first_folder, first = next(iter(found.items()))
+    for folder, ranges in found.items():
+        if ranges != first:
+            raise PackageError(
+                f"{spec.name}: the engines in {first_folder.name} and {folder.name} were built for different shapes; "
+                f"rebuild them with the same --shapes/--batch/--height/--width"
+            )
+    return first
+
+
 def _copy_runtime_code(dst: Path) -> None:
     """The torch-free part of blipdiffusion_trt (components, errors, runtime) for the BLS model."""
     src = Path(__file__).resolve().parent.parent
@@ -687,6 +744,7 @@ def write_triton_repository(
             version_dir = model_dir / "1"
             version_dir.mkdir(parents=True)
             cc_files = None
+            ranges = engine_ranges(config, spec, plans.values()) if flavor == "tensorrt" else None
             if flavor == "tensorrt":
                 if len(plans) == 1:
                     (folder,) = plans.values()
@@ -706,7 +764,7 @@ def write_triton_repository(
                     files.append("model.py")
             text, mbs = component_config(
                 spec, config, name=names[component], flavor=flavor, max_batch_size=max_batch_size,
-                instances=instances, cc_model_filenames=cc_files, cpu_threads=cpu_threads,
+                instances=instances, cc_model_filenames=cc_files, cpu_threads=cpu_threads, ranges=ranges,
             )
             (model_dir / "config.pbtxt").write_text(text)
             batch_sizes[component] = mbs

@@ -32,7 +32,7 @@ import numpy as np
 
 from .. import __version__
 from ..components import PIPELINE_CONFIG_NAME, ComponentSpec, PipelineConfig, declare_components
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError, InputError, ValidationError
 from ..runtime.package import MANIFEST_NAME, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -353,7 +353,7 @@ def apply_declared_shapes(model, spec: ComponentSpec) -> None:
             continue
         dims = value.type.tensor_type.shape.dim
         if len(dims) != len(tensor.shape):
-            raise RuntimeError(f"{spec.name}: {value.name} has rank {len(dims)}, declared {len(tensor.shape)}")
+            raise ValidationError(f"{spec.name}: {value.name} has rank {len(dims)}, declared {len(tensor.shape)}")
         for dim, declared_dim in zip(dims, tensor.shape):
             if isinstance(declared_dim, int):
                 dim.ClearField("dim_param")
@@ -406,7 +406,7 @@ def _check_finite_constants(model, where: str) -> None:
         if tensor.data_type in (1, 10) and tensor.raw_data:
             values = numpy_helper.to_array(tensor)
             if not np.isfinite(values).all():
-                raise RuntimeError(f"{where}: constant {tensor.name or '?'} holds inf/NaN after fp16 conversion")
+                raise ValidationError(f"{where}: constant {tensor.name or '?'} holds inf/NaN after fp16 conversion")
 
 
 def ort_session(path: Path, providers: Iterable[str] = ("CPUExecutionProvider",)):
@@ -429,7 +429,10 @@ def max_abs_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
 def cosine(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     x = np.concatenate([v.ravel() for v in a]).astype(np.float64)
     y = np.concatenate([v.ravel() for v in b]).astype(np.float64)
-    return float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y) + 1e-30))
+    nx, ny = np.linalg.norm(x), np.linalg.norm(y)
+    if nx == 0 or ny == 0:  # e.g. an untrained ControlNet: zero convolutions give zero residuals
+        return 1.0 if nx == ny else 0.0
+    return float(x @ y / (nx * ny))
 
 
 # --------------------------------------------------------------------------------------------
@@ -590,7 +593,7 @@ def validate_component(module, spec: ComponentSpec, path: Path, vocab: dict[str,
         scale = max(1.0, max(float(np.max(np.abs(e))) for e in expected))
         results.append({"point": label, "shapes": {k: list(v.shape) for k, v in feed.items()}, "max_abs": diff, "scale": scale})
         if not diff <= spec.atol * scale:
-            raise RuntimeError(f"{spec.name}: ONNX differs from PyTorch by {diff:.3g} at {label} shapes (tolerance {spec.atol * scale:.3g})")
+            raise ValidationError(f"{spec.name}: ONNX differs from PyTorch by {diff:.3g} at {label} shapes (tolerance {spec.atol * scale:.3g})")
     return results
 
 
@@ -607,5 +610,5 @@ def validate_fp16(spec: ComponentSpec, path32: Path, path16: Path, vocab: dict[s
     cos = cosine(got, expected)
     result = {"checked": True, "finite": bool(finite), "cosine": cos, "max_abs": max_abs_diff(got, expected)}
     if not finite or not cos >= spec.fp16_min_cosine:
-        raise RuntimeError(f"{spec.name}: fp16 graph off (finite={finite}, cosine={cos:.5f} < {spec.fp16_min_cosine})")
+        raise ValidationError(f"{spec.name}: fp16 graph off (finite={finite}, cosine={cos:.5f} < {spec.fp16_min_cosine})")
     return result

@@ -99,6 +99,35 @@ CONFIGS = {"tiny": tiny_config, "tiny-odd": tiny_odd_config, "full": full_config
 
 
 @torch.no_grad()
+def _reinit(module: nn.Module, generator: torch.Generator) -> None:
+    """Fan-in scaled normal weights, small biases, unit-scale embeddings, near-1 norm gains."""
+
+    def normal_(tensor: torch.Tensor, std: float) -> None:
+        tensor.copy_(torch.randn(tensor.shape, generator=generator) * std)
+
+    for layer in module.modules():
+        if isinstance(layer, (nn.Linear, nn.Conv2d)):
+            normal_(layer.weight, 1.0 / math.sqrt(layer.weight[0].numel()))
+            if layer.bias is not None:
+                normal_(layer.bias, 0.02)
+        elif isinstance(layer, nn.Embedding):
+            normal_(layer.weight, 1.0)
+        elif isinstance(layer, (nn.LayerNorm, nn.GroupNorm)) and layer.weight is not None:
+            normal_(layer.weight, 0.1)
+            layer.weight.add_(1.0)
+
+
+@torch.no_grad()
+def make_controlnet_sensitive(controlnet, generator: torch.Generator) -> None:
+    """No zero convolutions, strong residuals, and a condition image that dominates its input."""
+    _reinit(controlnet, generator)
+    # Trained ControlNets steer the UNet strongly; fan-in scaled residuals barely register.
+    for conv in (*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block):
+        conv.weight.mul_(CONTROLNET_RESIDUAL_GAIN)
+    controlnet.controlnet_cond_embedding.conv_out.weight.mul_(CONTROLNET_CONDITION_GAIN)
+
+
+@torch.no_grad()
 def make_sensitive(pipe, seed: int = 0) -> None:
     """Re-initialise all weights so every pipeline input matters (see module docstring)."""
     generator = torch.Generator().manual_seed(seed)
@@ -106,28 +135,11 @@ def make_sensitive(pipe, seed: int = 0) -> None:
     def normal_(tensor: torch.Tensor, std: float) -> None:
         tensor.copy_(torch.randn(tensor.shape, generator=generator) * std)
 
-    modules = [pipe.text_encoder, pipe.qformer, pipe.unet, pipe.vae]
-    if getattr(pipe, "controlnet", None) is not None:
-        modules.append(pipe.controlnet)
-    for module in modules:
-        for layer in module.modules():
-            if isinstance(layer, (nn.Linear, nn.Conv2d)):
-                normal_(layer.weight, 1.0 / math.sqrt(layer.weight[0].numel()))
-                if layer.bias is not None:
-                    normal_(layer.bias, 0.02)
-            elif isinstance(layer, nn.Embedding):
-                normal_(layer.weight, 1.0)
-            elif isinstance(layer, (nn.LayerNorm, nn.GroupNorm)) and layer.weight is not None:
-                normal_(layer.weight, 0.1)
-                layer.weight.add_(1.0)
+    for module in (pipe.text_encoder, pipe.qformer, pipe.unet, pipe.vae):
+        _reinit(module, generator)
     normal_(pipe.qformer.query_tokens, 1.0)
-    controlnet = getattr(pipe, "controlnet", None)
-    if controlnet is not None:
-        # Trained ControlNets steer the UNet strongly; fan-in scaled residuals barely register.
-        for conv in (*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block):
-            conv.weight.mul_(CONTROLNET_RESIDUAL_GAIN)
-        # ...and a condition image that dominates the ControlNet's own input.
-        controlnet.controlnet_cond_embedding.conv_out.weight.mul_(CONTROLNET_CONDITION_GAIN)
+    if getattr(pipe, "controlnet", None) is not None:
+        make_controlnet_sensitive(pipe.controlnet, generator)
 
     # Calibrate output layers on typical inputs: noise predictions of unit scale (as a trained
     # UNet gives) and decoded images mostly inside [-1, 1], so the final clip does not hide changes.
@@ -223,6 +235,7 @@ def build_random_controlnet(out_dir: str | Path, config: dict[str, Any] | str = 
         config = CONFIGS[config]()
     torch.manual_seed(seed)
     model = ControlNetModel(**config["controlnet"]["kwargs"]).eval()
+    make_controlnet_sensitive(model, torch.Generator().manual_seed(seed))
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
