@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_generate(sub)
     _add_demo(sub)
     _add_random_checkpoint(sub)
+    from .bench_cli import add_bench  # light: the benchmark imports its libraries when it runs
+
+    add_bench(sub)
     return parser
 
 

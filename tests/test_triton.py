@@ -50,20 +50,34 @@ def parse_config(path: Path):
     return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
 
 
-def fake_plans(package: Path, dst: Path, archs: tuple[str, ...] = ("sm_89-trt10.8.0",)) -> Path:
-    """A copy of ``package`` with fake TensorRT plans (their content names them) in engines/<arch>/."""
+def fake_plans(package: Path, dst: Path, archs: tuple[str, ...] = ("sm_89-trt10.8",), shapes: str | None = "static",
+               **options) -> Path:
+    """A copy of ``package`` with fake TensorRT plans (their content names them) in engines/<arch>/,
+    and the ``engines.json`` the builder would write for ``shapes`` (none when None)."""
+    from blipdiffusion_trt.engines.build import RECORD_FORMAT_VERSION, BuildOptions
+    from blipdiffusion_trt.engines.profiles import component_profiles, profile_to_json
+
     shutil.copytree(package, dst)
+    config = PipelineConfig.load(dst)
     components = json.loads((dst / "manifest.json").read_text())["components"]
     for arch in archs:
         folder = dst / "engines" / arch
         folder.mkdir(parents=True)
         for name in components:
             (folder / f"{name}.plan").write_bytes(f"plan {arch} {name}".encode())
+        if shapes is not None:
+            build = BuildOptions.from_args(shapes, **options)
+            profiles = component_profiles(config, shapes, batch=build.batch, height=build.height, width=build.width)
+            record = {"format_version": RECORD_FORMAT_VERSION, "components": {
+                name: {"plan": f"{name}.plan", "options": build.to_dict(), "profile": profile_to_json(profile)}
+                for name, profile in profiles.items()}}
+            (folder / "engines.json").write_text(json.dumps(record, indent=2))
     return dst
 
 
 @pytest.fixture(scope="module")
 def trt_packages(tiny, tiny_cn, tmp_path_factory) -> dict[str, Path]:
+    """Packages with (fake) engines as ``blipdiffusion-trt build`` makes them by default: static shapes."""
     root = tmp_path_factory.mktemp("trt-packages")
     return {f.name: fake_plans(f.package, root / f.name) for f in (tiny, tiny_cn)}
 
@@ -113,7 +127,7 @@ def test_repository_configs(flavor, which, request, trt_packages, tmp_path):
         assert cfg.name == component
         if flavor == "tensorrt":
             assert (cfg.platform, cfg.backend) == ("tensorrt_plan", "")
-            assert (model_dir / "1" / "model.plan").read_bytes() == f"plan sm_89-trt10.8.0 {component}".encode()
+            assert (model_dir / "1" / "model.plan").read_bytes() == f"plan sm_89-trt10.8 {component}".encode()
             assert not cfg.cc_model_filenames
             graph = fixture.package / "onnx" / "fp32" / f"{component}.onnx"
         elif flavor == "onnxruntime":
@@ -131,19 +145,31 @@ def test_repository_configs(flavor, which, request, trt_packages, tmp_path):
         assert group.count == 2
         assert group.kind == (KIND.KIND_CPU if flavor == "python-cpu" else KIND.KIND_GPU)
 
-        # batching: from the declarations; UNet/ControlNet batch is 2 x B; ControlNet's scalar
-        # conditioning_scale has no batch axis, so it cannot batch at all
-        axis = tr.batch_axis(spec)
-        if component == "controlnet":
-            assert axis is None
-        if axis is None:
+        if flavor == "tensorrt":
+            # static engines (the builder's default): the recorded profile's fixed shapes, no
+            # batching (the batch is fixed), CUDA graphs wherever every dim is fixed
+            record = json.loads((source / "engines" / "sm_89-trt10.8" / "engines.json").read_text())
+            profile = record["components"][component]["profile"]
             assert cfg.max_batch_size == 0 and not cfg.HasField("dynamic_batching")
+            for tensor in cfg.input:
+                low, high = profile[tensor.name]["min"], profile[tensor.name]["max"]
+                assert list(tensor.dims) == [lo if lo == hi else -1 for lo, hi in zip(low, high)], tensor.name
+            static = all(d > 0 for t in (*cfg.input, *cfg.output) for d in t.dims)
+            assert static == (component != "qformer")  # its text length is padded to the longest word
+            assert cfg.optimization.cuda.graphs == static
         else:
-            assert cfg.max_batch_size == axis.max > 0 and cfg.HasField("dynamic_batching")
-            factor = 2 if component in ("unet", "unet_plain") else 1
-            assert cfg.max_batch_size == factor * config.max_batch_size
-        # CUDA graphs only where shapes are static: every component here has dynamic axes
-        assert not cfg.optimization.cuda.graphs
+            # batching: from the declarations; the UNet's batch is 2 x B; ControlNet's scalar
+            # conditioning_scale has no batch axis, so it cannot batch at all
+            axis = tr.batch_axis(spec)
+            if component == "controlnet":
+                assert axis is None
+            if axis is None:
+                assert cfg.max_batch_size == 0 and not cfg.HasField("dynamic_batching")
+            else:
+                assert cfg.max_batch_size == axis.max > 0 and cfg.HasField("dynamic_batching")
+                factor = 2 if component in ("unet", "unet_plain") else 1
+                assert cfg.max_batch_size == factor * config.max_batch_size
+            assert not cfg.optimization.cuda.graphs
 
         # dims and dtypes against the ONNX graph
         graph_io = onnx_io(graph)
@@ -156,9 +182,11 @@ def test_repository_configs(flavor, which, request, trt_packages, tmp_path):
             assert len(dims) == len(onnx_dims), (component, tensor.name, dims, onnx_dims)
             is_input = tensor.name in spec.input_names
             for got, want in zip(dims, onnx_dims):
-                # a fixed ONNX dim must be met exactly; inputs are dynamic exactly where the graph
-                # is; an output the graph leaves symbolic may be declared fixed
-                ok = got == want if want is not None else (got == -1 if is_input else got == -1 or got > 0)
+                # a fixed ONNX dim must be met exactly; ONNX Runtime's inputs are dynamic exactly
+                # where the graph is; an output the graph leaves symbolic, or an engine built for
+                # one size, may be fixed
+                strict = is_input and flavor != "tensorrt"
+                ok = got == want if want is not None else (got == -1 if strict else got == -1 or got > 0)
                 assert ok, (component, tensor.name, dims, onnx_dims)
         graph_inputs = [i.name for i in onnx.load(str(graph), load_external_data=False).graph.input]
         assert sorted(graph_inputs) == sorted(spec.input_names)
@@ -200,24 +228,56 @@ def test_repository_configs(flavor, which, request, trt_packages, tmp_path):
 
 
 def test_tensorrt_several_architectures(tiny, tmp_path):
-    package = fake_plans(tiny.package, tmp_path / "pkg", ("sm_89-trt10.8.0", "sm_90-trt10.8.0", "sm_90-trt10.3.0", "sm_86-trt10.8.0"))
-    (package / "engines" / "sm_86-trt10.8.0" / "vae_decoder.plan").unlink()  # incomplete: skipped
+    package = fake_plans(tiny.package, tmp_path / "pkg", ("sm_89-trt10.8", "sm_90-trt10.8", "sm_90-trt10.3", "sm_86-trt10.8"))
+    (package / "engines" / "sm_86-trt10.8" / "vae_decoder.plan").unlink()  # incomplete: skipped
     repo = tr.write_triton_repository(package, tmp_path / "repo", "tensorrt")
     for component in tr.pipeline_components(PipelineConfig.load(package)):
         cfg = parse_config(repo.path / component / "config.pbtxt")
         assert dict(cfg.cc_model_filenames) == {"8.9": "model.sm_89.plan", "9.0": "model.sm_90.plan"}
         version_dir = repo.path / component / "1"
-        assert (version_dir / "model.sm_89.plan").read_bytes() == f"plan sm_89-trt10.8.0 {component}".encode()
+        assert (version_dir / "model.sm_89.plan").read_bytes() == f"plan sm_89-trt10.8 {component}".encode()
         # the newest TensorRT of an architecture wins
-        assert (version_dir / "model.sm_90.plan").read_bytes() == f"plan sm_90-trt10.8.0 {component}".encode()
+        assert (version_dir / "model.sm_90.plan").read_bytes() == f"plan sm_90-trt10.8 {component}".encode()
         assert not (version_dir / "model.plan").exists()
 
 
-def test_tensorrt_without_plans(tiny, tmp_path):
-    with pytest.raises(PackageError, match="run blipdiffusion-trt build first") as error:
-        tr.write_triton_repository(tiny.package, tmp_path / "repo", "tensorrt")
-    assert "\n" not in str(error.value)
-    assert not (tmp_path / "repo").exists() and not list(tmp_path.iterdir())
+def test_tensorrt_dynamic_engines(tiny, tmp_path):
+    package = fake_plans(tiny.package, tmp_path / "pkg", shapes="dynamic", height="16:32:48")
+    config = PipelineConfig.load(package)
+    repo = tr.write_triton_repository(package, tmp_path / "repo", "tensorrt")
+    unet = parse_config(repo.path / "unet_plain" / "config.pbtxt")
+    assert unet.max_batch_size == 2 * config.max_batch_size and unet.HasField("dynamic_batching")
+    assert list(unet.input[0].dims) == [config.latent_channels, -1, -1] and not unet.optimization.cuda.graphs
+    qformer = parse_config(repo.path / "qformer" / "config.pbtxt")
+    assert qformer.max_batch_size == config.max_batch_size
+    # one batch size only (--batch 2): unbatched, with the batch in the dims
+    package = fake_plans(tiny.package, tmp_path / "pkg2", shapes="dynamic", batch="2")
+    repo = tr.write_triton_repository(package, tmp_path / "repo2", "tensorrt")
+    qformer = parse_config(repo.path / "qformer" / "config.pbtxt")
+    assert qformer.max_batch_size == 0 and list(qformer.input[0].dims)[:2] == [2, 3]
+
+
+def test_tensorrt_records(tiny, tmp_path, caplog):
+    # no engines.json: the declared ranges
+    package = fake_plans(tiny.package, tmp_path / "pkg", shapes=None)
+    repo = tr.write_triton_repository(package, tmp_path / "repo", "tensorrt")
+    assert parse_config(repo.path / "unet_plain" / "config.pbtxt").max_batch_size == 8
+    assert "no engines.json records unet_plain" in caplog.text
+    # two architectures built for different shapes cannot share a config
+    package = fake_plans(tiny.package, tmp_path / "pkg2", ("sm_89-trt10.8",))
+    other = fake_plans(tiny.package, tmp_path / "other", ("sm_90-trt10.8",), height="48")
+    shutil.copytree(other / "engines" / "sm_90-trt10.8", package / "engines" / "sm_90-trt10.8")
+    with pytest.raises(PackageError, match="were built for different shapes"):
+        tr.write_triton_repository(package, tmp_path / "repo2", "tensorrt")
+    # a record whose profile does not match its options
+    record_path = package / "engines" / "sm_90-trt10.8" / "engines.json"
+    shutil.rmtree(package / "engines" / "sm_89-trt10.8")
+    record = json.loads(record_path.read_text())
+    record["components"]["unet_plain"]["options"]["height"] = "32"
+    record_path.write_text(json.dumps(record))
+    with pytest.raises(PackageError, match="recorded profile of unet_plain does not match"):
+        tr.write_triton_repository(package, tmp_path / "repo3", "tensorrt")
+    assert not (tmp_path / "repo2").exists() and not (tmp_path / "repo3").exists()
 
 
 def test_cuda_graphs_only_for_static_shapes():

@@ -18,6 +18,12 @@ UNet's batch axis is 2 x B (classifier-free guidance), so its ``max_batch_size``
 generation batch; the ControlNet's scalar ``conditioning_scale`` has no batch axis, so it is served
 unbatched (``max_batch_size: 0``, full dims). A batched tensor with no other axis (the UNet's
 ``timestep``) is declared ``dims: [1]`` with ``reshape { shape: [] }``, as Triton requires.
+For the ``tensorrt`` flavor the dims are those the engines were built for: the axis ranges are
+recomputed from the build options in each engine directory's ``engines.json`` (the builder's
+default, ``--shapes static``, fixes every axis but the Q-Former's text length, so those models
+are unbatched, with fixed dims and CUDA graphs). Plans come from
+``PACKAGE/engines/sm_XY-trtX.Y/`` (the newest TensorRT per architecture); several architectures
+become ``cc_model_filenames``.
 Only the components the pipeline runs get a model (``unet_plain`` for a plain package,
 ``unet`` + ``controlnet`` for a ControlNet package). Graphs are hard-linked where possible; an
 external ``<component>.onnx.data`` file keeps the name the graph refers to.

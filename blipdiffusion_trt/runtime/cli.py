@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,14 @@ from .engine import BACKENDS
 logger = logging.getLogger(__name__)
 
 SCHEDULER_NAMES = ("pndm", "ddim", "euler", "dpmpp-2m")
+# Python argument -> CLI option, so that errors name what the user typed.
+CLI_OPTIONS = {
+    "num_inference_steps": "--steps", "guidance_scale": "--guidance", "reference_image": "--reference-image",
+    "source_subject_category": "--source-subject", "target_subject_category": "--target-subject",
+    "neg_prompt": "--negative-prompt", "condition_image": "--condition-image", "canny_image": "--canny",
+    "controlnet_conditioning_scale": "--controlnet-scale", "height": "--height", "width": "--width",
+    "latents": "--latents", "prompt": "--prompt", "prompt_strength": "--prompt-strength", "prompt_reps": "--prompt-reps",
+}
 OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy")
 
 
@@ -60,7 +69,25 @@ def run_generate(args) -> int:
         raise InputError(f"--scheduler must be one of {', '.join(SCHEDULER_NAMES)}, got {args.scheduler!r}")
     latents = load_latents(args.latents) if args.latents else None
     runtime = BlipDiffusionRuntime.from_package(args.package, args.backend, precision=args.precision, verify=not args.no_verify)
-    result = runtime(
+    try:
+        result = _generate(runtime, args, latents)
+    except InputError as error:
+        raise InputError(_cli_names(str(error))) from None
+    save_image(result.images[0], out, field="--out")
+    print(f"wrote {out}")
+    if args.timings:
+        print(format_timings(result.timings))
+    return 0
+
+
+def _cli_names(message: str) -> str:
+    for name, option in CLI_OPTIONS.items():
+        message = re.sub(rf"(?<![\w-]){name}(?![\w-])", option, message)
+    return message
+
+
+def _generate(runtime, args, latents):
+    return runtime(
         args.prompt, args.reference_image, args.source_subject, args.target_subject,
         guidance_scale=args.guidance, height=args.height, width=args.width, num_inference_steps=args.steps,
         seed=args.seed, latents=latents, neg_prompt=args.negative_prompt, prompt_strength=args.prompt_strength,
@@ -68,11 +95,6 @@ def run_generate(args) -> int:
         condition_image=args.condition_image, canny_image=args.canny, canny_low_threshold=args.canny_low,
         canny_high_threshold=args.canny_high, controlnet_conditioning_scale=args.controlnet_scale, progress=True,
     )
-    save_image(result.images[0], out, field="--out")
-    print(f"wrote {out}")
-    if args.timings:
-        print(format_timings(result.timings))
-    return 0
 
 
 def load_latents(path: str) -> np.ndarray:

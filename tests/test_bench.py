@@ -1,0 +1,150 @@
+"""Smoke test of the benchmark (``blipdiffusion-trt bench``) on the tiny fixture, and FLOP counting.
+
+No timing assertions: the figures only have to be there, positive and consistent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from blipdiffusion_trt import bench_cli
+
+STAGES = ("qformer", "text_encoder", "text_encoder_plain", "unet_plain", "vae_decoder", "scheduler_step")
+
+
+@pytest.fixture(scope="module")
+def bench_run(tiny, tmp_path_factory):
+    pytest.importorskip("matplotlib", reason="the chart needs the dev extra (pip install .[dev])")
+    out = tmp_path_factory.mktemp("bench")
+    code = bench_cli.main([
+        "--package", str(tiny.package), "--checkpoint", str(tiny.checkpoint), "--backends", "cpu",
+        "--runs", "1", "--warmup", "0", "--steps", "2", "--threads", "1", "--peak-tflops", "cpu=1.5",
+        "--no-progress", "--out", str(out),
+    ])
+    assert code == 0
+    return out, json.loads((out / "bench.json").read_text())
+
+
+def _positive_stats(stat: dict) -> None:
+    for key in ("p50", "p90", "p99", "mean"):
+        assert stat[key] > 0, (key, stat)
+    assert stat["p50"] <= stat["p90"] <= stat["p99"]
+    assert stat["n"] >= 1
+
+
+def test_json_is_well_formed(bench_run):
+    _, results = bench_run
+    assert results["schema"] == bench_cli.SCHEMA
+    assert results["machine"]["cpu"]["model"] and results["machine"]["cpu"]["logical_cores"] >= 1
+    assert results["machine"]["ram_gb"] > 0
+    assert {"onnxruntime", "numpy", "torch", "diffusers"} <= set(results["versions"])
+    settings = results["settings"]
+    assert (settings["steps"], settings["runs"], settings["warmup"], settings["batch"]) == (2, 1, 0, 1)
+    assert settings["diffusers"] is True and settings["backends"] == ["cpu"]
+
+    impls = results["implementations"]
+    assert set(impls) == {"diffusers", "cpu"}
+    for name, impl in impls.items():
+        assert "error" not in impl, impl.get("error")
+        for stage in STAGES:
+            _positive_stats(impl["stages"][stage])
+        for key in ("generation", "denoise_loop", "loop_it_per_s", "load_warm"):
+            _positive_stats(impl[key])
+        assert impl["host_overhead_per_step"]["p50"] >= 0
+        assert impl["unet_calls"] >= 2
+        cold = impl["cold_start"]
+        assert "error" not in cold, cold
+        assert 0 < cold["imports_done"] <= cold["loaded"] <= cold["first_image"]
+        assert cold["peak_rss_mb"] > 0
+    # same latents, same checkpoint: the images agree (the parity tests check this strictly)
+    assert impls["cpu"]["max_abs_image_diff_vs_diffusers"] < 1e-2
+
+    flops = results["flops"]
+    for name in ("qformer", "text_encoder", "text_encoder_plain", "unet_plain", "vae_decoder"):
+        assert flops[name]["flops"] > 0 and flops[name]["unresolved"] == 0, (name, flops[name])
+    assert flops["unet_plain"]["input_shapes"]["sample"][0] == 2  # classifier-free guidance doubles the batch
+
+    rows = {row["key"]: row for row in results["table"]["rows"]}
+    for key in ("qformer", "unet_plain", "vae_decoder", "scheduler_step", "generation", "loop_it_per_s",
+                "cold_first_image", "peak_rss_mb"):
+        assert rows[key]["values"]["diffusers"] > 0 and rows[key]["values"]["cpu"] > 0
+        assert rows[key]["ratio"]["cpu"] > 0, key
+    assert rows["unet_plain"]["gflop"] > 0
+    assert 0 < rows["unet_plain"]["fraction_of_peak"]["cpu"]
+    assert results["peak_tflops"]["cpu"]["tflops"] == 1.5
+
+
+def test_markdown_has_the_table(bench_run):
+    out, _ = bench_run
+    lines = (out / "bench.md").read_text().splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| stage |"))
+    assert lines[header] == "| stage | GFLOP | diffusers torch cpu | ours cpu | × (cpu) |"
+    assert set(lines[header + 1]) <= set("|-: ")
+    assert any(line.startswith("| UNet (1 call) |") for line in lines)
+    assert any("% of" in line or "%)" in line for line in lines)  # fraction of the given peak
+
+
+def test_chart_opens(bench_run):
+    out, _ = bench_run
+    with Image.open(out / "bench.png") as image:
+        image.verify()
+    with Image.open(out / "bench.png") as image:
+        assert image.format == "PNG" and image.size[0] > 100 and image.size[1] > 100
+
+
+def _tiny_graph():
+    """Conv x[N,3,H,W] * w[4,3,3,3] (pad 1) -> y; MatMul a[2,5,6] @ b[6,7] -> z; grouped strided Conv."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal((6, 7)).astype(np.float32), "b")
+    g = numpy_helper.from_array(rng.standard_normal((6, 2, 3, 3)).astype(np.float32), "g")
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1]),
+        helper.make_node("MatMul", ["a", "b"], ["z"]),
+        helper.make_node("Conv", ["u", "g"], ["v"], group=2, strides=[2, 2]),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"]),
+         helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, 5, 6]),
+         helper.make_tensor_value_info("u", TensorProto.FLOAT, [1, 4, 9, 9])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("v", TensorProto.FLOAT, None)],
+        initializer=[w, b, g],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_flops_by_hand():
+    pytest.importorskip("onnx")
+    counted = bench_cli.count_flops(_tiny_graph(), {"x": [1, 3, 8, 8]})
+    conv = 2 * (1 * 4 * 8 * 8) * (3 * 3 * 3)  # output elements x MACs each
+    grouped = 2 * (1 * 6 * 4 * 4) * (4 // 2 * 3 * 3)  # 9x9, kernel 3, stride 2 -> 4x4; 2 input channels per group
+    matmul = 2 * 2 * 5 * 7 * 6  # batch x M x N x K
+    assert counted["by_op"] == {"Conv": conv + grouped, "MatMul": matmul}
+    assert counted["flops"] == conv + grouped + matmul == 13824 + 3456 + 840
+    assert counted["unresolved"] == 0
+    # the dynamic input's size matters: a batch of 3 at 16x16 is 12 times the convolution
+    assert bench_cli.count_flops(_tiny_graph(), {"x": [3, 3, 16, 16]})["by_op"]["Conv"] == 12 * conv + grouped
+
+
+def test_summarize():
+    stats = bench_cli.summarize([4.0, 1.0, 3.0, 2.0, 5.0])
+    assert (stats["p50"], stats["mean"], stats["min"], stats["max"], stats["n"]) == (3.0, 3.0, 1.0, 5.0, 5)
+    assert stats["p90"] == pytest.approx(4.6) and stats["p99"] == pytest.approx(4.96)
+
+
+def test_add_bench_registers_the_subcommand():
+    parser = argparse.ArgumentParser()
+    bench_cli.add_bench(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "--size", "tiny", "--backends", "cpu,cuda", "--runs", "2"])
+    assert args.run is bench_cli.run_bench
+    assert args.backends == ["cpu", "cuda"] and args.runs == 2 and args.steps is None
