@@ -1,4 +1,4 @@
-"""``blipdiffusion-trt`` command line: export, generate, demo.
+"""``blipdiffusion-trt`` command line: export, build, generate, demo, bench.
 
 Subcommands import what they need lazily, so ``generate`` never imports torch or diffusers.
 User errors (:class:`~blipdiffusion_trt.errors.BlipDiffusionTrtError`) print one line and exit 2.
@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_generate(sub)
     _add_demo(sub)
     _add_random_checkpoint(sub)
+    from .engines.triton import add_triton  # light: writes configs, imports no server
+
+    add_triton(sub)
     from .bench_cli import add_bench  # light: the benchmark imports its libraries when it runs
 
     add_bench(sub)

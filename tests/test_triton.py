@@ -280,6 +280,13 @@ def test_tensorrt_records(tiny, tmp_path, caplog):
     assert not (tmp_path / "repo2").exists() and not (tmp_path / "repo3").exists()
 
 
+def test_tensorrt_without_plans(tiny, tmp_path):
+    with pytest.raises(PackageError, match="run blipdiffusion-trt build first") as error:
+        tr.write_triton_repository(tiny.package, tmp_path / "repo", "tensorrt")
+    assert "\n" not in str(error.value)
+    assert not list(tmp_path.iterdir())
+
+
 def test_cuda_graphs_only_for_static_shapes():
     batch = Axis("batch", 1, 1, 4)
     static = ComponentSpec("static", inputs=(TensorSpec("x", "float32", (batch, 3, 8)),),
