@@ -388,9 +388,16 @@ def convert_fp16(src: Path, dst: Path) -> None:
     import onnx
     from onnxruntime.transformers import float16
 
-    model = onnx.load(str(src))
-    big = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
-    model16 = float16.convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=big)
+    # The converter needs every value's type to keep ops that must stay fp32 (Resize scales,
+    # shape arithmetic) fp32; its own shape inference cannot serialise graphs over 2 GB, so infer
+    # through a file (external data stays where it is: same directory, same location field).
+    inferred = src.with_name(f".{src.stem}.inferred.onnx")
+    try:
+        onnx.shape_inference.infer_shapes_path(str(src), str(inferred))
+        model = onnx.load(str(inferred))
+    finally:
+        inferred.unlink(missing_ok=True)
+    model16 = float16.convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
     _check_finite_constants(model16, dst.name)
     save_onnx(model16, dst)
 
