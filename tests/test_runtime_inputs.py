@@ -419,7 +419,20 @@ def test_package_with_an_altered_byte(tiny, tmp_path, relpath):
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0x01
     target.write_bytes(bytes(data))
-    for e in _open_both_ways(copy):
+    if relpath.startswith("onnx/"):
+        # graphs are hashed when handed out (a package holds graphs a generation never loads)
+        package = ModelPackage.open(copy)
+        infos = []
+        with pytest.raises(PackageError) as e:
+            package.onnx_path("qformer", "fp32")
+        infos.append(e)
+        with pytest.raises(PackageError) as e:
+            BlipDiffusionRuntime.from_package(copy)
+        infos.append(e)
+        package.onnx_path("unet_plain", "fp32")  # an intact graph is still handed out
+    else:
+        infos = _open_both_ways(copy)
+    for e in infos:
         message = _assert_one_line(e, Path(relpath).name)
         assert "sha256" in message or "altered" in message, message
 
