@@ -168,20 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Stand-alone entry point (``bench/benchmark.py``)."""
-    from .errors import BlipDiffusionTrtError
+    from .errors import run_reporting_errors
 
     args = build_parser().parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return run_bench(args)
-    except BlipDiffusionTrtError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_reporting_errors(lambda: run_bench(args))
 
 
 # ----------------------------------------------------------------------------------------------

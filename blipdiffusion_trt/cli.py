@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import BlipDiffusionTrtError, InputError
+from .errors import InputError, run_reporting_errors
 
 logger = logging.getLogger("blipdiffusion_trt")
 
@@ -126,14 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.run(args)
-    except BlipDiffusionTrtError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_reporting_errors(lambda: args.run(args))
 
 
 if __name__ == "__main__":

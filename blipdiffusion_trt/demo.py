@@ -11,7 +11,6 @@ import logging
 import shutil
 from pathlib import Path
 
-import numpy as np
 
 logger = logging.getLogger(__name__)
 

@@ -4,6 +4,9 @@ The CLI prints ``str(error)`` of these and exits non-zero; anything else is a bu
 traceback. Messages name the offending file or field and the allowed values.
 """
 
+import sys
+from typing import Callable
+
 
 class BlipDiffusionTrtError(Exception):
     """Base class: a problem the user can fix, reported in one line."""
@@ -27,3 +30,15 @@ class EngineError(BlipDiffusionTrtError):
 
 class ValidationError(BlipDiffusionTrtError):
     """An exported graph does not reproduce PyTorch within its declared tolerance."""
+
+
+def run_reporting_errors(run: Callable[[], int]) -> int:
+    """Run a command: user errors print one line and exit 2, Ctrl-C exits 130, bugs keep their traceback."""
+    try:
+        return run()
+    except BlipDiffusionTrtError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 
-from ..errors import BlipDiffusionTrtError, InputError
+from ..errors import InputError, run_reporting_errors
 from .profiles import SHAPE_MODES
 
 
@@ -73,14 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     add_build(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.run(args)
-    except BlipDiffusionTrtError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_reporting_errors(lambda: args.run(args))
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ from typing import Any, Iterable, Sequence
 
 from ..components import Axis, ComponentSpec, PipelineConfig, TensorSpec
 from ..errors import InputError, PackageError
+from ..fsutil import replace_dir
 
 logger = logging.getLogger(__name__)
 
@@ -786,21 +787,11 @@ def write_triton_repository(
                           max_image_pixels=max_image_pixels)
         (tmp / bls_name / "config.pbtxt").write_text(text)
         models[bls_name] = ModelEntry(bls_name, None, 0, text, ["model.py", "blipdiffusion_trt/", "package/"])
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return TritonRepository(out, flavor, models)
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
 import platform
 import shutil
 import tempfile
@@ -33,6 +32,7 @@ import numpy as np
 from .. import __version__
 from ..components import PIPELINE_CONFIG_NAME, ComponentSpec, PipelineConfig, declare_components
 from ..errors import CheckpointError, InputError, ValidationError
+from ..fsutil import replace_dir
 from ..runtime.package import MANIFEST_NAME, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -556,22 +556,12 @@ def export_package(
             str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     report.seconds = round(time.perf_counter() - start, 2)
     return report
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 
 def _json_default(value):
