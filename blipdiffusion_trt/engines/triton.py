@@ -242,7 +242,7 @@ def component_config(
             '        parameters { key: "precision_mode" value: "FP16" }\n'
             '        parameters { key: "max_workspace_size_bytes" value: "4294967296" }\n'
             '        parameters { key: "trt_engine_cache_enable" value: "true" }\n'
-            f'        parameters {{ key: "trt_engine_cache_path" value: {_q("/tmp/blipdiffusion_trt_cache/" + name)} }}\n'
+            f'        parameters {{ key: "trt_engine_cache_path" value: {_q("/tmp/trt-engine-cache/" + name)} }}\n'
             "      }\n    ]\n  }\n}\n"
         )
     else:
