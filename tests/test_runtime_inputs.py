@@ -814,3 +814,22 @@ def test_batch_reference_list_length_mismatch(tiny):
     with pytest.raises(InputError) as e:
         runtime(**_call_kwargs(tiny, prompt=["a", "b"], target_subject_category=["dog", "cat", "cow"]))
     _assert_one_line(e, "target_subject_category")
+
+
+def test_graph_optimization_levels_agree_and_are_validated(tiny):
+    """"extended" (fast start) computes what "all" (fast steps) does; unknown levels are one-line errors."""
+    config = PipelineConfig.load(tiny.package)
+    rng = np.random.default_rng(3)
+    latents = rng.standard_normal(
+        (1, config.latent_channels, config.default_height // config.latent_scale_factor,
+         config.default_width // config.latent_scale_factor)).astype(np.float32)
+    reference = Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    images = []
+    for level in ("all", "extended"):
+        runtime = BlipDiffusionRuntime.from_package(tiny.package, graph_optimization=level)
+        images.append(runtime("on a beach", reference, "dog", "dog", latents=latents, num_inference_steps=2,
+                              output_type="np").images)
+    assert float(np.abs(images[0] - images[1]).max()) <= 1e-5
+    with pytest.raises(InputError) as e:
+        BlipDiffusionRuntime.from_package(tiny.package, graph_optimization="max")
+    assert "graph_optimization" in str(e.value) and "\n" not in str(e.value)

@@ -43,11 +43,21 @@ class Engine(ABC):
         """Run once. Outputs in ``keep`` may be backend-native (device) values, the rest numpy."""
 
 
-def ort_session_options(threads: int | None = None):
+# ONNX Runtime graph optimisation. "all" adds the CPU layout transformations (NCHWc): measured on
+# the full-size UNet at 256x256 on 2 cores, session creation 18.9 s vs 2.1 s for "extended", one
+# UNet call 1.45 s vs 1.63 s. "all" pays off for servers and long runs, "extended" for one-shot
+# generations with few steps.
+GRAPH_OPTIMIZATIONS = ("all", "extended", "basic", "disabled")
+
+
+def ort_session_options(threads: int | None = None, graph_optimization: str = "all"):
     import onnxruntime as ort
 
+    if graph_optimization not in GRAPH_OPTIMIZATIONS:
+        raise InputError(f"graph_optimization must be one of {', '.join(GRAPH_OPTIMIZATIONS)}, got {graph_optimization!r}")
+    level = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC", "disabled": "ORT_DISABLE_ALL"}
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level[graph_optimization])
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
@@ -59,14 +69,16 @@ class OnnxRuntimeEngine(Engine):
 
     providers: tuple = ("CPUExecutionProvider",)
 
-    def __init__(self, spec: ComponentSpec, path: Path, *, threads: int | None = None, providers: Sequence | None = None):
+    def __init__(self, spec: ComponentSpec, path: Path, *, threads: int | None = None, graph_optimization: str = "all",
+                 providers: Sequence | None = None):
         import onnxruntime as ort
 
         self.spec = spec
         self.path = path
         providers = list(providers or self.providers)
+        options = ort_session_options(threads, graph_optimization)
         try:
-            self.session = ort.InferenceSession(str(path), ort_session_options(threads), providers=providers)
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as error:  # ORT raises its own exception types; the user needs one line
             raise EngineError(f"{path}: ONNX Runtime cannot load it ({_first_line(error)})") from None
         missing = [p if isinstance(p, str) else p[0] for p in providers]
@@ -111,10 +123,11 @@ class OnnxRuntimeTensorRTEngine(OnnxRuntimeCudaEngine):
     Engines are cached next to the package's graphs; fp16 comes from the fp16 graph.
     """
 
-    def __init__(self, spec: ComponentSpec, path: Path, *, threads: int | None = None, providers: Sequence | None = None):
+    def __init__(self, spec: ComponentSpec, path: Path, *, threads: int | None = None, graph_optimization: str = "all",
+                 providers: Sequence | None = None):
         cache = path.parent.parent.parent / "engines" / "ort-trt"
         options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache), "trt_timing_cache_enable": True}
-        super().__init__(spec, path, threads=threads,
+        super().__init__(spec, path, threads=threads, graph_optimization=graph_optimization,
                          providers=providers or [("TensorrtExecutionProvider", options), "CUDAExecutionProvider"])
 
 

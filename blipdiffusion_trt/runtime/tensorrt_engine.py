@@ -432,10 +432,12 @@ class TensorRTEngine(Engine):
 # Backend factory (runtime/engine.py BACKENDS)
 # ------------------------------------------------------------------------------------------------
 
-def tensorrt_engine_factory(spec: ComponentSpec, path: str | Path, *, threads: int | None = None) -> TensorRTEngine:
+def tensorrt_engine_factory(spec: ComponentSpec, path: str | Path, *, threads: int | None = None,
+                            graph_optimization: str | None = None) -> TensorRTEngine:
     """The backend's ``make_engine``: the ONNX path the runtime passes -> this GPU's checked plan.
 
-    ``threads`` is accepted for the common signature and unused (TensorRT runs on the GPU).
+    ``threads`` and ``graph_optimization`` are accepted for the common signature and unused
+    (TensorRT optimises at build time and runs on the GPU).
     """
     package, precision, name = package_of(path)
     if name != spec.name:
