@@ -833,3 +833,38 @@ def test_graph_optimization_levels_agree_and_are_validated(tiny):
     with pytest.raises(InputError) as e:
         BlipDiffusionRuntime.from_package(tiny.package, graph_optimization="max")
     assert "graph_optimization" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_optimized_cache(tiny, tmp_path):
+    """The optimised-graph cache is written once, reused, and changes nothing in the output."""
+    cache = tmp_path / "ort-cache"
+    config = PipelineConfig.load(tiny.package)
+    rng = np.random.default_rng(5)
+    latents = rng.standard_normal(
+        (1, config.latent_channels, config.default_height // config.latent_scale_factor,
+         config.default_width // config.latent_scale_factor)).astype(np.float32)
+    reference = Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+
+    def generate(**kwargs):
+        runtime = BlipDiffusionRuntime.from_package(tiny.package, **kwargs)
+        out = runtime("on a beach", reference, "dog", "dog", latents=latents, num_inference_steps=2, output_type="np")
+        return runtime, out.images
+
+    _, plain = generate()
+    first, cached_first = generate(optimized_cache=cache)
+    written = sorted(p.name for p in cache.iterdir())
+    assert all(e.loaded_from.parent == cache for e in first.engines.values())
+    assert not [n for n in written if n.startswith(".partial")], written
+    second, cached_second = generate(optimized_cache=cache)
+    assert sorted(p.name for p in cache.iterdir()) == written, "the second load wrote the cache again"
+    assert [e.loaded_from for e in second.engines.values()] == [e.loaded_from for e in first.engines.values()]
+    assert float(np.abs(cached_first - plain).max()) <= 1e-6
+    assert float(np.abs(cached_second - plain).max()) <= 1e-6
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    from blipdiffusion_trt.errors import EngineError
+
+    with pytest.raises(EngineError) as e:
+        BlipDiffusionRuntime.from_package(tiny.package, optimized_cache=blocker / "cache")
+    assert "optimized_cache" in str(e.value) and "\n" not in str(e.value)

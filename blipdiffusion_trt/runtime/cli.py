@@ -53,6 +53,8 @@ def add_generate(sub) -> None:
     p.add_argument("--precision", default="fp32", help="fp32 or fp16 (the package must hold fp16 graphs)")
     p.add_argument("--graph-optimization", default="all", choices=GRAPH_OPTIMIZATIONS,
                    help="ONNX Runtime graph optimisation: all (fastest steps) or extended (much faster start)")
+    p.add_argument("--ort-cache", help="directory keeping ONNX Runtime's optimised CPU graphs between runs "
+                   "(fast start and fast steps; costs a copy of the weights on disk)")
     p.add_argument("--no-verify", action="store_true", help="skip checking the package files' sha256")
     p.add_argument("--timings", action="store_true", help="print per-stage times")
     p.set_defaults(run=run_generate)
@@ -72,7 +74,7 @@ def run_generate(args) -> int:
     latents = load_latents(args.latents) if args.latents else None
     runtime = BlipDiffusionRuntime.from_package(
         args.package, args.backend, precision=args.precision, verify=not args.no_verify,
-        graph_optimization=args.graph_optimization,
+        graph_optimization=args.graph_optimization, optimized_cache=args.ort_cache,
     )
     try:
         result = _generate(runtime, args, latents)

