@@ -12,12 +12,12 @@ code all depend on it.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import PackageError
+from .fsutil import read_json
 
 PIPELINE_CONFIG_NAME = "pipeline.json"
 PACKAGE_FORMAT_VERSION = 1
@@ -97,12 +97,7 @@ class PipelineConfig:
     @classmethod
     def load(cls, package_dir: str | Path) -> "PipelineConfig":
         path = Path(package_dir) / PIPELINE_CONFIG_NAME
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise PackageError(f"{path}: not found; is this a blipdiffusion-trt package?") from None
-        except (OSError, ValueError) as error:
-            raise PackageError(f"{path}: unreadable ({error})") from None
+        data = read_json(path, PackageError, missing="not found; is this a blipdiffusion-trt package?")
         version = data.get("format_version")
         if version != PACKAGE_FORMAT_VERSION:
             raise PackageError(

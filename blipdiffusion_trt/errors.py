@@ -32,6 +32,12 @@ class ValidationError(BlipDiffusionTrtError):
     """An exported graph does not reproduce PyTorch within its declared tolerance."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's message (libraries raise multi-line ones)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
 def run_reporting_errors(run: Callable[[], int]) -> int:
     """Run a command: user errors print one line and exit 2, Ctrl-C exits 130, bugs keep their traceback."""
     try:

@@ -1,10 +1,22 @@
-"""Atomic replacement of output directories (write to a temporary sibling, then rename)."""
+"""Small file helpers: JSON reading with one-line errors, atomic directory replacement."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
+
+
+def read_json(path: Path, error: type[Exception], *, missing: str = "not found", what: str = "") -> Any:
+    """``json.loads`` of a file; a missing or broken file raises ``error`` with a one-line message."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise error(f"{path}: {missing}") from None
+    except (OSError, ValueError) as exc:
+        raise error(f"{path}: unreadable {what + ' ' if what else ''}({exc})") from None
 
 
 def replace_dir(src: Path, dst: Path) -> None:

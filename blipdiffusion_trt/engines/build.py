@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from ..errors import EngineError, InputError, PackageError
+from ..errors import EngineError, InputError, PackageError, first_line
 from .profiles import check_shapes_mode, component_profiles, format_range, parse_range, profile_to_json
 
 logger = logging.getLogger(__name__)
@@ -380,7 +380,7 @@ def import_tensorrt():
     except ImportError:
         raise EngineError(NOT_INSTALLED) from None
     except Exception as error:  # a tensorrt stub wheel or missing libnvinfer raises other errors
-        raise EngineError(f"{NOT_INSTALLED} (import failed: {_first_line(error)})") from None
+        raise EngineError(f"{NOT_INSTALLED} (import failed: {first_line(error)})") from None
     if not hasattr(trt, "Builder"):
         raise EngineError(NOT_INSTALLED)
     return trt
@@ -707,5 +707,3 @@ def _one_line(text: str) -> str:
     return lines[0] if lines else ""
 
 
-def _first_line(error: BaseException) -> str:
-    return _one_line(str(error)) or type(error).__name__

@@ -657,7 +657,7 @@ def _copy_runtime_code(dst: Path) -> None:
     src = Path(__file__).resolve().parent.parent
     target = dst / "blipdiffusion_trt"
     (target / "runtime").mkdir(parents=True)
-    for name in ("__init__.py", "components.py", "errors.py"):
+    for name in ("__init__.py", "components.py", "errors.py", "fsutil.py"):
         shutil.copy2(src / name, target / name)
     for file in sorted((src / "runtime").glob("*.py")):
         shutil.copy2(file, target / "runtime" / file.name)

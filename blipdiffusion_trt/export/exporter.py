@@ -31,8 +31,8 @@ import numpy as np
 
 from .. import __version__
 from ..components import PIPELINE_CONFIG_NAME, ComponentSpec, PipelineConfig, declare_components
-from ..errors import CheckpointError, InputError, ValidationError
-from ..fsutil import replace_dir
+from ..errors import CheckpointError, InputError, ValidationError, first_line
+from ..fsutil import read_json, replace_dir
 from ..runtime.package import MANIFEST_NAME, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -49,12 +49,7 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 # --------------------------------------------------------------------------------------------
 
 def _read_json(path: Path, what: str) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: not found ({what})") from None
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{path}: unreadable {what} ({error})") from None
+    return read_json(path, CheckpointError, missing=f"not found ({what})", what=what)
 
 
 def check_checkpoint_dir(checkpoint: Path, allow_pickle: bool) -> dict:
@@ -156,8 +151,7 @@ def _check_controlnet_matches(controlnet: dict, unet: dict, where: Path) -> None
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"
+    return f"{type(error).__name__}: {first_line(error)}"
 
 
 def pipeline_config_from(pipe, max_batch_size: int = 4) -> PipelineConfig:

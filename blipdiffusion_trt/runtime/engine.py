@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ..components import ComponentSpec
-from ..errors import EngineError, InputError
+from ..errors import EngineError, InputError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class OnnxRuntimeEngine(Engine):
         try:
             self.session = ort.InferenceSession(str(source), options, providers=providers)
         except Exception as error:  # ORT raises its own exception types; the user needs one line
-            raise EngineError(f"{path}: ONNX Runtime cannot load it ({_first_line(error)})") from None
+            raise EngineError(f"{path}: ONNX Runtime cannot load it ({first_line(error)})") from None
         missing = [p if isinstance(p, str) else p[0] for p in providers]
         active = self.session.get_providers()
         if missing[0] not in active:
@@ -151,7 +151,7 @@ class OnnxRuntimeEngine(Engine):
             try:
                 ort.InferenceSession(str(source), options, providers=providers)
             except Exception as error:  # ORT raises its own exception types; the user needs one line
-                raise EngineError(f"{source}: ONNX Runtime cannot load it ({_first_line(error)})") from None
+                raise EngineError(f"{source}: ONNX Runtime cannot load it ({first_line(error)})") from None
             # data first: the graph names its data file, so a visible graph always has its data
             if (scratch / data_name).exists():
                 os.replace(scratch / data_name, cache_dir / data_name)
@@ -227,8 +227,3 @@ def engine_factory(backend: str) -> Callable[..., Engine]:
 def default_threads() -> int | None:
     value = os.environ.get("BLIPDIFFUSION_TRT_THREADS")
     return int(value) if value else None
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from functools import cached_property
@@ -12,6 +11,7 @@ from typing import Any
 
 from ..components import ComponentSpec, PipelineConfig, declare_components
 from ..errors import PackageError
+from ..fsutil import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +51,7 @@ class ModelPackage:
         if not root.is_dir():
             raise PackageError(f"package directory {root} does not exist")
         manifest_path = root / MANIFEST_NAME
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except FileNotFoundError:
-            raise PackageError(f"{manifest_path}: not found; is {root} a blipdiffusion-trt package?") from None
-        except (OSError, ValueError) as error:
-            raise PackageError(f"{manifest_path}: unreadable ({error})") from None
+        manifest = read_json(manifest_path, PackageError, missing=f"not found; is {root} a blipdiffusion-trt package?")
         files = manifest.get("files")
         if not isinstance(files, dict) or not files:
             raise PackageError(f"{manifest_path}: no file list; re-export the package")
@@ -95,15 +90,7 @@ class ModelPackage:
         return path
 
     def tokenizer_settings(self, folder: str) -> dict[str, Any]:
-        path = self.root / folder / "tokenizer_settings.json"
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError) as error:
-            raise PackageError(f"{path}: unreadable ({error})") from None
+        return read_json(self.root / folder / "tokenizer_settings.json", PackageError)
 
     def scheduler_config(self) -> dict[str, Any]:
-        path = self.root / "scheduler" / "scheduler_config.json"
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError) as error:
-            raise PackageError(f"{path}: unreadable ({error})") from None
+        return read_json(self.root / "scheduler" / "scheduler_config.json", PackageError)

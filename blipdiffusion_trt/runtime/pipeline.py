@@ -266,7 +266,12 @@ class BlipDiffusionRuntime:
                 references = reference_image if isinstance(reference_image, (list, tuple)) else [reference_image] * batch
                 if len(references) != batch:
                     raise InputError(f"reference_image: {len(references)} images for {batch} prompts")
-                subject_embeds = np.stack([self.encode_subject(r, s).embeddings for r, s in zip(references, sources)])
+                # one Q-Former call (and one image decode) per distinct reference and word, not per prompt
+                unique: dict[tuple[int, str], np.ndarray] = {}
+                for r, s in zip(references, sources):
+                    if (id(r), s) not in unique:
+                        unique[(id(r), s)] = self.encode_subject(r, s).embeddings
+                subject_embeds = np.stack([unique[(id(r), s)] for r, s in zip(references, sources)])
 
         # 3. Encode the text: "a {target} {prompt}" x reps with the subject, and the negative prompt
         with timer("text_encoder"):

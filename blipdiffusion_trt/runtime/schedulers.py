@@ -753,7 +753,25 @@ class DDIMScheduler(_SchedulerBase):
 
 
 class _StepIndexMixin:
-    """diffusers' ``step_index``/``begin_index`` bookkeeping of the sigma-based schedulers."""
+    """What the sigma-based schedulers share: diffusers' ``step_index``/``begin_index``
+    bookkeeping and the sigmas at the chosen timesteps."""
+
+    def _train_sigmas(self) -> np.ndarray:
+        """sqrt((1 - α̅_t) / α̅_t) for t = 0..T-1, float32 like diffusers."""
+        ac = self.alphas_cumprod
+        return np.sqrt((_f32(1) - ac) / ac)
+
+    def _sigmas_at(self, timesteps: np.ndarray) -> np.ndarray:
+        """σ(t) by linear interpolation of the training sigmas (float64, like diffusers' np.interp),
+        followed by the final sigma the config asks for; float32."""
+        sigmas = self._train_sigmas()
+        sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
+        if self.config.final_sigmas_type == "sigma_min":
+            ac0 = self.alphas_cumprod[0]
+            sigma_last = _sqrt((_f32(1) - ac0) / ac0)
+        else:  # "zero"
+            sigma_last = 0
+        return np.concatenate([sigmas, [sigma_last]]).astype(np.float32)
 
     _step_index: Optional[int]
     _begin_index: Optional[int]
@@ -826,11 +844,6 @@ class EulerDiscreteScheduler(_StepIndexMixin, _SchedulerBase):
         self._step_index = None
         self._begin_index = None
 
-    def _train_sigmas(self) -> np.ndarray:
-        """sqrt((1 - α̅_t) / α̅_t) for t = 0..T-1, float32 like diffusers."""
-        ac = self.alphas_cumprod
-        return np.sqrt((_f32(1) - ac) / ac)
-
     @property
     def init_noise_sigma(self) -> float:
         """Standard deviation of the initial noise: σ_max ("linspace"/"trailing") or sqrt(σ_max² + 1)."""
@@ -860,16 +873,7 @@ class EulerDiscreteScheduler(_StepIndexMixin, _SchedulerBase):
             timesteps = (np.arange(n_train, 0, -step_ratio)).round().copy().astype(np.float32)
             timesteps -= 1
 
-        # σ(t) by linear interpolation of the training sigmas (in float64, like diffusers' np.interp)
-        sigmas = self._train_sigmas()
-        sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
-
-        if cfg.final_sigmas_type == "sigma_min":
-            ac0 = self.alphas_cumprod[0]
-            sigma_last = _sqrt((_f32(1) - ac0) / ac0)
-        else:  # "zero"
-            sigma_last = 0
-        self.sigmas = np.concatenate([sigmas, [sigma_last]]).astype(np.float32)
+        self.sigmas = self._sigmas_at(timesteps)
         self.timesteps = timesteps.astype(np.float32)
         self._step_index = None
         self._begin_index = None
@@ -1021,10 +1025,6 @@ class DPMSolverMultistepScheduler(_StepIndexMixin, _SchedulerBase):
         self._step_index = None
         self._begin_index = None
 
-    def _train_sigmas(self) -> np.ndarray:
-        ac = self.alphas_cumprod
-        return np.sqrt((_f32(1) - ac) / ac)
-
     def set_timesteps(self, num_inference_steps: int) -> None:
         """Set the integer timesteps and the matching sigmas; resets the multistep state."""
         num_inference_steps = self._check_num_inference_steps(num_inference_steps)
@@ -1050,15 +1050,7 @@ class DPMSolverMultistepScheduler(_StepIndexMixin, _SchedulerBase):
             timesteps = np.arange(last_timestep, 0, -step_ratio).round().copy().astype(np.int64)
             timesteps -= 1
 
-        sigmas = self._train_sigmas()
-        sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
-
-        if cfg.final_sigmas_type == "sigma_min":
-            ac0 = self.alphas_cumprod[0]
-            sigma_last = _sqrt((_f32(1) - ac0) / ac0)
-        else:  # "zero"
-            sigma_last = 0
-        self.sigmas = np.concatenate([sigmas, [sigma_last]]).astype(np.float32)
+        self.sigmas = self._sigmas_at(timesteps)
         self.timesteps = timesteps.astype(np.int64)
         self.num_inference_steps = len(timesteps)
         self.model_outputs = [None] * cfg.solver_order
