@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from .runtime.engine import GRAPH_OPTIMIZATIONS, MEMORY_ARENAS
+
 logger = logging.getLogger(__name__)
 
 SCHEMA = "blipdiffusion-trt-bench/1"
@@ -135,6 +137,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--backends", type=_csv,
                      help="comma-separated runtime backends (default: every one whose ONNX Runtime provider is available)")
     run.add_argument("--threads", type=int, help="intra-op threads for ONNX Runtime and torch (default: their own)")
+    ours = p.add_argument_group("our runtime's start-up options (as in `blipdiffusion-trt generate`)")
+    ours.add_argument("--graph-optimization", default="all", choices=GRAPH_OPTIMIZATIONS,
+                      help="ONNX Runtime graph optimisation level (default all)")
+    ours.add_argument("--ort-cache", help="directory of ONNX Runtime's optimised CPU graphs (written on first load)")
+    ours.add_argument("--memory-arena", default="loop", choices=MEMORY_ARENAS,
+                      help="ONNX Runtime CPU sessions that keep a memory arena (default loop: UNet/ControlNet)")
     run.add_argument("--no-diffusers", action="store_true", help="only our runtime")
     run.add_argument("--diffusers-device", default="auto", choices=["auto", "cpu", "cuda"],
                      help="device of the diffusers side (auto: cuda when torch sees a GPU)")
@@ -612,11 +620,26 @@ def run_diffusers(pipe, settings: Settings, reference, condition, latents, devic
                     num_inference_steps=settings.steps, neg_prompt=NEGATIVE_PROMPT, output_type="np").images
 
 
-def load_runtime(package: Path, backend: str, settings: Settings, *, verify: bool, threads: int | None):
+def runtime_options(args) -> dict[str, Any]:
+    """The start-up options our runtime is loaded with (recorded in bench.json, passed to children)."""
+    return {"graph_optimization": args.graph_optimization, "optimized_cache": args.ort_cache,
+            "memory_arena": args.memory_arena}
+
+
+def _runtime_options_text(options: Mapping[str, Any] | None) -> str:
+    if not options:
+        return ""
+    cache = "an optimised-graph cache" if options.get("optimized_cache") else "no optimised-graph cache"
+    return (f" Our runtime: ONNX Runtime graph optimisation {options.get('graph_optimization')}, memory arena "
+            f"{options.get('memory_arena')}, {cache}.")
+
+
+def load_runtime(package: Path, backend: str, settings: Settings, *, verify: bool, threads: int | None,
+                 options: Mapping[str, Any] | None = None):
     from .runtime.pipeline import BlipDiffusionRuntime
 
     runtime = BlipDiffusionRuntime.from_package(package, backend, precision=settings.precision, verify=verify,
-                                                threads=threads, cache_size=0)
+                                                threads=threads, cache_size=0, **(options or {}))
     # diffusers encodes the negative prompt every call; so do we here (no cache), like the subject.
     negative = getattr(runtime, "_negative_cache", None)
     if negative is not None and hasattr(negative, "size"):
@@ -690,7 +713,8 @@ def bench_ours(backend: str, package: Path, settings: Settings, args, bar) -> di
     import onnxruntime  # noqa: F401  (imports are the cold start's; this times the loading)
 
     t0 = time.perf_counter()
-    runtime = load_runtime(package, backend, settings, verify=not args.no_verify, threads=args.threads)
+    runtime = load_runtime(package, backend, settings, verify=not args.no_verify, threads=args.threads,
+                           options=runtime_options(args))
     result["load_warm"] = summarize([time.perf_counter() - t0])
     bar.update(1)
 
@@ -1001,7 +1025,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         if spec["device"] != "cpu":
             gpu_before, _ = gpu_memory_used_mb()
         runtime = load_runtime(Path(spec["package"]), spec["backend"], settings, verify=spec["verify"],
-                               threads=spec.get("threads"))
+                               threads=spec.get("threads"), options=spec.get("runtime_options"))
         out["t_loaded"] = time.time()
         reference, condition, latents = bench_inputs(settings)
         run_ours(runtime, settings, reference, condition, latents)
@@ -1193,7 +1217,8 @@ def run_bench(args) -> int:
                 spec = {"kind": "diffusers" if key == DIFFUSERS else "ours", "settings": settings.to_dict(),
                         "package": str(inputs.package), "checkpoint": str(inputs.checkpoint), "backend": key,
                         "device": device if key == DIFFUSERS else ("cpu" if key == "cpu" else "cuda"),
-                        "verify": not args.no_verify, "threads": args.threads, "torch_compile": args.torch_compile}
+                        "verify": not args.no_verify, "threads": args.threads, "torch_compile": args.torch_compile,
+                        "runtime_options": runtime_options(args)}
                 try:
                     implementations[key]["cold_start"] = cold_start(spec)
                 except Exception as error:  # one failed side must not lose the others' figures
@@ -1226,6 +1251,7 @@ def run_bench(args) -> int:
         "versions": library_versions(),
         "settings": {**settings.to_dict(), "warmup": args.warmup, "runs": args.runs,
                      "stage_runs": args.stage_runs or args.runs, "threads": args.threads,
+                     "runtime_options": runtime_options(args),
                      "backends": backends, "diffusers": with_diffusers,
                      "diffusers_device": device if with_diffusers else None, "torch_compile": args.torch_compile,
                      "verify_package": not args.no_verify, "prompt": PROMPT, "negative_prompt": NEGATIVE_PROMPT,
@@ -1384,7 +1410,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         f"diffusers {versions.get('diffusers', '–')}. p50 of {s['runs']} runs after {s['warmup']} warm-up "
         f"(single stages: {s['stage_runs']} calls); p90/p99/mean in bench.json. Threads: "
         f"{s['threads'] or 'library defaults'}"
-        + (f" (torch {impls[DIFFUSERS]['torch_threads']})" if impls.get(DIFFUSERS, {}).get("torch_threads") else "") + ".",
+        + (f" (torch {impls[DIFFUSERS]['torch_threads']})" if impls.get(DIFFUSERS, {}).get("torch_threads") else "") + "."
+        + _runtime_options_text(s.get("runtime_options")),
         "",
     ]
     ours = [k for k in impls if k != DIFFUSERS]

@@ -835,6 +835,31 @@ def test_graph_optimization_levels_agree_and_are_validated(tiny):
     assert "graph_optimization" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_memory_arena_policies(tiny):
+    """The arena policy reaches each session (loop: only the per-step components), changes nothing
+    in the output, and an unknown policy is a one-line error."""
+    config = PipelineConfig.load(tiny.package)
+    rng = np.random.default_rng(4)
+    latents = rng.standard_normal(
+        (1, config.latent_channels, config.default_height // config.latent_scale_factor,
+         config.default_width // config.latent_scale_factor)).astype(np.float32)
+    reference = Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    images = {}
+    for policy in ("loop", "all", "none"):
+        runtime = BlipDiffusionRuntime.from_package(tiny.package, memory_arena=policy)
+        arenas = {name: e.session.get_session_options().enable_cpu_mem_arena for name, e in runtime.engines.items()}
+        expected = {name: policy == "all" or (policy == "loop" and name in ("unet", "unet_plain", "controlnet"))
+                    for name in runtime.engines}
+        assert arenas == expected, (policy, arenas)
+        images[policy] = runtime("on a beach", reference, "dog", "dog", latents=latents, num_inference_steps=2,
+                                 output_type="np").images
+    assert float(np.abs(images["loop"] - images["all"]).max()) <= 1e-6
+    assert float(np.abs(images["none"] - images["all"]).max()) <= 1e-6
+    with pytest.raises(InputError) as e:
+        BlipDiffusionRuntime.from_package(tiny.package, memory_arena="some")
+    assert "memory_arena" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_optimized_cache(tiny, tmp_path):
     """The optimised-graph cache is written once, reused, and changes nothing in the output."""
     cache = tmp_path / "ort-cache"

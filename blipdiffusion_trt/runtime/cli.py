@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from .engine import BACKENDS, GRAPH_OPTIMIZATIONS
+from .engine import BACKENDS, GRAPH_OPTIMIZATIONS, MEMORY_ARENAS
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,8 @@ def add_generate(sub) -> None:
                    help="ONNX Runtime graph optimisation: all (fastest steps) or extended (much faster start)")
     p.add_argument("--ort-cache", help="directory keeping ONNX Runtime's optimised CPU graphs between runs "
                    "(fast start and fast steps; costs a copy of the weights on disk)")
+    p.add_argument("--memory-arena", default="loop", choices=MEMORY_ARENAS,
+                   help="ONNX Runtime CPU sessions that keep a memory arena: loop (UNet/ControlNet, default), all, none")
     p.add_argument("--no-verify", action="store_true", help="skip checking the package files' sha256")
     p.add_argument("--timings", action="store_true", help="print per-stage times")
     p.set_defaults(run=run_generate)
@@ -74,7 +76,7 @@ def run_generate(args) -> int:
     latents = load_latents(args.latents) if args.latents else None
     runtime = BlipDiffusionRuntime.from_package(
         args.package, args.backend, precision=args.precision, verify=not args.no_verify,
-        graph_optimization=args.graph_optimization, optimized_cache=args.ort_cache,
+        graph_optimization=args.graph_optimization, optimized_cache=args.ort_cache, memory_arena=args.memory_arena,
     )
     try:
         result = _generate(runtime, args, latents)

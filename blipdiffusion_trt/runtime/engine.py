@@ -53,8 +53,22 @@ class Engine(ABC):
 # generations with few steps.
 GRAPH_OPTIMIZATIONS = ("all", "extended", "basic", "disabled")
 
+# Which sessions keep ONNX Runtime's CPU memory arena. An arena never returns memory, so every
+# session holds its own high-water mark for the life of the runtime: with all arenas on, a
+# full-size 512x512 generation peaked at 12.0 GB RSS (UNet arena ~4.5 GB, VAE decoder ~2 GB next
+# to 6.6 GB of weights). "loop" keeps the arena only for the components called every step (UNet,
+# ControlNet: ~3% faster calls with it); the once-per-image ones allocate and free per call.
+MEMORY_ARENAS = ("loop", "all", "none")
+LOOP_COMPONENTS = frozenset({"unet", "unet_plain", "controlnet"})
 
-def ort_session_options(threads: int | None = None, graph_optimization: str = "all"):
+
+def uses_memory_arena(component: str, policy: str) -> bool:
+    if policy not in MEMORY_ARENAS:
+        raise InputError(f"memory_arena must be one of {', '.join(MEMORY_ARENAS)}, got {policy!r}")
+    return policy == "all" or (policy == "loop" and component in LOOP_COMPONENTS)
+
+
+def ort_session_options(threads: int | None = None, graph_optimization: str = "all", memory_arena: bool = True):
     import onnxruntime as ort
 
     if graph_optimization not in GRAPH_OPTIMIZATIONS:
@@ -63,6 +77,7 @@ def ort_session_options(threads: int | None = None, graph_optimization: str = "a
     options = ort.SessionOptions()
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level[graph_optimization])
     options.log_severity_level = 3
+    options.enable_cpu_mem_arena = memory_arena
     if threads:
         options.intra_op_num_threads = threads
     return options
@@ -105,17 +120,18 @@ class OnnxRuntimeEngine(Engine):
     supports_optimized_cache = True
 
     def __init__(self, spec: ComponentSpec, path: Path, *, threads: int | None = None, graph_optimization: str = "all",
-                 optimized_cache: str | Path | None = None, providers: Sequence | None = None):
+                 optimized_cache: str | Path | None = None, memory_arena: str = "loop", providers: Sequence | None = None):
         import onnxruntime as ort
 
         self.spec = spec
         self.path = path
         providers = list(providers or self.providers)
-        options = ort_session_options(threads, graph_optimization)
+        arena = uses_memory_arena(spec.name, memory_arena)
+        options = ort_session_options(threads, graph_optimization, arena)
         source = Path(path)
         if optimized_cache is not None and self.supports_optimized_cache:
             source = self._cached_graph(Path(optimized_cache), source, options, providers, graph_optimization)
-            options = ort_session_options(threads, "disabled")
+            options = ort_session_options(threads, "disabled", arena)
         self.loaded_from = source
         try:
             self.session = ort.InferenceSession(str(source), options, providers=providers)
@@ -195,10 +211,10 @@ class OnnxRuntimeTensorRTEngine(OnnxRuntimeCudaEngine):
     """
 
     def __init__(self, spec: ComponentSpec, path: Path, *, threads: int | None = None, graph_optimization: str = "all",
-                 optimized_cache: str | Path | None = None, providers: Sequence | None = None):
+                 optimized_cache: str | Path | None = None, memory_arena: str = "loop", providers: Sequence | None = None):
         cache = path.parent.parent.parent / "engines" / "ort-trt"
         options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache), "trt_timing_cache_enable": True}
-        super().__init__(spec, path, threads=threads, graph_optimization=graph_optimization,
+        super().__init__(spec, path, threads=threads, graph_optimization=graph_optimization, memory_arena=memory_arena,
                          providers=providers or [("TensorrtExecutionProvider", options), "CUDAExecutionProvider"])
 
 

@@ -433,10 +433,11 @@ class TensorRTEngine(Engine):
 # ------------------------------------------------------------------------------------------------
 
 def tensorrt_engine_factory(spec: ComponentSpec, path: str | Path, *, threads: int | None = None,
-                            graph_optimization: str | None = None, optimized_cache=None) -> TensorRTEngine:
+                            graph_optimization: str | None = None, optimized_cache=None,
+                            memory_arena: str | None = None) -> TensorRTEngine:
     """The backend's ``make_engine``: the ONNX path the runtime passes -> this GPU's checked plan.
 
-    ``threads``, ``graph_optimization`` and ``optimized_cache`` are accepted for the common
+    ``threads``, ``graph_optimization``, ``optimized_cache`` and ``memory_arena`` are accepted for the common
     signature and unused (TensorRT optimises at build time and runs on the GPU).
     """
     package, precision, name = package_of(path)
