@@ -143,6 +143,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ours.add_argument("--ort-cache", help="directory of ONNX Runtime's optimised CPU graphs (written on first load)")
     ours.add_argument("--memory-arena", default="loop", choices=MEMORY_ARENAS,
                       help="ONNX Runtime CPU sessions that keep a memory arena (default loop: UNet/ControlNet)")
+    ours.add_argument("--no-cpu-fused", action="store_true",
+                      help="cpu backend: the plain fp32 graphs even where the package has CPU-fused ones")
     run.add_argument("--no-diffusers", action="store_true", help="only our runtime")
     run.add_argument("--diffusers-device", default="auto", choices=["auto", "cpu", "cuda"],
                      help="device of the diffusers side (auto: cuda when torch sees a GPU)")
@@ -623,15 +625,16 @@ def run_diffusers(pipe, settings: Settings, reference, condition, latents, devic
 def runtime_options(args) -> dict[str, Any]:
     """The start-up options our runtime is loaded with (recorded in bench.json, passed to children)."""
     return {"graph_optimization": args.graph_optimization, "optimized_cache": args.ort_cache,
-            "memory_arena": args.memory_arena}
+            "memory_arena": args.memory_arena, "cpu_fused": not args.no_cpu_fused}
 
 
 def _runtime_options_text(options: Mapping[str, Any] | None) -> str:
     if not options:
         return ""
     cache = "an optimised-graph cache" if options.get("optimized_cache") else "no optimised-graph cache"
+    fused = "CPU-fused graphs where the package has them" if options.get("cpu_fused", True) else "plain fp32 graphs"
     return (f" Our runtime: ONNX Runtime graph optimisation {options.get('graph_optimization')}, memory arena "
-            f"{options.get('memory_arena')}, {cache}.")
+            f"{options.get('memory_arena')}, {cache}, {fused}.")
 
 
 def load_runtime(package: Path, backend: str, settings: Settings, *, verify: bool, threads: int | None,

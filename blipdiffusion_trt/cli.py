@@ -31,7 +31,30 @@ def _add_export(sub) -> None:
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--allow-pickle", action="store_true", help="also load .bin (pickle) weights")
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
+    p.add_argument("--no-cpu-fusions", action="store_true",
+                   help="skip the CPU-fused fp32 graphs (onnx/fp32-fused: fused attention for the CPU runtime)")
     p.set_defaults(run=_run_export)
+
+
+def _add_fuse(sub) -> None:
+    p = sub.add_parser("fuse", help="add ONNX Runtime's CPU-fused fp32 graphs to an existing package (onnx/fp32-fused)")
+    p.add_argument("package", help="model package directory (written in place)")
+    p.set_defaults(run=_run_fuse)
+
+
+def _run_fuse(args) -> int:
+    from .export.cpu_fusions import fuse_package
+
+    report = fuse_package(args.package)
+    _print_fusions(report)
+    return 0
+
+
+def _print_fusions(report) -> None:
+    for name, entry in report.items():
+        ops = ", ".join(f"{op} {n}" for op, n in entry["fused_ops"].items())
+        diffs = ", ".join(f"{v['point']} max|diff| {v['max_abs_vs_fp32']:.2e}" for v in entry["validation"])
+        print(f"  {name:<20} cpu-fused ({ops}); vs fp32 graph: {diffs}")
 
 
 def _run_export(args) -> int:
@@ -42,9 +65,10 @@ def _run_export(args) -> int:
     report = export_package(
         args.checkpoint, args.out, controlnet=args.controlnet, precisions=args.precision, opset=args.opset,
         force=args.force, allow_pickle=args.allow_pickle, validate=not args.no_validate,
-        max_batch_size=args.max_batch_size,
+        max_batch_size=args.max_batch_size, cpu_fusions=not args.no_cpu_fusions,
     )
     _print_export_report(report)
+    _print_fusions(report.cpu_fused)
     return 0
 
 
@@ -102,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_export(sub)
+    _add_fuse(sub)
     from .engines.cli import add_build  # light: TensorRT is imported only when a build runs
 
     add_build(sub)

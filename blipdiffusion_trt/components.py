@@ -173,6 +173,8 @@ class ComponentSpec:
     # Whether requests can be batched along axis 0 (Triton dynamic batching).
     batchable: bool = True
     description: str = ""
+    # onnxruntime.transformers optimizer model type for the CPU-fused fp32 graph (None: no such graph).
+    cpu_fusion: str | None = None
 
     @property
     def input_names(self) -> list[str]:
@@ -203,6 +205,7 @@ class ComponentSpec:
             "axes": {a.name: dataclasses.asdict(a) for a in self.axes.values()},
             "atol": self.atol,
             "fp16_min_cosine": self.fp16_min_cosine,
+            "cpu_fusion": self.cpu_fusion,
         }
 
 
@@ -302,8 +305,10 @@ def declare_components(config: PipelineConfig) -> dict[str, ComponentSpec]:
             inputs=unet_io + residuals,
             outputs=noise,
             description="UNet with ControlNet residual inputs",
+            cpu_fusion="unet",
         ),
-        ComponentSpec("unet_plain", inputs=unet_io, outputs=noise, description="UNet without residual inputs"),
+        ComponentSpec("unet_plain", inputs=unet_io, outputs=noise, description="UNet without residual inputs",
+                      cpu_fusion="unet"),
     ]
     if config.has_controlnet:
         specs.append(ComponentSpec(
@@ -314,6 +319,7 @@ def declare_components(config: PipelineConfig) -> dict[str, ComponentSpec]:
             ),
             outputs=residuals,
             description="ControlNet: condition image -> UNet residuals (scaled by conditioning_scale)",
+            cpu_fusion="unet",
         ))
     specs.append(ComponentSpec(
         "vae_decoder",

@@ -44,6 +44,8 @@ from blipdiffusion_trt.export.exporter import (  # noqa: E402
     sha256_file,
 )
 
+from blipdiffusion_trt.runtime.package import CPU_FUSED_DIR  # noqa: E402
+
 from conftest import CHECKPOINTS, Fixture, load_diffusers  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -78,8 +80,17 @@ def _specs(fixture: Fixture) -> dict[str, ComponentSpec]:
     return declare_components(_config(fixture))
 
 
+# the plain fp32 graphs, and the fp32 graphs with ONNX Runtime's CPU fusions (export/cpu_fusions.py)
+GRAPH_VARIANTS = ["fp32", CPU_FUSED_DIR]
+
+
 def _run_graph(fixture: Fixture, spec: ComponentSpec, feed: dict[str, np.ndarray], precision: str = "fp32"):
     assert set(feed) == set(spec.input_names), (sorted(feed), spec.input_names)
+    if precision == CPU_FUSED_DIR:
+        # the variant must exist and hold fused attention: otherwise this test would silently
+        # re-test the plain graph
+        ops = {n.op_type for n in onnx.load(str(_graph(fixture, spec.name, precision)), load_external_data=False).graph.node}
+        assert ops & {"Attention", "MultiHeadAttention"}, f"{spec.name}: no fused attention in the CPU-fused graph"
     return _session(_graph(fixture, spec.name, precision)).run(None, {k: np.ascontiguousarray(v) for k, v in feed.items()})
 
 
@@ -223,7 +234,8 @@ def test_text_encoder_plain_matches_diffusers(any_fixture):
         _assert_close(spec, got, [expected], f"batch {batch} text length {length}", point)
 
 
-def test_unet_with_residuals_matches_diffusers(any_fixture):
+@pytest.mark.parametrize("graphs", GRAPH_VARIANTS)
+def test_unet_with_residuals_matches_diffusers(any_fixture, graphs):
     pipe = load_diffusers(any_fixture)
     specs = _specs(any_fixture)
     spec = specs["unet"]
@@ -255,7 +267,8 @@ def test_unet_with_residuals_matches_diffusers(any_fixture):
         _assert_close(spec, got, [expected], f"{label} point {point}", point)
 
 
-def test_unet_plain_matches_diffusers(any_fixture):
+@pytest.mark.parametrize("graphs", GRAPH_VARIANTS)
+def test_unet_plain_matches_diffusers(any_fixture, graphs):
     pipe = load_diffusers(any_fixture)
     specs = _specs(any_fixture)
     spec = specs["unet_plain"]
@@ -270,7 +283,8 @@ def test_unet_plain_matches_diffusers(any_fixture):
         _assert_close(spec, got, [expected], f"{label} point {point}", point)
 
 
-def test_controlnet_matches_diffusers(any_fixture):
+@pytest.mark.parametrize("graphs", GRAPH_VARIANTS)
+def test_controlnet_matches_diffusers(any_fixture, graphs):
     if not any_fixture.controlnet:
         pytest.skip(f"fixture {any_fixture.name} has no ControlNet")
     pipe = load_diffusers(any_fixture)
@@ -287,7 +301,7 @@ def test_controlnet_matches_diffusers(any_fixture):
                 _t(feed["sample"]), _t(feed["timestep"]), encoder_hidden_states=_t(feed["encoder_hidden_states"]),
                 controlnet_cond=_t(feed["controlnet_cond"]), conditioning_scale=0.7, return_dict=False,
             )
-        got = _run_graph(any_fixture, spec, feed)
+        got = _run_graph(any_fixture, spec, feed, graphs)
         _assert_close(spec, got, [*down, mid], f"{label} point {point}", point)
 
 
@@ -448,9 +462,12 @@ def test_manifest_files_and_sha256(any_fixture):
     assert set(manifest["files"]) == on_disk
     for rel, digest in manifest["files"].items():
         assert sha256_file(package / rel) == digest, f"{rel}: sha256 differs from the manifest"
-    # every component has one graph per precision, and nothing else is under onnx/
+    # every component has one graph per precision, the declared ones a CPU-fused graph, nothing else
     specs = _specs(any_fixture)
     graphs = {f"onnx/{p}/{n}.onnx" for p in manifest["precisions"] for n in specs}
+    fused = {n for n, spec in specs.items() if spec.cpu_fusion}
+    assert fused and set(manifest["cpu_fused"]) == fused
+    graphs |= {f"onnx/{CPU_FUSED_DIR}/{n}.onnx" for n in fused}
     assert {f for f in on_disk if f.startswith("onnx/")} == graphs
     assert manifest["precisions"] == list(CHECKPOINTS[any_fixture.name][3])
 
@@ -721,3 +738,54 @@ def test_allow_pickle_loads_checkpoint_with_one_bin_component(tmp_path, tiny):
     reference = load_diffusers(tiny)
     for key, value in reference.unet.state_dict().items():
         assert torch.equal(pipe.unet.state_dict()[key], value), key
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. CPU-fused graphs added to an existing package (`blipdiffusion-trt fuse`)
+# ---------------------------------------------------------------------------------------------
+
+def _fuse_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([sys.executable, "-m", "blipdiffusion_trt.cli", "fuse", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def test_cli_fuse_adds_cpu_fused_graphs_to_a_package(tmp_path, tiny):
+    """A package exported with --no-cpu-fusions gets the fused graphs from `fuse`: listed in the
+    manifest with their sha256, loaded by the cpu runtime by default, same images as the plain graphs."""
+    from PIL import Image
+
+    from blipdiffusion_trt.runtime.pipeline import BlipDiffusionRuntime
+
+    out = tmp_path / "pkg"
+    result = _cli(tiny.checkpoint, "--out", out, "--no-validate", "--no-cpu-fusions", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (out / "onnx" / CPU_FUSED_DIR).exists()
+    plain = BlipDiffusionRuntime.from_package(out)
+    assert all("/fp32/" in e.path.as_posix() for e in plain.engines.values())
+
+    result = _fuse_cli(out, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    fused_files = sorted(f for f in manifest["files"] if f.startswith(f"onnx/{CPU_FUSED_DIR}/"))
+    assert fused_files == sorted(p.relative_to(out).as_posix() for p in (out / "onnx" / CPU_FUSED_DIR).iterdir())
+    assert fused_files and all(sha256_file(out / f) == manifest["files"][f] for f in fused_files)
+    assert set(manifest["cpu_fused"]) == {n for n, s in _specs(tiny).items() if s.cpu_fusion}
+    assert [p.name for p in (out / "onnx").iterdir() if p.name.startswith(".")] == [], "scratch left behind"
+
+    fused = BlipDiffusionRuntime.from_package(out)
+    assert f"/{CPU_FUSED_DIR}/" in fused.engines["unet_plain"].path.as_posix()
+    assert "/fp32/" in BlipDiffusionRuntime.from_package(out, cpu_fused=False).engines["unet_plain"].path.as_posix()
+    config = _config(tiny)
+    rng = np.random.default_rng(7)
+    latents = rng.standard_normal((1, config.latent_channels, config.default_height // config.latent_scale_factor,
+                                   config.default_width // config.latent_scale_factor)).astype(np.float32)
+    reference = Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    images = [r("on a beach", reference, "dog", "dog", latents=latents, num_inference_steps=3, output_type="np").images
+              for r in (plain, fused)]
+    assert float(np.abs(images[0] - images[1]).max()) <= 1e-4
+
+
+def test_cli_fuse_bad_package(tmp_path):
+    result = _fuse_cli(tmp_path / "nowhere", cwd=tmp_path)
+    _assert_one_line_error(result, ["nowhere", "does not exist"])

@@ -29,7 +29,7 @@ from blipdiffusion_trt.components import PipelineConfig
 from blipdiffusion_trt.errors import InputError, PackageError
 from blipdiffusion_trt.runtime import images as imgs
 from blipdiffusion_trt.runtime.engine import BACKENDS
-from blipdiffusion_trt.runtime.package import ModelPackage
+from blipdiffusion_trt.runtime.package import CPU_FUSED_DIR, ModelPackage
 from blipdiffusion_trt.runtime.pipeline import MAX_STEPS, BlipDiffusionRuntime, SubjectEmbedding
 
 REPO = Path(__file__).resolve().parents[1]
@@ -412,7 +412,7 @@ def test_package_with_a_missing_graph(tiny, tmp_path):
     _assert_one_line(e, "missing")
 
 
-@pytest.mark.parametrize("relpath", ["onnx/fp32/qformer.onnx", "tokenizer/tokenizer.json", "pipeline.json"])
+@pytest.mark.parametrize("relpath", ["onnx/fp32/qformer.onnx", "onnx/fp32-fused/unet_plain.onnx", "tokenizer/tokenizer.json", "pipeline.json"])
 def test_package_with_an_altered_byte(tiny, tmp_path, relpath):
     copy = _copy_package(tiny, tmp_path)
     target = copy / relpath
@@ -422,14 +422,15 @@ def test_package_with_an_altered_byte(tiny, tmp_path, relpath):
     if relpath.startswith("onnx/"):
         # graphs are hashed when handed out (a package holds graphs a generation never loads)
         package = ModelPackage.open(copy)
+        folder, name = Path(relpath).parent.name, Path(relpath).stem
         infos = []
         with pytest.raises(PackageError) as e:
-            package.onnx_path("qformer", "fp32")
+            package.onnx_path(name, "fp32", cpu_fused=folder == CPU_FUSED_DIR)
         infos.append(e)
         with pytest.raises(PackageError) as e:
             BlipDiffusionRuntime.from_package(copy)
         infos.append(e)
-        package.onnx_path("unet_plain", "fp32")  # an intact graph is still handed out
+        package.onnx_path("vae_decoder", "fp32")  # an intact graph is still handed out
     else:
         infos = _open_both_ways(copy)
     for e in infos:
@@ -538,7 +539,7 @@ def test_cli_generate_errors(tiny, tmp_path, ref_file):
     not_npy.write_text("hello")
     corrupt = _corrupt_file(tmp_path)
     altered = _copy_package(tiny, tmp_path)
-    unet = altered / "onnx" / "fp32" / "unet_plain.onnx"
+    unet = altered / "onnx" / CPU_FUSED_DIR / "unet_plain.onnx"  # the graph the cpu runtime loads
     data = bytearray(unet.read_bytes())
     data[-1] ^= 0xFF
     unet.write_bytes(bytes(data))

@@ -107,7 +107,7 @@ def model_dims(tensor, max_batch_size: int) -> list[int]:
 @pytest.mark.parametrize("flavor", FLAVORS)
 @pytest.mark.parametrize("which", ["tiny", "tiny_cn"])
 def test_repository_configs(flavor, which, request, trt_packages, tmp_path):
-    from blipdiffusion_trt.runtime.package import ModelPackage
+    from blipdiffusion_trt.runtime.package import CPU_FUSED_DIR, ModelPackage
 
     fixture = request.getfixturevalue(which)
     source = trt_packages[which] if flavor == "tensorrt" else fixture.package
@@ -139,7 +139,9 @@ def test_repository_configs(flavor, which, request, trt_packages, tmp_path):
         else:
             assert (cfg.platform, cfg.backend) == ("", "python")
             graph = model_dir / "1" / "model.onnx"
-            assert graph.read_bytes() == (fixture.package / "onnx" / "fp32" / f"{component}.onnx").read_bytes()
+            # what the cpu runtime loads: the CPU-fused graph where the package has one
+            folder = CPU_FUSED_DIR if package.has_cpu_fused(component) else "fp32"
+            assert graph.read_bytes() == (fixture.package / "onnx" / folder / f"{component}.onnx").read_bytes()
             compile((model_dir / "1" / "model.py").read_text(), "model.py", "exec")
         (group,) = cfg.instance_group
         assert group.count == 2

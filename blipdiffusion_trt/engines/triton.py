@@ -5,7 +5,8 @@
     OUT/<component>/config.pbtxt        one model per component the pipeline runs
     OUT/<component>/1/model.plan        flavor "tensorrt"     (platform tensorrt_plan, KIND_GPU)
     OUT/<component>/1/model.onnx        flavor "onnxruntime"  (platform onnxruntime_onnx, TensorRT EP FP16)
-    OUT/<component>/1/model.py+.onnx    flavor "python-cpu"   (python backend, ONNX Runtime on the CPU)
+    OUT/<component>/1/model.py+.onnx    flavor "python-cpu"   (python backend, ONNX Runtime on the CPU;
+                                                               the package's CPU-fused graphs where it has them)
     OUT/blip_diffusion/config.pbtxt     whole generations: python-backend BLS model
     OUT/blip_diffusion/1/model.py
     OUT/blip_diffusion/1/package/       the package's configs and tokenizers (no graphs)
@@ -710,7 +711,7 @@ def write_triton_repository(
     share one server. ``max_image_pixels``: the BLS model's limit on input images.
     ``cpu_threads``: ONNX Runtime intra-op threads of the python-cpu models (0: its default).
     """
-    from ..runtime.package import ModelPackage
+    from ..runtime.package import CPU_FUSED_DIR, ModelPackage
 
     if flavor not in FLAVORS:
         raise InputError(f"flavor must be one of {', '.join(FLAVORS)}, got {flavor!r}")
@@ -765,7 +766,9 @@ def write_triton_repository(
                         cc_files[cc] = file
                     files = sorted(cc_files.values())
             else:
-                files = _copy_graph(package.root, precision, component, version_dir)
+                # the CPU flavor serves what the cpu runtime loads: the CPU-fused graph where there is one
+                folder = CPU_FUSED_DIR if flavor == "python-cpu" and package.has_cpu_fused(component) else precision
+                files = _copy_graph(package.root, folder, component, version_dir)
                 if flavor == "python-cpu":
                     (version_dir / "model.py").write_text(COMPONENT_MODEL_PY)
                     files.append("model.py")

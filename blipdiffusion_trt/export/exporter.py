@@ -9,6 +9,8 @@ A package is a directory that needs neither torch nor diffusers::
     qformer_tokenizer/tokenizer.json
     onnx/fp32/<component>.onnx    (+ <component>.onnx.data where a graph exceeds 2 GB)
     onnx/fp16/<component>.onnx    on request: strongly typed fp16 graphs, fp32 inputs/outputs
+    onnx/fp32-fused/<component>.onnx  fp32 graphs with ONNX Runtime's CPU fusions (UNet, ControlNet
+                                  attention), used by the CPU runtime (export/cpu_fusions.py)
 
 The package is written to a temporary sibling directory and renamed into place at the end, so an
 interrupted export leaves nothing half-written.
@@ -34,6 +36,7 @@ from ..components import PIPELINE_CONFIG_NAME, ComponentSpec, PipelineConfig, de
 from ..errors import CheckpointError, InputError, ValidationError, first_line
 from ..fsutil import read_json, replace_dir
 from ..runtime.package import MANIFEST_NAME, sha256_file
+from .cpu_fusions import fuse_graphs
 
 logger = logging.getLogger(__name__)
 
@@ -444,6 +447,7 @@ def cosine(a: list[np.ndarray], b: list[np.ndarray]) -> float:
 class ExportReport:
     package: Path
     components: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cpu_fused: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -477,6 +481,7 @@ def export_package(
     allow_pickle: bool = False,
     validate: bool = True,
     max_batch_size: int = 4,
+    cpu_fusions: bool = True,
     progress: bool = True,
 ) -> ExportReport:
     """Export every component of a BLIP-Diffusion checkpoint into a self-contained package."""
@@ -534,8 +539,11 @@ def export_package(
             report.components[spec.name] = entry
             del module
             gc.collect()
-        del pipe
+        del pipe, factories
         gc.collect()
+        # After the PyTorch models are gone: fusing the full UNet alone peaks near 14 GB. Each
+        # fused graph is checked against its fp32 graph, itself validated against PyTorch above.
+        cpu_fused = report.cpu_fused = fuse_graphs(tmp, specs, vocab, progress=progress) if cpu_fusions else {}
 
         manifest = {
             "format_version": config.to_dict()["format_version"],
@@ -545,6 +553,7 @@ def export_package(
             "opset": opset,
             "tools": tool_versions(),
             "components": {name: {**specs[name].to_dict(), **report.components[name]} for name in specs},
+            "cpu_fused": cpu_fused,
         }
         manifest["files"] = {
             str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()

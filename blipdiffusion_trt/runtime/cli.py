@@ -57,6 +57,8 @@ def add_generate(sub) -> None:
                    "(fast start and fast steps; costs a copy of the weights on disk)")
     p.add_argument("--memory-arena", default="loop", choices=MEMORY_ARENAS,
                    help="ONNX Runtime CPU sessions that keep a memory arena: loop (UNet/ControlNet, default), all, none")
+    p.add_argument("--no-cpu-fused", action="store_true",
+                   help="cpu backend: load the plain fp32 graphs even where the package has CPU-fused ones")
     p.add_argument("--no-verify", action="store_true", help="skip checking the package files' sha256")
     p.add_argument("--timings", action="store_true", help="print per-stage times")
     p.set_defaults(run=run_generate)
@@ -77,6 +79,7 @@ def run_generate(args) -> int:
     runtime = BlipDiffusionRuntime.from_package(
         args.package, args.backend, precision=args.precision, verify=not args.no_verify,
         graph_optimization=args.graph_optimization, optimized_cache=args.ort_cache, memory_arena=args.memory_arena,
+        cpu_fused=not args.no_cpu_fused,
     )
     try:
         result = _generate(runtime, args, latents)

@@ -53,11 +53,13 @@ class Engine(ABC):
 # generations with few steps.
 GRAPH_OPTIMIZATIONS = ("all", "extended", "basic", "disabled")
 
-# Which sessions keep ONNX Runtime's CPU memory arena. An arena never returns memory, so every
-# session holds its own high-water mark for the life of the runtime: with all arenas on, a
-# full-size 512x512 generation peaked at 12.0 GB RSS (UNet arena ~4.5 GB, VAE decoder ~2 GB next
-# to 6.6 GB of weights). "loop" keeps the arena only for the components called every step (UNet,
-# ControlNet: ~3% faster calls with it); the once-per-image ones allocate and free per call.
+# Which sessions keep ONNX Runtime's CPU memory arena. An arena never returns memory, so each
+# session holds its high-water mark for the life of the runtime. "loop" keeps it only for the
+# components called every step (UNet, ControlNet), where reusing the blocks is ~3% faster per
+# call (full-size UNet, 256x256); the once-per-image ones free their activations after each call
+# (VAE decoder at 512x512: arena peak 2.5 GB vs 1.4 GB without). In a full-size 512x512
+# generation this took the cold-process peak from 12.1 to 11.8 GB: the UNet's attention
+# buffers dominate, and the CPU-fused graphs are what shrink those (export/cpu_fusions.py).
 MEMORY_ARENAS = ("loop", "all", "none")
 LOOP_COMPONENTS = frozenset({"unet", "unet_plain", "controlnet"})
 
@@ -118,6 +120,8 @@ class OnnxRuntimeEngine(Engine):
     providers: tuple = ("CPUExecutionProvider",)
     # Graphs optimised for the CUDA/TensorRT providers are not saved: EP-specific nodes.
     supports_optimized_cache = True
+    # The package's CPU-fused fp32 graphs (fused attention) are validated and measured on the CPU only.
+    runs_cpu_fused_graphs = True
 
     def __init__(self, spec: ComponentSpec, path: Path, *, threads: int | None = None, graph_optimization: str = "all",
                  optimized_cache: str | Path | None = None, memory_arena: str = "loop", providers: Sequence | None = None):
@@ -186,6 +190,7 @@ class OnnxRuntimeCudaEngine(OnnxRuntimeEngine):
 
     providers = ("CUDAExecutionProvider",)
     supports_optimized_cache = False
+    runs_cpu_fused_graphs = False
 
     def infer(self, feed: Mapping[str, Any], keep: Sequence[str] = ()) -> dict[str, Any]:
         import onnxruntime as ort

@@ -16,6 +16,8 @@ from ..fsutil import read_json
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
+# fp32 graphs with ONNX Runtime CPU fusions (written by export/cpu_fusions.py)
+CPU_FUSED_DIR = "fp32-fused"
 
 
 def sha256_file(path: Path) -> str:
@@ -75,16 +77,26 @@ class ModelPackage:
     def precisions(self) -> list[str]:
         return list(self.manifest.get("precisions", ["fp32"]))
 
-    def onnx_path(self, component: str, precision: str) -> Path:
+    def has_cpu_fused(self, component: str) -> bool:
+        """Whether the package holds ``component``'s fp32 graph with ONNX Runtime's CPU fusions."""
+        return f"onnx/{CPU_FUSED_DIR}/{component}.onnx" in self.manifest["files"]
+
+    def onnx_path(self, component: str, precision: str, *, cpu_fused: bool = False) -> Path:
+        """The graph file of ``component``; ``cpu_fused``: the fp32 graph with CPU fusions (``onnx/fp32-fused``)."""
         if precision not in self.precisions:
             raise PackageError(
                 f"{self.root}: no {precision} graphs (package has {', '.join(self.precisions)}); "
                 f"re-export with --precision fp32,{precision}"
             )
-        path = self.root / "onnx" / precision / f"{component}.onnx"
+        folder = precision
+        if cpu_fused:
+            if precision != "fp32" or not self.has_cpu_fused(component):
+                raise PackageError(f"{self.root}: no CPU-fused {precision} graph of {component}; run `blipdiffusion-trt fuse`")
+            folder = CPU_FUSED_DIR
+        path = self.root / "onnx" / folder / f"{component}.onnx"
         if self.verify:
             files = self.manifest["files"]
-            for rel in (f"onnx/{precision}/{component}.onnx", f"onnx/{precision}/{component}.onnx.data"):
+            for rel in (f"onnx/{folder}/{component}.onnx", f"onnx/{folder}/{component}.onnx.data"):
                 if rel in files:
                     _check_digest(self.root / rel, files[rel])
         return path

@@ -104,7 +104,7 @@ class BlipDiffusionRuntime:
     def from_package(
         cls, path: str | Path, backend: str = "cpu", *, precision: str = "fp32", verify: bool = True,
         threads: int | None = None, graph_optimization: str = "all", optimized_cache: str | Path | None = None,
-        memory_arena: str = "loop", cache_size: int = 32,
+        memory_arena: str = "loop", cpu_fused: bool = True, cache_size: int = 32,
     ) -> "BlipDiffusionRuntime":
         """Load a package's graphs on ``backend`` ("cpu", "cuda", "ort-tensorrt", "tensorrt").
 
@@ -113,16 +113,21 @@ class BlipDiffusionRuntime:
         ``optimized_cache`` (a directory) keeps ONNX Runtime's optimised CPU graphs between runs,
         giving both: fast steps and a fast start after the first load (costs a copy of the weights).
         ``memory_arena`` ("loop", "all", "none"): which ONNX Runtime CPU sessions keep a memory
-        arena; "loop" (UNet/ControlNet only) cut the full-size 512x512 peak RSS by GBs at no
-        measurable cost (see ``engine.MEMORY_ARENAS``).
+        arena; "loop" (UNet/ControlNet only) frees the once-per-image components' activations
+        after each call (see ``engine.MEMORY_ARENAS``).
+        ``cpu_fused``: on the cpu backend, load the package's CPU-fused fp32 graphs where it has them
+        (fused attention in the UNet and ControlNet; ``blipdiffusion-trt fuse`` adds them to a package).
         """
         make_engine = engine_factory(backend)
         package = ModelPackage.open(path, verify=verify)
         needed = ["qformer", "text_encoder", "text_encoder_plain", "vae_decoder"]
         needed += ["unet", "controlnet"] if package.config.has_controlnet else ["unet_plain"]
         threads = threads or default_threads()
+        fused = cpu_fused and precision == "fp32" and getattr(make_engine, "runs_cpu_fused_graphs", False)
         engines = {
-            name: make_engine(package.specs[name], package.onnx_path(name, precision), threads=threads,
+            name: make_engine(package.specs[name],
+                              package.onnx_path(name, precision, cpu_fused=fused and package.has_cpu_fused(name)),
+                              threads=threads,
                               graph_optimization=graph_optimization, optimized_cache=optimized_cache,
                               memory_arena=memory_arena)
             for name in needed
