@@ -55,11 +55,11 @@ GRAPH_OPTIMIZATIONS = ("all", "extended", "basic", "disabled")
 
 # Which sessions keep ONNX Runtime's CPU memory arena. An arena never returns memory, so each
 # session holds its high-water mark for the life of the runtime. "loop" keeps it only for the
-# components called every step (UNet, ControlNet), where reusing the blocks is ~3% faster per
-# call (full-size UNet, 256x256); the once-per-image ones free their activations after each call
-# (VAE decoder at 512x512: arena peak 2.5 GB vs 1.4 GB without). In a full-size 512x512
-# generation this took the cold-process peak from 12.1 to 11.8 GB: the UNet's attention
-# buffers dominate, and the CPU-fused graphs are what shrink those (export/cpu_fusions.py).
+# components called every step (UNet, ControlNet: 16% slower calls without it at 512x512); the
+# once-per-image ones free their activations after each call (VAE decoder at 512x512: 2.3 GB vs
+# 1.3 GB peak, 0.8% slower). In a full-size 512x512 generation this took the cold-process peak
+# from 12.1 to 11.8 GB: the UNet's attention buffers dominate, and the CPU-fused graphs are what
+# shrink those (export/cpu_fusions.py). Measurements: bench/results/cpu-speed.
 MEMORY_ARENAS = ("loop", "all", "none")
 LOOP_COMPONENTS = frozenset({"unet", "unet_plain", "controlnet"})
 
