@@ -817,14 +817,19 @@ def test_batch_reference_list_length_mismatch(tiny):
     _assert_one_line(e, "target_subject_category")
 
 
-def test_graph_optimization_levels_agree_and_are_validated(tiny):
-    """"extended" (fast start) computes what "all" (fast steps) does; unknown levels are one-line errors."""
-    config = PipelineConfig.load(tiny.package)
-    rng = np.random.default_rng(3)
+def _latents_and_reference(fixture, seed: int):
+    """Latents of the package's default size and a small reference image, from ``seed``."""
+    config = PipelineConfig.load(fixture.package)
+    rng = np.random.default_rng(seed)
     latents = rng.standard_normal(
         (1, config.latent_channels, config.default_height // config.latent_scale_factor,
          config.default_width // config.latent_scale_factor)).astype(np.float32)
-    reference = Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    return latents, Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+
+
+def test_graph_optimization_levels_agree_and_are_validated(tiny):
+    """"extended" (fast start) computes what "all" (fast steps) does; unknown levels are one-line errors."""
+    latents, reference = _latents_and_reference(tiny, seed=3)
     images = []
     for level in ("all", "extended"):
         runtime = BlipDiffusionRuntime.from_package(tiny.package, graph_optimization=level)
@@ -839,12 +844,7 @@ def test_graph_optimization_levels_agree_and_are_validated(tiny):
 def test_memory_arena_policies(tiny):
     """The arena policy reaches each session (loop: only the per-step components), changes nothing
     in the output, and an unknown policy is a one-line error."""
-    config = PipelineConfig.load(tiny.package)
-    rng = np.random.default_rng(4)
-    latents = rng.standard_normal(
-        (1, config.latent_channels, config.default_height // config.latent_scale_factor,
-         config.default_width // config.latent_scale_factor)).astype(np.float32)
-    reference = Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    latents, reference = _latents_and_reference(tiny, seed=4)
     images = {}
     for policy in ("loop", "all", "none"):
         runtime = BlipDiffusionRuntime.from_package(tiny.package, memory_arena=policy)
@@ -864,12 +864,7 @@ def test_memory_arena_policies(tiny):
 def test_optimized_cache(tiny, tmp_path):
     """The optimised-graph cache is written once, reused, and changes nothing in the output."""
     cache = tmp_path / "ort-cache"
-    config = PipelineConfig.load(tiny.package)
-    rng = np.random.default_rng(5)
-    latents = rng.standard_normal(
-        (1, config.latent_channels, config.default_height // config.latent_scale_factor,
-         config.default_width // config.latent_scale_factor)).astype(np.float32)
-    reference = Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    latents, reference = _latents_and_reference(tiny, seed=5)
 
     def generate(**kwargs):
         runtime = BlipDiffusionRuntime.from_package(tiny.package, **kwargs)
