@@ -39,25 +39,17 @@ def parse_variant(text: str) -> dict[str, str]:
 
 def measure(package: Path, component: str, size: int, variant: dict[str, str], runs: int) -> dict:
     """In this process: create the session, one warm-up call, ``runs`` timed calls."""
-    import numpy as np
     import onnxruntime as ort
 
-    from blipdiffusion_trt.bench_cli import component_input_shapes
+    from blipdiffusion_trt.bench_cli import component_point
     from blipdiffusion_trt.components import PipelineConfig, declare_components
+    from blipdiffusion_trt.export.cpu_fusions import package_vocab_sizes
+    from blipdiffusion_trt.export.exporter import example_inputs
 
     config = PipelineConfig.load(package)
     spec = declare_components(config)[component]
-    shapes = component_input_shapes(spec, config, batch=1, height=size, width=size)
-    rng = np.random.default_rng(0)
-    feed = {}
-    for tensor in spec.inputs:
-        shape = shapes[tensor.name]
-        if tensor.dtype == "int64":
-            feed[tensor.name] = rng.integers(1, 100, shape).astype(np.int64)
-        elif tensor.name == "timestep":
-            feed[tensor.name] = np.full(shape, 500, np.float32)
-        else:
-            feed[tensor.name] = rng.standard_normal(shape).astype(np.float32)
+    point = component_point(spec, config, batch=1, height=size, width=size)
+    feed = example_inputs(spec, point, vocab_sizes=package_vocab_sizes(package))
 
     options = ort.SessionOptions()
     options.log_severity_level = 3

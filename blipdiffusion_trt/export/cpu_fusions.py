@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 # BiasSplitGelu, BiasAdd) or packed QKV/KV layouts the CPU attention kernels do not take.
 _CUDA_ONLY_OPTIONS = ("enable_group_norm", "enable_skip_group_norm", "enable_bias_splitgelu", "enable_nhwc_conv",
                       "enable_bias_add", "enable_packed_qkv", "enable_packed_kv")
+_CUDA_ONLY_OPS = ("NhwcConv", "GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd")
 _FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "LayerNormalization", "BiasGelu",
               "FastGelu", "Gelu", "QuickGelu")
 
@@ -93,7 +94,7 @@ def fuse_for_cpu(src: Path, dst: Path, model_type: str) -> dict[str, int]:
     counts = {op: ops.count(op) for op in _FUSED_OPS if op in ops}
     if not counts:
         return {}
-    unsupported = sorted({op for op in ops if op in ("NhwcConv", "GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd")})
+    unsupported = sorted(set(ops) & set(_CUDA_ONLY_OPS))
     if unsupported:
         raise ValidationError(f"{src.name}: CPU fusion produced ops without CPU kernels: {', '.join(unsupported)}")
     model.model.producer_name = "blipdiffusion-trt"
