@@ -93,3 +93,15 @@ def load_diffusers(fixture: Fixture):
 
         _pipes[fixture.name] = load_pipeline(fixture.checkpoint)
     return _pipes[fixture.name]
+
+
+_runtimes: dict[str, object] = {}
+
+
+def shared_runtime(fixture: Fixture):
+    """A BlipDiffusionRuntime per fixture, shared by tests (tests that count engine calls load their own)."""
+    if fixture.name not in _runtimes:
+        from blipdiffusion_trt.runtime.pipeline import BlipDiffusionRuntime
+
+        _runtimes[fixture.name] = BlipDiffusionRuntime.from_package(fixture.package)
+    return _runtimes[fixture.name]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import load_diffusers
+from conftest import load_diffusers, shared_runtime
 
 torch = pytest.importorskip("torch", reason="parity tests compare against diffusers on torch (pip install .[export])")
 
@@ -25,15 +25,6 @@ SENSITIVITY_FACTOR = 10
 PROMPT = "swimming underwater"
 NEGATIVE = "low quality, blurry"
 STEPS = 3
-
-_runtimes: dict[str, BlipDiffusionRuntime] = {}
-
-
-def runtime_of(fixture) -> BlipDiffusionRuntime:
-    if fixture.name not in _runtimes:
-        _runtimes[fixture.name] = BlipDiffusionRuntime.from_package(fixture.package)
-    return _runtimes[fixture.name]
-
 
 def inputs_for(config, seed: int = 0):
     """Non-square size, reference and condition images of other sizes, latents for that size."""
@@ -90,7 +81,7 @@ def diffusers_run(pipe, scheduler: str, height, width, latents, reference, condi
 @pytest.mark.parametrize("name", ["tiny", "tiny_cn", "odd", "odd_cn"])
 def test_parity_with_diffusers(name, scheduler, request):
     fixture = request.getfixturevalue(name)
-    runtime = runtime_of(fixture)
+    runtime = shared_runtime(fixture)
     config = runtime.config
     height, width, latents, reference, condition = inputs_for(config)
     condition = condition if fixture.controlnet else None
@@ -171,7 +162,7 @@ def test_euler_against_reference_loop(tiny):
     from diffusers import EulerDiscreteScheduler
 
     pipe = load_diffusers(tiny)
-    runtime = runtime_of(tiny)
+    runtime = shared_runtime(tiny)
     config = runtime.config
     height, width, latents, reference, _ = inputs_for(config)
     scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)

@@ -32,6 +32,8 @@ from blipdiffusion_trt.runtime.engine import BACKENDS
 from blipdiffusion_trt.runtime.package import CPU_FUSED_DIR, ModelPackage
 from blipdiffusion_trt.runtime.pipeline import MAX_STEPS, BlipDiffusionRuntime, SubjectEmbedding
 
+from conftest import shared_runtime  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 RUNTIME_DIR = REPO / "blipdiffusion_trt" / "runtime"
 STEPS = 2
@@ -39,16 +41,6 @@ STEPS = 2
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
-
-_runtimes: dict[str, BlipDiffusionRuntime] = {}
-
-
-def _runtime(fixture) -> BlipDiffusionRuntime:
-    """A shared runtime per fixture (tests that count engine calls load their own)."""
-    if fixture.name not in _runtimes:
-        _runtimes[fixture.name] = BlipDiffusionRuntime.from_package(fixture.package)
-    return _runtimes[fixture.name]
-
 
 def _cfg(fixture) -> PipelineConfig:
     return PipelineConfig.load(fixture.package)
@@ -194,7 +186,7 @@ def test_size_cases_are_meaningful(tiny, odd):
 @pytest.mark.parametrize("case", COMMON_CASES, ids=[c[0] for c in COMMON_CASES])
 def test_bad_call_input_plain(tiny, tmp_path, case):
     _, overrides, field_name = case
-    runtime = _runtime(tiny)
+    runtime = shared_runtime(tiny)
     kwargs = _call_kwargs(tiny, **overrides(_cfg(tiny), tmp_path))
     with pytest.raises(InputError) as e:
         runtime(**kwargs)
@@ -206,7 +198,7 @@ def test_bad_call_input_plain(tiny, tmp_path, case):
 def test_bad_sizes_and_latents(request, tmp_path, name, case):
     _, overrides, field_name = case
     fixture = request.getfixturevalue(name)
-    runtime = _runtime(fixture)
+    runtime = shared_runtime(fixture)
     kwargs = _call_kwargs(fixture, **overrides(_cfg(fixture), tmp_path))
     with pytest.raises(InputError) as e:
         runtime(**kwargs)
@@ -216,7 +208,7 @@ def test_bad_sizes_and_latents(request, tmp_path, name, case):
 def test_size_messages_give_the_allowed_range(odd):
     cfg = _cfg(odd)
     with pytest.raises(InputError) as e:
-        _runtime(odd)(**_call_kwargs(odd, height=cfg.min_image_size + 1))
+        shared_runtime(odd)(**_call_kwargs(odd, height=cfg.min_image_size + 1))
     _assert_one_line(e, "height", str(cfg.image_multiple), str(cfg.min_image_size), str(cfg.max_image_size))
 
 
@@ -224,7 +216,7 @@ def test_size_messages_give_the_allowed_range(odd):
 def test_allowed_sizes_and_latent_dtypes_work(request, name):
     fixture = request.getfixturevalue(name)
     cfg = _cfg(fixture)
-    runtime = _runtime(fixture)
+    runtime = shared_runtime(fixture)
     height = cfg.min_image_size
     width = min(cfg.default_width + cfg.image_multiple, cfg.max_image_size)
     out = runtime(**_call_kwargs(fixture, height=height, width=width))
@@ -237,7 +229,7 @@ def test_allowed_sizes_and_latent_dtypes_work(request, name):
 
 
 def test_condition_image_on_plain_package(tiny):
-    runtime = _runtime(tiny)
+    runtime = shared_runtime(tiny)
     for key in ("condition_image", "canny_image"):
         with pytest.raises(InputError) as e:
             runtime(**_call_kwargs(tiny, **{key: _ref(2)}))
@@ -258,7 +250,7 @@ CN_CASES: list[Case] = [
 @pytest.mark.parametrize("case", CN_CASES, ids=[c[0] for c in CN_CASES])
 def test_bad_call_input_controlnet(tiny_cn, tmp_path, case):
     _, overrides, field_name = case
-    runtime = _runtime(tiny_cn)
+    runtime = shared_runtime(tiny_cn)
     with pytest.raises(InputError) as e:
         runtime(**_call_kwargs(tiny_cn, **overrides(_cfg(tiny_cn), tmp_path)))
     message = _assert_one_line(e, field_name)
@@ -283,7 +275,7 @@ def _odd_mode_images(tmp_path: Path) -> dict[str, Any]:
 
 
 def test_unusual_image_modes_are_converted(tiny, tmp_path):
-    runtime = _runtime(tiny)
+    runtime = shared_runtime(tiny)
     cfg = _cfg(tiny)
     for name, image in _odd_mode_images(tmp_path).items():
         subject = runtime.encode_subject(image, "dog")
@@ -299,7 +291,7 @@ def test_unusual_image_modes_are_converted(tiny, tmp_path):
 
 def test_sixteen_bit_reference_is_not_clipped_white(tiny):
     # A mid-gray 16-bit image must not encode like a white one (Pillow's convert clips 16-bit).
-    runtime = _runtime(tiny)
+    runtime = shared_runtime(tiny)
     gray16 = Image.fromarray(np.full((20, 20), 0x8000, np.uint16))
     gray8 = Image.fromarray(np.full((20, 20), 0x80, np.uint8)).convert("RGB")
     white = Image.new("RGB", (20, 20), (255, 255, 255))
@@ -309,7 +301,7 @@ def test_sixteen_bit_reference_is_not_clipped_white(tiny):
 
 
 def test_encode_subject_bad_input(tiny, tmp_path):
-    runtime = _runtime(tiny)
+    runtime = shared_runtime(tiny)
     with pytest.raises(InputError) as e:
         runtime.encode_subject(_ref(), "")
     _assert_one_line(e, "source_subject_category")
@@ -353,7 +345,7 @@ def test_mix_subjects_non_numeric_weight(weight):
 
 
 def test_subject_and_reference_together(tiny):
-    runtime = _runtime(tiny)
+    runtime = shared_runtime(tiny)
     subject = runtime.encode_subject(_ref(), "dog")
     with pytest.raises(InputError) as e:
         runtime(**_call_kwargs(tiny, subject=subject))
@@ -509,7 +501,7 @@ def test_cli_generate_png_npy_timings_and_latents(tiny, tmp_path, ref_file):
     for stage in ("qformer", "text_encoder", "unet", "vae_decoder", "total"):
         assert stage in stages, proc.stdout
     # the same as the Python API with the same seed
-    api = _runtime(tiny)(**_call_kwargs(tiny, reference_image=str(ref_file), prompt="a photo on the beach",
+    api = shared_runtime(tiny)(**_call_kwargs(tiny, reference_image=str(ref_file), prompt="a photo on the beach",
                                         height=height, width=width, seed=0))
     np.testing.assert_allclose(array, api.images[0], rtol=0, atol=1e-5)
 
@@ -766,7 +758,7 @@ def test_negative_prompt_cache(tiny, monkeypatch):
 
 
 def test_mix_subjects_and_subject_argument(tiny):
-    runtime = _runtime(tiny)
+    runtime = shared_runtime(tiny)
     a = runtime.encode_subject(_ref(1), "dog")
     b = runtime.encode_subject(_ref(2), "dog")
     np.testing.assert_array_equal(BlipDiffusionRuntime.mix_subjects([(a, 1), (b, 0)]).embeddings, a.embeddings)
@@ -793,7 +785,7 @@ def test_mix_subjects_and_subject_argument(tiny):
 def test_batch_equals_single_prompts(request, name):
     fixture = request.getfixturevalue(name)
     cfg = _cfg(fixture)
-    runtime = _runtime(fixture)
+    runtime = shared_runtime(fixture)
     prompts = ["a photo on the beach", "an oil painting in a garden"]
     latents = np.random.default_rng(9).standard_normal(_latent_shape(cfg, batch=len(prompts))).astype(np.float32)
     batched = runtime(**_call_kwargs(fixture, prompt=prompts, latents=latents, guidance_scale=7.5))
@@ -808,7 +800,7 @@ def test_batch_equals_single_prompts(request, name):
 
 
 def test_batch_reference_list_length_mismatch(tiny):
-    runtime = _runtime(tiny)
+    runtime = shared_runtime(tiny)
     with pytest.raises(InputError) as e:
         runtime(**_call_kwargs(tiny, prompt=["a", "b"], reference_image=[_ref(1), _ref(2), _ref(3)]))
     _assert_one_line(e, "reference_image")
