@@ -25,6 +25,7 @@ import numpy as np
 
 from ..components import ComponentSpec
 from ..errors import EngineError, InputError, first_line
+from .ort_install import require_onnxruntime
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ class OnnxRuntimeEngine(Engine):
 
     def __init__(self, spec: ComponentSpec, path: Path, *, threads: int | None = None, graph_optimization: str = "all",
                  optimized_cache: str | Path | None = None, memory_arena: str = "loop", providers: Sequence | None = None):
-        import onnxruntime as ort
+        ort = require_onnxruntime(providers or self.providers)  # one line naming the extra when it is missing
 
         self.spec = spec
         self.path = path
