@@ -33,21 +33,39 @@ def _add_export(sub) -> None:
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
     p.add_argument("--no-cpu-fusions", action="store_true",
                    help="skip the CPU-fused fp32 graphs (onnx/fp32-fused: fused attention for the CPU runtime)")
+    p.add_argument("--gpu-fusions", action="store_true",
+                   help="also write fp16 graphs with ONNX Runtime's CUDA fusions (onnx/fp16-cuda, CUDA provider only)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="components exported at once, one process each (default 1; full size: ~17 GB RAM per job)")
     p.set_defaults(run=_run_export)
 
 
 def _add_fuse(sub) -> None:
-    p = sub.add_parser("fuse", help="add ONNX Runtime's CPU-fused fp32 graphs to an existing package (onnx/fp32-fused)")
+    p = sub.add_parser("fuse", help="add ONNX Runtime's fused graphs to an existing package "
+                                    "(cpu: onnx/fp32-fused, cuda: onnx/fp16-cuda)")
     p.add_argument("package", help="model package directory (written in place)")
+    p.add_argument("--target", choices=["cpu", "cuda"], default="cpu",
+                   help="cpu: fp32 graphs with CPU fusions (default); cuda: fp16 graphs with CUDA fusions")
     p.set_defaults(run=_run_fuse)
 
 
 def _run_fuse(args) -> int:
+    if args.target == "cuda":
+        from .export.gpu_fusions import fuse_package_for_cuda
+
+        _print_gpu_fusions(fuse_package_for_cuda(args.package))
+        return 0
     from .export.cpu_fusions import fuse_package
 
     report = fuse_package(args.package)
     _print_fusions(report)
     return 0
+
+
+def _print_gpu_fusions(report) -> None:
+    for name, entry in report.items():
+        ops = ", ".join(f"{op} {n}" for op, n in entry["fused_ops"].items())
+        print(f"  {name:<20} fp16-cuda ({ops}); numerics: GPU only")
 
 
 def _print_fusions(report) -> None:
@@ -65,10 +83,12 @@ def _run_export(args) -> int:
     report = export_package(
         args.checkpoint, args.out, controlnet=args.controlnet, precisions=args.precision, opset=args.opset,
         force=args.force, allow_pickle=args.allow_pickle, validate=not args.no_validate,
-        max_batch_size=args.max_batch_size, cpu_fusions=not args.no_cpu_fusions,
+        max_batch_size=args.max_batch_size, cpu_fusions=not args.no_cpu_fusions, gpu_fusions=args.gpu_fusions,
+        jobs=args.jobs,
     )
     _print_export_report(report)
     _print_fusions(report.cpu_fused)
+    _print_gpu_fusions(report.gpu_fused)
     return 0
 
 

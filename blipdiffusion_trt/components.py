@@ -175,6 +175,8 @@ class ComponentSpec:
     description: str = ""
     # onnxruntime.transformers optimizer model type for the CPU-fused fp32 graph (None: no such graph).
     cpu_fusion: str | None = None
+    # optimizer model type for the fp16 graph with ONNX Runtime's CUDA fusions (None: no such graph).
+    gpu_fusion: str | None = None
 
     @property
     def input_names(self) -> list[str]:
@@ -206,6 +208,7 @@ class ComponentSpec:
             "atol": self.atol,
             "fp16_min_cosine": self.fp16_min_cosine,
             "cpu_fusion": self.cpu_fusion,
+            "gpu_fusion": self.gpu_fusion,
         }
 
 
@@ -305,10 +308,10 @@ def declare_components(config: PipelineConfig) -> dict[str, ComponentSpec]:
             inputs=unet_io + residuals,
             outputs=noise,
             description="UNet with ControlNet residual inputs",
-            cpu_fusion="unet",
+            cpu_fusion="unet", gpu_fusion="unet",
         ),
         ComponentSpec("unet_plain", inputs=unet_io, outputs=noise, description="UNet without residual inputs",
-                      cpu_fusion="unet"),
+                      cpu_fusion="unet", gpu_fusion="unet"),
     ]
     if config.has_controlnet:
         specs.append(ComponentSpec(
@@ -319,12 +322,13 @@ def declare_components(config: PipelineConfig) -> dict[str, ComponentSpec]:
             ),
             outputs=residuals,
             description="ControlNet: condition image -> UNet residuals (scaled by conditioning_scale)",
-            cpu_fusion="unet",
+            cpu_fusion="unet", gpu_fusion="unet",
         ))
     specs.append(ComponentSpec(
         "vae_decoder",
         inputs=(TensorSpec("latents", "float32", (batch, c, latent_h, latent_w)),),
         outputs=(TensorSpec("image", "float32", (batch, 3, height, width)),),
         description="VAE decoder: unscaled latents -> image in [-1, 1]",
+        gpu_fusion="vae",
     ))
     return {spec.name: spec for spec in specs}

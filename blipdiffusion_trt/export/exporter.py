@@ -11,6 +11,8 @@ A package is a directory that needs neither torch nor diffusers::
     onnx/fp16/<component>.onnx    on request: strongly typed fp16 graphs, fp32 inputs/outputs
     onnx/fp32-fused/<component>.onnx  fp32 graphs with ONNX Runtime's CPU fusions (UNet, ControlNet
                                   attention), used by the CPU runtime (export/cpu_fusions.py)
+    onnx/fp16-cuda/<component>.onnx   on request: fp16 graphs with ONNX Runtime's CUDA fusions (UNet,
+                                  ControlNet, VAE decoder), for the CUDA provider only (export/gpu_fusions.py)
 
 The package is written to a temporary sibling directory and renamed into place at the end, so an
 interrupted export leaves nothing half-written.
@@ -448,6 +450,7 @@ class ExportReport:
     package: Path
     components: dict[str, dict[str, Any]] = field(default_factory=dict)
     cpu_fused: dict[str, dict[str, Any]] = field(default_factory=dict)
+    gpu_fused: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -482,9 +485,16 @@ def export_package(
     validate: bool = True,
     max_batch_size: int = 4,
     cpu_fusions: bool = True,
+    gpu_fusions: bool = False,
+    jobs: int = 1,
     progress: bool = True,
 ) -> ExportReport:
-    """Export every component of a BLIP-Diffusion checkpoint into a self-contained package."""
+    """Export every component of a BLIP-Diffusion checkpoint into a self-contained package.
+
+    ``jobs`` > 1 exports that many components at once, each in a worker process that loads the
+    checkpoint itself (memory: up to ``jobs`` full-size UNet exports, ~17 GB each); CUDA fusions
+    then run in the worker right after their component's graph.
+    """
     from tqdm.auto import tqdm
 
     from .tokenizer_files import export_tokenizer_json, tokenizer_settings
@@ -495,6 +505,8 @@ def export_package(
         raise InputError(f"--precision must list fp32 and optionally fp16, got {','.join(precisions)}")
     if not 14 <= opset <= 21:
         raise InputError(f"--opset must be in [14, 21], got {opset}")
+    if not isinstance(jobs, int) or jobs < 1:
+        raise InputError(f"--jobs must be an integer >= 1, got {jobs!r}")
     out = Path(out).resolve()
     _prepare_output(out, force)
     start = time.perf_counter()
@@ -519,31 +531,35 @@ def export_package(
         vocab = vocab_sizes(pipe)
         for precision in precisions:
             (tmp / "onnx" / precision).mkdir(parents=True)
-        bar = tqdm(list(specs.values()), desc="export", unit="component", disable=not progress)
-        for spec in bar:
-            bar.set_postfix_str(spec.name)
-            module = factories[spec.name]()
-            entry: dict[str, Any] = {}
-            path32 = tmp / "onnx" / "fp32" / f"{spec.name}.onnx"
-            t0 = time.perf_counter()
-            feed = example_inputs(spec, export_point(spec), vocab_sizes=vocab)
-            trace_to_onnx(module, spec, feed, path32, opset)
-            entry["export_seconds"] = round(time.perf_counter() - t0, 2)
-            if validate:
-                entry["validation"] = validate_component(module, spec, path32, vocab)
-            if "fp16" in precisions:
-                path16 = tmp / "onnx" / "fp16" / f"{spec.name}.onnx"
-                convert_fp16(path32, path16)
-                if validate:
-                    entry["fp16_validation"] = validate_fp16(spec, path32, path16, vocab)
-            report.components[spec.name] = entry
-            del module
+        if jobs > 1:
+            # --- parallel export (jobs > 1): one worker process per component at a time ---
+            order = sorted(specs, key=lambda n: -sum(p.numel() for p in factories[n]().parameters()))
+            del pipe, factories
             gc.collect()
-        del pipe, factories
-        gc.collect()
+            report.components, report.gpu_fused = _export_in_parallel(
+                order, jobs, tmp / "onnx", dict(checkpoint=checkpoint, controlnet=controlnet, allow_pickle=allow_pickle,
+                                                max_batch_size=max_batch_size),
+                dict(precisions=precisions, opset=opset, validate=validate), gpu_fusions, progress)
+            report.components = {name: report.components[name] for name in specs}
+            report.gpu_fused = {name: report.gpu_fused[name] for name in specs if name in report.gpu_fused}
+        else:
+            bar = tqdm(list(specs.values()), desc="export", unit="component", disable=not progress)
+            for spec in bar:
+                bar.set_postfix_str(spec.name)
+                module = factories[spec.name]()
+                report.components[spec.name] = export_component(module, spec, tmp / "onnx", vocab, precisions=precisions,
+                                                                opset=opset, validate=validate)
+                del module
+                gc.collect()
+            del pipe, factories
+            gc.collect()
         # After the PyTorch models are gone: fusing the full UNet alone peaks near 14 GB. Each
         # fused graph is checked against its fp32 graph, itself validated against PyTorch above.
         cpu_fused = report.cpu_fused = fuse_graphs(tmp, specs, vocab, progress=progress) if cpu_fusions else {}
+        if gpu_fusions and jobs <= 1:  # fp16 graphs for the CUDA provider; numerics are checked on a GPU (bench/gpu)
+            from .gpu_fusions import fuse_graphs_for_cuda
+
+            report.gpu_fused = fuse_graphs_for_cuda(tmp, specs, progress=progress)
 
         manifest = {
             "format_version": config.to_dict()["format_version"],
@@ -554,6 +570,7 @@ def export_package(
             "tools": tool_versions(),
             "components": {name: {**specs[name].to_dict(), **report.components[name]} for name in specs},
             "cpu_fused": cpu_fused,
+            "gpu_fused": report.gpu_fused,
         }
         manifest["files"] = {
             str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
@@ -565,6 +582,82 @@ def export_package(
         raise
     report.seconds = round(time.perf_counter() - start, 2)
     return report
+
+
+def export_component(module, spec: ComponentSpec, onnx_dir: Path, vocab: dict[str, int], *,
+                     precisions: Iterable[str], opset: int, validate: bool) -> dict[str, Any]:
+    """Trace one component to ``onnx_dir/fp32`` (and ``fp16``), validating each; returns its manifest entry."""
+    entry: dict[str, Any] = {}
+    path32 = onnx_dir / "fp32" / f"{spec.name}.onnx"
+    t0 = time.perf_counter()
+    feed = example_inputs(spec, export_point(spec), vocab_sizes=vocab)
+    trace_to_onnx(module, spec, feed, path32, opset)
+    entry["export_seconds"] = round(time.perf_counter() - t0, 2)
+    if validate:
+        entry["validation"] = validate_component(module, spec, path32, vocab)
+    if "fp16" in precisions:
+        path16 = onnx_dir / "fp16" / f"{spec.name}.onnx"
+        convert_fp16(path32, path16)
+        if validate:
+            entry["fp16_validation"] = validate_fp16(spec, path32, path16, vocab)
+    return entry
+
+
+# Worker processes of a parallel export: each loads the checkpoint once (initializer), then exports
+# the components it is handed.
+_WORKER: dict[str, Any] = {}
+
+
+def _init_export_worker(load_args: dict[str, Any], threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    pipe = load_pipeline(load_args["checkpoint"], load_args["controlnet"], allow_pickle=load_args["allow_pickle"])
+    config = pipeline_config_from(pipe, max_batch_size=load_args["max_batch_size"])
+    _WORKER.update(factories=component_modules(pipe, config), specs=declare_components(config), vocab=vocab_sizes(pipe))
+
+
+def _export_in_worker(name: str, onnx_dir: Path, options: dict[str, Any], gpu_fusions: bool):
+    spec = _WORKER["specs"][name]
+    module = _WORKER["factories"][name]()
+    entry = export_component(module, spec, onnx_dir, _WORKER["vocab"], **options)
+    del module
+    gc.collect()
+    fused = None
+    if gpu_fusions and spec.gpu_fusion:
+        from .gpu_fusions import GPU_FUSED_DIR, fuse_component_for_cuda
+
+        (onnx_dir / GPU_FUSED_DIR).mkdir(exist_ok=True)
+        fused = fuse_component_for_cuda(onnx_dir, spec, onnx_dir / GPU_FUSED_DIR)
+    return name, entry, fused
+
+
+def _export_in_parallel(order: list[str], jobs: int, onnx_dir: Path, load_args: dict[str, Any],
+                        options: dict[str, Any], gpu_fusions: bool, progress: bool):
+    """Export the components in ``order`` (largest first) on ``jobs`` worker processes."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from tqdm.auto import tqdm
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    components: dict[str, Any] = {}
+    fused: dict[str, Any] = {}
+    # spawn: torch's thread pools do not survive fork
+    pool = ProcessPoolExecutor(max_workers=min(jobs, len(order)), mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_export_worker, initargs=(load_args, threads))
+    try:
+        futures = [pool.submit(_export_in_worker, name, onnx_dir, options, gpu_fusions) for name in order]
+        for future in tqdm(as_completed(futures), total=len(futures), desc=f"export ({jobs} jobs)", unit="component",
+                           disable=not progress):
+            name, entry, fused_entry = future.result()
+            components[name] = entry
+            if fused_entry is not None:
+                fused[name] = fused_entry
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return components, {name: fused[name] for name in order if name in fused}
 
 
 def _json_default(value):

@@ -18,6 +18,8 @@ logger = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
 # fp32 graphs with ONNX Runtime CPU fusions (written by export/cpu_fusions.py)
 CPU_FUSED_DIR = "fp32-fused"
+# fp16 graphs with ONNX Runtime CUDA fusions, fp32 inputs/outputs (written by export/gpu_fusions.py)
+GPU_FUSED_DIR = "fp16-cuda"
 
 
 def sha256_file(path: Path) -> str:
@@ -100,6 +102,22 @@ class ModelPackage:
                 if rel in files:
                     _check_digest(self.root / rel, files[rel])
         return path
+
+    def gpu_fused_path(self, component: str) -> Path | None:
+        """``component``'s fp16 graph with ONNX Runtime's CUDA fusions (``onnx/fp16-cuda``), or None.
+
+        Checked against the manifest's sha256 like :meth:`onnx_path`. These graphs hold CUDA-only
+        contrib ops: only the CUDA execution provider runs them.
+        """
+        rel = f"onnx/{GPU_FUSED_DIR}/{component}.onnx"
+        files = self.manifest["files"]
+        if rel not in files:
+            return None
+        if self.verify:
+            for name in (rel, rel + ".data"):
+                if name in files:
+                    _check_digest(self.root / name, files[name])
+        return self.root / rel
 
     def tokenizer_settings(self, folder: str) -> dict[str, Any]:
         return read_json(self.root / folder / "tokenizer_settings.json", PackageError)
