@@ -210,3 +210,12 @@ def test_a_graph_without_the_unet_patterns_is_refused(cuda_package, tmp_path):
     with pytest.raises(ValidationError, match="produced no"):
         fuse_for_cuda(cuda_package / "onnx" / "fp32" / "qformer.onnx", tmp_path / "qformer.onnx", "unet")
     assert not (tmp_path / "qformer.onnx").exists()
+
+
+def test_parallel_export_writes_the_same_graphs_as_the_sequential_one(cuda_package, tiny_cn):
+    """``--jobs 2`` (worker processes) against the fixture's one-process export of the same checkpoint."""
+    parallel = json.loads((cuda_package / MANIFEST_NAME).read_text())["files"]
+    sequential = json.loads((tiny_cn.package / MANIFEST_NAME).read_text())["files"]
+    graphs = [f for f in sequential if f.startswith("onnx/fp32/")]
+    assert graphs and {f: parallel[f] for f in graphs} == {f: sequential[f] for f in graphs}
+    assert parallel["pipeline.json"] == sequential["pipeline.json"]
