@@ -1,0 +1,303 @@
+"""Shared by ``validate.py`` (the orchestrating process) and ``sides.py`` (one measured side per process).
+
+A :class:`Mode` says where things run. ``gpu``: full-size random weights, our ``cuda`` backend on
+fp16 graphs (the CUDA-fused ones where the package has them), diffusers fp16 on CUDA. ``dry-run``:
+the same code on the CPU with a tiny checkpoint, our ``cpu`` backend on fp32 graphs and diffusers
+fp32, so that the script is known to work before a GPU is at hand.
+
+This module imports only the standard library at import time: the side that measures our runtime
+must never import torch (it would also take GPU memory for torch's CUDA context).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+logger = logging.getLogger("bench.gpu")
+
+PROMPT = "swimming underwater"
+NEGATIVE_PROMPT = "low quality, blurry"
+SUBJECT = "dog"
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str  # "gpu" or "dry-run"
+    size: str  # random-checkpoint architecture: "full" or "tiny"
+    device: str  # torch device of the references and of diffusers: "cuda" or "cpu"
+    backend: str  # our runtime's backend: "cuda" or "cpu"
+    precision: str  # our graphs: "fp16" or "fp32"
+    diffusers_dtype: str  # "float16" or "float32"
+    cudnn_conv_algo_search: str = "EXHAUSTIVE"
+
+    @property
+    def gpu(self) -> bool:
+        return self.device == "cuda"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+GPU = Mode("gpu", "full", "cuda", "cuda", "fp16", "float16")
+DRY_RUN = Mode("dry-run", "tiny", "cpu", "cpu", "fp32", "float32")
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generation's settings, the same on every side."""
+
+    height: int
+    width: int
+    steps: int
+    guidance: float
+    seed: int
+    controlnet: bool
+    latent_shape: tuple[int, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "latent_shape": list(self.latent_shape)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Generation":
+        return cls(**{**data, "latent_shape": tuple(data["latent_shape"])})
+
+
+def generation_inputs(gen: Generation):
+    """Reference image, condition image and latents from the seed (numpy; identical on every side)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(gen.seed)
+    reference = Image.fromarray(rng.integers(0, 256, (300, 260, 3), dtype=np.uint8))
+    # a condition image with structure (edges), not noise: ControlNet's typical input
+    yy, xx = np.mgrid[0:gen.height, 0:gen.width]
+    rings = ((np.hypot(yy - gen.height / 2, xx - gen.width / 2) // max(4, gen.height // 16)) % 2 * 255).astype(np.uint8)
+    condition = Image.fromarray(np.stack([rings] * 3, axis=-1)) if gen.controlnet else None
+    latents = rng.standard_normal(gen.latent_shape).astype(np.float32)
+    return reference, condition, latents
+
+
+# ------------------------------------------------------------------------------------------------
+# Our runtime on the mode's backend
+# ------------------------------------------------------------------------------------------------
+
+def cuda_provider_options(mode: Mode, device_id: int = 0) -> dict[str, str]:
+    """CUDA provider options for the measured runs.
+
+    ``use_tf32`` off: fp32 nodes (Casts around the fp16 graph, any fp32 graph) compute in fp32, as
+    the PyTorch references here do. cuDNN's algorithm search is EXHAUSTIVE (ONNX Runtime's default):
+    it costs seconds on the first call of every new shape, which the warm-up absorbs.
+    """
+    return {"device_id": str(device_id), "use_tf32": "0", "cudnn_conv_algo_search": mode.cudnn_conv_algo_search}
+
+
+def graph_path(package, name: str, mode: Mode) -> Path:
+    """The graph our backend runs: on CUDA the CUDA-fused fp16 graph where the package has one."""
+    if mode.gpu:
+        fused = package.gpu_fused_path(name)
+        if fused is not None:
+            return fused
+    return package.onnx_path(name, mode.precision)
+
+
+def needed_components(package) -> list[str]:
+    names = ["qformer", "text_encoder", "text_encoder_plain", "vae_decoder"]
+    return names + (["unet", "controlnet"] if package.config.has_controlnet else ["unet_plain"])
+
+
+def make_engine(package, name: str, mode: Mode, path: Path | None = None):
+    from blipdiffusion_trt.runtime.engine import OnnxRuntimeCudaEngine, OnnxRuntimeEngine
+
+    spec = package.specs[name]
+    path = path or graph_path(package, name, mode)
+    if mode.gpu:
+        return OnnxRuntimeCudaEngine(spec, path, providers=[("CUDAExecutionProvider", cuda_provider_options(mode))])
+    return OnnxRuntimeEngine(spec, path, threads=1)  # dry run on a shared CPU: steady, not fast
+
+
+def load_our_runtime(package_dir: Path, mode: Mode):
+    """Our runtime with the mode's engines (one generation's components), no caches (as diffusers)."""
+    from blipdiffusion_trt.runtime.package import ModelPackage
+    from blipdiffusion_trt.runtime.pipeline import BlipDiffusionRuntime
+
+    if mode.gpu:
+        from blipdiffusion_trt.runtime.ort_install import preload_cuda_libraries
+
+        preload_cuda_libraries()
+    package = ModelPackage.open(package_dir)
+    engines = {name: make_engine(package, name, mode) for name in needed_components(package)}
+    runtime = BlipDiffusionRuntime(package, engines, cache_size=0)
+    runtime._negative_cache.size = 0  # diffusers encodes the negative prompt every call; so do we here
+    return runtime, {name: str(engine.path.relative_to(package.root)) for name, engine in engines.items()}
+
+
+def run_ours(runtime, gen: Generation, reference, condition, latents):
+    return runtime(PROMPT, reference, SUBJECT, SUBJECT, latents=latents, height=gen.height, width=gen.width,
+                   num_inference_steps=gen.steps, guidance_scale=gen.guidance, neg_prompt=NEGATIVE_PROMPT,
+                   scheduler="pndm", output_type="np", condition_image=condition)
+
+
+# ------------------------------------------------------------------------------------------------
+# Numbers
+# ------------------------------------------------------------------------------------------------
+
+def summarize(samples) -> dict[str, float]:
+    values = sorted(float(v) for v in samples)
+
+    def pct(q: float) -> float:
+        pos = (len(values) - 1) * q
+        lo, hi = math.floor(pos), math.ceil(pos)
+        return values[lo] + (values[hi] - values[lo]) * (pos - lo)
+
+    return {"p50": pct(0.5), "p90": pct(0.9), "min": values[0], "max": values[-1], "mean": sum(values) / len(values),
+            "n": len(values)}
+
+
+def compare(got, expected) -> dict[str, Any]:
+    """Cosine, max abs, relative L2 (float64) and finiteness of ``got`` against ``expected`` (lists of arrays)."""
+    import numpy as np
+
+    g = np.concatenate([np.asarray(v, dtype=np.float64).ravel() for v in got])
+    e = np.concatenate([np.asarray(v, dtype=np.float64).ravel() for v in expected])
+    finite = bool(np.isfinite(g).all())
+    ng, ne = np.linalg.norm(g), np.linalg.norm(e)
+    if not finite:
+        cosine = float("nan")
+    elif ng == 0 or ne == 0:
+        cosine = 1.0 if ng == ne else 0.0
+    else:
+        cosine = float(g @ e / (ng * ne))
+    diff = np.abs(g - e)
+    return {"cosine": cosine, "max_abs": float(diff.max()) if diff.size else 0.0,
+            "rel_l2": float(np.linalg.norm(g - e) / ne) if ne else float(ng), "finite": finite,
+            "max_abs_reference": float(np.abs(e).max()) if e.size else 0.0}
+
+
+def psnr(a, b) -> float:
+    """PSNR (dB) of two images in [0, 1]; inf when identical."""
+    import numpy as np
+
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+# ------------------------------------------------------------------------------------------------
+# Memory, measured the same way for every side
+# ------------------------------------------------------------------------------------------------
+
+class MemorySampler:
+    """Peak memory over a side's life, minus what was in use before it loaded anything.
+
+    GPU: the device's used memory from NVML, polled every 10 ms in a thread (it sees every
+    allocator: ONNX Runtime's arena, cuDNN/cuBLAS workspaces, torch's caching allocator and CUDA
+    contexts, which ``torch.cuda.max_memory_reserved`` would miss). Each side runs in its own
+    process on an otherwise idle GPU, so the device figure is that process's. CPU (dry run): the
+    process's peak RSS (VmHWM) minus its RSS at start.
+    """
+
+    def __init__(self, gpu: bool, interval: float = 0.01):
+        self.gpu = gpu
+        self.interval = interval
+        self.method = None
+        self.baseline = 0.0
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._read: Callable[[], float] | None = None
+
+    def start(self) -> "MemorySampler":
+        if self.gpu:
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+                self._read = lambda: pynvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20
+                self.method = "NVML device memory used, peak minus before loading (own process, idle GPU)"
+            except Exception as error:  # noqa: BLE001 -- no NVML: report no figure rather than a wrong one
+                logger.warning("GPU memory not measured: NVML unavailable (%s)", error)
+                return self
+        else:
+            self._read = _rss_mb
+            self.method = "peak RSS (VmHWM) minus RSS at start"
+        self.baseline = self.peak = self._read()
+        if self.gpu:
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self._read())
+
+    def stop(self) -> dict[str, Any]:
+        if self._read is None:
+            return {"mb": None, "method": None}
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        peak = max(self.peak, self._read()) if self.gpu else _peak_rss_mb()
+        return {"mb": round(peak - self.baseline, 1), "method": self.method, "baseline_mb": round(self.baseline, 1)}
+
+
+def _status_mb(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024.0
+    return 0.0
+
+
+def _rss_mb() -> float:
+    return _status_mb("VmRSS")
+
+
+def _peak_rss_mb() -> float:
+    return _status_mb("VmHWM")
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Atomically (temporary file, then rename): a run killed at its time limit leaves the last
+    complete results, never half a file."""
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default, allow_nan=True))
+    os.replace(tmp, path)
+
+
+def _json_default(value):
+    try:
+        import numpy as np
+
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, np.ndarray):
+            return value.tolist()
+    except ImportError:
+        pass
+    return str(value)
+
+
+class Budget:
+    """Wall-clock budget of the whole run: optional steps run only when their estimate still fits."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.start = time.monotonic()
+
+    @property
+    def used(self) -> float:
+        return time.monotonic() - self.start
+
+    @property
+    def left(self) -> float:
+        return self.seconds - self.used
+
+    def fits(self, estimate: float) -> bool:
+        return self.left >= estimate
