@@ -103,7 +103,7 @@ def _reinit(module: nn.Module, generator: torch.Generator) -> None:
     """Fan-in scaled normal weights, small biases, unit-scale embeddings, near-1 norm gains."""
 
     def normal_(tensor: torch.Tensor, std: float) -> None:
-        tensor.copy_(torch.randn(tensor.shape, generator=generator) * std)
+        tensor.copy_(torch.randn(tensor.shape, generator=generator, device=generator.device) * std)
 
     for layer in module.modules():
         if isinstance(layer, (nn.Linear, nn.Conv2d)):
@@ -130,10 +130,11 @@ def make_controlnet_sensitive(controlnet, generator: torch.Generator) -> None:
 @torch.no_grad()
 def make_sensitive(pipe, seed: int = 0) -> None:
     """Re-initialise all weights so every pipeline input matters (see module docstring)."""
-    generator = torch.Generator().manual_seed(seed)
+    device = pipe.unet.device  # where the modules are (the CPU, or a GPU: builds full size in seconds)
+    generator = torch.Generator(device).manual_seed(seed)
 
     def normal_(tensor: torch.Tensor, std: float) -> None:
-        tensor.copy_(torch.randn(tensor.shape, generator=generator) * std)
+        tensor.copy_(torch.randn(tensor.shape, generator=generator, device=device) * std)
 
     for module in (pipe.text_encoder, pipe.qformer, pipe.unet, pipe.vae):
         _reinit(module, generator)
@@ -145,8 +146,8 @@ def make_sensitive(pipe, seed: int = 0) -> None:
     # UNet gives) and decoded images mostly inside [-1, 1], so the final clip does not hide changes.
     unet, vae = pipe.unet, pipe.vae
     size = unet.config.sample_size
-    latents = torch.randn((2, unet.config.in_channels, size, size), generator=generator)
-    hidden = torch.randn((2, 8, unet.config.cross_attention_dim), generator=generator)
+    latents = torch.randn((2, unet.config.in_channels, size, size), generator=generator, device=device)
+    hidden = torch.randn((2, 8, unet.config.cross_attention_dim), generator=generator, device=device)
     out = unet(latents, 500, encoder_hidden_states=hidden).sample
     unet.conv_out.weight.div_(out.std())
     unet.conv_out.bias.zero_()
@@ -164,6 +165,7 @@ def build_random_checkpoint(
     std: list[float] | None = None,
     seed: int = 0,
     sensitive: bool = True,
+    device: str = "cpu",
 ) -> Path:
     """Build a random-weight BLIP-Diffusion (ControlNet) pipeline and ``save_pretrained`` it.
 
@@ -171,6 +173,9 @@ def build_random_checkpoint(
     tokenizer is written inside the checkpoint and ``qformer/config.json`` points at it, because
     ``Blip2QFormerModel.__init__`` loads its tokenizer from ``config.tokenizer`` (a hub id in the
     real checkpoint); the checkpoint therefore must not be moved after it is built.
+
+    ``device``: where the modules are created and initialised ("cuda" builds the full-size
+    checkpoint in seconds instead of minutes; other random values than on the CPU, same method).
     """
     from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, UNet2DConditionModel
     from diffusers.pipelines import BlipDiffusionControlNetPipeline, BlipDiffusionPipeline
@@ -194,10 +199,12 @@ def build_random_checkpoint(
         qformer_kwargs["qformer_config"].get("vocab_size", 0), qformer_vocab_size(bert_dir)
     )
 
-    text_encoder = ContextCLIPTextModel(CLIPTextConfig(**config["text_encoder"]["kwargs"]))
-    qformer = Blip2QFormerModel(Blip2Config(**qformer_kwargs, tokenizer=str(bert_dir)))
-    unet = UNet2DConditionModel(**config["unet"]["kwargs"])
-    vae = AutoencoderKL(**config["vae"]["kwargs"])
+    with torch.device(device):  # parameters created, and default-initialised, on the device
+        text_encoder = ContextCLIPTextModel(CLIPTextConfig(**config["text_encoder"]["kwargs"]))
+        qformer = Blip2QFormerModel(Blip2Config(**qformer_kwargs, tokenizer=str(bert_dir)))
+        unet = UNet2DConditionModel(**config["unet"]["kwargs"])
+        vae = AutoencoderKL(**config["vae"]["kwargs"])
+        cn_model = ControlNetModel(**config["controlnet"]["kwargs"]) if controlnet else None
     scheduler = PNDMScheduler(**config["scheduler"]["kwargs"])
     image_processor = BlipImageProcessor(**config["image_processor"]["kwargs"])
     tokenizer = CLIPTokenizer.from_pretrained(clip_dir)
@@ -206,7 +213,7 @@ def build_random_checkpoint(
         qformer=qformer, image_processor=image_processor, mean=mean, std=std,
     )
     if controlnet:
-        components["controlnet"] = ControlNetModel(**config["controlnet"]["kwargs"])
+        components["controlnet"] = cn_model
         pipe = BlipDiffusionControlNetPipeline(**components)
     else:
         pipe = BlipDiffusionPipeline(**components)
@@ -215,6 +222,7 @@ def build_random_checkpoint(
             module.eval()
     if sensitive:
         make_sensitive(pipe, seed)
+    pipe.to("cpu")
     pipe.save_pretrained(out_dir, safe_serialization=True)
     _remove_tree(clip_dir)
     logger.info("wrote random-weight %s checkpoint to %s", type(pipe).__name__, out_dir)
