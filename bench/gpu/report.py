@@ -146,6 +146,13 @@ def markdown(data: dict[str, Any]) -> str:
                      f"{_fmt_time(floor['floor_s'])} per call." if floor.get("ceiling_tflops") else ".")]
         for side, fraction in floor.get("fraction", {}).items():
             lines.append(f"- {sides.get(side, {}).get('label', side)}: {fraction:.1%} of the floor")
+    graphs = sides.get("ours", {}).get("cuda_graphs") if sides else None
+    if graphs:
+        lines += ["", "ONNX Runtime CUDA graphs (`enable_cuda_graph`, device-bound I/O), per component:", "",
+                  "| component | captured | replay p50 | max abs vs eager | note |", "|---|---|---:|---:|---|"]
+        for name, g in graphs.items():
+            lines.append(f"| {name} | {'yes' if g['ok'] else 'no'} | {_fmt_time(g['replay']['p50']) if g['ok'] else '–'} | "
+                         f"{g['max_abs_vs_eager']:.3g} | |" if g["ok"] else f"| {name} | no | – | – | {g['error']} |")
     lines += ["", "| step | status | seconds |", "|---|---|---:|"]
     for name, phase in data.get("phases", {}).items():
         lines.append(f"| {name} | {phase['status']} | {phase['seconds']:.1f} |")

@@ -131,6 +131,55 @@ def component_point(package, name: str, gen: Generation) -> dict[str, int]:
     return point
 
 
+def cuda_graph_probe(package, engines: dict, mode: Mode, gen: Generation, runs: int = 5) -> dict[str, Any]:
+    """Which components run under ONNX Runtime CUDA graphs (``enable_cuda_graph``), and how fast.
+
+    CUDA graphs need every node on the CUDA provider, static shapes and fixed input/output
+    addresses: inputs and preallocated outputs are bound as device OrtValues, the first run
+    captures, later runs replay. Each result is compared with the engine's eager output. This is
+    the data for choosing which components the CUDA engine captures (not used in the timings above).
+    """
+    import numpy as np
+    import onnxruntime as ort
+
+    from blipdiffusion_trt.export.exporter import example_inputs
+
+    results: dict[str, Any] = {}
+    for name in ("unet_plain", "unet", "controlnet", "vae_decoder", "text_encoder", "qformer"):
+        if name not in engines:
+            continue
+        spec = package.specs[name]
+        point = component_point(package, name, gen)
+        feed = example_inputs(spec, point, vocab_sizes=vocab(package), seed=12)
+        try:
+            options = {**common.cuda_provider_options(mode), "enable_cuda_graph": "1"}
+            session = ort.InferenceSession(str(engines[name].path), providers=[("CUDAExecutionProvider", options)])
+            binding = session.io_binding()
+            inputs = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), "cuda", 0) for k, v in feed.items()}
+            outputs = {t.name: ort.OrtValue.ortvalue_from_shape_and_type(list(t.shape_at(point)), np.float32, "cuda", 0)
+                       for t in spec.outputs}
+            for key, value in inputs.items():
+                binding.bind_ortvalue_input(key, value)
+            for key, value in outputs.items():
+                binding.bind_ortvalue_output(key, value)
+            start = time.perf_counter()
+            session.run_with_iobinding(binding)  # captures
+            first = time.perf_counter() - start
+            samples = []
+            for _ in range(runs):
+                start = time.perf_counter()
+                session.run_with_iobinding(binding)
+                samples.append(time.perf_counter() - start)
+            eager = engines[name].infer(feed)
+            diff = max(float(np.max(np.abs(outputs[k].numpy().astype(np.float64) - np.asarray(eager[k], np.float64))))
+                       for k in spec.output_names)
+            results[name] = {"ok": True, "first_run_s": first, "replay": summarize(samples), "max_abs_vs_eager": diff}
+            del session, binding, inputs, outputs
+        except Exception as error:  # noqa: BLE001 -- a refusal is the finding
+            results[name] = {"ok": False, "error": f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}"}
+    return results
+
+
 def vocab(package) -> dict[str, int]:
     from blipdiffusion_trt.export.cpu_fusions import package_vocab_sizes
 
@@ -169,6 +218,8 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
     gen = Generation.from_dict(spec["generations"]["controlnet"])
     engines = {**cn_runtime.engines, "unet_plain": plain_engines["unet_plain"]}
     np.savez(spec["components"], **component_outputs(cn_runtime.package, engines, mode, gen))
+    if mode.gpu and spec.get("cuda_graph_probe"):
+        result["cuda_graphs"] = cuda_graph_probe(cn_runtime.package, engines, mode, gen)
     return result
 
 

@@ -18,7 +18,8 @@ In one run, inside a wall-clock budget (default 540 s, including the weights and
    against diffusers fp16 and fp32 with identical latents (PSNR);
 6. the physical floor: UNet FLOPs per guidance step from the graph, the fp16 matrix-product rate
    measured here, and the fraction of that floor each side reaches;
-7. diffusers with ``torch.compile`` when the budget still allows.
+7. diffusers with ``torch.compile``, and which components ONNX Runtime runs under CUDA graphs,
+   when the budget still allows.
 
 Results go to ``OUT/validation.json`` and ``OUT/validation.md`` after every step (a run stopped
 by its time limit keeps what it finished). The dry run uses our ``cpu`` backend on the fp32
@@ -401,7 +402,8 @@ def main(argv=None) -> int:
     runs = args.runs or (3 if mode.gpu else 1)
     spec = {"mode": mode.to_dict(), "generations": {k: g.to_dict() for k, g in gens.items()}, "warmup": 1, "runs": runs,
             "stage_runs": max(3, runs), "package_controlnet": str(package), "package_plain": str(plain),
-            "checkpoint": str(checkpoint), "components": str(work / "components.npz")}
+            "checkpoint": str(checkpoint), "components": str(work / "components.npz"),
+            "cuda_graph_probe": mode.gpu and budget.fits(ESTIMATES["ours"] + ESTIMATES["diffusers"] + ESTIMATES["accuracy"] + 60)}
     sides_run = run.data.setdefault("sides", {})
     for side in ("ours", "diffusers"):
         if not budget.fits(ESTIMATES[side] * (0.2 if not mode.gpu else 1.0)):
