@@ -219,3 +219,13 @@ def test_parallel_export_writes_the_same_graphs_as_the_sequential_one(cuda_packa
     graphs = [f for f in sequential if f.startswith("onnx/fp32/")]
     assert graphs and {f: parallel[f] for f in graphs} == {f: sequential[f] for f in graphs}
     assert parallel["pipeline.json"] == sequential["pipeline.json"]
+
+
+def test_cli_errors_are_one_line(tiny_cn, tmp_path):
+    result = _cli("export", tiny_cn.checkpoint, "--out", tmp_path / "pkg", "--jobs", "0", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: --jobs must be an integer >= 1, got 0"]
+    assert not (tmp_path / "pkg").exists()
+    result = _cli("fuse", tmp_path / "missing", "--target", "cuda", cwd=tmp_path)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "does not exist" in result.stderr
