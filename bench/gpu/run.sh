@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Device side of the GPU validation (bench/gpu/README.md): run from the repository root.
 #
-#   bash bench/gpu/run.sh stash          keep the carried piece(s) of .gpu-carry/ for the next call
-#   bash bench/gpu/run.sh run [ARGS...]  stash, check every piece, unpack, run validate.py ARGS
+#   bash bench/gpu/run.sh stash            keep the carried piece(s) of .gpu-carry/ for the next call
+#   bash bench/gpu/run.sh run [ARGS...]    stash, check every piece, unpack, run validate.py ARGS
+#   bash bench/gpu/run.sh measure [ARGS..] run validate.py ARGS with the site unpacked by an earlier run
 #
 # Pieces are kept in $STASH (outside the working tree, which each call replaces) while the machine
 # stays warm between back-to-back calls. Results go to $OUT (the device tool's output folder) when
@@ -48,17 +49,20 @@ with tarfile.open(fileobj=sys.stdin.buffer, mode="r|xz") as archive:
 case "${1:-}" in
   stash)
     stash ;;
-  run)
+  run|measure)
+    if [ "$1" = run ] || [ ! -f "$SITE/CARRIED_WHEELS.txt" ]; then
+      if ls .gpu-carry/site.tar.xz.part-* >/dev/null 2>&1; then stash; fi
+      unpack
+    fi
     shift
-    if ls .gpu-carry/site.tar.xz.part-* >/dev/null 2>&1; then stash; fi
-    unpack
     # the carried pins first, then this checkout (not installed); the machine's own packages after
     export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
     set +e
-    python3 bench/gpu/validate.py --out "$RESULTS" --work "$WORK" "$@" 2>&1 | tee "$RESULTS/validate.log"
+    log="$RESULTS/validate.log"; [ -f "$log" ] && log="$RESULTS/validate-2.log"
+    python3 bench/gpu/validate.py --out "$RESULTS" --work "$WORK" "$@" 2>&1 | tee "$log"
     status=${PIPESTATUS[0]}
     exit "$status" ;;
   *)
-    echo "usage: bash bench/gpu/run.sh stash | run [validate.py arguments]"; exit 2 ;;
+    echo "usage: bash bench/gpu/run.sh stash | run [validate.py arguments] | measure [validate.py arguments]"; exit 2 ;;
 esac

@@ -66,6 +66,10 @@ def parse_args(argv):
     p.add_argument("--jobs", type=int, help="parallel export processes (default: 4 on a GPU machine, 2 in a dry run)")
     p.add_argument("--checkpoint", type=Path,
                    help="an existing BLIP-Diffusion ControlNet checkpoint to use instead of building random weights")
+    p.add_argument("--package", type=Path,
+                   help="that checkpoint's exported ControlNet package (with --gpu-fusions) instead of exporting it")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="stop after the checkpoint and the export, keeping them in --work for a later --checkpoint/--package run")
     p.add_argument("--steps", type=int, help="PNDM steps (default 25; dry run 3)")
     p.add_argument("--size", type=int, help="image height and width (default 512; dry run: the package's default)")
     p.add_argument("--runs", type=int, help="timed generations per pipeline (default 3; dry run 1)")
@@ -390,10 +394,19 @@ def main(argv=None) -> int:
     else:
         checkpoint = run.phase("checkpoint", build_checkpoint, work, mode)
     jobs = args.jobs or (4 if mode.gpu else 2)
-    exported = run.phase("export", export, checkpoint, work, mode, jobs) if checkpoint else None
+    if args.package:
+        package = args.package.resolve()
+        exported = {"package": str(package), "plain_package": str(plain_view(package, work / "plain-package-view"))}
+        run.data["phases"]["export"] = {"status": f"given: {package.name}", "seconds": 0.0}
+    else:
+        exported = run.phase("export", export, checkpoint, work, mode, jobs) if checkpoint else None
     if not exported:
         return 1
     run.data["export"] = exported
+    if args.prepare_only:
+        run.save()
+        logger.info("prepared in %.0f s: --checkpoint %s --package %s", budget.used, checkpoint, exported["package"])
+        return 0
     package, plain = Path(exported["package"]), Path(exported["plain_package"])
     gens = generations(package, mode, args)
     run.data["generations"] = {k: g.to_dict() for k, g in gens.items()}
@@ -432,7 +445,7 @@ def main(argv=None) -> int:
         run.data["flops"] = flops
     run.data["tensorrt_imported"] = sys.modules.get("tensorrt") is not None
     run.save()
-    if not args.keep_work:
+    if not args.keep_work and not (args.checkpoint or args.package):
         shutil.rmtree(work, ignore_errors=True)
     print(report.markdown(run.data))
     failed = [name for name, p in run.data["phases"].items() if p["status"].startswith("failed")]
