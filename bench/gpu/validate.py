@@ -60,7 +60,8 @@ ESTIMATES = {"ours": 90.0, "diffusers": 60.0, "accuracy": 60.0, "compile": 150.0
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="folder for validation.json / validation.md")
-    p.add_argument("--work", type=Path, help="checkpoint, package and intermediate files (default OUT/work)")
+    p.add_argument("--work", type=Path,
+                   help="scratch folder: checkpoint, package, intermediate files; removed at the end (default OUT/work)")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny checkpoint, cpu backend: checks the script itself")
     p.add_argument("--budget", type=float, default=540.0, help="wall-clock seconds for the whole run (default 540)")
     p.add_argument("--jobs", type=int, help="parallel export processes (default: 4 on a GPU machine, 2 in a dry run)")
@@ -445,7 +446,7 @@ def main(argv=None) -> int:
         run.data["flops"] = flops
     run.data["tensorrt_imported"] = sys.modules.get("tensorrt") is not None
     run.save()
-    if not args.keep_work and not (args.checkpoint or args.package):
+    if not args.keep_work:  # scratch, also when a --prepare-only run left the checkpoint and package there
         shutil.rmtree(work, ignore_errors=True)
     print(report.markdown(run.data))
     failed = [name for name, p in run.data["phases"].items() if p["status"].startswith("failed")]
