@@ -32,7 +32,8 @@ stash() {
 
 unpack() {
   local missing
-  missing="$( (cd "$STASH" && sha256sum --check --quiet SHA256SUMS 2>&1) | sed -n 's/: .*//p' | sort -u | tr '\n' ' ' || true)"
+  missing="$( (cd "$STASH" && sha256sum --check --quiet SHA256SUMS 2>&1) | grep -v '^sha256sum:' \
+             | sed -n 's/: .*//p' | sort -u | tr '\n' ' ' || true)"
   if [ -n "$missing" ]; then
     echo "error: pieces missing or damaged here: ${missing}(the machine was given back between calls?); carry them again"
     exit 3
