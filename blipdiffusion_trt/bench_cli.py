@@ -1157,11 +1157,12 @@ def _progress(total: int, enabled: bool):
 
 
 def run_bench(args) -> int:
-    from .components import PipelineConfig, declare_components
+    from .components import declare_components
     from .errors import InputError
+    from .package import read_pipeline_config
 
     inputs = prepare_inputs(args)
-    config = PipelineConfig.load(inputs.package)
+    config = read_pipeline_config(inputs.package)
     settings = resolve_settings(args, config, inputs)
     backends = args.backends or default_backends()
     from .runtime.engine import BACKENDS
@@ -1311,6 +1312,8 @@ def _json_default(value):
 
 def count_package_flops(package: Path, config, specs, settings: Settings, implementations) -> dict[str, Any]:
     """FLOPs of every loaded component at the shapes the benchmark fed it."""
+    from .package import PackageLayout
+
     recorded: dict[str, dict[str, list[int]]] = {}
     for impl in implementations.values():
         for name, shapes in impl.get("feed_shapes", {}).items():
@@ -1321,7 +1324,7 @@ def count_package_flops(package: Path, config, specs, settings: Settings, implem
     for name in names:
         shapes = recorded.get(name) or component_input_shapes(specs[name], config, batch=settings.batch,
                                                               height=settings.height, width=settings.width)
-        path = package / "onnx" / settings.precision / f"{name}.onnx"
+        path = PackageLayout(package).graph(name, settings.precision)
         try:
             counted = count_flops(path, shapes)
         except Exception as error:  # noqa: BLE001 -- a figure missing is better than no report

@@ -159,9 +159,9 @@ def test_session_options_script_runs(tiny, tmp_path):
     script = Path(__file__).resolve().parents[1] / "bench" / "session_options.py"
     out = tmp_path / "rows.json"
     variants = ["default", "arena=off", "graphs=fp32-fused"]
-    from blipdiffusion_trt.components import PipelineConfig
+    from blipdiffusion_trt.package import read_pipeline_config
 
-    size = PipelineConfig.load(tiny.package).default_height
+    size = read_pipeline_config(tiny.package).default_height
     proc = subprocess.run([sys.executable, str(script), str(tiny.package), "--components", "unet_plain,vae_decoder",
                            "--size", str(size), "--runs", "1", "--variants", *variants, "--json", str(out)],
                           capture_output=True, text=True, timeout=300)

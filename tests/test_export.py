@@ -37,14 +37,9 @@ ort = pytest.importorskip("onnxruntime", reason="export tests need onnxruntime")
 from onnx import numpy_helper  # noqa: E402
 
 from blipdiffusion_trt.components import Axis, ComponentSpec, PipelineConfig, declare_components  # noqa: E402
-from blipdiffusion_trt.export.exporter import (  # noqa: E402
-    MANIFEST_NAME,
-    export_point,
-    second_point,
-    sha256_file,
-)
-
-from blipdiffusion_trt.runtime.package import CPU_FUSED_DIR  # noqa: E402
+from blipdiffusion_trt.export.exporter import export_point, second_point  # noqa: E402
+from blipdiffusion_trt.package import read_pipeline_config, sha256_file  # noqa: E402
+from blipdiffusion_trt.package.layout import CPU_FUSED, MANIFEST  # noqa: E402
 
 from conftest import CHECKPOINTS, Fixture, load_diffusers  # noqa: E402
 
@@ -73,7 +68,7 @@ def _graph(fixture: Fixture, name: str, precision: str = "fp32") -> Path:
 
 
 def _config(fixture: Fixture) -> PipelineConfig:
-    return PipelineConfig.load(fixture.package)
+    return read_pipeline_config(fixture.package)
 
 
 def _specs(fixture: Fixture) -> dict[str, ComponentSpec]:
@@ -81,12 +76,12 @@ def _specs(fixture: Fixture) -> dict[str, ComponentSpec]:
 
 
 # the plain fp32 graphs, and the fp32 graphs with ONNX Runtime's CPU fusions (export/cpu_fusions.py)
-GRAPH_VARIANTS = ["fp32", CPU_FUSED_DIR]
+GRAPH_VARIANTS = ["fp32", CPU_FUSED]
 
 
 def _run_graph(fixture: Fixture, spec: ComponentSpec, feed: dict[str, np.ndarray], precision: str = "fp32"):
     assert set(feed) == set(spec.input_names), (sorted(feed), spec.input_names)
-    if precision == CPU_FUSED_DIR:
+    if precision == CPU_FUSED:
         # the variant must exist and hold fused attention: otherwise this test would silently
         # re-test the plain graph
         ops = {n.op_type for n in onnx.load(str(_graph(fixture, spec.name, precision)), load_external_data=False).graph.node}
@@ -413,7 +408,7 @@ _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorPro
 @pytest.mark.parametrize("name,component", FP16_CASES)
 def test_fp16_graph(name, component, request):
     fixture = request.getfixturevalue(name)
-    manifest = json.loads((fixture.package / MANIFEST_NAME).read_text())
+    manifest = json.loads((fixture.package / MANIFEST).read_text())
     assert "fp16" in manifest["precisions"]
     spec = _specs(fixture)[component]
     path16 = _graph(fixture, component, "fp16")
@@ -457,8 +452,8 @@ def test_fp16_graph(name, component, request):
 
 def test_manifest_files_and_sha256(any_fixture):
     package = any_fixture.package
-    manifest = json.loads((package / MANIFEST_NAME).read_text())
-    on_disk = {p.relative_to(package).as_posix() for p in package.rglob("*") if p.is_file()} - {MANIFEST_NAME}
+    manifest = json.loads((package / MANIFEST).read_text())
+    on_disk = {p.relative_to(package).as_posix() for p in package.rglob("*") if p.is_file()} - {MANIFEST}
     assert set(manifest["files"]) == on_disk
     for rel, digest in manifest["files"].items():
         assert sha256_file(package / rel) == digest, f"{rel}: sha256 differs from the manifest"
@@ -467,13 +462,13 @@ def test_manifest_files_and_sha256(any_fixture):
     graphs = {f"onnx/{p}/{n}.onnx" for p in manifest["precisions"] for n in specs}
     fused = {n for n, spec in specs.items() if spec.cpu_fusion}
     assert fused and set(manifest["cpu_fused"]) == fused
-    graphs |= {f"onnx/{CPU_FUSED_DIR}/{n}.onnx" for n in fused}
+    graphs |= {f"onnx/{CPU_FUSED}/{n}.onnx" for n in fused}
     assert {f for f in on_disk if f.startswith("onnx/")} == graphs
     assert manifest["precisions"] == list(CHECKPOINTS[any_fixture.name][3])
 
 
 def test_manifest_components_equal_declarations(any_fixture):
-    manifest = json.loads((any_fixture.package / MANIFEST_NAME).read_text())
+    manifest = json.loads((any_fixture.package / MANIFEST).read_text())
     specs = _specs(any_fixture)
     assert list(manifest["components"]) == list(specs)
     for name, spec in specs.items():
@@ -551,7 +546,7 @@ def test_odd_fixture_is_unusual(name, request):
 
 
 def test_onnx_io_equals_declarations(any_fixture):
-    manifest = json.loads((any_fixture.package / MANIFEST_NAME).read_text())
+    manifest = json.loads((any_fixture.package / MANIFEST).read_text())
     specs = _specs(any_fixture)
     for precision in manifest["precisions"]:
         for name, spec in specs.items():
@@ -723,7 +718,7 @@ def test_cli_export_force_replaces(tmp_path, tiny):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert not (out / "old.txt").exists()
-    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    manifest = json.loads((out / MANIFEST).read_text())
     for rel, digest in manifest["files"].items():
         assert sha256_file(out / rel) == digest
     assert list(manifest["components"]) == list(_specs(tiny))
@@ -760,21 +755,21 @@ def test_cli_fuse_adds_cpu_fused_graphs_to_a_package(tmp_path, tiny):
     out = tmp_path / "pkg"
     result = _cli(tiny.checkpoint, "--out", out, "--no-validate", "--no-cpu-fusions", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert not (out / "onnx" / CPU_FUSED_DIR).exists()
+    assert not (out / "onnx" / CPU_FUSED).exists()
     plain = BlipDiffusionRuntime.from_package(out)
     assert all("/fp32/" in e.path.as_posix() for e in plain.engines.values())
 
     result = _fuse_cli(out, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    manifest = json.loads((out / MANIFEST_NAME).read_text())
-    fused_files = sorted(f for f in manifest["files"] if f.startswith(f"onnx/{CPU_FUSED_DIR}/"))
-    assert fused_files == sorted(p.relative_to(out).as_posix() for p in (out / "onnx" / CPU_FUSED_DIR).iterdir())
+    manifest = json.loads((out / MANIFEST).read_text())
+    fused_files = sorted(f for f in manifest["files"] if f.startswith(f"onnx/{CPU_FUSED}/"))
+    assert fused_files == sorted(p.relative_to(out).as_posix() for p in (out / "onnx" / CPU_FUSED).iterdir())
     assert fused_files and all(sha256_file(out / f) == manifest["files"][f] for f in fused_files)
     assert set(manifest["cpu_fused"]) == {n for n, s in _specs(tiny).items() if s.cpu_fusion}
     assert [p.name for p in (out / "onnx").iterdir() if p.name.startswith(".")] == [], "scratch left behind"
 
     fused = BlipDiffusionRuntime.from_package(out)
-    assert f"/{CPU_FUSED_DIR}/" in fused.engines["unet_plain"].path.as_posix()
+    assert f"/{CPU_FUSED}/" in fused.engines["unet_plain"].path.as_posix()
     assert "/fp32/" in BlipDiffusionRuntime.from_package(out, cpu_fused=False).engines["unet_plain"].path.as_posix()
     config = _config(tiny)
     rng = np.random.default_rng(7)

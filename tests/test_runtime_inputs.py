@@ -29,7 +29,8 @@ from blipdiffusion_trt.components import PipelineConfig
 from blipdiffusion_trt.errors import InputError, PackageError
 from blipdiffusion_trt.runtime import images as imgs
 from blipdiffusion_trt.runtime.engine import BACKENDS
-from blipdiffusion_trt.runtime.package import CPU_FUSED_DIR, ModelPackage
+from blipdiffusion_trt.package import ModelPackage, read_pipeline_config
+from blipdiffusion_trt.package.layout import CPU_FUSED
 from blipdiffusion_trt.runtime.pipeline import MAX_STEPS, BlipDiffusionRuntime, SubjectEmbedding
 
 from conftest import shared_runtime  # noqa: E402
@@ -43,7 +44,7 @@ STEPS = 2
 # --------------------------------------------------------------------------------------------
 
 def _cfg(fixture) -> PipelineConfig:
-    return PipelineConfig.load(fixture.package)
+    return read_pipeline_config(fixture.package)
 
 
 def _ref(seed: int = 0, size: tuple[int, int] = (24, 20)) -> Image.Image:
@@ -417,7 +418,7 @@ def test_package_with_an_altered_byte(tiny, tmp_path, relpath):
         folder, name = Path(relpath).parent.name, Path(relpath).stem
         infos = []
         with pytest.raises(PackageError) as e:
-            package.onnx_path(name, "fp32", cpu_fused=folder == CPU_FUSED_DIR)
+            package.onnx_path(name, "fp32", cpu_fused=folder == CPU_FUSED)
         infos.append(e)
         with pytest.raises(PackageError) as e:
             BlipDiffusionRuntime.from_package(copy)
@@ -531,7 +532,7 @@ def test_cli_generate_errors(tiny, tmp_path, ref_file):
     not_npy.write_text("hello")
     corrupt = _corrupt_file(tmp_path)
     altered = _copy_package(tiny, tmp_path)
-    unet = altered / "onnx" / CPU_FUSED_DIR / "unet_plain.onnx"  # the graph the cpu runtime loads
+    unet = altered / "onnx" / CPU_FUSED / "unet_plain.onnx"  # the graph the cpu runtime loads
     data = bytearray(unet.read_bytes())
     data[-1] ^= 0xFF
     unet.write_bytes(bytes(data))
@@ -811,7 +812,7 @@ def test_batch_reference_list_length_mismatch(tiny):
 
 def _latents_and_reference(fixture, seed: int):
     """Latents of the package's default size and a small reference image, from ``seed``."""
-    config = PipelineConfig.load(fixture.package)
+    config = read_pipeline_config(fixture.package)
     rng = np.random.default_rng(seed)
     latents = rng.standard_normal(
         (1, config.latent_channels, config.default_height // config.latent_scale_factor,

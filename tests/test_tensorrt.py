@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 
 from blipdiffusion_trt.components import PipelineConfig, controlnet_residual_shapes, declare_components
+from blipdiffusion_trt.package import read_pipeline_config
 from blipdiffusion_trt.engines import build as trt_build
 from blipdiffusion_trt.engines.build import (
     NOT_INSTALLED,
@@ -105,7 +106,7 @@ def full_size_config(controlnet: bool = True) -> PipelineConfig:
 
 
 def _cfg(fixture) -> PipelineConfig:
-    return PipelineConfig.load(fixture.package)
+    return read_pipeline_config(fixture.package)
 
 
 @pytest.fixture(scope="module")
@@ -524,7 +525,7 @@ def test_without_tensorrt_build_fails_in_one_line(tiny):
 
 @pytest.mark.skipif(HAVE_TRT, reason="TensorRT is installed here")
 def test_without_tensorrt_runtime_fails_in_one_line(tiny):
-    from blipdiffusion_trt.runtime.package import ModelPackage
+    from blipdiffusion_trt.package import ModelPackage
     from blipdiffusion_trt.runtime.tensorrt_engine import tensorrt_engine_factory
 
     package = ModelPackage.open(tiny.package)
@@ -920,7 +921,7 @@ def _copy_package(fixture, tmp_path) -> Path:
 def test_builder_writes_plans_record_and_timing_cache(tiny_cn, fake_trt, tmp_path):
     package = _copy_package(tiny_cn, tmp_path)
     manifest_before = (package / "manifest.json").read_bytes()
-    cfg = PipelineConfig.load(package)
+    cfg = read_pipeline_config(package)
     report = build_engines(package, progress=True, workspace_gb=2)
 
     out = package / "engines" / "sm_86-trt10.99"
@@ -1044,7 +1045,7 @@ def test_runtime_engine_generation_with_stand_ins(tiny, tiny_cn, fake_runtime, r
                                                   shapes, cuda_graph):
     """The whole TensorRTEngine path (plan lookup and checks, buffers, pinned copies, device
     hand-off of the ControlNet residuals, CUDA graph replay) computes what the CPU runtime does."""
-    from blipdiffusion_trt.runtime.package import ModelPackage
+    from blipdiffusion_trt.package import ModelPackage
     from blipdiffusion_trt.runtime.pipeline import BlipDiffusionRuntime
     from blipdiffusion_trt.runtime.tensorrt_engine import DeviceTensor
 
@@ -1089,7 +1090,7 @@ def test_runtime_engine_generation_with_stand_ins(tiny, tiny_cn, fake_runtime, r
 
 def test_runtime_engine_device_tensors_and_errors(tiny_cn, fake_runtime, tmp_path):
     from blipdiffusion_trt.export.exporter import example_inputs
-    from blipdiffusion_trt.runtime.package import ModelPackage
+    from blipdiffusion_trt.package import ModelPackage
     from blipdiffusion_trt.runtime.tensorrt_engine import DeviceTensor, tensorrt_engine_factory
 
     package_dir = _copy_package(tiny_cn, tmp_path)
@@ -1169,7 +1170,7 @@ def test_gpu_engines_match_onnxruntime_fp32(built_packages, key):
     import onnxruntime as ort
 
     from blipdiffusion_trt.export.exporter import example_inputs
-    from blipdiffusion_trt.runtime.package import ModelPackage
+    from blipdiffusion_trt.package import ModelPackage
     from blipdiffusion_trt.runtime.tensorrt_engine import tensorrt_engine_factory
 
     package = ModelPackage.open(built_packages[key])
@@ -1198,7 +1199,7 @@ def test_gpu_engines_match_onnxruntime_fp32(built_packages, key):
 
 def test_gpu_controlnet_residuals_stay_on_the_device(built_packages):
     from blipdiffusion_trt.export.exporter import example_inputs
-    from blipdiffusion_trt.runtime.package import ModelPackage
+    from blipdiffusion_trt.package import ModelPackage
     from blipdiffusion_trt.runtime.tensorrt_engine import DeviceTensor, TensorRTEngine, tensorrt_engine_factory
 
     package = ModelPackage.open(built_packages[("tiny_cn", "static")])
@@ -1229,7 +1230,7 @@ def test_gpu_controlnet_residuals_stay_on_the_device(built_packages):
 def test_gpu_whole_generation(built_packages):
     from PIL import Image
 
-    from blipdiffusion_trt.runtime.package import ModelPackage
+    from blipdiffusion_trt.package import ModelPackage
     from blipdiffusion_trt.runtime.pipeline import BlipDiffusionRuntime
     from blipdiffusion_trt.runtime.tensorrt_engine import tensorrt_engine_factory
 

@@ -51,15 +51,13 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from ..errors import EngineError, InputError, PackageError, first_line
+from ..package import ModelPackage, PackageLayout, layout
 from .profiles import check_shapes_mode, component_profiles, format_range, parse_range, profile_to_json
 
 logger = logging.getLogger(__name__)
 
-ENGINES_DIR = "engines"
-RECORD_NAME = "engines.json"
-TIMING_CACHE_NAME = "timing.cache"
+RECORD_NAME = layout.ENGINE_RECORD
 RECORD_FORMAT_VERSION = 1
-PLAN_SUFFIX = ".plan"
 NOT_INSTALLED = "TensorRT is not installed: pip install .[trt] on a machine with an NVIDIA GPU, or use Dockerfile.trt"
 
 
@@ -103,16 +101,33 @@ def engine_dir_name(compute_capability: Any, trt_version: str) -> str:
     return f"{sm_name(compute_capability)}-trt{trt_major_minor(trt_version)}"
 
 
+_ENGINE_DIR_NAME = re.compile(r"^sm_(\d{2,3})-trt(\d[\w.\-]*)$")
+
+
+def parse_engine_dir_name(name: str) -> tuple[str, str] | None:
+    """The inverse of :func:`engine_dir_name`: ``"sm_89-trt10.8"`` -> ``("8.9", "10.8")``; None if not one."""
+    match = _ENGINE_DIR_NAME.match(name)
+    if not match:
+        return None
+    sm, version = match.groups()
+    return f"{int(sm[:-1])}.{sm[-1]}", version
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    """A TensorRT version as a tuple that sorts like the versions (``"10.13"`` after ``"10.8"``)."""
+    return tuple(int(p) if p.isdigit() else 0 for p in re.split(r"[.\-]", version))
+
+
 def engines_root(package_dir: str | Path) -> Path:
-    return Path(package_dir) / ENGINES_DIR
+    return PackageLayout(package_dir).engines_root
 
 
 def engine_dir(package_dir: str | Path, compute_capability: Any, trt_version: str) -> Path:
-    return engines_root(package_dir) / engine_dir_name(compute_capability, trt_version)
+    return PackageLayout(package_dir).engine_dir(engine_dir_name(compute_capability, trt_version))
 
 
 def plan_name(component: str) -> str:
-    return f"{component}{PLAN_SUFFIX}"
+    return layout.plan_file(component)
 
 
 @dataclass(frozen=True)
@@ -480,12 +495,11 @@ class BuildReport:
     seconds: float = 0.0
 
 
-def fp16_graph(package, component: str) -> Path:
+def fp16_graph(package: ModelPackage, component: str) -> Path:
     """The fp16 ONNX graph of ``component``; missing -> PackageError with the re-export command."""
-    path = package.root / "onnx" / "fp16" / f"{component}.onnx"
-    listed = f"onnx/fp16/{component}.onnx" in package.manifest.get("files", {})
-    if "fp16" not in package.precisions or not listed or not path.is_file():
-        source = package.manifest.get("source") or {}
+    path = package.layout.graph(component, "fp16")
+    if "fp16" not in package.precisions or not package.has_graph(component, "fp16") or not path.is_file():
+        source = package.source
         controlnet = f" --controlnet {shlex.quote(str(source['controlnet']))}" if source.get("controlnet") else ""
         hint = f" (CHECKPOINT: the {source['checkpoint']} directory)" if source.get("checkpoint") else ""
         raise PackageError(
@@ -512,8 +526,6 @@ def build_engines(
     Every argument is checked (one-line :class:`InputError`/:class:`PackageError`) before
     TensorRT is imported, so a bad call fails the same way on a machine without it.
     """
-    from ..runtime.package import ModelPackage
-
     start = time.perf_counter()
     options = BuildOptions.from_args(shapes, batch, height, width, workspace_gb)
     if isinstance(components, str):
@@ -523,12 +535,11 @@ def build_engines(
     profiles = component_profiles(package.config, options.shapes, batch=options.batch, height=options.height,
                                   width=options.width, components=names)
     graphs = {name: fp16_graph(package, name) for name in names}
-    cache_path = Path(timing_cache) if timing_cache is not None else engines_root(package.root) / TIMING_CACHE_NAME
+    cache_path = Path(timing_cache) if timing_cache is not None else package.layout.timing_cache
     if timing_cache is not None and not cache_path.parent.is_dir():
         raise InputError(f"--timing-cache: directory {cache_path.parent} does not exist")
     if cache_path.is_dir():
         raise InputError(f"--timing-cache: {cache_path} is a directory, give a file")
-    onnx_digests = package.manifest.get("files", {})
 
     trt = import_tensorrt()
     running = running_environment(trt)
@@ -565,7 +576,7 @@ def build_engines(
                 component=name, plan=plan.name, sha256=digest, size_bytes=size,
                 tensorrt_version=running["tensorrt_version"], gpu_name=running["gpu_name"],
                 compute_capability=running["compute_capability"], profile=profiles[name], options=options,
-                build_seconds=seconds, onnx=f"onnx/fp16/{name}.onnx", onnx_sha256=onnx_digests.get(f"onnx/fp16/{name}.onnx"),
+                build_seconds=seconds, onnx=layout.graph_file(name, "fp16"), onnx_sha256=package.graph_sha256(name, "fp16"),
             )
             write_record(out_dir, merge_record(read_record(out_dir), name, entry))
             report.components[name] = {"plan": str(plan), "seconds": round(seconds, 2), "size_bytes": size, "sha256": digest}

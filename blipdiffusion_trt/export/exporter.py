@@ -1,16 +1,8 @@
 """Checkpoint -> model package: load with diffusers, trace each component to ONNX, validate.
 
-A package is a directory that needs neither torch nor diffusers::
-
-    manifest.json                 format version, components and their I/O, tools, sha256 of files
-    pipeline.json                 PipelineConfig (ctx_begin_pos, image mean/std, latent factor, ...)
-    scheduler/scheduler_config.json
-    tokenizer/tokenizer.json      CLIP BPE (+ tokenizer_settings.json: pad id, max length)
-    qformer_tokenizer/tokenizer.json
-    onnx/fp32/<component>.onnx    (+ <component>.onnx.data where a graph exceeds 2 GB)
-    onnx/fp16/<component>.onnx    on request: strongly typed fp16 graphs, fp32 inputs/outputs
-    onnx/fp32-fused/<component>.onnx  fp32 graphs with ONNX Runtime's CPU fusions (UNet, ControlNet
-                                  attention), used by the CPU runtime (export/cpu_fusions.py)
+The package's files and where they go are :mod:`blipdiffusion_trt.package.layout`'s: configs,
+tokenizers, one graph per component and precision (fp32, optionally fp16), the CPU-fused fp32
+graphs (:mod:`.cpu_fusions`) and the manifest listing them with their sha256.
 
 The package is written to a temporary sibling directory and renamed into place at the end, so an
 interrupted export leaves nothing half-written.
@@ -32,15 +24,16 @@ from typing import Any, Iterable
 import numpy as np
 
 from .. import __version__
-from ..components import PIPELINE_CONFIG_NAME, ComponentSpec, PipelineConfig, declare_components
+from ..components import ComponentSpec, PipelineConfig, declare_components
 from ..errors import CheckpointError, InputError, ValidationError, first_line
 from ..fsutil import read_json, replace_dir
-from ..runtime.package import MANIFEST_NAME, sha256_file
+from ..package import PackageLayout, layout, pipeline_config_json
+from ..package.manifest import digest_tree, write_manifest
 from .cpu_fusions import fuse_graphs
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = layout.PRECISIONS
 BLIP_CLASSES = ("BlipDiffusionPipeline", "BlipDiffusionControlNetPipeline")
 WEIGHT_MODULES = ("text_encoder", "vae", "unet", "qformer", "controlnet")
 # Protobuf cannot serialise a ModelProto over 2 GiB; keep a margin for the graph itself.
@@ -236,20 +229,20 @@ def second_point(spec: ComponentSpec) -> dict[str, int]:
 
 def _derive_latent_axes(spec: ComponentSpec, point: dict[str, int]) -> None:
     """Keep latent and residual axes consistent with the pixel height/width in ``point``."""
-    axes = spec.axes
-    for pixel, latent in (("height", "latent_height"), ("width", "latent_width")):
-        if latent not in axes:
-            continue
-        if pixel in point:
-            factor = axes[pixel].opt // axes[latent].opt
-            point[latent] = point[pixel] // factor
+    derived = [axis for axis in spec.axes.values() if axis.derived_from is not None]
+    for source in dict.fromkeys(axis.derived_from for axis in derived):
+        # the latent axis itself first; the ControlNet residual axes divide it further
+        group = sorted((axis for axis in derived if axis.derived_from == source), key=lambda axis: axis.divisor)
+        latent = group[0]
+        if source in point:
+            value = point[source] // latent.divisor
         else:
-            step = axes[latent].multiple_of
-            other = axes[latent].opt - step if pixel == "height" else axes[latent].opt + step
-            point[latent] = other if axes[latent].min <= other <= axes[latent].max else axes[latent].opt
-        for name in axes:
-            if name.startswith(latent + "_"):
-                point[name] = point[latent] // int(name.rsplit("_", 1)[1])
+            step = latent.multiple_of
+            other = latent.opt - step if source == "height" else latent.opt + step
+            value = other if latent.min <= other <= latent.max else latent.opt
+        point[latent.name] = value
+        for axis in group[1:]:
+            point[axis.name] = value // (axis.divisor // latent.divisor)
 
 
 def example_inputs(spec: ComponentSpec, point: dict[str, int], *, vocab_sizes: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
@@ -504,27 +497,28 @@ def export_package(
     report = ExportReport(out)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    files = PackageLayout(tmp)
     try:
         # Configs and tokenizers.
-        (tmp / PIPELINE_CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2))
-        (tmp / "scheduler").mkdir()
-        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(pipe.scheduler.config), indent=2, default=_json_default))
-        for folder, tokenizer in (("tokenizer", pipe.tokenizer), ("qformer_tokenizer", pipe.qformer.tokenizer)):
-            (tmp / folder).mkdir()
-            export_tokenizer_json(tokenizer, tmp / folder / "tokenizer.json")
-            (tmp / folder / "tokenizer_settings.json").write_text(json.dumps(tokenizer_settings(tokenizer), indent=2))
+        files.pipeline_config.write_text(pipeline_config_json(config))
+        files.scheduler_config.parent.mkdir(parents=True)
+        files.scheduler_config.write_text(json.dumps(dict(pipe.scheduler.config), indent=2, default=_json_default))
+        for folder, tokenizer in ((layout.CLIP_TOKENIZER, pipe.tokenizer), (layout.QFORMER_TOKENIZER, pipe.qformer.tokenizer)):
+            files.tokenizer_dir(folder).mkdir()
+            export_tokenizer_json(tokenizer, files.tokenizer_json(folder))
+            files.tokenizer_settings(folder).write_text(json.dumps(tokenizer_settings(tokenizer), indent=2))
 
         # Graphs, one component at a time (the full UNet alone peaks near 14 GB while tracing).
         factories = component_modules(pipe, config)
         vocab = vocab_sizes(pipe)
         for precision in precisions:
-            (tmp / "onnx" / precision).mkdir(parents=True)
+            files.graphs_dir(precision).mkdir(parents=True)
         bar = tqdm(list(specs.values()), desc="export", unit="component", disable=not progress)
         for spec in bar:
             bar.set_postfix_str(spec.name)
             module = factories[spec.name]()
             entry: dict[str, Any] = {}
-            path32 = tmp / "onnx" / "fp32" / f"{spec.name}.onnx"
+            path32 = files.graph(spec.name, "fp32")
             t0 = time.perf_counter()
             feed = example_inputs(spec, export_point(spec), vocab_sizes=vocab)
             trace_to_onnx(module, spec, feed, path32, opset)
@@ -532,7 +526,7 @@ def export_package(
             if validate:
                 entry["validation"] = validate_component(module, spec, path32, vocab)
             if "fp16" in precisions:
-                path16 = tmp / "onnx" / "fp16" / f"{spec.name}.onnx"
+                path16 = files.graph(spec.name, "fp16")
                 convert_fp16(path32, path16)
                 if validate:
                     entry["fp16_validation"] = validate_fp16(spec, path32, path16, vocab)
@@ -546,7 +540,7 @@ def export_package(
         cpu_fused = report.cpu_fused = fuse_graphs(tmp, specs, vocab, progress=progress) if cpu_fusions else {}
 
         manifest = {
-            "format_version": config.to_dict()["format_version"],
+            "format_version": layout.FORMAT_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "source": {"checkpoint": str(Path(checkpoint).resolve().name), "controlnet": str(controlnet) if controlnet else None},
             "precisions": list(precisions),
@@ -555,10 +549,8 @@ def export_package(
             "components": {name: {**specs[name].to_dict(), **report.components[name]} for name in specs},
             "cpu_fused": cpu_fused,
         }
-        manifest["files"] = {
-            str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
-        }
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+        manifest["files"] = digest_tree(tmp)
+        write_manifest(tmp, manifest)
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

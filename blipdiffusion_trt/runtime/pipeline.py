@@ -26,9 +26,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import InputError
+from ..package import ModelPackage, layout
 from . import images as imgs
 from .engine import Engine, default_threads, engine_factory
-from .package import ModelPackage
 from .schedulers import scheduler_from_config
 from .text import ClipTextTokenizer, QFormerTokenizer, build_prompts
 
@@ -93,10 +93,10 @@ class BlipDiffusionRuntime:
         self.config = package.config
         self.engines = engines
         self.scheduler_config = package.scheduler_config()
-        clip = package.tokenizer_settings("tokenizer")
-        bert = package.tokenizer_settings("qformer_tokenizer")
-        self.tokenizer = ClipTextTokenizer.from_file(package.root / "tokenizer" / "tokenizer.json", clip["pad_token_id"])
-        self.qformer_tokenizer = QFormerTokenizer.from_file(package.root / "qformer_tokenizer" / "tokenizer.json", bert["pad_token_id"])
+        clip = package.tokenizer_settings(layout.CLIP_TOKENIZER)
+        bert = package.tokenizer_settings(layout.QFORMER_TOKENIZER)
+        self.tokenizer = ClipTextTokenizer.from_file(package.tokenizer_json(layout.CLIP_TOKENIZER), clip["pad_token_id"])
+        self.qformer_tokenizer = QFormerTokenizer.from_file(package.tokenizer_json(layout.QFORMER_TOKENIZER), bert["pad_token_id"])
         self._subject_cache = _LRU(cache_size)
         self._negative_cache = _LRU(8)
 
