@@ -44,7 +44,7 @@ def measure(package: Path, component: str, size: int, variant: dict[str, str], r
     from blipdiffusion_trt.bench_cli import component_point
     from blipdiffusion_trt.components import declare_components
     from blipdiffusion_trt.export.cpu_fusions import package_vocab_sizes
-    from blipdiffusion_trt.export.exporter import example_inputs
+    from blipdiffusion_trt.export.graphs import example_inputs
     from blipdiffusion_trt.package import PackageLayout, read_pipeline_config
 
     config = read_pipeline_config(package)

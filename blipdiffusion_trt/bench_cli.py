@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from .runtime.engine import GRAPH_OPTIMIZATIONS, MEMORY_ARENAS
+from .runtime.backends.onnxruntime import GRAPH_OPTIMIZATIONS, MEMORY_ARENAS
 
 logger = logging.getLogger(__name__)
 
@@ -639,15 +639,13 @@ def _runtime_options_text(options: Mapping[str, Any] | None) -> str:
 
 def load_runtime(package: Path, backend: str, settings: Settings, *, verify: bool, threads: int | None,
                  options: Mapping[str, Any] | None = None):
+    from .runtime.backends import get_backend
     from .runtime.pipeline import BlipDiffusionRuntime
 
-    runtime = BlipDiffusionRuntime.from_package(package, backend, precision=settings.precision, verify=verify,
-                                                threads=threads, cache_size=0, **(options or {}))
-    # diffusers encodes the negative prompt every call; so do we here (no cache), like the subject.
-    negative = getattr(runtime, "_negative_cache", None)
-    if negative is not None and hasattr(negative, "size"):
-        negative.size = 0
-    return runtime
+    backend_options = get_backend(backend).options_from({"threads": threads, **(options or {})})
+    # diffusers encodes the subject and the negative prompt every call; so do we here (no caches).
+    return BlipDiffusionRuntime.from_package(package, backend, precision=settings.precision, verify=verify,
+                                             options=backend_options, cache_size=0, negative_cache_size=0)
 
 
 def load_diffusers(checkpoint: Path, device: str, settings: Settings, *, torch_compile: bool, threads: int | None):
@@ -1165,7 +1163,7 @@ def run_bench(args) -> int:
     config = read_pipeline_config(inputs.package)
     settings = resolve_settings(args, config, inputs)
     backends = args.backends or default_backends()
-    from .runtime.engine import BACKENDS
+    from .runtime.backends import BACKENDS
 
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:

@@ -43,18 +43,12 @@ def _add_fuse(sub) -> None:
 
 
 def _run_fuse(args) -> int:
-    from .export.cpu_fusions import fuse_package
+    from .export.cpu_fusions import fuse_package, fusion_summary
 
     report = fuse_package(args.package)
-    _print_fusions(report)
+    for line in fusion_summary(report):
+        print(line)
     return 0
-
-
-def _print_fusions(report) -> None:
-    for name, entry in report.items():
-        ops = ", ".join(f"{op} {n}" for op, n in entry["fused_ops"].items())
-        diffs = ", ".join(f"{v['point']} max|diff| {v['max_abs_vs_fp32']:.2e}" for v in entry["validation"])
-        print(f"  {name:<20} cpu-fused ({ops}); vs fp32 graph: {diffs}")
 
 
 def _run_export(args) -> int:
@@ -67,19 +61,8 @@ def _run_export(args) -> int:
         force=args.force, allow_pickle=args.allow_pickle, validate=not args.no_validate,
         max_batch_size=args.max_batch_size, cpu_fusions=not args.no_cpu_fusions,
     )
-    _print_export_report(report)
-    _print_fusions(report.cpu_fused)
+    print(report.summary())
     return 0
-
-
-def _print_export_report(report) -> None:
-    print(f"wrote {report.package} in {report.seconds:.1f} s")
-    for name, entry in report.components.items():
-        checks = ", ".join(f"{v['point']} max|diff| {v['max_abs']:.2e}" for v in entry.get("validation", []))
-        fp16 = entry.get("fp16_validation")
-        if fp16:
-            checks += f"; fp16 cosine {fp16['cosine']:.6f}" if fp16.get("checked") else f"; fp16 {fp16['reason']}"
-        print(f"  {name:<20} {checks}")
 
 
 def _add_demo(sub) -> None:

@@ -319,3 +319,12 @@ def declare_components(config: PipelineConfig) -> dict[str, ComponentSpec]:
         description="VAE decoder: unscaled latents -> image in [-1, 1]",
     ))
     return {spec.name: spec for spec in specs}
+
+
+def generation_components(config: PipelineConfig) -> list[str]:
+    """The components one generation runs, in pipeline order: what the runtime loads, Triton serves
+    and the benchmark measures (``unet_plain`` for a plain package, ``controlnet`` + ``unet`` for a
+    ControlNet package)."""
+    names = ["qformer", "text_encoder", "text_encoder_plain"]
+    names += ["controlnet", "unet"] if config.has_controlnet else ["unet_plain"]
+    return names + ["vae_decoder"]

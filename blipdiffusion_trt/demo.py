@@ -38,9 +38,7 @@ def run_demo(out: Path, *, controlnet: bool = False) -> Path:
         shutil.rmtree(path, ignore_errors=True)
     build_random_checkpoint(checkpoint, "tiny", controlnet=controlnet)
     report = export_package(checkpoint, package, precisions=("fp32", "fp16"))
-    from .cli import _print_export_report
-
-    _print_export_report(report)
+    print(report.summary())
     reference = synthetic_subject()
     reference.save(out / "reference.png")
     runtime = BlipDiffusionRuntime.from_package(package)

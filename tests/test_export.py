@@ -37,7 +37,7 @@ ort = pytest.importorskip("onnxruntime", reason="export tests need onnxruntime")
 from onnx import numpy_helper  # noqa: E402
 
 from blipdiffusion_trt.components import Axis, ComponentSpec, PipelineConfig, declare_components  # noqa: E402
-from blipdiffusion_trt.export.exporter import export_point, second_point  # noqa: E402
+from blipdiffusion_trt.export.graphs import export_point, second_point  # noqa: E402
 from blipdiffusion_trt.package import read_pipeline_config, sha256_file  # noqa: E402
 from blipdiffusion_trt.package.layout import CPU_FUSED, MANIFEST  # noqa: E402
 

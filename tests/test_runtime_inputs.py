@@ -28,7 +28,7 @@ from PIL import Image
 from blipdiffusion_trt.components import PipelineConfig
 from blipdiffusion_trt.errors import InputError, PackageError
 from blipdiffusion_trt.runtime import images as imgs
-from blipdiffusion_trt.runtime.engine import BACKENDS
+from blipdiffusion_trt.runtime.backends import BACKENDS
 from blipdiffusion_trt.package import ModelPackage, read_pipeline_config
 from blipdiffusion_trt.package.layout import CPU_FUSED
 from blipdiffusion_trt.runtime.pipeline import MAX_STEPS, BlipDiffusionRuntime, SubjectEmbedding

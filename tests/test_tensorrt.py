@@ -31,17 +31,19 @@ import pytest
 from blipdiffusion_trt.components import PipelineConfig, controlnet_residual_shapes, declare_components
 from blipdiffusion_trt.package import read_pipeline_config
 from blipdiffusion_trt.engines import build as trt_build
-from blipdiffusion_trt.engines.build import (
-    NOT_INSTALLED,
+from blipdiffusion_trt.engines import environment as trt_environment
+from blipdiffusion_trt.engines import plans as trt_plans
+from blipdiffusion_trt.engines.build import build_engines
+from blipdiffusion_trt.engines.environment import NOT_INSTALLED, GpuInfo, parse_nvidia_smi
+from blipdiffusion_trt.engines.plans import (
     RECORD_NAME,
     BuildOptions,
-    GpuInfo,
-    build_engines,
     check_compatibility,
     component_record,
     engine_dir_name,
+    locate_plan,
     merge_record,
-    parse_nvidia_smi,
+    read_plan,
     read_record,
     rebuild_command,
     write_record,
@@ -55,7 +57,7 @@ from blipdiffusion_trt.engines.profiles import (
     profile_to_json,
 )
 from blipdiffusion_trt.errors import EngineError, InputError, PackageError
-from blipdiffusion_trt.runtime.tensorrt_engine import locate_plan, package_of, read_plan
+from blipdiffusion_trt.runtime.backends.tensorrt import TENSORRT
 
 REPO = Path(__file__).resolve().parent.parent
 TRT_SKIP_REASON = ("TensorRT is not installed (its PyPI wheels download from NVIDIA at install time); "
@@ -290,7 +292,7 @@ def test_profiles_fit_the_exported_graphs(request, name, shapes):
     and the min/opt/max points are joint shapes the graph runs at (ONNX Runtime fp32)."""
     import onnxruntime as ort
 
-    from blipdiffusion_trt.export.exporter import example_inputs
+    from blipdiffusion_trt.export.graphs import example_inputs
 
     fixture = request.getfixturevalue(name)
     cfg = _cfg(fixture)
@@ -415,7 +417,7 @@ def test_compatibility_decisions(tmp_path, full_cfg):
     # same architecture, another model: loads (the runtime only warns)
     other_model = dict(RUNNING, gpu_name="NVIDIA H800")
     assert check_compatibility(entry, other_model) is None
-    assert not trt_build.same_gpu_model(entry, other_model)
+    assert not trt_plans.same_gpu_model(entry, other_model)
 
     other_gpu = check_compatibility(entry, dict(RUNNING, compute_capability="8.6", gpu_name="NVIDIA RTX A6000"),
                                     package="/pkg", component="unet")
@@ -448,12 +450,6 @@ def test_compatibility_decisions(tmp_path, full_cfg):
 
     garbage = check_compatibility(dict(entry, compute_capability="?"), RUNNING)
     assert garbage and "rebuild" in garbage
-
-
-def test_package_of_maps_graph_paths():
-    assert package_of("/p/onnx/fp16/unet.onnx") == (Path("/p"), "fp16", "unet")
-    with pytest.raises(EngineError):
-        package_of("/p/unet.plan")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -526,14 +522,13 @@ def test_without_tensorrt_build_fails_in_one_line(tiny):
 @pytest.mark.skipif(HAVE_TRT, reason="TensorRT is installed here")
 def test_without_tensorrt_runtime_fails_in_one_line(tiny):
     from blipdiffusion_trt.package import ModelPackage
-    from blipdiffusion_trt.runtime.tensorrt_engine import tensorrt_engine_factory
 
     package = ModelPackage.open(tiny.package)
     with pytest.raises(EngineError, match="TensorRT is not installed"):
-        tensorrt_engine_factory(package.specs["unet_plain"], package.onnx_path("unet_plain", "fp16"))
+        TENSORRT.make_engine(package, "unet_plain", "fp16")
     with pytest.raises(EngineError, match="--precision fp16"):
-        tensorrt_engine_factory(package.specs["unet_plain"], package.onnx_path("unet_plain", "fp32"))
-    from blipdiffusion_trt.runtime.engine import BACKENDS
+        TENSORRT.make_engine(package, "unet_plain", "fp32")
+    from blipdiffusion_trt.runtime.backends import BACKENDS
 
     if "tensorrt" in BACKENDS:  # once the backend is registered, generate reports it in one line
         from blipdiffusion_trt.runtime.pipeline import BlipDiffusionRuntime
@@ -804,7 +799,7 @@ def _add_fake_runtime(trt: types.ModuleType) -> None:
 
 
 class FakeCuda(types.SimpleNamespace):
-    """The cuda-python runtime calls tensorrt_engine.py makes, on host memory.
+    """The cuda-python runtime calls the TensorRT backend (runtime/backends/tensorrt.py) makes, on host memory.
 
     Streams run work at once; a stream being captured records it into a graph instead, and
     ``cudaGraphLaunch`` replays it, as CUDA graphs do.
@@ -908,7 +903,7 @@ FAKE_CUDA = FakeCuda()
 def fake_trt(monkeypatch):
     trt = make_fake_tensorrt()
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    monkeypatch.setattr(trt_build, "gpu_info", lambda: GpuInfo("Fake GPU 80GB", "8.6"))
+    monkeypatch.setattr(trt_environment, "gpu_info", lambda: GpuInfo("Fake GPU 80GB", "8.6"))
     return trt
 
 
@@ -1012,18 +1007,18 @@ FAKE_RUNNING = {"tensorrt_version": "10.99.0.1", "compute_capability": "8.6", "g
 
 @pytest.fixture()
 def fake_runtime(fake_trt, monkeypatch):
-    from blipdiffusion_trt.runtime import tensorrt_engine
+    from blipdiffusion_trt.runtime.backends import tensorrt
 
-    monkeypatch.setattr(tensorrt_engine, "import_cudart", lambda: FAKE_CUDA)
-    monkeypatch.setattr(tensorrt_engine, "_running_here", lambda: dict(FAKE_RUNNING))
-    monkeypatch.delenv(tensorrt_engine.CUDA_GRAPH_ENV, raising=False)
-    return tensorrt_engine
+    monkeypatch.setattr(tensorrt, "import_cudart", lambda: FAKE_CUDA)
+    monkeypatch.setattr(tensorrt, "_running_here", lambda: dict(FAKE_RUNNING))
+    monkeypatch.delenv(tensorrt.CUDA_GRAPH_ENV, raising=False)
+    return tensorrt
 
 
-def _fake_engines(tensorrt_engine, package):
+def _fake_engines(tensorrt, package):
     needed = ["qformer", "text_encoder", "text_encoder_plain", "vae_decoder"]
     needed += ["unet", "controlnet"] if package.config.has_controlnet else ["unet_plain"]
-    return {n: tensorrt_engine.tensorrt_engine_factory(package.specs[n], package.onnx_path(n, "fp16")) for n in needed}
+    return {n: tensorrt.TENSORRT.make_engine(package, n, "fp16") for n in needed}
 
 
 def _generate_kwargs(package, **overrides):
@@ -1047,7 +1042,7 @@ def test_runtime_engine_generation_with_stand_ins(tiny, tiny_cn, fake_runtime, r
     hand-off of the ControlNet residuals, CUDA graph replay) computes what the CPU runtime does."""
     from blipdiffusion_trt.package import ModelPackage
     from blipdiffusion_trt.runtime.pipeline import BlipDiffusionRuntime
-    from blipdiffusion_trt.runtime.tensorrt_engine import DeviceTensor
+    from blipdiffusion_trt.runtime.backends.tensorrt import DeviceTensor
 
     if cuda_graph:
         monkeypatch.setenv(fake_runtime.CUDA_GRAPH_ENV, "1")
@@ -1089,15 +1084,15 @@ def test_runtime_engine_generation_with_stand_ins(tiny, tiny_cn, fake_runtime, r
 
 
 def test_runtime_engine_device_tensors_and_errors(tiny_cn, fake_runtime, tmp_path):
-    from blipdiffusion_trt.export.exporter import example_inputs
+    from blipdiffusion_trt.export.graphs import example_inputs
     from blipdiffusion_trt.package import ModelPackage
-    from blipdiffusion_trt.runtime.tensorrt_engine import DeviceTensor, tensorrt_engine_factory
+    from blipdiffusion_trt.runtime.backends.tensorrt import DeviceTensor
 
     package_dir = _copy_package(tiny_cn, tmp_path)
     build_engines(package_dir, components=["controlnet", "unet"], progress=False)
     package = ModelPackage.open(package_dir)
-    controlnet = tensorrt_engine_factory(package.specs["controlnet"], package.onnx_path("controlnet", "fp16"))
-    unet = tensorrt_engine_factory(package.specs["unet"], package.onnx_path("unet", "fp16"))
+    controlnet = TENSORRT.make_engine(package, "controlnet", "fp16")
+    unet = TENSORRT.make_engine(package, "unet", "fp16")
     point = {axis: r[1] for axis, r in axis_ranges(package.config).items()}
     feed = example_inputs(package.specs["controlnet"], point, vocab_sizes={}, seed=1)
     kept = controlnet.infer(feed, keep=["mid_block_res"])
@@ -1122,13 +1117,13 @@ def test_runtime_engine_device_tensors_and_errors(tiny_cn, fake_runtime, tmp_pat
         controlnet.infer(feed)
     # the factory refuses fp32 and checks the plan against its record
     with pytest.raises(EngineError, match="--precision fp16"):
-        tensorrt_engine_factory(package.specs["unet"], package.onnx_path("unet", "fp32"))
+        TENSORRT.make_engine(package, "unet", "fp32")
     plan = next((package_dir / "engines").glob("*/unet.plan"))
     plan.write_bytes(plan.read_bytes()[:-1])
     with pytest.raises(EngineError, match="does not match its sha256"):
-        tensorrt_engine_factory(package.specs["unet"], package.onnx_path("unet", "fp16"))
+        TENSORRT.make_engine(package, "unet", "fp16")
     with pytest.raises(EngineError, match="no TensorRT engine for vae_decoder .* --components vae_decoder"):
-        tensorrt_engine_factory(package.specs["vae_decoder"], package.onnx_path("vae_decoder", "fp16"))
+        TENSORRT.make_engine(package, "vae_decoder", "fp16")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1139,8 +1134,8 @@ def test_runtime_engine_device_tensors_and_errors(tiny_cn, fake_runtime, tmp_pat
 def gpu_trt():
     trt = pytest.importorskip("tensorrt", reason=TRT_SKIP_REASON)
     try:
-        trt_build.gpu_info()
-        trt_build.import_cudart()
+        trt_environment.gpu_info()
+        trt_environment.import_cudart()
     except EngineError as error:
         pytest.skip(f"TensorRT is installed but there is no usable GPU ({error})")
     return trt
@@ -1169,9 +1164,8 @@ def built_packages(gpu_trt, tmp_path_factory, tiny_cn, tiny):
 def test_gpu_engines_match_onnxruntime_fp32(built_packages, key):
     import onnxruntime as ort
 
-    from blipdiffusion_trt.export.exporter import example_inputs
+    from blipdiffusion_trt.export.graphs import example_inputs
     from blipdiffusion_trt.package import ModelPackage
-    from blipdiffusion_trt.runtime.tensorrt_engine import tensorrt_engine_factory
 
     package = ModelPackage.open(built_packages[key])
     shapes = key[1]
@@ -1179,7 +1173,7 @@ def test_gpu_engines_match_onnxruntime_fp32(built_packages, key):
     vocab = _vocab_bound(package.root)
     points = [1] if shapes == "static" else [0, 1, 2]
     for name, spec in package.specs.items():
-        engine = tensorrt_engine_factory(spec, package.onnx_path(name, "fp16"))
+        engine = TENSORRT.make_engine(package, name, "fp16")
         session = ort.InferenceSession(str(package.onnx_path(name, "fp32")), providers=["CPUExecutionProvider"])
         for index in points:
             point = {axis: r[index] for axis, r in ranges.items()}
@@ -1198,14 +1192,14 @@ def test_gpu_engines_match_onnxruntime_fp32(built_packages, key):
 
 
 def test_gpu_controlnet_residuals_stay_on_the_device(built_packages):
-    from blipdiffusion_trt.export.exporter import example_inputs
+    from blipdiffusion_trt.export.graphs import example_inputs
     from blipdiffusion_trt.package import ModelPackage
-    from blipdiffusion_trt.runtime.tensorrt_engine import DeviceTensor, TensorRTEngine, tensorrt_engine_factory
+    from blipdiffusion_trt.runtime.backends.tensorrt import DeviceTensor, TensorRTEngine
 
     package = ModelPackage.open(built_packages[("tiny_cn", "static")])
     specs = package.specs
-    controlnet = tensorrt_engine_factory(specs["controlnet"], package.onnx_path("controlnet", "fp16"))
-    unet = tensorrt_engine_factory(specs["unet"], package.onnx_path("unet", "fp16"))
+    controlnet = TENSORRT.make_engine(package, "controlnet", "fp16")
+    unet = TENSORRT.make_engine(package, "unet", "fp16")
     point = {axis: r[1] for axis, r in axis_ranges(package.config).items()}
     feed = example_inputs(specs["controlnet"], point, vocab_sizes={}, seed=3)
     kept = controlnet.infer(feed, keep=controlnet.output_names)
@@ -1232,13 +1226,12 @@ def test_gpu_whole_generation(built_packages):
 
     from blipdiffusion_trt.package import ModelPackage
     from blipdiffusion_trt.runtime.pipeline import BlipDiffusionRuntime
-    from blipdiffusion_trt.runtime.tensorrt_engine import tensorrt_engine_factory
 
     for key in (("tiny", "static"), ("tiny_cn", "dynamic")):
         package = ModelPackage.open(built_packages[key])
         needed = ["qformer", "text_encoder", "text_encoder_plain", "vae_decoder"]
         needed += ["unet", "controlnet"] if package.config.has_controlnet else ["unet_plain"]
-        engines = {n: tensorrt_engine_factory(package.specs[n], package.onnx_path(n, "fp16")) for n in needed}
+        engines = {n: TENSORRT.make_engine(package, n, "fp16") for n in needed}
         trt_runtime = BlipDiffusionRuntime(package, engines)
         cpu_runtime = BlipDiffusionRuntime.from_package(package.root)
         rng = np.random.default_rng(0)

@@ -55,7 +55,7 @@ def fake_plans(package: Path, dst: Path, archs: tuple[str, ...] = ("sm_89-trt10.
                **options) -> Path:
     """A copy of ``package`` with fake TensorRT plans (their content names them) in engines/<arch>/,
     and the ``engines.json`` the builder would write for ``shapes`` (none when None)."""
-    from blipdiffusion_trt.engines.build import RECORD_FORMAT_VERSION, BuildOptions
+    from blipdiffusion_trt.engines.plans import RECORD_FORMAT_VERSION, BuildOptions
     from blipdiffusion_trt.engines.profiles import component_profiles, profile_to_json
 
     shutil.copytree(package, dst)

@@ -54,6 +54,7 @@ from ..components import Axis, ComponentSpec, PipelineConfig, TensorSpec
 from ..errors import InputError, PackageError
 from ..fsutil import replace_dir
 from ..package import ModelPackage, layout
+from .plans import BuildOptions, parse_engine_dir_name, read_record, version_key
 
 logger = logging.getLogger(__name__)
 
@@ -582,8 +583,6 @@ def _copy_graph(package: ModelPackage, variant: str, component: str, version_dir
 
 def find_plans(package: ModelPackage, components: Sequence[str]) -> dict[str, Path]:
     """compute capability ("8.9") -> engines dir holding a plan of every component (newest TensorRT)."""
-    from .build import parse_engine_dir_name, version_key
-
     found: dict[str, tuple[tuple, Path]] = {}
     for folder in package.layout.engine_dirs():
         parsed = parse_engine_dir_name(folder.name)
@@ -612,7 +611,6 @@ def engine_ranges(config: PipelineConfig, spec: ComponentSpec, folders: Iterable
     checked against the recorded profile. None (declared ranges) when no folder records the
     component; several folders (architectures) must agree, since they share one config.pbtxt.
     """
-    from .build import BuildOptions, read_record
     from .profiles import axis_ranges, profile_from_json, spec_profile
 
     found: dict[Path, dict[str, Range]] = {}

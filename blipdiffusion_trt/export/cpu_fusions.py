@@ -26,6 +26,7 @@ from ..components import ComponentSpec
 from ..errors import PackageError, ValidationError
 from ..package import ModelPackage, PackageLayout, layout
 from ..package.manifest import replace_variant
+from .graphs import example_inputs, export_point, max_abs_diff, ort_session, run_onnx, save_onnx, second_point
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +76,6 @@ def fuse_for_cpu(src: Path, dst: Path, model_type: str) -> dict[str, int]:
     from onnxruntime.transformers import optimizer
     from onnxruntime.transformers.fusion_options import FusionOptions
 
-    from .exporter import save_onnx
-
     _patch_num_heads_detection()
     options = FusionOptions(model_type)
     for name in _CUDA_ONLY_OPTIONS:
@@ -108,8 +107,6 @@ def compare_graphs(spec: ComponentSpec, reference: Path, fused: Path, feeds: lis
 
     One session at a time: two full-size UNet sessions side by side would hold ~14 GB.
     """
-    from .exporter import max_abs_diff, ort_session, run_onnx
-
     def outputs(path: Path) -> list[list[np.ndarray]]:
         session = ort_session(path)
         try:
@@ -154,7 +151,6 @@ def fuse_graphs(root: Path, specs: dict[str, ComponentSpec], vocab: dict[str, in
     from tqdm.auto import tqdm
 
     from ..fsutil import replace_dir
-    from .exporter import example_inputs, export_point, second_point
 
     names = [name for name, spec in specs.items() if spec.cpu_fusion]
     files = PackageLayout(root)
@@ -182,6 +178,16 @@ def fuse_graphs(root: Path, specs: dict[str, ComponentSpec], vocab: dict[str, in
         shutil.rmtree(scratch, ignore_errors=True)
         raise
     return report
+
+
+def fusion_summary(report: dict[str, Any]) -> list[str]:
+    """One line per fused component: its fused ops and how far it is from the fp32 graph."""
+    lines = []
+    for name, entry in report.items():
+        ops = ", ".join(f"{op} {n}" for op, n in entry["fused_ops"].items())
+        diffs = ", ".join(f"{v['point']} max|diff| {v['max_abs_vs_fp32']:.2e}" for v in entry["validation"])
+        lines.append(f"  {name:<20} cpu-fused ({ops}); vs fp32 graph: {diffs}")
+    return lines
 
 
 def fuse_package(path: str | Path, *, progress: bool = True) -> dict[str, Any]:

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import PackageError
-from ..fsutil import read_json
+from ..fsutil import read_json, write_atomic
 from . import layout
 
 
@@ -74,14 +72,7 @@ def digest_tree(root: Path) -> dict[str, str]:
 def write_manifest(root: Path, manifest: Mapping[str, Any]) -> Path:
     """Write ``manifest.json`` atomically (temporary file in the package, then rename)."""
     path = layout.PackageLayout(root).manifest
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(dict(manifest), indent=2))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(dict(manifest), indent=2).encode(), PackageError)
     return path
 
 

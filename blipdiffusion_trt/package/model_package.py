@@ -99,16 +99,20 @@ class ModelPackage:
         """The manifest's sha256 of a graph (what a TensorRT plan records as its source)."""
         return self.manifest["files"].get(layout.graph_file(component, precision))
 
-    def onnx_path(self, component: str, precision: str, *, cpu_fused: bool = False) -> Path:
-        """The graph file of ``component``; ``cpu_fused``: the fp32 graph with CPU fusions (``onnx/fp32-fused``).
-
-        With ``verify``, the graph (and its external data) is checked against its sha256 here.
-        """
+    def require_precision(self, precision: str) -> None:
+        """PackageError (naming the re-export) unless the package holds graphs of ``precision``."""
         if precision not in self.precisions:
             raise PackageError(
                 f"{self.root}: no {precision} graphs (package has {', '.join(self.precisions)}); "
                 f"re-export with --precision fp32,{precision}"
             )
+
+    def onnx_path(self, component: str, precision: str, *, cpu_fused: bool = False) -> Path:
+        """The graph file of ``component``; ``cpu_fused``: the fp32 graph with CPU fusions (``onnx/fp32-fused``).
+
+        With ``verify``, the graph (and its external data) is checked against its sha256 here.
+        """
+        self.require_precision(precision)
         if cpu_fused and (precision != "fp32" or not self.has_cpu_fused(component)):
             raise PackageError(f"{self.root}: no CPU-fused {precision} graph of {component}; run `blipdiffusion-trt fuse`")
         if not self.graphs:

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from .engine import BACKENDS, GRAPH_OPTIMIZATIONS, MEMORY_ARENAS
+from .backends import BACKENDS, get_backend
+from .backends.onnxruntime import GRAPH_OPTIMIZATIONS, MEMORY_ARENAS
 
 logger = logging.getLogger(__name__)
 
@@ -76,11 +77,12 @@ def run_generate(args) -> int:
     if args.scheduler not in SCHEDULER_NAMES:
         raise InputError(f"--scheduler must be one of {', '.join(SCHEDULER_NAMES)}, got {args.scheduler!r}")
     latents = load_latents(args.latents) if args.latents else None
-    runtime = BlipDiffusionRuntime.from_package(
-        args.package, args.backend, precision=args.precision, verify=not args.no_verify,
-        graph_optimization=args.graph_optimization, optimized_cache=args.ort_cache, memory_arena=args.memory_arena,
-        cpu_fused=not args.no_cpu_fused,
-    )
+    backend = get_backend(args.backend)
+    # the flags of every backend's options; the chosen backend takes those it has
+    options = backend.options_from({"graph_optimization": args.graph_optimization, "optimized_cache": args.ort_cache,
+                                    "memory_arena": args.memory_arena, "cpu_fused": not args.no_cpu_fused})
+    runtime = BlipDiffusionRuntime.from_package(args.package, args.backend, precision=args.precision,
+                                                verify=not args.no_verify, options=options)
     try:
         result = _generate(runtime, args, latents)
     except InputError as error:

@@ -25,10 +25,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ..components import generation_components
 from ..errors import InputError
 from ..package import ModelPackage, layout
 from . import images as imgs
-from .engine import Engine, default_threads, engine_factory
+from .backends import BackendOptions, get_backend
+from .engine import Engine
 from .schedulers import scheduler_from_config
 from .text import ClipTextTokenizer, QFormerTokenizer, build_prompts
 
@@ -88,7 +90,13 @@ class _LRU(OrderedDict):
 class BlipDiffusionRuntime:
     """Subject-driven generation from a model package on ONNX Runtime (CPU, CUDA, TensorRT EP)."""
 
-    def __init__(self, package: ModelPackage, engines: dict[str, Engine], *, cache_size: int = 32):
+    def __init__(self, package: ModelPackage, engines: dict[str, Engine], *, cache_size: int = 32,
+                 negative_cache_size: int = 8):
+        """``engines``: one per component of :func:`~blipdiffusion_trt.components.generation_components`.
+
+        ``cache_size``: subject embeddings kept (LRU; 0: none); ``negative_cache_size``: negative
+        prompt embeddings kept.
+        """
         self.package = package
         self.config = package.config
         self.engines = engines
@@ -98,41 +106,42 @@ class BlipDiffusionRuntime:
         self.tokenizer = ClipTextTokenizer.from_file(package.tokenizer_json(layout.CLIP_TOKENIZER), clip["pad_token_id"])
         self.qformer_tokenizer = QFormerTokenizer.from_file(package.tokenizer_json(layout.QFORMER_TOKENIZER), bert["pad_token_id"])
         self._subject_cache = _LRU(cache_size)
-        self._negative_cache = _LRU(8)
+        self._negative_cache = _LRU(negative_cache_size)
 
     @classmethod
     def from_package(
         cls, path: str | Path, backend: str = "cpu", *, precision: str = "fp32", verify: bool = True,
-        threads: int | None = None, graph_optimization: str = "all", optimized_cache: str | Path | None = None,
-        memory_arena: str = "loop", cpu_fused: bool = True, cache_size: int = 32,
+        options: BackendOptions | None = None, cache_size: int = 32, negative_cache_size: int = 8,
+        **option_values: Any,
     ) -> "BlipDiffusionRuntime":
-        """Load a package's graphs on ``backend`` ("cpu", "cuda", "ort-tensorrt", "tensorrt").
+        """Load a package's graphs on ``backend`` (``runtime.backends.BACKENDS``: "cpu", "cuda",
+        "ort-tensorrt", "tensorrt").
 
-        ``graph_optimization`` ("all", "extended", "basic", "disabled") is ONNX Runtime's: "all"
-        runs fastest, "extended" loads several times faster (see ``engine.GRAPH_OPTIMIZATIONS``).
-        ``optimized_cache`` (a directory) keeps ONNX Runtime's optimised CPU graphs between runs,
-        giving both: fast steps and a fast start after the first load (costs a copy of the weights).
-        ``memory_arena`` ("loop", "all", "none"): which ONNX Runtime CPU sessions keep a memory
-        arena; "loop" (UNet/ControlNet only) frees the once-per-image components' activations
-        after each call (see ``engine.MEMORY_ARENAS``).
-        ``cpu_fused``: on the cpu backend, load the package's CPU-fused fp32 graphs where it has them
-        (fused attention in the UNet and ControlNet; ``blipdiffusion-trt fuse`` adds them to a package).
+        The backend's start-up options are ``options`` (its options class, e.g.
+        :class:`~blipdiffusion_trt.runtime.backends.onnxruntime.OnnxRuntimeOptions`) and/or
+        keyword arguments naming its fields: for the ONNX Runtime backends ``threads``,
+        ``graph_optimization`` ("all" runs fastest, "extended" loads several times faster),
+        ``optimized_cache`` (a directory keeping ONNX Runtime's optimised CPU graphs between runs),
+        ``memory_arena`` ("loop", "all", "none") and ``cpu_fused`` (the package's CPU-fused fp32
+        graphs where it has them); for ``tensorrt`` ``use_cuda_graph``. An option the backend does
+        not have is an :class:`InputError`.
         """
-        make_engine = engine_factory(backend)
+        chosen = get_backend(backend)
+        backend_options = chosen.options(options, **option_values)
         package = ModelPackage.open(path, verify=verify)
-        needed = ["qformer", "text_encoder", "text_encoder_plain", "vae_decoder"]
-        needed += ["unet", "controlnet"] if package.config.has_controlnet else ["unet_plain"]
-        threads = threads or default_threads()
-        fused = cpu_fused and precision == "fp32" and getattr(make_engine, "runs_cpu_fused_graphs", False)
-        engines = {
-            name: make_engine(package.specs[name],
-                              package.onnx_path(name, precision, cpu_fused=fused and package.has_cpu_fused(name)),
-                              threads=threads,
-                              graph_optimization=graph_optimization, optimized_cache=optimized_cache,
-                              memory_arena=memory_arena)
-            for name in needed
-        }
-        return cls(package, engines, cache_size=cache_size)
+        engines = chosen.load(package, generation_components(package.config), precision, backend_options)
+        return cls(package, engines, cache_size=cache_size, negative_cache_size=negative_cache_size)
+
+    def close(self) -> None:
+        """Close every engine (sessions, device memory); the runtime cannot generate afterwards."""
+        for engine in self.engines.values():
+            engine.close()
+
+    def __enter__(self) -> "BlipDiffusionRuntime":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     # ------------------------------------------------------------------------------------------
     # Reusable pieces
