@@ -43,6 +43,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from .runtime.backends.onnxruntime import GRAPH_OPTIMIZATIONS, MEMORY_ARENAS
+from .runtime.schedulers import SCHEDULER_NAMES
+from .runtime.schedulers import SCHEDULERS as SCHEDULER_CLASSES
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +52,9 @@ SCHEMA = "blipdiffusion-trt-bench/1"
 PROMPT = "swimming underwater"
 NEGATIVE_PROMPT = "low quality, blurry"
 SUBJECT = "dog"
-SCHEDULERS = ("pndm", "ddim", "euler", "dpmpp-2m")
-DIFFUSERS_SCHEDULERS = {
-    "pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
-    "dpmpp-2m": "DPMSolverMultistepScheduler",
-}
+SCHEDULERS = SCHEDULER_NAMES
+# our schedulers carry the names of the diffusers classes they port
+DIFFUSERS_SCHEDULERS = {name: cls.__name__ for name, cls in SCHEDULER_CLASSES.items()}
 # ORT provider each ONNX Runtime backend needs; the default backend list is those available here.
 BACKEND_PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -159,14 +159,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     out.add_argument("--out", type=Path, help="output directory for bench.json, bench.md, bench.png "
                                               "(default: WORKDIR/results with --size, else bench-results)")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def add_bench(sub) -> None:
-    """Register ``bench`` on the ``blipdiffusion-trt`` sub-command parser."""
-    p = sub.add_parser("bench", help="benchmark every stage against diffusers (latency, memory, FLOPs)",
-                       description=__doc__.splitlines()[0])
-    add_arguments(p)
-    p.set_defaults(run=run_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1155,7 +1147,7 @@ def _progress(total: int, enabled: bool):
 
 
 def run_bench(args) -> int:
-    from .components import declare_components
+    from .components import declare_components, generation_components
     from .errors import InputError
     from .package import read_pipeline_config
 
@@ -1192,7 +1184,7 @@ def run_bench(args) -> int:
     machine = machine_info()
     specs = declare_components(config)
 
-    n_stages = len([s for s in specs if s != ("unet" if not config.has_controlnet else "unet_plain")]) + 1
+    n_stages = len(generation_components(config)) + 1
     per_side = 1 + args.warmup + args.runs + n_stages
     total = per_side * (len(backends) + with_diffusers) + (0 if args.no_cold_start else len(backends) + with_diffusers) \
         + (0 if args.no_flops else 1)
@@ -1316,8 +1308,9 @@ def count_package_flops(package: Path, config, specs, settings: Settings, implem
     for impl in implementations.values():
         for name, shapes in impl.get("feed_shapes", {}).items():
             recorded.setdefault(name, shapes)
-    names = [n for n in specs if n in recorded] or \
-        [n for n in specs if n != ("unet_plain" if config.has_controlnet else "unet")]
+    from .components import generation_components
+
+    names = [n for n in specs if n in recorded] or [n for n in specs if n in generation_components(config)]
     out: dict[str, Any] = {}
     for name in names:
         shapes = recorded.get(name) or component_input_shapes(specs[name], config, batch=settings.batch,

@@ -58,6 +58,13 @@ def first_line(error: BaseException | str) -> str:
     return type(error).__name__ if isinstance(error, BaseException) else ""
 
 
+def describe(error: BaseException) -> str:
+    """``"TypeName: first line of the message"`` (or the type name alone): a library error as a reason."""
+    text = first_line(error)
+    name = type(error).__name__
+    return f"{name}: {text}" if text and text != name else name
+
+
 def run_reporting_errors(run: Callable[[], int]) -> int:
     """Run a command: user errors print one line and exit 2, Ctrl-C exits 130, bugs keep their traceback."""
     try:

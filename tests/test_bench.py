@@ -5,7 +5,6 @@ No timing assertions: the figures only have to be there, positive and consistent
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -143,9 +142,9 @@ def test_summarize():
 
 
 def test_add_bench_registers_the_subcommand():
-    parser = argparse.ArgumentParser()
-    bench_cli.add_bench(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["bench", "--size", "tiny", "--backends", "cpu,cuda", "--runs", "2"])
+    from blipdiffusion_trt.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--size", "tiny", "--backends", "cpu,cuda", "--runs", "2"])
     assert args.run is bench_cli.run_bench
     assert args.backends == ["cpu", "cuda"] and args.runs == 2 and args.steps is None
 

@@ -15,7 +15,6 @@ device tensors, and a whole generation runs on TensorRT.
 
 from __future__ import annotations
 
-import argparse
 import enum
 import hashlib
 import json
@@ -456,19 +455,9 @@ def test_compatibility_decisions(tmp_path, full_cfg):
 # CLI (subprocess), missing fp16 graphs, no TensorRT
 # ------------------------------------------------------------------------------------------------
 
-def _build_wired() -> bool:
-    from blipdiffusion_trt.cli import build_parser
-
-    for action in build_parser()._actions:
-        if isinstance(action, argparse._SubParsersAction) and "build" in action.choices:
-            return True
-    return False
-
-
 def run_build_cli(*args: str) -> subprocess.CompletedProcess:
-    """``blipdiffusion-trt build ...`` in a subprocess (the engines CLI until `build` is wired)."""
-    module = "blipdiffusion_trt.cli" if _build_wired() else "blipdiffusion_trt.engines.cli"
-    return subprocess.run([sys.executable, "-m", module, "build", *map(str, args)],
+    """``blipdiffusion-trt build ...`` in a subprocess."""
+    return subprocess.run([sys.executable, "-m", "blipdiffusion_trt.cli", "build", *map(str, args)],
                           capture_output=True, text=True, timeout=300)
 
 

@@ -13,7 +13,6 @@ environment's packages, that numpy first). Otherwise they are skipped with that 
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import json
 import os
@@ -363,8 +362,9 @@ def test_output_directory_handling(tiny, tmp_path):
 
 
 def test_cli(tiny, tmp_path, capsys):
-    parser = argparse.ArgumentParser(prog="blipdiffusion-trt")
-    tr.add_triton(parser.add_subparsers(dest="command", required=True))
+    from blipdiffusion_trt.cli import build_parser
+
+    parser = build_parser()
     args = parser.parse_args(["triton", str(tiny.package), "--out", str(tmp_path / "repo"), "--flavor", "onnxruntime",
                               "--max-batch-size", "1", "--instances", "3", "--no-verify"])
     assert args.run(args) == 0

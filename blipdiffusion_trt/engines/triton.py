@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ..components import Axis, ComponentSpec, PipelineConfig, TensorSpec
+from ..components import Axis, ComponentSpec, PipelineConfig, TensorSpec, generation_components
 from ..errors import InputError, PackageError
 from ..fsutil import replace_dir
 from ..package import ModelPackage, layout
@@ -76,11 +76,8 @@ TRITON_DTYPES = {
 
 
 
-def pipeline_components(config: PipelineConfig) -> list[str]:
-    """Components the runtime runs for this package, in pipeline order (as ``from_package`` loads them)."""
-    names = ["qformer", "text_encoder", "text_encoder_plain"]
-    names += ["controlnet", "unet"] if config.has_controlnet else ["unet_plain"]
-    return names + ["vae_decoder"]
+# Components the runtime runs for a package, in pipeline order (as ``from_package`` loads them).
+pipeline_components = generation_components
 
 
 # --------------------------------------------------------------------------------------------
@@ -789,9 +786,8 @@ def write_triton_repository(
 # --------------------------------------------------------------------------------------------
 
 
-def add_triton(sub) -> None:
+def add_arguments(p) -> None:
     """``blipdiffusion-trt triton PACKAGE --out REPOSITORY [...]``."""
-    p = sub.add_parser("triton", help="write a Triton model repository (component models + BLS pipeline) for a package")
     p.add_argument("package", help="model package directory (from `blipdiffusion-trt export`)")
     p.add_argument("--out", required=True, help="model repository directory to create")
     p.add_argument("--flavor", default="python-cpu",
@@ -806,7 +802,6 @@ def add_triton(sub) -> None:
     p.add_argument("--cpu-threads", type=int, default=0, help="ONNX Runtime threads per python-cpu model (0: default)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--no-verify", action="store_true", help="skip checking the package files' sha256")
-    p.set_defaults(run=run_triton)
 
 
 def run_triton(args) -> int:

@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import __version__
 from ..components import ComponentSpec, PipelineConfig, declare_components
-from ..errors import CheckpointError, InputError, ValidationError, first_line
+from ..errors import CheckpointError, InputError, ValidationError, describe
 from ..fsutil import read_json, replace_dir
 from ..package import PackageLayout, layout, pipeline_config_json
 from ..package.manifest import digest_tree, write_manifest
@@ -118,7 +118,7 @@ def load_pipeline(checkpoint: str | Path, controlnet: str | Path | None = None, 
                 controlnet, torch_dtype=torch.float32, use_safetensors=safetensors_only, local_files_only=True
             )
         except Exception as error:  # diffusers raises many types; the user needs one line
-            raise CheckpointError(f"{controlnet}: cannot load ControlNet ({_first_line(error)})") from None
+            raise CheckpointError(f"{controlnet}: cannot load ControlNet ({describe(error)})") from None
         pipeline_cls = BlipDiffusionControlNetPipeline
     elif "controlnet" in index:
         _check_controlnet_matches(
@@ -129,7 +129,7 @@ def load_pipeline(checkpoint: str | Path, controlnet: str | Path | None = None, 
     try:
         pipe = pipeline_cls.from_pretrained(checkpoint, **kwargs)
     except Exception as error:  # diffusers raises many types; the user needs one line
-        raise CheckpointError(f"{checkpoint}: cannot load {pipeline_cls.__name__} ({_first_line(error)})") from None
+        raise CheckpointError(f"{checkpoint}: cannot load {pipeline_cls.__name__} ({describe(error)})") from None
     pipe.set_progress_bar_config(disable=True)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
@@ -143,10 +143,6 @@ def _check_controlnet_matches(controlnet: dict, unet: dict, where: Path) -> None
             raise CheckpointError(
                 f"{where}: ControlNet {key}={controlnet.get(key)} does not match the UNet's {unet.get(key)}"
             )
-
-
-def _first_line(error: BaseException) -> str:
-    return f"{type(error).__name__}: {first_line(error)}"
 
 
 def pipeline_config_from(pipe, max_batch_size: int = 4) -> PipelineConfig:
@@ -494,7 +490,7 @@ def validate_fp16(spec: ComponentSpec, path32: Path, path16: Path, vocab: dict[s
     try:
         session = ort_session(path16)
     except Exception as error:  # ORT CPU lacks some fp16 kernels: that check needs a GPU
-        return {"checked": False, "reason": f"ONNX Runtime CPU cannot run it ({_first_line(error)}); needs a GPU"}
+        return {"checked": False, "reason": f"ONNX Runtime CPU cannot run it ({describe(error)}); needs a GPU"}
     got = run_onnx(session, feed)
     expected = run_onnx(path32, feed)
     finite = all(np.isfinite(g).all() for g in got)

@@ -56,6 +56,8 @@ __all__ = [
     "DPMSolverMultistepScheduler",
     "DPMSolverMultistepSchedulerConfig",
     "SCHEDULERS",
+    "SCHEDULER_NAMES",
+    "check_scheduler_name",
     "scheduler_from_config",
 ]
 
@@ -368,7 +370,8 @@ class _SchedulerBase:
             or not isinstance(num_inference_steps, numbers.Integral)
             or not 1 <= num_inference_steps <= n_train
         ):
-            raise InputError(f"num_inference_steps must be an integer in [1, {n_train}], got {num_inference_steps!r}")
+            raise InputError(f"num_inference_steps must be an integer in [1, {n_train}], got {num_inference_steps!r}",
+                             field="num_inference_steps")
         return int(num_inference_steps)
 
     def _alpha_cumprod_at(self, timestep: int) -> np.float32:
@@ -1277,10 +1280,20 @@ _FORCED: Dict[str, Dict[str, Any]] = {
 }
 
 
+# The names a generation accepts (``scheduler=``, ``--scheduler``); each class is named as the
+# diffusers scheduler it ports.
+SCHEDULER_NAMES: Tuple[str, ...] = tuple(SCHEDULERS)
+
+
+def check_scheduler_name(name: Any) -> str:
+    """``name`` when it is one of :data:`SCHEDULER_NAMES`, else a one-line :class:`InputError`."""
+    if not isinstance(name, str) or name not in SCHEDULERS:
+        raise InputError(f"unknown scheduler {name!r}; allowed: {', '.join(SCHEDULER_NAMES)}", field="scheduler")
+    return name
+
+
 def scheduler_from_config(name: str, config: Union[Mapping[str, Any], None]) -> _SchedulerBase:
     """Build scheduler ``name`` from a checkpoint's ``scheduler_config.json`` dict, like
     ``Cls.from_config(config)`` in diffusers ("dpmpp-2m" forces DPM-Solver++ of order 2)."""
-    cls = SCHEDULERS.get(name) if isinstance(name, str) else None
-    if cls is None:
-        raise InputError(f"unknown scheduler {name!r}; allowed: {', '.join(SCHEDULERS)}")
+    cls = SCHEDULERS[check_scheduler_name(name)]
     return cls.from_config(config or {}, **_FORCED.get(name, {}))
