@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -38,10 +37,11 @@ from onnx import numpy_helper  # noqa: E402
 
 from blipdiffusion_trt.components import Axis, ComponentSpec, PipelineConfig, declare_components  # noqa: E402
 from blipdiffusion_trt.export.graphs import export_point, second_point  # noqa: E402
-from blipdiffusion_trt.package import read_pipeline_config, sha256_file  # noqa: E402
+from blipdiffusion_trt.package import sha256_file  # noqa: E402
 from blipdiffusion_trt.package.layout import CPU_FUSED, MANIFEST  # noqa: E402
 
 from conftest import CHECKPOINTS, Fixture, load_diffusers  # noqa: E402
+from helpers import cosine, fixture_config, run_cli  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -67,12 +67,8 @@ def _graph(fixture: Fixture, name: str, precision: str = "fp32") -> Path:
     return fixture.package / "onnx" / precision / f"{name}.onnx"
 
 
-def _config(fixture: Fixture) -> PipelineConfig:
-    return read_pipeline_config(fixture.package)
-
-
 def _specs(fixture: Fixture) -> dict[str, ComponentSpec]:
-    return declare_components(_config(fixture))
+    return declare_components(fixture_config(fixture))
 
 
 # the plain fp32 graphs, and the fp32 graphs with ONNX Runtime's CPU fusions (export/cpu_fusions.py)
@@ -194,7 +190,7 @@ def test_qformer_matches_diffusers(any_fixture):
 
 def test_text_encoder_matches_diffusers(any_fixture):
     pipe = load_diffusers(any_fixture)
-    config = _config(any_fixture)
+    config = fixture_config(any_fixture)
     spec = _specs(any_fixture)["text_encoder"]
     vocab = int(pipe.text_encoder.config.vocab_size)
     full = config.text_length
@@ -215,7 +211,7 @@ def test_text_encoder_matches_diffusers(any_fixture):
 
 def test_text_encoder_plain_matches_diffusers(any_fixture):
     pipe = load_diffusers(any_fixture)
-    config = _config(any_fixture)
+    config = fixture_config(any_fixture)
     spec = _specs(any_fixture)["text_encoder_plain"]
     vocab = int(pipe.text_encoder.config.vocab_size)
     full = config.text_max_length
@@ -318,7 +314,7 @@ def test_vae_decoder_matches_diffusers(any_fixture):
 def test_declared_controlnet_residual_shapes_match_real_controlnet(name, request):
     fixture = request.getfixturevalue(name)
     pipe = load_diffusers(fixture)
-    config = _config(fixture)
+    config = fixture_config(fixture)
     spec = declare_components(config)["controlnet"]
     m = config.image_multiple
     sizes = [(1, config.default_height, config.default_width),  # square
@@ -380,11 +376,6 @@ def _fp16_feed(fixture: Fixture, spec: ComponentSpec, point: dict[str, int]) -> 
     return feed
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    x, y = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    return float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y) + 1e-30))
-
-
 def _tensors_in(graph) -> list:
     """Initializers and every tensor-valued node attribute (Constant, ConstantOfShape, ...), subgraphs included."""
     found = list(graph.initializer)
@@ -439,7 +430,7 @@ def test_fp16_graph(name, component, request):
     for tensor, g, e in zip(spec.outputs, got, expected):
         assert g.dtype == np.float32 and g.shape == e.shape == tensor.shape_at(point)
         assert np.isfinite(g).all(), f"{component}.{tensor.name}: fp16 output not finite"
-        cos = _cosine(g, e)
+        cos = cosine(g, e)
         assert cos >= spec.fp16_min_cosine, (
             f"{component}.{tensor.name}: fp16 vs fp32 cosine {cos:.6f} < {spec.fp16_min_cosine} "
             f"(max abs {float(np.max(np.abs(g - e))):.3g})"
@@ -482,7 +473,7 @@ def test_manifest_components_equal_declarations(any_fixture):
 
 def test_pipeline_json_matches_checkpoint(any_fixture):
     pipe = load_diffusers(any_fixture)
-    config = _config(any_fixture)
+    config = fixture_config(any_fixture)
     raw = json.loads((any_fixture.package / "pipeline.json").read_text())
     assert PipelineConfig.from_dict(raw) == config
     proc = pipe.image_processor
@@ -537,7 +528,7 @@ def test_pipeline_json_matches_checkpoint(any_fixture):
 def test_odd_fixture_is_unusual(name, request):
     """The odd fixtures are what catches hard-coded 77 / 16 / 224 / 8 in the code."""
     fixture = request.getfixturevalue(name)
-    config = _config(fixture)
+    config = fixture_config(fixture)
     pipe = load_diffusers(fixture)
     assert pipe.text_encoder.config.max_position_embeddings == config.text_max_length != 77
     assert 2 ** (len(pipe.unet.config.block_out_channels) - 1) == config.latent_scale_factor != 8
@@ -573,12 +564,8 @@ def test_onnx_io_equals_declarations(any_fixture):
 # 4. Bad input through the CLI
 # ---------------------------------------------------------------------------------------------
 
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run(
-        [sys.executable, "-m", "blipdiffusion_trt.cli", "export", *map(str, args)],
-        capture_output=True, text=True, cwd=cwd, env=env, timeout=300,
-    )
+def _export(*args, cwd: Path) -> subprocess.CompletedProcess:
+    return run_cli("export", *args, cwd=cwd)
 
 
 def _copy_checkpoint(fixture: Fixture, dst: Path) -> Path:
@@ -684,7 +671,7 @@ def bad_input_runs(tmp_path_factory, tiny, tiny_cn):
         jobs[case] = (root, args, keywords, parent, parent / "pkg")
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
         futures = {
-            case: pool.submit(_cli, *args, "--out", out, cwd=root) for case, (root, args, _, _, out) in jobs.items()
+            case: pool.submit(_export, *args, "--out", out, cwd=root) for case, (root, args, _, _, out) in jobs.items()
         }
         return {case: (futures[case].result(), *jobs[case][2:]) for case in jobs}
 
@@ -702,7 +689,7 @@ def test_cli_export_out_not_empty(tmp_path, tiny):
     out = parent / "pkg"
     out.mkdir(parents=True)
     (out / "keep.txt").write_text("precious")
-    result = _cli(tiny.checkpoint, "--out", out, cwd=tmp_path)
+    result = _export(tiny.checkpoint, "--out", out, cwd=tmp_path)
     _assert_one_line_error(result, ["not empty", "--force"])
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     assert (out / "keep.txt").read_text() == "precious"
@@ -714,7 +701,7 @@ def test_cli_export_force_replaces(tmp_path, tiny):
     out = parent / "pkg"
     out.mkdir(parents=True)
     (out / "old.txt").write_text("old")
-    result = _cli(tiny.checkpoint, "--out", out, "--force", "--no-validate", cwd=tmp_path)
+    result = _export(tiny.checkpoint, "--out", out, "--force", "--no-validate", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert not (out / "old.txt").exists()
@@ -739,10 +726,8 @@ def test_allow_pickle_loads_checkpoint_with_one_bin_component(tmp_path, tiny):
 # 5. CPU-fused graphs added to an existing package (`blipdiffusion-trt fuse`)
 # ---------------------------------------------------------------------------------------------
 
-def _fuse_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([sys.executable, "-m", "blipdiffusion_trt.cli", "fuse", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+def _fuse(*args, cwd: Path) -> subprocess.CompletedProcess:
+    return run_cli("fuse", *args, cwd=cwd)
 
 
 def test_cli_fuse_adds_cpu_fused_graphs_to_a_package(tmp_path, tiny):
@@ -753,13 +738,13 @@ def test_cli_fuse_adds_cpu_fused_graphs_to_a_package(tmp_path, tiny):
     from blipdiffusion_trt.runtime.pipeline import BlipDiffusionRuntime
 
     out = tmp_path / "pkg"
-    result = _cli(tiny.checkpoint, "--out", out, "--no-validate", "--no-cpu-fusions", cwd=tmp_path)
+    result = _export(tiny.checkpoint, "--out", out, "--no-validate", "--no-cpu-fusions", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert not (out / "onnx" / CPU_FUSED).exists()
     plain = BlipDiffusionRuntime.from_package(out)
     assert all("/fp32/" in e.path.as_posix() for e in plain.engines.values())
 
-    result = _fuse_cli(out, cwd=tmp_path)
+    result = _fuse(out, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((out / MANIFEST).read_text())
     fused_files = sorted(f for f in manifest["files"] if f.startswith(f"onnx/{CPU_FUSED}/"))
@@ -771,7 +756,7 @@ def test_cli_fuse_adds_cpu_fused_graphs_to_a_package(tmp_path, tiny):
     fused = BlipDiffusionRuntime.from_package(out)
     assert f"/{CPU_FUSED}/" in fused.engines["unet_plain"].path.as_posix()
     assert "/fp32/" in BlipDiffusionRuntime.from_package(out, cpu_fused=False).engines["unet_plain"].path.as_posix()
-    config = _config(tiny)
+    config = fixture_config(tiny)
     rng = np.random.default_rng(7)
     latents = rng.standard_normal((1, config.latent_channels, config.default_height // config.latent_scale_factor,
                                    config.default_width // config.latent_scale_factor)).astype(np.float32)
@@ -782,5 +767,5 @@ def test_cli_fuse_adds_cpu_fused_graphs_to_a_package(tmp_path, tiny):
 
 
 def test_cli_fuse_bad_package(tmp_path):
-    result = _fuse_cli(tmp_path / "nowhere", cwd=tmp_path)
+    result = _fuse(tmp_path / "nowhere", cwd=tmp_path)
     _assert_one_line_error(result, ["nowhere", "does not exist"])
