@@ -42,7 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from .runtime.engine import GRAPH_OPTIMIZATIONS, MEMORY_ARENAS
+from .runtime.backends.onnxruntime import GRAPH_OPTIMIZATIONS, MEMORY_ARENAS
+from .runtime.schedulers import SCHEDULER_NAMES
+from .runtime.schedulers import SCHEDULERS as SCHEDULER_CLASSES
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +52,9 @@ SCHEMA = "blipdiffusion-trt-bench/1"
 PROMPT = "swimming underwater"
 NEGATIVE_PROMPT = "low quality, blurry"
 SUBJECT = "dog"
-SCHEDULERS = ("pndm", "ddim", "euler", "dpmpp-2m")
-DIFFUSERS_SCHEDULERS = {
-    "pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
-    "dpmpp-2m": "DPMSolverMultistepScheduler",
-}
+SCHEDULERS = SCHEDULER_NAMES
+# our schedulers carry the names of the diffusers classes they port
+DIFFUSERS_SCHEDULERS = {name: cls.__name__ for name, cls in SCHEDULER_CLASSES.items()}
 # ORT provider each ONNX Runtime backend needs; the default backend list is those available here.
 BACKEND_PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -159,14 +159,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     out.add_argument("--out", type=Path, help="output directory for bench.json, bench.md, bench.png "
                                               "(default: WORKDIR/results with --size, else bench-results)")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def add_bench(sub) -> None:
-    """Register ``bench`` on the ``blipdiffusion-trt`` sub-command parser."""
-    p = sub.add_parser("bench", help="benchmark every stage against diffusers (latency, memory, FLOPs)",
-                       description=__doc__.splitlines()[0])
-    add_arguments(p)
-    p.set_defaults(run=run_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -639,15 +631,13 @@ def _runtime_options_text(options: Mapping[str, Any] | None) -> str:
 
 def load_runtime(package: Path, backend: str, settings: Settings, *, verify: bool, threads: int | None,
                  options: Mapping[str, Any] | None = None):
+    from .runtime.backends import get_backend
     from .runtime.pipeline import BlipDiffusionRuntime
 
-    runtime = BlipDiffusionRuntime.from_package(package, backend, precision=settings.precision, verify=verify,
-                                                threads=threads, cache_size=0, **(options or {}))
-    # diffusers encodes the negative prompt every call; so do we here (no cache), like the subject.
-    negative = getattr(runtime, "_negative_cache", None)
-    if negative is not None and hasattr(negative, "size"):
-        negative.size = 0
-    return runtime
+    backend_options = get_backend(backend).options_from({"threads": threads, **(options or {})})
+    # diffusers encodes the subject and the negative prompt every call; so do we here (no caches).
+    return BlipDiffusionRuntime.from_package(package, backend, precision=settings.precision, verify=verify,
+                                             options=backend_options, cache_size=0, negative_cache_size=0)
 
 
 def load_diffusers(checkpoint: Path, device: str, settings: Settings, *, torch_compile: bool, threads: int | None):
@@ -1157,14 +1147,15 @@ def _progress(total: int, enabled: bool):
 
 
 def run_bench(args) -> int:
-    from .components import PipelineConfig, declare_components
+    from .components import declare_components, generation_components
     from .errors import InputError
+    from .package import read_pipeline_config
 
     inputs = prepare_inputs(args)
-    config = PipelineConfig.load(inputs.package)
+    config = read_pipeline_config(inputs.package)
     settings = resolve_settings(args, config, inputs)
     backends = args.backends or default_backends()
-    from .runtime.engine import BACKENDS
+    from .runtime.backends import BACKENDS
 
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
@@ -1193,7 +1184,7 @@ def run_bench(args) -> int:
     machine = machine_info()
     specs = declare_components(config)
 
-    n_stages = len([s for s in specs if s != ("unet" if not config.has_controlnet else "unet_plain")]) + 1
+    n_stages = len(generation_components(config)) + 1
     per_side = 1 + args.warmup + args.runs + n_stages
     total = per_side * (len(backends) + with_diffusers) + (0 if args.no_cold_start else len(backends) + with_diffusers) \
         + (0 if args.no_flops else 1)
@@ -1311,17 +1302,20 @@ def _json_default(value):
 
 def count_package_flops(package: Path, config, specs, settings: Settings, implementations) -> dict[str, Any]:
     """FLOPs of every loaded component at the shapes the benchmark fed it."""
+    from .package import PackageLayout
+
     recorded: dict[str, dict[str, list[int]]] = {}
     for impl in implementations.values():
         for name, shapes in impl.get("feed_shapes", {}).items():
             recorded.setdefault(name, shapes)
-    names = [n for n in specs if n in recorded] or \
-        [n for n in specs if n != ("unet_plain" if config.has_controlnet else "unet")]
+    from .components import generation_components
+
+    names = [n for n in specs if n in recorded] or [n for n in specs if n in generation_components(config)]
     out: dict[str, Any] = {}
     for name in names:
         shapes = recorded.get(name) or component_input_shapes(specs[name], config, batch=settings.batch,
                                                               height=settings.height, width=settings.width)
-        path = package / "onnx" / settings.precision / f"{name}.onnx"
+        path = PackageLayout(package).graph(name, settings.precision)
         try:
             counted = count_flops(path, shapes)
         except Exception as error:  # noqa: BLE001 -- a figure missing is better than no report

@@ -5,7 +5,6 @@ No timing assertions: the figures only have to be there, positive and consistent
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -143,9 +142,9 @@ def test_summarize():
 
 
 def test_add_bench_registers_the_subcommand():
-    parser = argparse.ArgumentParser()
-    bench_cli.add_bench(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["bench", "--size", "tiny", "--backends", "cpu,cuda", "--runs", "2"])
+    from blipdiffusion_trt.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--size", "tiny", "--backends", "cpu,cuda", "--runs", "2"])
     assert args.run is bench_cli.run_bench
     assert args.backends == ["cpu", "cuda"] and args.runs == 2 and args.steps is None
 
@@ -159,9 +158,9 @@ def test_session_options_script_runs(tiny, tmp_path):
     script = Path(__file__).resolve().parents[1] / "bench" / "session_options.py"
     out = tmp_path / "rows.json"
     variants = ["default", "arena=off", "graphs=fp32-fused"]
-    from blipdiffusion_trt.components import PipelineConfig
+    from blipdiffusion_trt.package import read_pipeline_config
 
-    size = PipelineConfig.load(tiny.package).default_height
+    size = read_pipeline_config(tiny.package).default_height
     proc = subprocess.run([sys.executable, str(script), str(tiny.package), "--components", "unet_plain,vae_decoder",
                            "--size", str(size), "--runs", "1", "--variants", *variants, "--json", str(out)],
                           capture_output=True, text=True, timeout=300)

@@ -13,7 +13,6 @@ environment's packages, that numpy first). Otherwise they are skipped with that 
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import json
 import os
@@ -37,6 +36,7 @@ from google.protobuf import text_format  # noqa: E402  (tritonclient[grpc] bring
 from tritonclient.grpc import model_config_pb2  # noqa: E402
 
 from blipdiffusion_trt.components import Axis, ComponentSpec, PipelineConfig, TensorSpec  # noqa: E402
+from blipdiffusion_trt.package import read_pipeline_config  # noqa: E402
 from blipdiffusion_trt.engines import triton as tr  # noqa: E402
 from blipdiffusion_trt.errors import InputError, PackageError  # noqa: E402
 
@@ -54,11 +54,11 @@ def fake_plans(package: Path, dst: Path, archs: tuple[str, ...] = ("sm_89-trt10.
                **options) -> Path:
     """A copy of ``package`` with fake TensorRT plans (their content names them) in engines/<arch>/,
     and the ``engines.json`` the builder would write for ``shapes`` (none when None)."""
-    from blipdiffusion_trt.engines.build import RECORD_FORMAT_VERSION, BuildOptions
+    from blipdiffusion_trt.engines.plans import RECORD_FORMAT_VERSION, BuildOptions
     from blipdiffusion_trt.engines.profiles import component_profiles, profile_to_json
 
     shutil.copytree(package, dst)
-    config = PipelineConfig.load(dst)
+    config = read_pipeline_config(dst)
     components = json.loads((dst / "manifest.json").read_text())["components"]
     for arch in archs:
         folder = dst / "engines" / arch
@@ -107,7 +107,8 @@ def model_dims(tensor, max_batch_size: int) -> list[int]:
 @pytest.mark.parametrize("flavor", FLAVORS)
 @pytest.mark.parametrize("which", ["tiny", "tiny_cn"])
 def test_repository_configs(flavor, which, request, trt_packages, tmp_path):
-    from blipdiffusion_trt.runtime.package import CPU_FUSED_DIR, ModelPackage
+    from blipdiffusion_trt.package import ModelPackage
+    from blipdiffusion_trt.package.layout import CPU_FUSED
 
     fixture = request.getfixturevalue(which)
     source = trt_packages[which] if flavor == "tensorrt" else fixture.package
@@ -140,7 +141,7 @@ def test_repository_configs(flavor, which, request, trt_packages, tmp_path):
             assert (cfg.platform, cfg.backend) == ("", "python")
             graph = model_dir / "1" / "model.onnx"
             # what the cpu runtime loads: the CPU-fused graph where the package has one
-            folder = CPU_FUSED_DIR if package.has_cpu_fused(component) else "fp32"
+            folder = CPU_FUSED if package.has_cpu_fused(component) else "fp32"
             assert graph.read_bytes() == (fixture.package / "onnx" / folder / f"{component}.onnx").read_bytes()
             compile((model_dir / "1" / "model.py").read_text(), "model.py", "exec")
         (group,) = cfg.instance_group
@@ -233,7 +234,7 @@ def test_tensorrt_several_architectures(tiny, tmp_path):
     package = fake_plans(tiny.package, tmp_path / "pkg", ("sm_89-trt10.8", "sm_90-trt10.8", "sm_90-trt10.3", "sm_86-trt10.8"))
     (package / "engines" / "sm_86-trt10.8" / "vae_decoder.plan").unlink()  # incomplete: skipped
     repo = tr.write_triton_repository(package, tmp_path / "repo", "tensorrt")
-    for component in tr.pipeline_components(PipelineConfig.load(package)):
+    for component in tr.pipeline_components(read_pipeline_config(package)):
         cfg = parse_config(repo.path / component / "config.pbtxt")
         assert dict(cfg.cc_model_filenames) == {"8.9": "model.sm_89.plan", "9.0": "model.sm_90.plan"}
         version_dir = repo.path / component / "1"
@@ -245,7 +246,7 @@ def test_tensorrt_several_architectures(tiny, tmp_path):
 
 def test_tensorrt_dynamic_engines(tiny, tmp_path):
     package = fake_plans(tiny.package, tmp_path / "pkg", shapes="dynamic", height="16:32:48")
-    config = PipelineConfig.load(package)
+    config = read_pipeline_config(package)
     repo = tr.write_triton_repository(package, tmp_path / "repo", "tensorrt")
     unet = parse_config(repo.path / "unet_plain" / "config.pbtxt")
     assert unet.max_batch_size == 2 * config.max_batch_size and unet.HasField("dynamic_batching")
@@ -316,7 +317,7 @@ def test_max_batch_size_option(tiny, tmp_path):
     assert parse_config(repo.path / "unet_plain" / "config.pbtxt").max_batch_size == 4
     assert parse_config(repo.path / "qformer" / "config.pbtxt").max_batch_size == 2
     repo = tr.write_triton_repository(tiny.package, tmp_path / "off", "onnxruntime", max_batch_size=0)
-    for component in tr.pipeline_components(PipelineConfig.load(tiny.package)):
+    for component in tr.pipeline_components(read_pipeline_config(tiny.package)):
         cfg = parse_config(repo.path / component / "config.pbtxt")
         assert cfg.max_batch_size == 0 and not cfg.HasField("dynamic_batching")
     timestep = [t for t in parse_config(repo.path / "unet_plain" / "config.pbtxt").input if t.name == "timestep"][0]
@@ -361,8 +362,9 @@ def test_output_directory_handling(tiny, tmp_path):
 
 
 def test_cli(tiny, tmp_path, capsys):
-    parser = argparse.ArgumentParser(prog="blipdiffusion-trt")
-    tr.add_triton(parser.add_subparsers(dest="command", required=True))
+    from blipdiffusion_trt.cli import build_parser
+
+    parser = build_parser()
     args = parser.parse_args(["triton", str(tiny.package), "--out", str(tmp_path / "repo"), "--flavor", "onnxruntime",
                               "--max-batch-size", "1", "--instances", "3", "--no-verify"])
     assert args.run(args) == 0

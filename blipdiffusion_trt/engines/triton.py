@@ -50,16 +50,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ..components import Axis, ComponentSpec, PipelineConfig, TensorSpec
+from ..components import Axis, ComponentSpec, PipelineConfig, TensorSpec, generation_components
 from ..errors import InputError, PackageError
 from ..fsutil import replace_dir
+from ..package import ModelPackage, layout
+from .plans import BuildOptions, parse_engine_dir_name, read_record, version_key
 
 logger = logging.getLogger(__name__)
 
 FLAVORS = ("python-cpu", "onnxruntime", "tensorrt")
 BLS_MODEL = "blip_diffusion"
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
-ENGINE_DIR_PATTERN = re.compile(r"^sm_(\d{2,3})-trt(\d[\w.\-]*)$")
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
 TRITON_DTYPES = {
@@ -73,15 +74,10 @@ TRITON_DTYPES = {
     "bool": "TYPE_BOOL",
 }
 
-# Files of a package the BLS model needs (configs and tokenizers; never the graphs).
-PACKAGE_RUNTIME_FILES = ("manifest.json", "pipeline.json", "scheduler", "tokenizer", "qformer_tokenizer")
 
 
-def pipeline_components(config: PipelineConfig) -> list[str]:
-    """Components the runtime runs for this package, in pipeline order (as ``from_package`` loads them)."""
-    names = ["qformer", "text_encoder", "text_encoder_plain"]
-    names += ["controlnet", "unet"] if config.has_controlnet else ["unet_plain"]
-    return names + ["vae_decoder"]
+# Components the runtime runs for a package, in pipeline order (as ``from_package`` loads them).
+pipeline_components = generation_components
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,7 +364,6 @@ Needs numpy, Pillow and tokenizers in the python backend's environment.
 
 import json
 import os
-import pathlib
 import sys
 import traceback
 
@@ -414,24 +409,17 @@ class TritonPythonModel:
         if code_dir:
             sys.path.insert(0, _resolve(code_dir))
 
-        from blipdiffusion_trt.components import PipelineConfig
-        from blipdiffusion_trt.errors import BlipDiffusionTrtError, EngineError, InputError, PackageError
+        from blipdiffusion_trt.errors import BlipDiffusionTrtError, EngineError, InputError
+        from blipdiffusion_trt.package import ModelPackage
         from blipdiffusion_trt.runtime import images
         from blipdiffusion_trt.runtime.engine import Engine
-        from blipdiffusion_trt.runtime.package import ModelPackage, sha256_file
         from blipdiffusion_trt.runtime.pipeline import BlipDiffusionRuntime
 
         self.BaseError, self.InputError, self.images = BlipDiffusionTrtError, InputError, images
         self.max_pixels = int(params.get("max_image_pixels") or images.DEFAULT_MAX_PIXELS)
 
-        root = _resolve(params.get("package_dir", "package"))
-        with open(os.path.join(root, "manifest.json")) as f:
-            manifest = json.load(f)
-        for name, digest in manifest.get("files", {}).items():  # the copied configs and tokenizers
-            path = os.path.join(root, name)
-            if os.path.isfile(path) and sha256_file(path) != digest:
-                raise PackageError(f"{path} does not match its sha256 in manifest.json")
-        package = ModelPackage(root=pathlib.Path(root), manifest=manifest, config=PipelineConfig.load(root))
+        # the copied configs and tokenizers, checked against the manifest; no graphs
+        package = ModelPackage.open(_resolve(params.get("package_dir", "package")), graphs=False)
 
         cpu_memory = {}
         if hasattr(pb_utils, "PreferredMemory"):
@@ -578,39 +566,36 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _copy_graph(package_root: Path, precision: str, component: str, version_dir: Path) -> list[str]:
+def _copy_graph(package: ModelPackage, variant: str, component: str, version_dir: Path) -> list[str]:
     """model.onnx (+ its external data file, under the name the graph refers to)."""
-    src = package_root / "onnx" / precision / f"{component}.onnx"
+    src = package.layout.graph(component, variant)
     _link_or_copy(src, version_dir / "model.onnx")
     written = ["model.onnx"]
-    data = src.with_name(src.name + ".data")
+    data = package.layout.graph_data(component, variant)
     if data.is_file():
         _link_or_copy(data, version_dir / data.name)
         written.append(data.name)
     return written
 
 
-def find_plans(package_root: Path, components: Sequence[str]) -> dict[str, Path]:
+def find_plans(package: ModelPackage, components: Sequence[str]) -> dict[str, Path]:
     """compute capability ("8.9") -> engines dir holding a plan of every component (newest TensorRT)."""
-    engines = package_root / "engines"
     found: dict[str, tuple[tuple, Path]] = {}
-    if engines.is_dir():
-        for folder in sorted(engines.iterdir()):
-            match = ENGINE_DIR_PATTERN.match(folder.name)
-            if not match or not folder.is_dir():
-                continue
-            sm, version = match.groups()
-            missing = [c for c in components if not (folder / f"{c}.plan").is_file()]
-            if missing:
-                logger.warning("%s: no plan for %s; skipped", folder, ", ".join(missing))
-                continue
-            cc = f"{int(sm[:-1])}.{sm[-1]}"
-            key = tuple(int(p) if p.isdigit() else 0 for p in re.split(r"[.\-]", version))
-            if cc not in found or key > found[cc][0]:
-                found[cc] = (key, folder)
+    for folder in package.layout.engine_dirs():
+        parsed = parse_engine_dir_name(folder.name)
+        if parsed is None:
+            continue
+        cc, version = parsed
+        missing = [c for c in components if not package.layout.plan(folder.name, c).is_file()]
+        if missing:
+            logger.warning("%s: no plan for %s; skipped", folder, ", ".join(missing))
+            continue
+        key = version_key(version)
+        if cc not in found or key > found[cc][0]:
+            found[cc] = (key, folder)
     if not found:
         raise PackageError(
-            f"{engines}: no TensorRT plans for {', '.join(components)}; run blipdiffusion-trt build first"
+            f"{package.layout.engines_root}: no TensorRT plans for {', '.join(components)}; run blipdiffusion-trt build first"
         )
     return {cc: folder for cc, (_, folder) in found.items()}
 
@@ -623,7 +608,6 @@ def engine_ranges(config: PipelineConfig, spec: ComponentSpec, folders: Iterable
     checked against the recorded profile. None (declared ranges) when no folder records the
     component; several folders (architectures) must agree, since they share one config.pbtxt.
     """
-    from .build import BuildOptions, read_record
     from .profiles import axis_ranges, profile_from_json, spec_profile
 
     found: dict[Path, dict[str, Range]] = {}
@@ -654,20 +638,22 @@ def engine_ranges(config: PipelineConfig, spec: ComponentSpec, folders: Iterable
 
 
 def _copy_runtime_code(dst: Path) -> None:
-    """The torch-free part of blipdiffusion_trt (components, errors, runtime) for the BLS model."""
+    """The torch-free part of blipdiffusion_trt (components, errors, package format, runtime) for the BLS model."""
     src = Path(__file__).resolve().parent.parent
     target = dst / "blipdiffusion_trt"
-    (target / "runtime").mkdir(parents=True)
+    target.mkdir(parents=True)
     for name in ("__init__.py", "components.py", "errors.py", "fsutil.py"):
         shutil.copy2(src / name, target / name)
-    for file in sorted((src / "runtime").glob("*.py")):
-        shutil.copy2(file, target / "runtime" / file.name)
+    for folder in ("package", "runtime"):
+        for file in sorted((src / folder).rglob("*.py")):
+            (target / file.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(file, target / file.relative_to(src))
 
 
-def _copy_package_files(package_root: Path, dst: Path) -> None:
+def _copy_package_files(package: ModelPackage, dst: Path) -> None:
     dst.mkdir(parents=True)
-    for name in PACKAGE_RUNTIME_FILES:
-        src = package_root / name
+    for name in layout.RUNTIME_FILES:
+        src = package.layout.path(name)
         if src.is_dir():
             shutil.copytree(src, dst / name)
         elif src.is_file():
@@ -711,8 +697,6 @@ def write_triton_repository(
     share one server. ``max_image_pixels``: the BLS model's limit on input images.
     ``cpu_threads``: ONNX Runtime intra-op threads of the python-cpu models (0: its default).
     """
-    from ..runtime.package import CPU_FUSED_DIR, ModelPackage
-
     if flavor not in FLAVORS:
         raise InputError(f"flavor must be one of {', '.join(FLAVORS)}, got {flavor!r}")
     _check_int("instances", instances, 1, 64)
@@ -736,7 +720,7 @@ def write_triton_repository(
 
     components = pipeline_components(config)
     names = {c: f"{name_prefix}{c}" for c in components}
-    plans = find_plans(package.root, components) if flavor == "tensorrt" else {}
+    plans = find_plans(package, components) if flavor == "tensorrt" else {}
     precision = "fp16" if flavor == "onnxruntime" and "fp16" in package.precisions else "fp32"
 
     models: dict[str, ModelEntry] = {}
@@ -756,19 +740,19 @@ def write_triton_repository(
             if flavor == "tensorrt":
                 if len(plans) == 1:
                     (folder,) = plans.values()
-                    _link_or_copy(folder / f"{component}.plan", version_dir / "model.plan")
+                    _link_or_copy(package.layout.plan(folder.name, component), version_dir / "model.plan")
                     files = ["model.plan"]
                 else:
                     cc_files = {}
                     for cc, folder in plans.items():
                         file = f"model.sm_{cc.replace('.', '')}.plan"
-                        _link_or_copy(folder / f"{component}.plan", version_dir / file)
+                        _link_or_copy(package.layout.plan(folder.name, component), version_dir / file)
                         cc_files[cc] = file
                     files = sorted(cc_files.values())
             else:
                 # the CPU flavor serves what the cpu runtime loads: the CPU-fused graph where there is one
-                folder = CPU_FUSED_DIR if flavor == "python-cpu" and package.has_cpu_fused(component) else precision
-                files = _copy_graph(package.root, folder, component, version_dir)
+                cpu_fused = flavor == "python-cpu" and package.has_cpu_fused(component)
+                files = _copy_graph(package, layout.graph_variant(precision, cpu_fused=cpu_fused), component, version_dir)
                 if flavor == "python-cpu":
                     (version_dir / "model.py").write_text(COMPONENT_MODEL_PY)
                     files.append("model.py")
@@ -785,7 +769,7 @@ def write_triton_repository(
         version_dir.mkdir(parents=True)
         (version_dir / "model.py").write_text(BLS_MODEL_PY)
         _copy_runtime_code(version_dir)
-        _copy_package_files(package.root, version_dir / "package")
+        _copy_package_files(package, version_dir / "package")
         text = bls_config(config, name=bls_name, instances=instances, components=names, batch_sizes=batch_sizes,
                           max_image_pixels=max_image_pixels)
         (tmp / bls_name / "config.pbtxt").write_text(text)
@@ -802,9 +786,8 @@ def write_triton_repository(
 # --------------------------------------------------------------------------------------------
 
 
-def add_triton(sub) -> None:
+def add_arguments(p) -> None:
     """``blipdiffusion-trt triton PACKAGE --out REPOSITORY [...]``."""
-    p = sub.add_parser("triton", help="write a Triton model repository (component models + BLS pipeline) for a package")
     p.add_argument("package", help="model package directory (from `blipdiffusion-trt export`)")
     p.add_argument("--out", required=True, help="model repository directory to create")
     p.add_argument("--flavor", default="python-cpu",
@@ -819,7 +802,6 @@ def add_triton(sub) -> None:
     p.add_argument("--cpu-threads", type=int, default=0, help="ONNX Runtime threads per python-cpu model (0: default)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--no-verify", action="store_true", help="skip checking the package files' sha256")
-    p.set_defaults(run=run_triton)
 
 
 def run_triton(args) -> int:
