@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_generate(sub)
     _add_demo(sub)
     _add_random_checkpoint(sub)
-    from .engines.triton import add_triton  # light: writes configs, imports no server
+    from .serving.triton.cli import add_triton  # light: writes configs, imports no server
 
     add_triton(sub)
     from .bench_cli import add_bench  # light: the benchmark imports its libraries when it runs
