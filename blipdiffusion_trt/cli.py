@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .serving.triton.cli import add_triton  # light: writes configs, imports no server
 
     add_triton(sub)
-    from .bench_cli import add_bench  # light: the benchmark imports its libraries when it runs
+    from .bench.cli import add_bench  # light: the benchmark imports its libraries when it runs
 
     add_bench(sub)
     return parser
