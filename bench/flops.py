@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from blipdiffusion_trt.bench_cli import component_input_shapes, count_flops
+from blipdiffusion_trt.bench.flops import component_input_shapes, count_flops
 from blipdiffusion_trt.components import declare_components, generation_components
 from blipdiffusion_trt.package import PackageLayout, read_pipeline_config
 

@@ -41,7 +41,7 @@ def measure(package: Path, component: str, size: int, variant: dict[str, str], r
     """In this process: create the session, one warm-up call, ``runs`` timed calls."""
     import onnxruntime as ort
 
-    from blipdiffusion_trt.bench_cli import component_point
+    from blipdiffusion_trt.bench.flops import component_point
     from blipdiffusion_trt.components import declare_components
     from blipdiffusion_trt.export.cpu_fusions import package_vocab_sizes
     from blipdiffusion_trt.export.graphs import example_inputs

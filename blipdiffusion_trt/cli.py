@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import bench_cli, demo
+from . import demo
+from .bench import cli as bench_cli
 from .engines import cli as build_cli
-from .engines import triton
 from .errors import InputError, run_reporting_errors
 from .package import layout
 from .runtime import cli as generate_cli
+from .serving.triton import cli as triton_cli
 
 logger = logging.getLogger("blipdiffusion_trt")
 
@@ -126,10 +127,8 @@ COMMANDS: tuple[Command, ...] = (
             demo.add_arguments, demo.run),
     Command("random-checkpoint", "build a diffusers BLIP-Diffusion checkpoint with random weights",
             add_random_checkpoint_arguments, run_random_checkpoint),
-    Command("triton", "write a Triton model repository (component models + BLS pipeline) for a package",
-            triton.add_arguments, triton.run_triton),
-    Command("bench", "benchmark every stage against diffusers (latency, memory, FLOPs)",
-            bench_cli.add_arguments, bench_cli.run_bench, bench_cli.__doc__.splitlines()[0]),
+    Command("triton", triton_cli.HELP, triton_cli.add_arguments, triton_cli.run_triton),
+    Command("bench", bench_cli.HELP, bench_cli.add_arguments, bench_cli.run_bench, bench_cli.DESCRIPTION),
 )
 
 

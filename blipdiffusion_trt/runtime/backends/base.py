@@ -39,17 +39,30 @@ class Capabilities:
     cpu_fused_graphs: bool = False  # loads the package's CPU-fused fp32 graphs where it has them
     optimized_cache: bool = False  # keeps its optimised graphs in a cache directory between runs
     device_outputs: bool = False  # outputs named in ``keep`` stay in device memory
+    precisions: tuple[str, ...] = ("fp32", "fp16")  # the package graphs its engines can be made from
+
+
+def _always() -> bool:
+    return True
 
 
 @dataclass(frozen=True)
 class Backend(Generic[OptionsT]):
-    """One entry of the backend registry (:mod:`blipdiffusion_trt.runtime.backends`)."""
+    """One entry of the backend registry (:mod:`blipdiffusion_trt.runtime.backends`).
+
+    ``device``: where its engines run, ``"cpu"`` or ``"cuda"``. ``is_available()``: whether this
+    machine has what it needs (its libraries, its execution provider), without loading anything
+    big; a GPU may still turn out to be missing when an engine loads. The benchmark's default
+    backends are the available ones.
+    """
 
     name: str
     description: str
     options_class: type[OptionsT]
     factory: Callable[["ModelPackage", str, str, OptionsT], "Engine"]
     capabilities: Capabilities = Capabilities()
+    device: str = "cpu"
+    is_available: Callable[[], bool] = _always
 
     def options(self, options: OptionsT | None = None, **values: Any) -> OptionsT:
         """The backend's options: ``options`` (or the defaults) with ``values`` replacing fields.

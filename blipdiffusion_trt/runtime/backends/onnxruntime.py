@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -274,14 +274,28 @@ def make_ort_tensorrt_engine(package: ModelPackage, component: str, precision: s
                                  providers=ort_tensorrt_providers(package, options), optimized_cache=False)
 
 
+def provider_available(provider: str) -> Callable[[], bool]:
+    """Whether this ONNX Runtime build has the execution provider ``provider``."""
+
+    def available() -> bool:
+        import onnxruntime as ort
+
+        return provider in ort.get_available_providers()
+
+    return available
+
+
 CPU = Backend("cpu", "ONNX Runtime, CPU", OnnxRuntimeOptions, make_cpu_engine,
-              Capabilities(cpu_fused_graphs=True, optimized_cache=True))
+              Capabilities(cpu_fused_graphs=True, optimized_cache=True),
+              device="cpu", is_available=provider_available("CPUExecutionProvider"))
 # Graphs optimised for the CUDA/TensorRT providers are not cached (EP-specific nodes), and the
 # CPU-fused graphs are validated and measured on the CPU only.
 CUDA = Backend("cuda", "ONNX Runtime, CUDA provider with IO binding", OnnxRuntimeGpuOptions, make_cuda_engine,
-               Capabilities(device_outputs=True))
+               Capabilities(device_outputs=True),
+               device="cuda", is_available=provider_available("CUDAExecutionProvider"))
 ORT_TENSORRT = Backend("ort-tensorrt", "ONNX Runtime, TensorRT execution provider", OnnxRuntimeGpuOptions,
-                       make_ort_tensorrt_engine, Capabilities(device_outputs=True))
+                       make_ort_tensorrt_engine, Capabilities(device_outputs=True),
+                       device="cuda", is_available=provider_available("TensorrtExecutionProvider"))
 
 __all__ = ["CPU", "CUDA", "ORT_TENSORRT", "GRAPH_OPTIMIZATIONS", "MEMORY_ARENAS", "OnnxRuntimeCudaEngine",
            "OnnxRuntimeEngine", "OnnxRuntimeGpuOptions", "OnnxRuntimeOptions", "default_threads", "optimized_cache_path"]

@@ -403,7 +403,15 @@ def _running_here() -> dict[str, str]:
     return running_environment()
 
 
+def tensorrt_installed() -> bool:
+    """Whether TensorRT's Python package is installed (found, not imported)."""
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt") is not None
+
+
 TENSORRT = Backend("tensorrt", "TensorRT engines from `blipdiffusion-trt build` (needs --precision fp16)",
-                   TensorRTOptions, make_tensorrt_engine, Capabilities(device_outputs=True))
+                   TensorRTOptions, make_tensorrt_engine, Capabilities(device_outputs=True, precisions=("fp16",)),
+                   device="cuda", is_available=tensorrt_installed)
 
 __all__ = ["CUDA_GRAPH_ENV", "DeviceTensor", "TENSORRT", "TensorRTEngine", "TensorRTOptions", "make_tensorrt_engine"]
