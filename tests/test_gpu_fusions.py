@@ -32,7 +32,8 @@ from onnx import numpy_helper  # noqa: E402
 
 from blipdiffusion_trt.components import declare_components  # noqa: E402
 from blipdiffusion_trt.errors import PackageError, ValidationError  # noqa: E402
-from blipdiffusion_trt.runtime.package import GPU_FUSED_DIR, MANIFEST_NAME, ModelPackage, sha256_file  # noqa: E402
+from blipdiffusion_trt.package import ModelPackage, sha256_file  # noqa: E402
+from blipdiffusion_trt.package.layout import CUDA_FUSED as GPU_FUSED_DIR, MANIFEST as MANIFEST_NAME  # noqa: E402
 
 pytestmark = [
     pytest.mark.slow,
@@ -83,8 +84,12 @@ def test_export_writes_the_declared_fused_graphs_with_their_digests(cuda_package
     assert all(sha256_file(cuda_package / f) == manifest["files"][f] for f in listed)
     package = ModelPackage.open(cuda_package)
     for name in package.specs:
-        path = package.gpu_fused_path(name)
-        assert (path is not None) == (name in declared), name
+        assert package.has_cuda_fused(name) == (name in declared), name
+        if name in declared:  # checked against its sha256 when handed out
+            assert package.onnx_path(name, "fp16", cuda_fused=True) == cuda_package / "onnx" / GPU_FUSED_DIR / f"{name}.onnx"
+        else:
+            with pytest.raises(PackageError, match="no CUDA-fused fp16 graph"):
+                package.onnx_path(name, "fp16", cuda_fused=True)
     # recorded fused-op counts are those of the files
     for name, entry in manifest["gpu_fused"].items():
         ops = _ops(cuda_package / "onnx" / GPU_FUSED_DIR / f"{name}.onnx")
@@ -181,7 +186,7 @@ def test_an_altered_fused_graph_is_refused(cuda_package, tmp_path):
     data[-1] ^= 1
     path.write_bytes(bytes(data))
     with pytest.raises(PackageError, match="does not match its sha256"):
-        ModelPackage.open(package).gpu_fused_path("unet")
+        ModelPackage.open(package).onnx_path("unet", "fp16", cuda_fused=True)
 
 
 def test_the_checks_catch_a_graph_that_differs_from_the_declaration(cuda_package, tmp_path):

@@ -76,7 +76,7 @@ def test_dry_run_completes_and_passes(dry_run):
 
 
 def test_dry_run_checks_every_component_against_pytorch(dry_run):
-    from blipdiffusion_trt.runtime.package import ModelPackage
+    from blipdiffusion_trt.package import ModelPackage
 
     _, out, fixture = dry_run
     data = json.loads((out / "validation.json").read_text())
@@ -107,23 +107,23 @@ def test_dry_run_measures_both_sides_the_same_way(dry_run):
             # PNDM runs one UNet call more than the steps requested; both sides count the same calls
             assert pipeline["unet_calls"] == sides["ours"]["pipelines"][key]["unet_calls"] > data["generations"][key]["steps"]
     assert sides["ours"]["torch_imported"] is False, "our runtime's side must not import torch"
-    # FLOPs from the fp32 graphs, as bench/flops.py counts them
-    from blipdiffusion_trt.bench_cli import component_input_shapes, count_flops
-    from blipdiffusion_trt.components import PipelineConfig, declare_components
+    # FLOPs from the fp32 graphs, as the benchmark counts them
+    from blipdiffusion_trt.bench.flops import component_input_shapes, count_flops
+    from blipdiffusion_trt.package import ModelPackage
 
     flops = data["flops"]["unet_plain"]["flops"]
     assert flops > 0 and data["flops"]["unet_plain"]["unresolved"] == 0
     # the work folder is gone; the fixture's package holds the same architecture's graphs
     _, _, fixture = dry_run
-    config = PipelineConfig.load(fixture.package)
+    package = ModelPackage.open(fixture.package, verify=False)
     gen = data["generations"]["plain"]
-    shapes = component_input_shapes(declare_components(config)["unet_plain"], config, batch=1,
+    shapes = component_input_shapes(package.specs["unet_plain"], package.config, batch=1,
                                      height=gen["height"], width=gen["width"])
-    assert count_flops(fixture.package / "onnx" / "fp32" / "unet_plain.onnx", shapes)["flops"] == flops
+    assert count_flops(package.layout.graph("unet_plain", "fp32"), shapes)["flops"] == flops
 
 
 def test_plain_view_is_the_package_without_its_controlnet(tiny_cn, tmp_path, bench_modules):
-    from blipdiffusion_trt.runtime.package import ModelPackage
+    from blipdiffusion_trt.package import ModelPackage
 
     view = bench_modules["validate"].plain_view(tiny_cn.package, tmp_path / "plain")
     package = ModelPackage.open(view)  # every digest verified

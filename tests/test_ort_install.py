@@ -65,12 +65,12 @@ def test_cuda_provider_missing_names_the_gpu_extra_before_loading_anything(tiny)
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this ONNX Runtime has the CUDA provider")
-    from blipdiffusion_trt.runtime.engine import OnnxRuntimeCudaEngine
-    from blipdiffusion_trt.runtime.package import ModelPackage
+    from blipdiffusion_trt.package import ModelPackage
+    from blipdiffusion_trt.runtime.backends import get_backend
 
     package = ModelPackage.open(tiny.package, verify=False)
     with pytest.raises(EngineError, match=r"^CUDAExecutionProvider is not available .*blipdiffusion-trt\[gpu\]") as caught:
-        OnnxRuntimeCudaEngine(package.specs["unet_plain"], Path("/nonexistent/unet_plain.onnx"))
+        get_backend("cuda").make_engine(package, "unet_plain", "fp32")
     assert "\n" not in str(caught.value)
 
 

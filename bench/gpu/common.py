@@ -36,7 +36,7 @@ class Mode:
     backend: str  # our runtime's backend: "cuda" or "cpu"
     precision: str  # our graphs: "fp16" or "fp32"
     diffusers_dtype: str  # "float16" or "float32"
-    cudnn_conv_algo_search: str = "EXHAUSTIVE"
+    cudnn_conv_algo_search: str = "EXHAUSTIVE"  # our cuda backend's cuDNN convolution algorithm search
 
     @property
     def gpu(self) -> bool:
@@ -89,43 +89,40 @@ def generation_inputs(gen: Generation):
 # Our runtime on the mode's backend
 # ------------------------------------------------------------------------------------------------
 
-def cuda_provider_options(mode: Mode, device_id: int = 0) -> dict[str, str]:
-    """CUDA provider options for the measured runs.
+def backend_options(mode: Mode):
+    """Our backend's start-up options for the measured runs (the backend registry's options class).
 
-    ``use_tf32`` off: fp32 nodes (Casts around the fp16 graph, any fp32 graph) compute in fp32, as
-    the PyTorch references here do. cuDNN's algorithm search is EXHAUSTIVE (ONNX Runtime's default):
-    it costs seconds on the first call of every new shape, which the warm-up absorbs.
+    GPU: fp32 nodes (the Casts around the fp16 graphs) compute in fp32 (``use_tf32`` off), as the
+    PyTorch references here do; cuDNN's algorithm search is the mode's (EXHAUSTIVE costs seconds on
+    the first call of every new shape, which the warm-up absorbs). Dry run: one thread (a shared CPU:
+    steady, not fast) and the plain fp32 graphs.
     """
-    return {"device_id": str(device_id), "use_tf32": "0", "cudnn_conv_algo_search": mode.cudnn_conv_algo_search}
+    from blipdiffusion_trt.runtime.backends import get_backend
 
-
-def graph_path(package, name: str, mode: Mode) -> Path:
-    """The graph our backend runs: on CUDA the CUDA-fused fp16 graph where the package has one."""
+    backend = get_backend(mode.backend)
     if mode.gpu:
-        fused = package.gpu_fused_path(name)
-        if fused is not None:
-            return fused
-    return package.onnx_path(name, mode.precision)
+        return backend.options(provider_options={"device_id": "0", "use_tf32": "0",
+                                                 "cudnn_conv_algo_search": mode.cudnn_conv_algo_search})
+    return backend.options(threads=1, cpu_fused=False)
 
 
-def needed_components(package) -> list[str]:
-    names = ["qformer", "text_encoder", "text_encoder_plain", "vae_decoder"]
-    return names + (["unet", "controlnet"] if package.config.has_controlnet else ["unet_plain"])
+def make_engine(package, name: str, mode: Mode):
+    """One component's engine from the backend registry: the backend's factory picks the graph
+    (on CUDA the CUDA-fused fp16 one where the package has it)."""
+    from blipdiffusion_trt.runtime.backends import get_backend
+
+    return get_backend(mode.backend).make_engine(package, name, mode.precision, backend_options(mode))
 
 
-def make_engine(package, name: str, mode: Mode, path: Path | None = None):
-    from blipdiffusion_trt.runtime.engine import OnnxRuntimeCudaEngine, OnnxRuntimeEngine
-
-    spec = package.specs[name]
-    path = path or graph_path(package, name, mode)
-    if mode.gpu:
-        return OnnxRuntimeCudaEngine(spec, path, providers=[("CUDAExecutionProvider", cuda_provider_options(mode))])
-    return OnnxRuntimeEngine(spec, path, threads=1)  # dry run on a shared CPU: steady, not fast
+def graph_of(engine, package) -> str:
+    """The package file an engine loaded (manifest name)."""
+    return package.layout.name_of(engine.path)
 
 
 def load_our_runtime(package_dir: Path, mode: Mode):
     """Our runtime with the mode's engines (one generation's components), no caches (as diffusers)."""
-    from blipdiffusion_trt.runtime.package import ModelPackage
+    from blipdiffusion_trt.components import generation_components
+    from blipdiffusion_trt.package import ModelPackage
     from blipdiffusion_trt.runtime.pipeline import BlipDiffusionRuntime
 
     if mode.gpu:
@@ -133,10 +130,10 @@ def load_our_runtime(package_dir: Path, mode: Mode):
 
         preload_cuda_libraries()
     package = ModelPackage.open(package_dir)
-    engines = {name: make_engine(package, name, mode) for name in needed_components(package)}
-    runtime = BlipDiffusionRuntime(package, engines, cache_size=0)
-    runtime._negative_cache.size = 0  # diffusers encodes the negative prompt every call; so do we here
-    return runtime, {name: str(engine.path.relative_to(package.root)) for name, engine in engines.items()}
+    engines = {name: make_engine(package, name, mode) for name in generation_components(package.config)}
+    # diffusers encodes the subject and the negative prompt every call; so do we here
+    runtime = BlipDiffusionRuntime(package, engines, cache_size=0, negative_cache_size=0)
+    return runtime, {name: graph_of(engine, package) for name, engine in engines.items()}
 
 
 def run_ours(runtime, gen: Generation, reference, condition, latents):

@@ -103,7 +103,7 @@ def component_outputs(package, engines: dict, mode: Mode, gen: Generation) -> di
     """Every component's outputs on example inputs at this generation's shapes (for validate.py)."""
     import numpy as np
 
-    from blipdiffusion_trt.export.exporter import example_inputs
+    from blipdiffusion_trt.export.graphs import example_inputs
 
     arrays: dict[str, Any] = {}
     for name, engine in engines.items():
@@ -117,18 +117,11 @@ def component_outputs(package, engines: dict, mode: Mode, gen: Generation) -> di
 
 
 def component_point(package, name: str, gen: Generation) -> dict[str, int]:
-    """Axis values of one generation with guidance: batch 1, UNet batch 2, the generation's size."""
-    spec = package.specs[name]
-    config = package.config
-    f = config.latent_scale_factor
-    point = {axis: a.opt for axis, a in spec.axes.items()}
-    point.update(batch=1, unet_batch=2, height=gen.height, width=gen.width,
-                 latent_height=gen.height // f, latent_width=gen.width // f)
-    for axis in list(point):
-        for base in ("latent_height_", "latent_width_"):
-            if axis.startswith(base):
-                point[axis] = point[base[:-1]] // int(axis[len(base):])
-    return point
+    """Axis values of one generation with guidance: batch 1, UNet batch 2, the generation's size
+    (latent and residual sizes from the declaration, as the benchmark's FLOP count derives them)."""
+    from blipdiffusion_trt.bench.flops import component_point as point_of
+
+    return point_of(package.specs[name], package.config, batch=1, height=gen.height, width=gen.width)
 
 
 def cuda_graph_probe(package, engines: dict, mode: Mode, gen: Generation, runs: int = 5) -> dict[str, Any]:
@@ -142,7 +135,7 @@ def cuda_graph_probe(package, engines: dict, mode: Mode, gen: Generation, runs: 
     import numpy as np
     import onnxruntime as ort
 
-    from blipdiffusion_trt.export.exporter import example_inputs
+    from blipdiffusion_trt.export.graphs import example_inputs
 
     results: dict[str, Any] = {}
     for name in ("unet_plain", "unet", "controlnet", "vae_decoder", "text_encoder", "qformer"):
@@ -189,7 +182,7 @@ def vocab(package) -> dict[str, int]:
 def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
-    from blipdiffusion_trt.runtime.package import ModelPackage
+    from blipdiffusion_trt.package import ModelPackage
     from blipdiffusion_trt.runtime.pipeline import BlipDiffusionRuntime
 
     mode = Mode(**spec["mode"])
@@ -200,9 +193,8 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
     plain_package = ModelPackage.open(spec["package_plain"])
     plain_engines = {k: v for k, v in cn_runtime.engines.items() if k not in ("unet", "controlnet")}
     plain_engines["unet_plain"] = common.make_engine(plain_package, "unet_plain", mode)
-    graphs["unet_plain"] = str(plain_engines["unet_plain"].path.relative_to(plain_package.root))
-    plain_runtime = BlipDiffusionRuntime(plain_package, plain_engines, cache_size=0)
-    plain_runtime._negative_cache.size = 0
+    graphs["unet_plain"] = common.graph_of(plain_engines["unet_plain"], plain_package)
+    plain_runtime = BlipDiffusionRuntime(plain_package, plain_engines, cache_size=0, negative_cache_size=0)
     load_s = time.perf_counter() - t0
     result: dict[str, Any] = {"side": "ours", "label": f"ours {mode.backend} ({mode.precision})", "load_s": load_s,
                               "graphs": graphs, "pipelines": {}}

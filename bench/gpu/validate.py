@@ -188,34 +188,37 @@ def export(checkpoint: Path, work: Path, mode: Mode, jobs: int) -> dict[str, Any
 def plain_view(package: Path, view: Path) -> Path:
     """The ControlNet package without its ControlNet: what a plain export of the same checkpoint
     writes (same weights, same graphs), as hard links; pipeline.json and the manifest rewritten."""
-    from blipdiffusion_trt.components import PIPELINE_CONFIG_NAME, PipelineConfig
-    from blipdiffusion_trt.runtime.package import MANIFEST_NAME, sha256_file
+    import dataclasses
+
+    from blipdiffusion_trt.package import PackageLayout, pipeline_config_json, read_pipeline_config
+    from blipdiffusion_trt.package.manifest import read_manifest, sha256_file, write_manifest
 
     shutil.rmtree(view, ignore_errors=True)
-    manifest = json.loads((package / MANIFEST_NAME).read_text())
-    config = PipelineConfig.load(package)
-    files = {rel: digest for rel, digest in manifest["files"].items() if Path(rel).stem != "controlnet"}
-    for rel in files:
-        (view / rel).parent.mkdir(parents=True, exist_ok=True)
+    source, files_of_view = PackageLayout(package), PackageLayout(view)
+    manifest = read_manifest(package)
+    config = read_pipeline_config(package)
+    files = {name: digest for name, digest in manifest["files"].items() if Path(name).stem != "controlnet"}
+    for name in files:
+        files_of_view.path(name).parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.link(package / rel, view / rel)
+            os.link(source.path(name), files_of_view.path(name))
         except OSError:
-            shutil.copy2(package / rel, view / rel)
-    data = {**config.to_dict(), "has_controlnet": False}
-    (view / PIPELINE_CONFIG_NAME).unlink()
-    (view / PIPELINE_CONFIG_NAME).write_text(json.dumps(data, indent=2))
-    files[PIPELINE_CONFIG_NAME] = sha256_file(view / PIPELINE_CONFIG_NAME)
-    manifest.update(files=files, components={k: v for k, v in manifest["components"].items() if k != "controlnet"},
+            shutil.copy2(source.path(name), files_of_view.path(name))
+    files_of_view.pipeline_config.unlink()  # a hard link: replaced, never written through
+    files_of_view.pipeline_config.write_text(pipeline_config_json(dataclasses.replace(config, has_controlnet=False)))
+    files[files_of_view.name_of(files_of_view.pipeline_config)] = sha256_file(files_of_view.pipeline_config)
+    manifest.update(files=dict(sorted(files.items())),
+                    components={k: v for k, v in manifest["components"].items() if k != "controlnet"},
                     gpu_fused={k: v for k, v in manifest.get("gpu_fused", {}).items() if k != "controlnet"},
                     source={**manifest["source"], "view_of": package.name})
-    (view / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    write_manifest(view, manifest)
     return view
 
 
 def generations(package: Path, mode: Mode, args) -> dict[str, Generation]:
-    from blipdiffusion_trt.components import PipelineConfig
+    from blipdiffusion_trt.package import read_pipeline_config
 
-    config = PipelineConfig.load(package)
+    config = read_pipeline_config(package)
     size = args.size or (512 if mode.gpu else config.default_height)
     steps = args.steps or (25 if mode.gpu else 3)
     f = config.latent_scale_factor
@@ -248,15 +251,14 @@ def start_flop_count(package: Path, gens: dict[str, Generation], work: Path) -> 
     out.unlink(missing_ok=True)
     code = (
         "import json, sys\n"
-        "from blipdiffusion_trt.bench_cli import component_input_shapes, count_flops\n"
-        "from blipdiffusion_trt.components import PipelineConfig, declare_components\n"
-        f"package = {str(package)!r}\n"
-        "config = PipelineConfig.load(package)\n"
-        "specs = declare_components(config)\n"
+        "from blipdiffusion_trt.bench.flops import component_input_shapes, count_flops\n"
+        "from blipdiffusion_trt.package import ModelPackage\n"
+        f"package = ModelPackage.open({str(package)!r}, verify=False)\n"
         "out = {}\n"
         "for name in ('unet_plain', 'unet', 'controlnet'):\n"
-        f"    shapes = component_input_shapes(specs[name], config, batch=1, height={gen.height}, width={gen.width})\n"
-        "    out[name] = count_flops(f'{package}/onnx/fp32/{name}.onnx', shapes)\n"
+        f"    shapes = component_input_shapes(package.specs[name], package.config, batch=1, height={gen.height}, "
+        f"width={gen.width})\n"
+        "    out[name] = count_flops(package.layout.graph(name, 'fp32'), shapes)\n"
         f"open({str(out)!r}, 'w').write(json.dumps(out))\n"
     )
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -280,7 +282,7 @@ def accuracy(checkpoint: Path, package: Path, mode: Mode, gens: dict[str, Genera
 
     import sides
     from blipdiffusion_trt.export.exporter import component_modules
-    from blipdiffusion_trt.runtime.package import ModelPackage
+    from blipdiffusion_trt.package import ModelPackage
 
     if not mode.gpu:
         torch.set_num_threads(1)  # dry run on a shared CPU

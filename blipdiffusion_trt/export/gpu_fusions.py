@@ -18,7 +18,6 @@ are checked on a GPU by ``bench/gpu/validate.py`` (fp16 on CUDA against PyTorch 
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 import shutil
@@ -28,7 +27,10 @@ from typing import Any
 
 from ..components import ComponentSpec
 from ..errors import PackageError, ValidationError
-from ..runtime.package import GPU_FUSED_DIR, MANIFEST_NAME
+from ..package import ModelPackage, PackageLayout, layout
+from ..package.manifest import replace_variant
+from .cpu_fusions import patch_num_heads_detection
+from .graphs import check_finite_constants, save_onnx
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +71,7 @@ def fuse_for_cuda(src: Path, dst: Path, model_type: str) -> dict[str, int]:
     """
     from onnxruntime.transformers import optimizer
 
-    from .cpu_fusions import _patch_num_heads_detection
-    from .exporter import _check_finite_constants, save_onnx
-
-    _patch_num_heads_detection()  # NumPy 2: the UNet attention fusion's head count (see cpu_fusions)
+    patch_num_heads_detection()  # NumPy 2: the UNet attention fusion's head count (see cpu_fusions)
     previous = logging.root.manager.disable
     # the optimizer logs every pass at INFO, and a warning that the producer is not "pytorch"
     logging.disable(logging.WARNING)
@@ -97,7 +96,7 @@ def fuse_for_cuda(src: Path, dst: Path, model_type: str) -> dict[str, int]:
     if not any(opset.domain == "com.microsoft" for opset in model.model.opset_import):
         # the optimizer adds this import only in its own save(); without it the graph is not valid ONNX
         model.model.opset_import.add(domain="com.microsoft", version=1)
-    _check_finite_constants(model.model, dst.name)
+    check_finite_constants(model.model, dst.name)
     save_onnx(model.model, dst)
     return counts
 
@@ -136,10 +135,12 @@ def check_fused_graph(spec: ComponentSpec, path: Path) -> dict[str, Any]:
     return {"onnx_checker": "full_check", "io_as_declared": True}
 
 
-def fuse_component_for_cuda(onnx_dir: Path, spec: ComponentSpec, out_dir: Path) -> dict[str, Any]:
-    """Write ``out_dir/<component>.onnx`` from ``onnx_dir/fp32``, check it; returns its manifest entry."""
-    fused = out_dir / f"{spec.name}.onnx"
-    counts = fuse_for_cuda(onnx_dir / "fp32" / f"{spec.name}.onnx", fused, spec.gpu_fusion)
+def fuse_component_for_cuda(root: Path, spec: ComponentSpec, out_dir: Path) -> dict[str, Any]:
+    """Write ``out_dir/<component>.onnx`` from the package (or export directory) at ``root``'s fp32
+    graph and check it; returns its manifest entry."""
+    files = PackageLayout(root)
+    fused = out_dir / files.graph(spec.name, layout.CUDA_FUSED).name
+    counts = fuse_for_cuda(files.graph(spec.name, "fp32"), fused, spec.gpu_fusion)
     gc.collect()  # the optimizer's model holds reference cycles: free its copy of the weights now
     return {"model_type": spec.gpu_fusion, "precision": "fp16", "fused_ops": counts,
             "checks": check_fused_graph(spec, fused),
@@ -147,25 +148,25 @@ def fuse_component_for_cuda(onnx_dir: Path, spec: ComponentSpec, out_dir: Path) 
 
 
 def fuse_graphs_for_cuda(root: Path, specs: dict[str, ComponentSpec], *, progress: bool = True) -> dict[str, Any]:
-    """Write ``root/onnx/fp16-cuda/`` for every component that declares ``gpu_fusion``; check each.
+    """Write the CUDA-fused fp16 graph of every component that declares ``gpu_fusion``; check each.
 
-    ``root`` is a package (or the export's temporary directory) holding ``onnx/fp32``. The graphs
-    go to a temporary sibling first and replace ``fp16-cuda`` as a whole. Returns the manifest
-    entry per component: model type, fused op counts and the checks that ran.
+    ``root`` is a package (or the export's temporary directory) holding the fp32 graphs. The
+    graphs go to a temporary sibling first and replace the CUDA-fused folder as a whole. Returns
+    the manifest entry per component: model type, fused op counts and the checks that ran.
     """
     from tqdm.auto import tqdm
 
     from ..fsutil import replace_dir
 
     names = [name for name, spec in specs.items() if spec.gpu_fusion]
-    onnx_dir = root / "onnx"
-    scratch = Path(tempfile.mkdtemp(prefix=f".{GPU_FUSED_DIR}.partial-", dir=onnx_dir))
+    files = PackageLayout(root)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{layout.CUDA_FUSED}.partial-", dir=files.graphs_root))
     report: dict[str, Any] = {}
     try:
         for name in tqdm(names, desc="cuda fusions", unit="component", disable=not progress):
-            report[name] = fuse_component_for_cuda(onnx_dir, specs[name], scratch)
+            report[name] = fuse_component_for_cuda(root, specs[name], scratch)
         if report:
-            replace_dir(scratch, onnx_dir / GPU_FUSED_DIR)
+            replace_dir(scratch, files.graphs_dir(layout.CUDA_FUSED))
         else:
             shutil.rmtree(scratch)
     except BaseException:
@@ -174,23 +175,23 @@ def fuse_graphs_for_cuda(root: Path, specs: dict[str, ComponentSpec], *, progres
     return report
 
 
+def cuda_fusion_summary(report: dict[str, Any]) -> list[str]:
+    """One line per CUDA-fused component: its fused ops (numerics are checked on a GPU)."""
+    lines = []
+    for name, entry in report.items():
+        ops = ", ".join(f"{op} {n}" for op, n in entry["fused_ops"].items())
+        lines.append(f"  {name:<20} {layout.CUDA_FUSED} ({ops}); numerics: GPU only")
+    return lines
+
+
 def fuse_package_for_cuda(path: str | Path, *, progress: bool = True) -> dict[str, Any]:
     """Add (or redo) the CUDA-fused fp16 graphs of an existing package and record them in its manifest."""
-    from ..runtime.package import ModelPackage, sha256_file
-
     package = ModelPackage.open(path, verify=False)
-    root = package.root
-    if not os.access(root / "onnx", os.W_OK):
-        raise PackageError(f"{root}: package is not writable")
-    report = fuse_graphs_for_cuda(root, package.specs, progress=progress)
-    manifest = dict(package.manifest)
-    prefix = f"onnx/{GPU_FUSED_DIR}/"
-    files = {k: v for k, v in manifest["files"].items() if not k.startswith(prefix)}
-    for file in sorted((root / "onnx" / GPU_FUSED_DIR).glob("*")) if report else []:
-        files[prefix + file.name] = sha256_file(file)
-    manifest["files"] = dict(sorted(files.items()))
-    manifest["gpu_fused"] = report
-    tmp = root / f".{MANIFEST_NAME}.partial"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, root / MANIFEST_NAME)
+    files = package.layout
+    if not os.access(files.graphs_root, os.W_OK):
+        raise PackageError(f"{package.root}: package is not writable")
+    report = fuse_graphs_for_cuda(package.root, package.specs, progress=progress)
+    if not report:  # nothing to fuse: no CUDA-fused folder, none listed
+        shutil.rmtree(files.graphs_dir(layout.CUDA_FUSED), ignore_errors=True)
+    replace_variant(package.root, package.manifest, layout.CUDA_FUSED, gpu_fused=report)
     return report
