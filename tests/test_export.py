@@ -769,3 +769,17 @@ def test_cli_fuse_adds_cpu_fused_graphs_to_a_package(tmp_path, tiny):
 def test_cli_fuse_bad_package(tmp_path):
     result = _fuse(tmp_path / "nowhere", cwd=tmp_path)
     _assert_one_line_error(result, ["nowhere", "does not exist"])
+
+
+def test_cpu_fused_graphs_are_valid_onnx(any_fixture):
+    """The fused graphs hold com.microsoft ops; onnx's full check refuses a graph that does not
+    import that domain (the optimizer adds the import only in its own save())."""
+    import onnx
+
+    fused = sorted((any_fixture.package / "onnx" / CPU_FUSED).glob("*.onnx"))
+    assert fused, "the fixtures are exported with CPU fusions"
+    for path in fused:
+        model = onnx.load(str(path), load_external_data=False)
+        assert any(node.domain == "com.microsoft" for node in model.graph.node), path.name
+        assert "com.microsoft" in {opset.domain for opset in model.opset_import}, path.name
+        onnx.checker.check_model(str(path), full_check=True)

@@ -26,7 +26,8 @@ from ..components import ComponentSpec
 from ..errors import PackageError, ValidationError
 from ..package import ModelPackage, PackageLayout, layout
 from ..package.manifest import replace_variant
-from .graphs import example_inputs, export_point, max_abs_diff, ort_session, run_onnx, save_onnx, second_point
+from .graphs import (example_inputs, export_point, import_contrib_opset, max_abs_diff, ort_session, run_onnx, save_onnx,
+                     second_point)
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ def fuse_for_cpu(src: Path, dst: Path, model_type: str) -> dict[str, int]:
     if unsupported:
         raise ValidationError(f"{src.name}: CPU fusion produced ops without CPU kernels: {', '.join(unsupported)}")
     model.model.producer_name = "blipdiffusion-trt"
+    import_contrib_opset(model.model)
     save_onnx(model.model, dst)
     return counts
 

@@ -30,7 +30,7 @@ from ..errors import PackageError, ValidationError
 from ..package import ModelPackage, PackageLayout, layout
 from ..package.manifest import replace_variant
 from .cpu_fusions import patch_num_heads_detection
-from .graphs import check_finite_constants, save_onnx
+from .graphs import check_finite_constants, import_contrib_opset, save_onnx
 
 logger = logging.getLogger(__name__)
 
@@ -93,9 +93,7 @@ def fuse_for_cuda(src: Path, dst: Path, model_type: str) -> dict[str, int]:
         raise ValidationError(f"{src.name}: CUDA fusion ({model_type}) produced no {', '.join(missing)}; "
                               f"fused: {counts or 'nothing'}")
     model.model.producer_name = "blipdiffusion-trt"
-    if not any(opset.domain == "com.microsoft" for opset in model.model.opset_import):
-        # the optimizer adds this import only in its own save(); without it the graph is not valid ONNX
-        model.model.opset_import.add(domain="com.microsoft", version=1)
+    import_contrib_opset(model.model)
     check_finite_constants(model.model, dst.name)
     save_onnx(model.model, dst)
     return counts

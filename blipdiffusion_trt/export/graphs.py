@@ -101,6 +101,15 @@ def save_onnx(model, path: Path) -> None:
     onnx.save_model(model, str(path))
 
 
+def import_contrib_opset(model) -> None:
+    """Declare the ``com.microsoft`` opset the fused ops belong to. The onnxruntime.transformers
+    optimizer adds this import only in its own ``save()``; a graph without it is not valid ONNX
+    (``onnx.checker``: no opset import for domain 'com.microsoft')."""
+    if any(node.domain == "com.microsoft" for node in model.graph.node) and \
+            not any(opset.domain == "com.microsoft" for opset in model.opset_import):
+        model.opset_import.add(domain="com.microsoft", version=1)
+
+
 def check_finite_constants(model, where: str) -> None:
     """ValidationError when a float constant of ``model`` holds inf/NaN (after an fp16 conversion)."""
     from onnx import numpy_helper
