@@ -131,8 +131,10 @@ def test_preload_loads_cuda13_libraries_from_another_site_directory(monkeypatch,
     # dependency order: the runtime first, cublasLt before cublas; cuDNN's sub-libraries load on demand
     assert [c[1] for c in calls[1:]] == ["libcudart.so.13", "libcublasLt.so.13", "libcublas.so.13",
                                           "libcurand.so.10", "libcufft.so.12", "libcudnn.so.9"]
-    assert [Path(p).parent.parent.name for p in loaded] == ["cu13"] * 5 + ["cudnn"]
+    assert [Path(p).parent.parent.name for p in loaded.loaded] == ["cu13"] * 5 + ["cudnn"]
+    assert loaded.missing == [] and loaded.cuda_version == "13.0"
     assert capsys.readouterr().out == ""  # preload_dlls' prints are logged, not printed
+    assert loaded.preload_dlls.startswith("Failed to load libcublasLt.so.13")
 
 
 def test_preload_finds_cuda12_per_library_folders(monkeypatch, tmp_path):
@@ -145,7 +147,7 @@ def test_preload_finds_cuda12_per_library_folders(monkeypatch, tmp_path):
     calls: list = []
     ort = _fake_onnxruntime(monkeypatch, "12.8", calls)
     loaded = ort_install.preload_cuda_libraries(ort, load=lambda path: None)
-    assert [Path(p).name for p in loaded] == ["libcudart.so.12", "libcublasLt.so.12", "libcublas.so.12",
+    assert [Path(p).name for p in loaded.loaded] == ["libcudart.so.12", "libcublasLt.so.12", "libcublas.so.12",
                                               "libcurand.so.10", "libcufft.so.11", "libcudnn.so.9"]
 
 
@@ -153,5 +155,23 @@ def test_preload_with_a_cpu_build_loads_nothing(monkeypatch, tmp_path):
     """The CPU build has no preload_dlls and an empty cuda_version: nothing to do, no error."""
     monkeypatch.setitem(sys.modules, "onnxruntime.capi.build_and_package_info", types.SimpleNamespace(cuda_version=""))
     loads: list = []
-    assert ort_install.preload_cuda_libraries(types.SimpleNamespace(__version__="1.31.1"), load=loads.append) == []
-    assert loads == []
+    report = ort_install.preload_cuda_libraries(types.SimpleNamespace(__version__="1.31.1"), load=loads.append)
+    assert report.loaded == report.missing == [] and loads == []
+
+
+def test_a_library_found_nowhere_is_reported_missing(monkeypatch, tmp_path):
+    """Not in an NVIDIA folder, and the system loader cannot open it by name either."""
+    site = tmp_path / "site-packages"
+    _touch(site, "nvidia/cu13/lib/libcudart.so.13")
+    monkeypatch.setattr(sys, "path", [str(site)])
+    ort = _fake_onnxruntime(monkeypatch, "13.0", [])
+
+    def load(path):
+        if not Path(path).is_file():
+            raise OSError(f"{path}: cannot open shared object file")
+
+    report = ort_install.preload_cuda_libraries(ort, load=load)
+    assert [Path(p).name for p in report.loaded] == ["libcudart.so.13"]
+    assert report.missing == ["libcublasLt.so.13", "libcublas.so.13", "libcurand.so.10", "libcufft.so.12", "libcudnn.so.9"]
+    assert report.folders == [str(site / "nvidia" / "cu13" / "lib")]
+    assert report.describe().startswith("not found: libcublasLt.so.13") and str(site) in report.describe()

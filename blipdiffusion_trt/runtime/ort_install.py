@@ -1,4 +1,4 @@
-"""Which ONNX Runtime is installed, and the one-line error that names the extra to install.
+"""Which ONNX Runtime is installed, what its GPU providers need, and the one-line errors that say so.
 
 ONNX Runtime ships as two distributions that install the same ``onnxruntime`` module:
 ``onnxruntime`` (CPU) and ``onnxruntime-gpu`` (CUDA and TensorRT providers). The project's extras
@@ -6,8 +6,14 @@ are alternatives (``[cpu]`` or ``[gpu]``); with both installed, whichever was in
 the module's files and the CUDA provider can silently be missing.
 
 :func:`require_onnxruntime` is what the engines call instead of ``import onnxruntime``.
-:func:`preload_cuda_libraries` makes the CUDA provider find the CUDA/cuDNN libraries that pip
-installed (the ``nvidia-*`` wheels), which its shared library has no search path to.
+:func:`ensure_cuda_libraries` (once per process, before the first CUDA session) makes the CUDA
+provider find the CUDA/cuDNN libraries that pip installed (the ``nvidia-*`` wheels), which its
+shared library has no search path to: without them ONNX Runtime does not fail, it silently runs
+the session on the CPU. :func:`ensure_tensorrt_library` does the same for the TensorRT provider,
+which links one TensorRT major (the 1.31 provider: ``libnvinfer.so.10``, TensorRT 10) and is
+dropped just as silently when that library is missing. :func:`cuda_device_count` asks the driver
+whether there is a GPU at all (what the backends' ``is_available`` needs: the GPU wheel lists its
+providers on any machine).
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ import importlib
 import importlib.metadata as metadata
 import io
 import logging
+import re
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -103,39 +111,162 @@ def cuda_library_names(cuda_version: str) -> list[str]:
             f"libcufft.so.{cufft}", "libcudnn.so.9"]
 
 
-def preload_cuda_libraries(ort=None, *, load: Callable[[str], Any] = ctypes.CDLL) -> list[str]:
+@dataclass
+class CudaLibraries:
+    """What :func:`preload_cuda_libraries` did: the libraries loaded from the NVIDIA wheels' folders,
+    those found nowhere (not in those folders, not by the system loader), and where it looked."""
+
+    cuda_version: str = ""
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    folders: list[str] = field(default_factory=list)
+    preload_dlls: str = ""  # what onnxruntime.preload_dlls() printed
+
+    def describe(self) -> str:
+        """One clause for an error message: what is missing and where it was looked for."""
+        if self.missing:
+            where = "onnxruntime.preload_dlls()'s folders, " + ", ".join(self.folders) if self.folders else \
+                "onnxruntime.preload_dlls()'s folders"
+            note = "" if self.folders else "; no nvidia/*/lib folder on sys.path"
+            return f"not found: {', '.join(self.missing)} (looked in {where} and the system library path{note})"
+        source = ", ".join(self.folders) or "the system library path"
+        return f"CUDA {self.cuda_version or '?'} and cuDNN libraries found ({len(self.loaded)} loaded from {source})"
+
+
+def _load_library(path: str):
+    return ctypes.CDLL(path)
+
+
+def preload_cuda_libraries(ort=None, *, load: Callable[[str], Any] | None = None) -> CudaLibraries:
     """Load the CUDA and cuDNN libraries the CUDA provider needs; call before its first session.
 
     The provider's shared library has no search path to the ``nvidia-*`` wheels, so unless
     something (torch) loaded them first, ONNX Runtime falls back to the CPU. ``preload_dlls()``
     (onnxruntime 1.21+) finds them next to onnxruntime; when onnxruntime lives elsewhere (a
     ``--target`` install shadowing another site directory), each library is then loaded from the
-    NVIDIA ``lib`` folders on ``sys.path``. Returns the paths loaded that way. A library that is
-    already loaded is found by its soname, so loading twice is harmless.
+    NVIDIA ``lib`` folders on ``sys.path``, else by name (the system loader: ``LD_LIBRARY_PATH``,
+    a CUDA toolkit). A library that is already loaded is found by its soname, so loading twice is
+    harmless. ``preload_dlls()`` prints (never raises) what it could not load; that goes to the log.
     """
     ort = ort or require_onnxruntime(("CUDAExecutionProvider",))
+    load = load or _load_library
+    report = CudaLibraries()
     preload = getattr(ort, "preload_dlls", None)
     if preload is not None:
         with contextlib.redirect_stdout(io.StringIO()) as printed:  # it prints, not logs, what it missed
             preload()
-        if printed.getvalue().strip():
-            logger.debug("onnxruntime.preload_dlls(): %s", printed.getvalue().strip())
+        report.preload_dlls = printed.getvalue().strip()
+        if report.preload_dlls:
+            logger.debug("onnxruntime.preload_dlls(): %s", report.preload_dlls)
     try:
-        cuda_version = importlib.import_module("onnxruntime.capi.build_and_package_info").cuda_version
+        report.cuda_version = importlib.import_module("onnxruntime.capi.build_and_package_info").cuda_version
     except (ImportError, AttributeError):
-        cuda_version = ""
-    if not cuda_version:
-        return []
-    loaded = []
+        report.cuda_version = ""
+    if not report.cuda_version:
+        return report
     folders = _nvidia_library_dirs()
-    for name in cuda_library_names(cuda_version):
-        for folder in folders:
-            path = folder / name
-            if path.is_file():
-                try:
-                    load(str(path))
-                    loaded.append(str(path))
-                except OSError as error:
-                    logger.debug("cannot load %s: %s", path, error)
-                break
-    return loaded
+    report.folders = [str(f) for f in folders]
+    for name in cuda_library_names(report.cuda_version):
+        found = next((folder / name for folder in folders if (folder / name).is_file()), None)
+        try:
+            load(str(found) if found is not None else name)
+        except OSError as error:
+            logger.debug("cannot load %s: %s", found or name, error)
+            report.missing.append(name)
+            continue
+        if found is not None:
+            report.loaded.append(str(found))
+    return report
+
+
+# Once per process: the libraries stay loaded, and preload_dlls() is not cheap.
+_CUDA_LIBRARIES: CudaLibraries | None = None
+
+
+def ensure_cuda_libraries(ort=None) -> CudaLibraries:
+    """:func:`preload_cuda_libraries` the first time it is called in a process; its report afterwards."""
+    global _CUDA_LIBRARIES
+    if _CUDA_LIBRARIES is None:
+        _CUDA_LIBRARIES = preload_cuda_libraries(ort)
+    return _CUDA_LIBRARIES
+
+
+def cuda_device_count(load: Callable[[str], Any] | None = None) -> int:
+    """GPUs the CUDA driver sees (0 without a driver): ``cuInit`` + ``cuDeviceGetCount`` of
+    ``libcuda.so.1``, the driver library every CUDA program loads; no CUDA context is created."""
+    try:
+        driver = (load or _load_library)("libcuda.so.1")
+        if driver.cuInit(0) != 0:
+            return 0
+        count = ctypes.c_int(0)
+        if driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0
+        return int(count.value)
+    except (OSError, AttributeError):
+        return 0
+
+
+# What ONNX Runtime 1.31's TensorRT provider links, when its library cannot be read.
+DEFAULT_TENSORRT_SONAME = "libnvinfer.so.10"
+TENSORRT_PROVIDER_LIBRARY = "libonnxruntime_providers_tensorrt.so"
+
+
+def tensorrt_soname(ort) -> str:
+    """The TensorRT library the installed TensorRT provider links (``libnvinfer.so.N``), read from
+    the provider's shared library; :data:`DEFAULT_TENSORRT_SONAME` where it cannot be read."""
+    provider = Path(getattr(ort, "__file__", "") or ".").parent / "capi" / TENSORRT_PROVIDER_LIBRARY
+    try:
+        found = re.search(rb"libnvinfer\.so\.(\d+)", provider.read_bytes())
+    except OSError:
+        found = None
+    return f"libnvinfer.so.{found.group(1).decode()}" if found else DEFAULT_TENSORRT_SONAME
+
+
+@dataclass
+class TensorRTLibrary:
+    soname: str
+    path: str | None = None  # where it was loaded from (None: by name, or not at all)
+    loaded: bool = False
+    folders: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        if self.loaded:
+            return f"{self.soname} loaded from {self.path or 'the system library path'}"
+        where = ", ".join(self.folders) + " and " if self.folders else ""
+        note = "" if self.folders else "; no tensorrt_libs folder on sys.path"
+        return (f"{self.soname} (TensorRT {self.soname.rsplit('.', 1)[-1]}, which this provider links) was not found "
+                f"(looked in {where}the system library path{note})")
+
+
+def find_tensorrt_library(ort, *, load: Callable[[str], Any] | None = None) -> TensorRTLibrary:
+    """Load the TensorRT library the provider links: from a ``tensorrt_libs`` folder on ``sys.path``
+    (the pip wheels'), else by name. Loaded globally, so the provider's own ``dlopen`` finds it."""
+    load = load or _load_library
+    report = TensorRTLibrary(tensorrt_soname(ort))
+    folders = [Path(entry or ".") / "tensorrt_libs" for entry in sys.path]
+    report.folders = [str(f) for f in dict.fromkeys(folders) if f.is_dir()]
+    candidates = [str(Path(f) / report.soname) for f in report.folders if (Path(f) / report.soname).is_file()]
+    for candidate in [*candidates, report.soname]:
+        try:
+            load(candidate)
+        except OSError as error:
+            logger.debug("cannot load %s: %s", candidate, error)
+            continue
+        report.loaded, report.path = True, candidate if candidate != report.soname else None
+        break
+    return report
+
+
+_TENSORRT_LIBRARY: TensorRTLibrary | None = None
+
+
+def ensure_tensorrt_library(ort) -> TensorRTLibrary:
+    """:func:`find_tensorrt_library` once per process (before the first TensorRT-provider session)."""
+    global _TENSORRT_LIBRARY
+    if _TENSORRT_LIBRARY is None:
+        _TENSORRT_LIBRARY = find_tensorrt_library(ort, load=lambda path: _load_global(path))
+    return _TENSORRT_LIBRARY
+
+
+def _load_global(path: str):
+    return ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
