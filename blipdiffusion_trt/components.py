@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from .errors import PackageError
 
@@ -183,6 +183,43 @@ class ComponentSpec:
                 if isinstance(dim, Axis):
                     found[dim.name] = dim
         return found
+
+    def axis_values(self, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
+        """Axis name -> value, read off the given input shapes; an axis the inputs do not show is
+        derived through the declaration (``derived_from``/``divisor``: a latent axis from its pixel
+        axis, a pixel axis from its latent one). Axes that cannot be derived are left out."""
+        values: dict[str, int] = {}
+        for tensor in self.inputs:
+            shape = input_shapes.get(tensor.name)
+            if shape is None or len(shape) != len(tensor.shape):
+                continue
+            for dim, size in zip(tensor.shape, shape):
+                if isinstance(dim, Axis):
+                    values.setdefault(dim.name, int(size))
+        axes = self.axes
+        changed = True
+        while changed:
+            changed = False
+            for name, axis in axes.items():
+                if name in values:
+                    continue
+                if axis.derived_from in values:
+                    values[name] = values[axis.derived_from] // axis.divisor
+                    changed = True
+                    continue
+                source = next((a for a in axes.values() if a.derived_from == name and a.name in values), None)
+                if source is not None:
+                    values[name] = values[source.name] * source.divisor
+                    changed = True
+        return values
+
+    def output_shapes(self, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]] | None:
+        """The outputs' shapes for these input shapes, from the declaration; None when an output
+        axis is not determined by the inputs (e.g. the context text encoder's output length)."""
+        values = self.axis_values(input_shapes)
+        if any(isinstance(d, Axis) and d.name not in values for t in self.outputs for d in t.shape):
+            return None
+        return {t.name: t.shape_at(values) for t in self.outputs}
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         return {t.name: t.axes for t in (*self.inputs, *self.outputs) if t.axes}

@@ -130,3 +130,32 @@ def fake_trt(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setattr(environment, "gpu_info", lambda: GpuInfo(*FAKE_GPU))
     return trt
+
+
+@pytest.fixture()
+def fake_ort_gpu(monkeypatch):
+    """The onnxruntime-gpu 1.31.1 stand-in (fakes/onnxruntime_gpu.py) imported as ``onnxruntime``,
+    over the real CPU build; the once-per-process library loading starts afresh, and the libraries
+    the fake device has (``fake.gpu.cuda_libraries``, ``.tensorrt_library``) are what ctypes loads."""
+    real = pytest.importorskip("onnxruntime")
+    from blipdiffusion_trt.runtime import ort_install
+
+    from fakes.onnxruntime_gpu import make_fake_onnxruntime_gpu
+
+    fake = make_fake_onnxruntime_gpu(real)
+
+    def load(path: str):
+        name = path.rsplit("/", 1)[-1]
+        have = fake.gpu.tensorrt_library if name.startswith("libnvinfer") else fake.gpu.cuda_libraries
+        if not have:
+            raise OSError(f"{path}: cannot open shared object file: No such file or directory")
+        return object()
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", fake)
+    monkeypatch.setitem(sys.modules, "onnxruntime.capi.build_and_package_info", fake.build_and_package_info)
+    monkeypatch.setattr(ort_install, "_CUDA_LIBRARIES", None)
+    monkeypatch.setattr(ort_install, "_TENSORRT_LIBRARY", None)
+    monkeypatch.setattr(ort_install, "_load_library", load)
+    monkeypatch.setattr(ort_install, "_load_global", load)
+    monkeypatch.setattr(ort_install, "cuda_device_count", lambda load=None: 1)
+    return fake

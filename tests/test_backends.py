@@ -10,12 +10,8 @@ import pytest
 from blipdiffusion_trt.errors import EngineError, InputError
 from blipdiffusion_trt.package import ModelPackage
 from blipdiffusion_trt.runtime.backends import BACKENDS, REGISTRY, Backend, BackendOptions, get_backend
-from blipdiffusion_trt.runtime.backends.onnxruntime import (
-    OnnxRuntimeGpuOptions,
-    OnnxRuntimeOptions,
-    cuda_providers,
-    ort_tensorrt_providers,
-)
+from blipdiffusion_trt.runtime.backends.onnxruntime import OnnxRuntimeOptions
+from blipdiffusion_trt.runtime.backends.onnxruntime_gpu import OnnxRuntimeGpuOptions, cuda_providers, ort_tensorrt_providers
 from blipdiffusion_trt.runtime.pipeline import BlipDiffusionRuntime
 
 
@@ -67,12 +63,15 @@ def test_threads_default_from_the_environment(monkeypatch):
 
 
 def test_gpu_provider_options(tiny):
-    options = OnnxRuntimeGpuOptions(provider_options={"device_id": 1})
-    assert cuda_providers(options) == [("CUDAExecutionProvider", {"device_id": 1})]
+    options = OnnxRuntimeGpuOptions(device_id=1, provider_options={"gpu_mem_limit": 1 << 30})
+    [(cuda, cuda_options)] = cuda_providers(options, "unet_plain")
+    assert cuda == "CUDAExecutionProvider"
+    assert cuda_options["device_id"] == "1" and cuda_options["gpu_mem_limit"] == str(1 << 30)
+    assert cuda_options["enable_cuda_graph"] == "1" and cuda_providers(options, "qformer")[0][1]["enable_cuda_graph"] == "0"
     package = ModelPackage.open(tiny.package, verify=False)
-    (trt, trt_options), cuda = ort_tensorrt_providers(package, "unet_plain", "fp32", options)
+    (trt, trt_options), (cuda, _) = ort_tensorrt_providers(package, "unet_plain", "fp32", options)
     assert trt == "TensorrtExecutionProvider" and cuda == "CUDAExecutionProvider"
-    assert trt_options["device_id"] == 1
+    assert trt_options["device_id"] == "1"
     assert not Path(trt_options["trt_engine_cache_path"]).is_relative_to(package.root)
     with pytest.raises(InputError):
         OnnxRuntimeGpuOptions(provider_options=[("device_id", 1)])

@@ -152,17 +152,28 @@ def test_add_bench_registers_the_subcommand():
 
 
 def test_default_backends_are_the_registry_s_available_ones(monkeypatch):
+    """Only backends that can run here: the GPU wheel lists the CUDA and TensorRT providers on any
+    machine, so a GPU backend also needs a GPU the driver sees, and ort-tensorrt the TensorRT
+    library its provider links."""
     import dataclasses
 
     import onnxruntime as ort
 
+    from blipdiffusion_trt.runtime import ort_install
     from blipdiffusion_trt.runtime.backends import tensorrt as tensorrt_backend
 
-    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    gpu_wheel = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: gpu_wheel)
+    monkeypatch.setattr(ort_install, "cuda_device_count", lambda load=None: 1)
+    monkeypatch.setattr(ort_install, "find_tensorrt_library",
+                        lambda ort, load=None: ort_install.TensorRTLibrary("libnvinfer.so.10", loaded=False))
     monkeypatch.setattr(tensorrt_backend, "TENSORRT", dataclasses.replace(tensorrt_backend.TENSORRT, is_available=lambda: True))
     assert bench_cli.default_backends("fp32") == ["cpu", "cuda"]  # TensorRT plans are built from fp16 graphs only
-    assert bench_cli.default_backends("fp16") == ["cpu", "cuda", "tensorrt"]
-    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert bench_cli.default_backends("fp16") == ["cpu", "cuda", "tensorrt"]  # no libnvinfer.so.10: no ort-tensorrt
+    monkeypatch.setattr(ort_install, "find_tensorrt_library",
+                        lambda ort, load=None: ort_install.TensorRTLibrary("libnvinfer.so.10", loaded=True))
+    assert bench_cli.default_backends("fp16") == ["cpu", "cuda", "ort-tensorrt", "tensorrt"]
+    monkeypatch.setattr(ort_install, "cuda_device_count", lambda load=None: 0)  # the GPU wheel on a machine without GPU
     monkeypatch.setattr(tensorrt_backend, "TENSORRT", dataclasses.replace(tensorrt_backend.TENSORRT, is_available=lambda: False))
     assert bench_cli.default_backends("fp16") == ["cpu"]
 

@@ -234,3 +234,20 @@ def test_cli_errors_are_one_line(tiny_cn, tmp_path):
     result = _cli("fuse", tmp_path / "missing", "--target", "cuda", cwd=tmp_path)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "does not exist" in result.stderr
+
+
+def test_the_cuda_backend_loads_the_cuda_fused_graphs_where_the_package_has_them(cuda_package, fake_ort_gpu):
+    """On the onnxruntime-gpu stand-in (the sessions are created, not run: their contrib ops have CUDA
+    kernels only). The fused graphs are fp16: asked for fp32, the plain graphs load."""
+    from blipdiffusion_trt.runtime.backends import get_backend
+
+    package = ModelPackage.open(cuda_package)
+    cuda, cpu = get_backend("cuda"), get_backend("cpu")
+    assert cuda.capabilities.cuda_fused_graphs and not cpu.capabilities.cuda_fused_graphs
+    for name in _fused_components(cuda_package):
+        engine = cuda.make_engine(package, name, "fp16")
+        assert engine.path == cuda_package / "onnx" / GPU_FUSED_DIR / f"{name}.onnx"
+        assert cuda.make_engine(package, name, "fp32").path == cuda_package / "onnx" / "fp32" / f"{name}.onnx"
+    # without the fused graphs (or with cuda_fused=False) fp16 needs the package's plain fp16 graphs
+    with pytest.raises(PackageError, match="no fp16 graphs"):
+        cuda.make_engine(package, "unet_plain", "fp16", cuda.options(cuda_fused=False))

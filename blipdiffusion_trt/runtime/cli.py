@@ -15,6 +15,7 @@ import numpy as np
 from ..errors import InputError
 from .backends import BACKENDS, get_backend
 from .backends.onnxruntime import GRAPH_OPTIMIZATIONS, MEMORY_ARENAS
+from .backends.onnxruntime_gpu import CUDA_GRAPH_POLICIES, CUDNN_CONV_ALGO_SEARCHES
 from .schedulers import SCHEDULER_NAMES, check_scheduler_name
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,8 @@ CLI_OPTIONS = {
     "latents": "--latents", "prompt": "--prompt", "prompt_strength": "--prompt-strength", "prompt_reps": "--prompt-reps",
     "scheduler": "--scheduler", "backend": "--backend", "graph_optimization": "--graph-optimization",
     "optimized_cache": "--ort-cache", "memory_arena": "--memory-arena", "low_threshold": "--canny-low",
-    "high_threshold": "--canny-high",
+    "high_threshold": "--canny-high", "device_id": "--device-id", "cuda_graph": "--cuda-graph",
+    "cudnn_conv_algo_search": "--cudnn-conv-algo-search",
 }
 OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy")
 
@@ -66,6 +68,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ONNX Runtime CPU sessions that keep a memory arena: loop (UNet/ControlNet, default), all, none")
     p.add_argument("--no-cpu-fused", action="store_true",
                    help="cpu backend: load the plain fp32 graphs even where the package has CPU-fused ones")
+    p.add_argument("--device-id", type=int, default=0, help="cuda / ort-tensorrt backends: the GPU (default 0)")
+    p.add_argument("--cuda-graph", default="loop", choices=CUDA_GRAPH_POLICIES,
+                   help="cuda backend: run the UNet and ControlNet under CUDA graphs (loop, default) or not (none)")
+    p.add_argument("--cudnn-conv-algo-search", default="HEURISTIC", choices=CUDNN_CONV_ALGO_SEARCHES,
+                   help="cuda / ort-tensorrt backends: cuDNN's convolution algorithm search (EXHAUSTIVE: seconds "
+                        "on the first call of each size, for servers)")
     p.add_argument("--no-verify", action="store_true", help="skip checking the package files' sha256")
     p.add_argument("--timings", action="store_true", help="print per-stage times")
 
@@ -95,7 +103,9 @@ def _run_generate(args) -> int:
     backend = get_backend(args.backend)
     # the flags of every backend's options; the chosen backend takes those it has
     options = backend.options_from({"graph_optimization": args.graph_optimization, "optimized_cache": args.ort_cache,
-                                    "memory_arena": args.memory_arena, "cpu_fused": not args.no_cpu_fused})
+                                    "memory_arena": args.memory_arena, "cpu_fused": not args.no_cpu_fused,
+                                    "device_id": args.device_id, "cuda_graph": args.cuda_graph,
+                                    "cudnn_conv_algo_search": args.cudnn_conv_algo_search})
     with BlipDiffusionRuntime.from_package(args.package, args.backend, precision=args.precision,
                                            verify=not args.no_verify, options=options) as runtime:
         result = runtime(

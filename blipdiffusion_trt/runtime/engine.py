@@ -14,6 +14,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, Mapping, Sequence
 
+import numpy as np
+
 from ..components import ComponentSpec
 from ..errors import EngineError
 
@@ -35,6 +37,25 @@ class Engine(ABC):
     @abstractmethod
     def infer(self, feed: Mapping[str, Any], keep: Sequence[str] = ()) -> dict[str, Any]:
         """Run once. Outputs in ``keep`` may be backend-native (device) values, the rest numpy."""
+
+    def upload(self, name: str, value: Any) -> Any:
+        """``value`` for input ``name``, placed where this engine's calls read it: in device memory
+        on a GPU backend (so a value fed every call, e.g. the text embeddings of a generation, is
+        copied once, not every call), unchanged on the CPU.
+
+        The uploaded value may be fed to any engine of the same backend. A GPU backend keeps one
+        buffer per input name and shape, so it stays valid until the next ``upload`` of the same
+        name and shape to this engine.
+        """
+        return value
+
+    @staticmethod
+    def to_host(value: Any) -> np.ndarray:
+        """A numpy copy of a value this backend returned or uploaded (a device value is copied back)."""
+        if isinstance(value, np.ndarray):
+            return value
+        numpy = getattr(value, "numpy", None)
+        return numpy() if callable(numpy) else np.asarray(value)
 
     def close(self) -> None:
         """Release what the engine holds (sessions, device memory); ``infer`` fails afterwards.

@@ -130,8 +130,11 @@ class BlipDiffusionRuntime:
         ``graph_optimization`` ("all" runs fastest, "extended" loads several times faster),
         ``optimized_cache`` (a directory keeping ONNX Runtime's optimised CPU graphs between runs),
         ``memory_arena`` ("loop", "all", "none") and ``cpu_fused`` (the package's CPU-fused fp32
-        graphs where it has them); for ``tensorrt`` ``use_cuda_graph``. An option the backend does
-        not have is an :class:`InputError`.
+        graphs where it has them); for ``cuda`` and ``ort-tensorrt`` also ``device_id``,
+        ``use_tf32``, ``cudnn_conv_algo_search``, ``cuda_graph``, ``cuda_fused``, ``cache_dir`` and
+        ``provider_options``
+        (:class:`~blipdiffusion_trt.runtime.backends.onnxruntime_gpu.OnnxRuntimeGpuOptions`); for
+        ``tensorrt`` ``use_cuda_graph``. An option the backend does not have is an :class:`InputError`.
         """
         chosen = get_backend(backend)
         backend_options = chosen.options(options, **option_values)
@@ -397,11 +400,21 @@ class BlipDiffusionRuntime:
         ``control``) unless ``predict(latents, timestep)`` is given: another flow's own UNet feed
         (built with :meth:`predict_noise`). ``callback(step_index, timestep, latents)`` runs after
         every step. Records ``denoise_loop`` (and the engines' and scheduler's times) in ``timer``.
+
+        What every step feeds unchanged (the text embeddings, the control map and its scale) is
+        uploaded once, before the loop (:meth:`Engine.upload`: device memory on a GPU backend, the
+        arrays themselves on the CPU). The latents stay on the host: the scheduler is numpy, and a
+        step moves them and the noise prediction once each way, microseconds next to a UNet call.
         """
         timer = timer or StageTimer()
         if predict is None:
             if text_embeddings is None:
                 raise ValueError("denoise needs text_embeddings or a predict function")
+            unet = self.engines["unet"] if control else self.engines["unet_plain"]
+            text_embeddings = unet.upload("encoder_hidden_states", text_embeddings)
+            if control:
+                controlnet = self.engines["controlnet"]
+                control = {name: controlnet.upload(name, value) for name, value in control.items()}
 
             def predict(sample: np.ndarray, timestep: Any) -> np.ndarray:
                 return self.guided_noise(sample, timestep, text_embeddings, scheduler, guidance_scale=guidance_scale,

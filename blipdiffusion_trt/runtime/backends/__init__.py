@@ -4,8 +4,8 @@
 name              module                     engines
 ================  =========================  ================================================
 ``cpu``           :mod:`.onnxruntime`        ONNX Runtime, CPU (CPU-fused graphs, optimised-graph cache)
-``cuda``          :mod:`.onnxruntime`        ONNX Runtime, CUDA provider with IO binding
-``ort-tensorrt``  :mod:`.onnxruntime`        ONNX Runtime, TensorRT execution provider
+``cuda``          :mod:`.onnxruntime_gpu`    ONNX Runtime, CUDA provider with IO binding (CUDA-fused graphs, CUDA graphs)
+``ort-tensorrt``  :mod:`.onnxruntime_gpu`    ONNX Runtime, TensorRT execution provider
 ``tensorrt``      :mod:`.tensorrt`           TensorRT plans from ``blipdiffusion-trt build``
 ================  =========================  ================================================
 
@@ -25,8 +25,8 @@ from .base import Backend, BackendOptions, Capabilities
 # name -> (module in this package, the Backend object's name in it)
 REGISTRY: dict[str, tuple[str, str]] = {
     "cpu": ("onnxruntime", "CPU"),
-    "cuda": ("onnxruntime", "CUDA"),
-    "ort-tensorrt": ("onnxruntime", "ORT_TENSORRT"),
+    "cuda": ("onnxruntime_gpu", "CUDA"),
+    "ort-tensorrt": ("onnxruntime_gpu", "ORT_TENSORRT"),
     "tensorrt": ("tensorrt", "TENSORRT"),
 }
 BACKENDS: tuple[str, ...] = tuple(REGISTRY)

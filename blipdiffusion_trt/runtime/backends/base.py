@@ -37,6 +37,7 @@ class Capabilities:
     """What a backend does beyond running the package's graphs of the requested precision."""
 
     cpu_fused_graphs: bool = False  # loads the package's CPU-fused fp32 graphs where it has them
+    cuda_fused_graphs: bool = False  # loads the package's CUDA-fused fp16 graphs where it has them
     optimized_cache: bool = False  # keeps its optimised graphs in a cache directory between runs
     device_outputs: bool = False  # outputs named in ``keep`` stay in device memory
     precisions: tuple[str, ...] = ("fp32", "fp16")  # the package graphs its engines can be made from

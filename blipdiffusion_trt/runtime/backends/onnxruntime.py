@@ -1,8 +1,8 @@
-"""ONNX Runtime backends: ``cpu``, ``cuda`` (CUDA provider, IO binding) and ``ort-tensorrt``.
+"""ONNX Runtime on the CPU (the ``cpu`` backend), and what the GPU backends share with it.
 
-One options class for the family (:class:`OnnxRuntimeOptions`; the GPU providers add their
-provider options, :class:`OnnxRuntimeGpuOptions`), one engine class per provider, one factory
-per backend. ``onnxruntime`` is imported when an engine is made, not when this module is.
+One options class for the family (:class:`OnnxRuntimeOptions`; the GPU providers' options add to
+it, :mod:`.onnxruntime_gpu`), one engine class per provider, one factory per backend.
+``onnxruntime`` is imported when an engine is made, not when this module is.
 """
 
 from __future__ import annotations
@@ -13,15 +13,13 @@ import os
 import platform
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
-
 from ...components import ComponentSpec
 from ...errors import EngineError, InputError, first_line
-from ...package import ModelPackage, layout
+from ...package import ModelPackage
 from ..engine import Engine
 from ..ort_install import require_onnxruntime
 from .base import Backend, BackendOptions, Capabilities
@@ -105,20 +103,6 @@ class OnnxRuntimeOptions(BackendOptions):
         return options
 
 
-@dataclass(frozen=True)
-class OnnxRuntimeGpuOptions(OnnxRuntimeOptions):
-    """:class:`OnnxRuntimeOptions` plus the execution provider's own options (``provider_options``,
-    e.g. ``{"device_id": 1}`` for CUDA; for ``ort-tensorrt`` merged over the engine-cache defaults)."""
-
-    provider_options: Mapping[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not isinstance(self.provider_options, Mapping):
-            raise InputError(f"provider_options must be a mapping, got {type(self.provider_options).__name__}",
-                             field="provider_options")
-
-
 def _cpu_model_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -158,6 +142,7 @@ class OnnxRuntimeEngine(Engine):
         providers = list(providers or self.default_providers)
         ort = require_onnxruntime(providers)  # one line naming the extra when it (or the provider) is missing
 
+        self._ort = ort
         self.spec = spec
         self.path = path
         session_options = options.session_options(spec.name)
@@ -167,14 +152,22 @@ class OnnxRuntimeEngine(Engine):
                                         options.graph_optimization)
             session_options = options.session_options(spec.name, graph_optimization="disabled")
         self.loaded_from = source
+        self.session = self._create_session(ort, source, session_options, providers)
+        self._check_providers(providers)
+
+    def _create_session(self, ort, source: Path, session_options, providers: list):
         try:
-            self.session = ort.InferenceSession(str(source), session_options, providers=providers)
+            return ort.InferenceSession(str(source), session_options, providers=providers)
         except Exception as error:  # ORT raises its own exception types; the user needs one line
-            raise EngineError(f"{path}: ONNX Runtime cannot load it ({first_line(error)})") from None
-        wanted = [p if isinstance(p, str) else p[0] for p in providers]
+            raise EngineError(f"{self.path}: ONNX Runtime cannot load it ({first_line(error)})") from None
+
+    def _check_providers(self, providers: list) -> None:
+        """The first provider asked for must be the one running the session: ONNX Runtime drops a
+        provider it cannot start (missing libraries) without an error and runs on the next one."""
+        wanted = provider_name(providers[0])
         active = self.session.get_providers()
-        if wanted[0] not in active:
-            raise EngineError(f"{path}: {wanted[0]} is not available here (active: {', '.join(active)})")
+        if not active or active[0] != wanted:
+            raise EngineError(f"{self.path}: {wanted} is not available here (active: {', '.join(active)})")
 
     def infer(self, feed: Mapping[str, Any], keep: Sequence[str] = ()) -> dict[str, Any]:
         self.check_open()
@@ -216,33 +209,6 @@ class OnnxRuntimeEngine(Engine):
         return target
 
 
-class OnnxRuntimeCudaEngine(OnnxRuntimeEngine):
-    """ONNX Runtime with a GPU provider and IO binding.
-
-    Outputs stay on the GPU (as ``OrtValue``) when asked to be kept and are bound as they are
-    when fed back; host inputs are copied once per call by ``bind_cpu_input``.
-    """
-
-    default_providers = ("CUDAExecutionProvider",)
-
-    def infer(self, feed: Mapping[str, Any], keep: Sequence[str] = ()) -> dict[str, Any]:
-        import onnxruntime as ort
-
-        self.check_open()
-        binding = self.session.io_binding()
-        for name in self.input_names:
-            value = feed[name]
-            if isinstance(value, ort.OrtValue):
-                binding.bind_ortvalue_input(name, value)
-            else:
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        for name in self.output_names:
-            binding.bind_output(name, "cuda")
-        self.session.run_with_iobinding(binding)
-        values = binding.get_outputs()
-        return {name: (v if name in keep else v.numpy()) for name, v in zip(self.output_names, values)}
-
-
 # ------------------------------------------------------------------------------------------------
 # Factories: (package, component, precision, options) -> Engine
 # ------------------------------------------------------------------------------------------------
@@ -253,27 +219,9 @@ def make_cpu_engine(package: ModelPackage, component: str, precision: str, optio
     return OnnxRuntimeEngine(package.specs[component], path, options)
 
 
-def cuda_providers(options: OnnxRuntimeGpuOptions) -> list:
-    return [("CUDAExecutionProvider", dict(options.provider_options))]
-
-
-def ort_tensorrt_providers(package: ModelPackage, component: str, precision: str, options: OnnxRuntimeGpuOptions) -> list:
-    """TensorRT provider (engines cached in the user's cache folder, per graph), CUDA for the rest."""
-    engine_cache = layout.ort_trt_engine_cache(package.graph_sha256(component, precision) or "0")
-    trt_options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(engine_cache),
-                   "trt_timing_cache_enable": True, **options.provider_options}
-    return [("TensorrtExecutionProvider", trt_options), "CUDAExecutionProvider"]
-
-
-def make_cuda_engine(package: ModelPackage, component: str, precision: str, options: OnnxRuntimeGpuOptions) -> Engine:
-    return OnnxRuntimeCudaEngine(package.specs[component], package.onnx_path(component, precision), options,
-                                 providers=cuda_providers(options), optimized_cache=False)
-
-
-def make_ort_tensorrt_engine(package: ModelPackage, component: str, precision: str,
-                             options: OnnxRuntimeGpuOptions) -> Engine:
-    return OnnxRuntimeCudaEngine(package.specs[component], package.onnx_path(component, precision), options,
-                                 providers=ort_tensorrt_providers(package, component, precision, options), optimized_cache=False)
+def provider_name(provider) -> str:
+    """``"CUDAExecutionProvider"`` of ``"CUDAExecutionProvider"`` or ``("CUDAExecutionProvider", {...})``."""
+    return provider if isinstance(provider, str) else provider[0]
 
 
 def provider_available(provider: str) -> Callable[[], bool]:
@@ -290,14 +238,6 @@ def provider_available(provider: str) -> Callable[[], bool]:
 CPU = Backend("cpu", "ONNX Runtime, CPU", OnnxRuntimeOptions, make_cpu_engine,
               Capabilities(cpu_fused_graphs=True, optimized_cache=True),
               device="cpu", is_available=provider_available("CPUExecutionProvider"))
-# Graphs optimised for the CUDA/TensorRT providers are not cached (EP-specific nodes), and the
-# CPU-fused graphs are validated and measured on the CPU only.
-CUDA = Backend("cuda", "ONNX Runtime, CUDA provider with IO binding", OnnxRuntimeGpuOptions, make_cuda_engine,
-               Capabilities(device_outputs=True),
-               device="cuda", is_available=provider_available("CUDAExecutionProvider"))
-ORT_TENSORRT = Backend("ort-tensorrt", "ONNX Runtime, TensorRT execution provider", OnnxRuntimeGpuOptions,
-                       make_ort_tensorrt_engine, Capabilities(device_outputs=True),
-                       device="cuda", is_available=provider_available("TensorrtExecutionProvider"))
 
-__all__ = ["CPU", "CUDA", "ORT_TENSORRT", "GRAPH_OPTIMIZATIONS", "MEMORY_ARENAS", "OnnxRuntimeCudaEngine",
-           "OnnxRuntimeEngine", "OnnxRuntimeGpuOptions", "OnnxRuntimeOptions", "default_threads", "optimized_cache_path"]
+__all__ = ["CPU", "GRAPH_OPTIMIZATIONS", "LOOP_COMPONENTS", "MEMORY_ARENAS", "OnnxRuntimeEngine", "OnnxRuntimeOptions",
+           "default_threads", "optimized_cache_path", "provider_available", "provider_name"]

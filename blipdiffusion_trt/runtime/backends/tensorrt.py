@@ -42,6 +42,7 @@ from ...engines.plans import BuildOptions, locate_plan, read_plan, rebuild_comma
 from ...engines.profiles import check_shape
 from ...errors import EngineError, InputError
 from ...package import ModelPackage
+from .. import ort_install
 from ..engine import Engine
 from .base import Backend, BackendOptions, Capabilities
 
@@ -410,8 +411,13 @@ def tensorrt_installed() -> bool:
     return importlib.util.find_spec("tensorrt") is not None
 
 
+def tensorrt_available() -> bool:
+    """TensorRT is installed and the CUDA driver sees a GPU."""
+    return tensorrt_installed() and ort_install.cuda_device_count() > 0
+
+
 TENSORRT = Backend("tensorrt", "TensorRT engines from `blipdiffusion-trt build` (needs --precision fp16)",
                    TensorRTOptions, make_tensorrt_engine, Capabilities(device_outputs=True, precisions=("fp16",)),
-                   device="cuda", is_available=tensorrt_installed)
+                   device="cuda", is_available=tensorrt_available)
 
 __all__ = ["CUDA_GRAPH_ENV", "DeviceTensor", "TENSORRT", "TensorRTEngine", "TensorRTOptions", "make_tensorrt_engine"]
