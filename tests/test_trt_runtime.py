@@ -76,7 +76,8 @@ def test_runtime_engine_generation_with_stand_ins(tiny, tiny_cn, fake_runtime, r
         unet_infer = engines["unet"].infer
 
         def spy(feed, keep=()):
-            seen.append({k: type(v) for k, v in feed.items() if k.endswith("_res") or "_res_" in k})
+            seen.append({k: type(v) for k, v in feed.items()
+                         if k.endswith("_res") or "_res_" in k or k == "encoder_hidden_states"})
             return unet_infer(feed, keep)
 
         engines["unet"].infer = spy
@@ -87,7 +88,8 @@ def test_runtime_engine_generation_with_stand_ins(tiny, tiny_cn, fake_runtime, r
     expected = cpu(**_generate_kwargs(package)).images
     np.testing.assert_allclose(got, expected, atol=1e-6)
     if package.config.has_controlnet:
-        assert seen and all(set(types_.values()) == {DeviceTensor} for types_ in seen)  # residuals stayed "on the GPU"
+        # residuals stayed "on the GPU"; the text embeddings were uploaded once, before the loop
+        assert seen and all(set(types_.values()) == {DeviceTensor} for types_ in seen)
     if cuda_graph:
         assert FAKE_CUDA.launches > launches  # later denoising steps replayed the captured graph
     if shapes == "dynamic":
@@ -144,6 +146,89 @@ def test_runtime_engine_device_tensors_and_errors(tiny_cn, fake_runtime, tmp_pat
         TENSORRT.make_engine(package, "unet", "fp16")
     with pytest.raises(EngineError, match="no TensorRT engine for vae_decoder .* --components vae_decoder"):
         TENSORRT.make_engine(package, "vae_decoder", "fp16")
+
+
+def _unet_engine(tiny, tmp_path, use_cuda_graph: bool):
+    from blipdiffusion_trt.export.graphs import example_inputs
+    from blipdiffusion_trt.package import ModelPackage
+
+    package_dir = copy_package(tiny, tmp_path)
+    build_engines(package_dir, components=["unet_plain"], progress=False)
+    package = ModelPackage.open(package_dir)
+    engine = TENSORRT.make_engine(package, "unet_plain", "fp16", TENSORRT.options(use_cuda_graph=use_cuda_graph))
+    point = {axis: r[1] for axis, r in axis_ranges(package.config).items()}
+    return engine, example_inputs(package.specs["unet_plain"], point, vocab_sizes={}, seed=2), package_dir
+
+
+def test_a_capture_that_raises_is_still_ended(tiny, fake_runtime, tmp_path, monkeypatch, caplog):
+    """TensorRT raising inside the capture (not just returning False): the capture is ended, the
+    engine falls back to eager runs, and the stream works on (a stream left capturing would refuse
+    every later copy: the CUDA stand-in asserts that)."""
+    import onnxruntime as ort
+
+    engine, feed, package_dir = _unet_engine(tiny, tmp_path, use_cuda_graph=True)
+    context_type = type(engine._context)
+    original = context_type.execute_async_v3
+
+    def execute(self, stream_handle):
+        if FAKE_CUDA.capturing:
+            raise RuntimeError("an operation TensorRT cannot capture")
+        return original(self, stream_handle)
+
+    monkeypatch.setattr(context_type, "execute_async_v3", execute)
+    expected = ort.InferenceSession(str(package_dir / "onnx" / "fp32" / "unet_plain.onnx"),
+                                    providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    with caplog.at_level("WARNING"):
+        first = engine.infer(feed)["noise_pred"]  # the eager run's result; the capture after it fails
+    assert "CUDA graph capture failed (an operation TensorRT cannot capture)" in caplog.text
+    assert FAKE_CUDA.capturing == {} and engine.use_cuda_graph is False
+    second = engine.infer(feed)["noise_pred"]
+    np.testing.assert_allclose(first, expected, atol=1e-5)
+    np.testing.assert_array_equal(first, second)
+    engine.close()
+
+
+def test_device_tensors_are_copied_on_their_owner_stream(tiny_cn, fake_runtime, tmp_path):
+    """Not on the legacy default stream, which CUDA refuses while any stream captures a graph."""
+    from blipdiffusion_trt.export.graphs import example_inputs
+    from blipdiffusion_trt.package import ModelPackage
+
+    package_dir = copy_package(tiny_cn, tmp_path)
+    build_engines(package_dir, components=["controlnet"], progress=False)
+    package = ModelPackage.open(package_dir)
+    controlnet = TENSORRT.make_engine(package, "controlnet", "fp16")
+    point = {axis: r[1] for axis, r in axis_ranges(package.config).items()}
+    feed = example_inputs(package.specs["controlnet"], point, vocab_sizes={}, seed=1)
+    kept = controlnet.infer(feed, keep=["mid_block_res"])
+    FAKE_CUDA.capturing[12345] = []  # another engine's stream, capturing
+    try:
+        before = len(FAKE_CUDA.copy_streams)
+        kept["mid_block_res"].numpy()
+        assert FAKE_CUDA.copy_streams[before:] == [controlnet._stream_handle]
+    finally:
+        FAKE_CUDA.capturing.pop(12345)
+    controlnet.close()
+
+
+def test_uploads_are_device_tensors_valid_until_the_next_upload(tiny, fake_runtime, tmp_path):
+    from blipdiffusion_trt.runtime.backends.tensorrt import DeviceTensor
+
+    engine, feed, _ = _unet_engine(tiny, tmp_path, use_cuda_graph=False)
+    embeddings = feed["encoder_hidden_states"]
+    uploaded = engine.upload("encoder_hidden_states", embeddings)
+    assert isinstance(uploaded, DeviceTensor)
+    np.testing.assert_array_equal(uploaded.numpy(), embeddings)
+    np.testing.assert_array_equal(engine.infer({**feed, "encoder_hidden_states": uploaded})["noise_pred"],
+                                  engine.infer(feed)["noise_pred"])
+    assert uploaded.valid  # running the engine does not touch its uploads
+    again = engine.upload("encoder_hidden_states", embeddings * 2)
+    assert again.ptr == uploaded.ptr and not uploaded.valid
+    with pytest.raises(EngineError, match="overwritten"):
+        engine.infer({**feed, "encoder_hidden_states": uploaded})
+    with pytest.raises(InputError, match="no input named noise_pred"):
+        engine.upload("noise_pred", embeddings)
+    engine.close()
+    assert not again.valid
 
 
 # ------------------------------------------------------------------------------------------------

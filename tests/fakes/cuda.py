@@ -3,6 +3,11 @@
 
 Errors are returned as cuda-python returns them (``(cudaError_t, *values)`` tuples). Streams run
 work at once; a stream being captured records it into a graph, which ``cudaGraphLaunch`` replays.
+What it assumes of CUDA: a capture lasts from ``cudaStreamBeginCapture`` until
+``cudaStreamEndCapture`` on that stream, whatever fails in between (:attr:`FakeCuda.capturing`);
+while a stream captures, work on the legacy default stream (``cudaMemcpy``) is refused with
+``cudaErrorStreamCaptureImplicit``; every copy records the stream it ran on
+(:attr:`FakeCuda.copy_streams`, 0 for the legacy default stream).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ class FakeCuda(types.SimpleNamespace):
         class Err(enum.Enum):
             cudaSuccess = 0
             cudaErrorInvalidValue = 1
+            cudaErrorStreamCaptureImplicit = 906
 
         class Kind(enum.Enum):
             cudaMemcpyHostToDevice = 1
@@ -33,6 +39,7 @@ class FakeCuda(types.SimpleNamespace):
         self._ctypes = ctypes
         self.memory, self.capturing, self.graphs, self.next_stream = {}, {}, {}, 100
         self.launches = self.copies = 0
+        self.copy_streams: list[int] = []
 
     def _alloc(self, size):
         buffer = (self._ctypes.c_byte * size)()
@@ -66,10 +73,14 @@ class FakeCuda(types.SimpleNamespace):
         assert int(stream) not in self.capturing  # copies stay outside the graph
         self._ctypes.memmove(int(dst), int(src), int(count))
         self.copies += 1
+        self.copy_streams.append(int(stream))
         return (self.cudaError_t.cudaSuccess,)
 
     def cudaMemcpy(self, dst, src, count, kind):
+        if self.capturing:  # the legacy default stream synchronises with the capturing stream: refused
+            return (self.cudaError_t.cudaErrorStreamCaptureImplicit,)
         self._ctypes.memmove(int(dst), int(src), int(count))
+        self.copy_streams.append(0)
         return (self.cudaError_t.cudaSuccess,)
 
     def enqueue(self, stream, work):

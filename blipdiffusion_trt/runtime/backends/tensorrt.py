@@ -40,7 +40,7 @@ from ...components import ComponentSpec
 from ...engines.environment import import_cudart, import_tensorrt, make_logger, running_environment
 from ...engines.plans import BuildOptions, locate_plan, read_plan, rebuild_command
 from ...engines.profiles import check_shape
-from ...errors import EngineError, InputError
+from ...errors import EngineError, InputError, first_line
 from ...package import ModelPackage
 from .. import ort_install
 from ..engine import Engine
@@ -77,8 +77,9 @@ class TensorRTOptions(BackendOptions):
 class DeviceTensor:
     """A tensor in an engine's device memory: pointer, shape, dtype.
 
-    Valid until the next ``infer`` of the engine that produced it (its buffers are reused), which
-    :class:`TensorRTEngine` checks when one is fed back. ``numpy()`` copies it to the host.
+    Valid until the next ``infer`` of the engine that produced it (its buffers are reused), or, for
+    an uploaded tensor (:meth:`TensorRTEngine.upload`), until the next upload into the same buffer;
+    :class:`TensorRTEngine` checks this when one is fed. ``numpy()`` copies it to the host.
     """
 
     ptr: int
@@ -97,13 +98,18 @@ class DeviceTensor:
                                       and not getattr(self.owner, "closed", False))
 
     def numpy(self) -> np.ndarray:
+        """A host copy, made on the owner's stream (after the work that wrote it there), then
+        synchronised: the legacy default stream would serialise with every stream, and is refused
+        while any stream captures a CUDA graph."""
         if not self.valid:
             raise EngineError("this DeviceTensor was overwritten by a later call of the engine that produced it")
         cudart = import_cudart()
         out = np.empty(self.shape, dtype=self.dtype)
         if out.nbytes:
-            _check(cudart, cudart.cudaMemcpy(out.ctypes.data, self.ptr, out.nbytes,
-                                             cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost), "cudaMemcpy")
+            stream = getattr(self.owner, "_stream", None) or 0
+            _check(cudart, cudart.cudaMemcpyAsync(out.ctypes.data, self.ptr, out.nbytes,
+                                                  cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync")
+            _check(cudart, cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
         return out
 
     def __array__(self, dtype=None, copy=None):
@@ -158,6 +164,22 @@ class _Buffer:
         self.device_ptr = self.host_ptr = self.capacity = 0
 
 
+class _Upload:
+    """The owner of an uploaded :class:`DeviceTensor`: one buffer of an engine, valid while the
+    engine is open and until the next upload into it (``_generation``)."""
+
+    def __init__(self, engine: "TensorRTEngine", buffer: _Buffer) -> None:
+        self.engine, self.buffer, self._generation = engine, buffer, 0
+
+    @property
+    def closed(self) -> bool:
+        return self.engine.closed
+
+    @property
+    def _stream(self):
+        return self.engine._stream
+
+
 # ------------------------------------------------------------------------------------------------
 # The engine
 # ------------------------------------------------------------------------------------------------
@@ -175,6 +197,7 @@ class TensorRTEngine(Engine):
         self._generation = 0
         self.use_cuda_graph = use_cuda_graph
         self._buffers: dict[str, _Buffer] = {}
+        self._uploads: dict[tuple, _Upload] = {}
         self._graph = self._graph_exec = self._graph_key = None
         trt = import_tensorrt()
         cudart = import_cudart()
@@ -228,6 +251,31 @@ class TensorRTEngine(Engine):
         self._addresses: dict[str, int] = {}
 
     # --------------------------------------------------------------------------------------------
+
+    def upload(self, name: str, value: Any) -> Any:
+        """``value`` in this engine's device memory for input ``name``: one buffer per name, shape
+        and dtype, rewritten by the next upload to it (the DeviceTensor of the previous one is then
+        refused). Copied through pinned memory on this engine's stream."""
+        self.check_open()
+        if isinstance(value, DeviceTensor):
+            return value
+        if name not in self._inputs:
+            raise InputError(f"{self.spec.name}: no input named {name} (inputs: {', '.join(self._inputs)})")
+        array = np.ascontiguousarray(value, dtype=self._dtypes[name])
+        key = (name, array.shape, array.dtype.str)
+        upload = self._uploads.get(key)
+        if upload is None:
+            upload = self._uploads[key] = _Upload(self, _Buffer(self._cudart, host=True))
+        upload.buffer.ensure(array.nbytes)
+        upload._generation += 1  # the previous upload's DeviceTensor is stale from here on
+        if array.nbytes:
+            np.copyto(upload.buffer.host_array(array.shape, array.dtype), array)
+            _check(self._cudart, self._cudart.cudaMemcpyAsync(
+                upload.buffer.device_ptr, upload.buffer.host_ptr, array.nbytes,
+                self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self._stream), "cudaMemcpyAsync")
+            _check(self._cudart, self._cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+        return DeviceTensor(upload.buffer.device_ptr, array.shape, array.dtype, owner=upload,
+                            generation=upload._generation)
 
     @property
     def profiles(self) -> dict[str, tuple[tuple[int, ...], ...]]:
@@ -336,15 +384,19 @@ class TensorRTEngine(Engine):
         try:
             _check(cudart, cudart.cudaStreamBeginCapture(
                 self._stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture")
-            ok = self._context.execute_async_v3(self._stream_handle)
-            graph = _check(cudart, cudart.cudaStreamEndCapture(self._stream), "cudaStreamEndCapture")
+            ok = False
+            try:
+                ok = self._context.execute_async_v3(self._stream_handle)
+            finally:
+                # always ended, also when TensorRT raises: a stream left capturing fails every later call
+                self._graph = _check(cudart, cudart.cudaStreamEndCapture(self._stream), "cudaStreamEndCapture")
             if not ok:
                 raise EngineError("execute_async_v3 refused capture")
-            self._graph = graph
-            self._graph_exec = _check(cudart, cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+            self._graph_exec = _check(cudart, cudart.cudaGraphInstantiate(self._graph, 0), "cudaGraphInstantiate")
             self._graph_key = key
-        except EngineError as error:
-            logger.warning("%s: CUDA graph capture failed (%s); running without CUDA graphs", self.spec.name, error)
+        except Exception as error:  # TensorRT's own exceptions too: this call's result came from the eager run
+            logger.warning("%s: CUDA graph capture failed (%s); running without CUDA graphs", self.spec.name,
+                           first_line(error))
             self._destroy_graph()
             self.use_cuda_graph = False
 
@@ -364,7 +416,7 @@ class TensorRTEngine(Engine):
         try:
             self._cudart.cudaStreamSynchronize(self._stream)
             self._destroy_graph()
-            for buffer in self._buffers.values():
+            for buffer in (*self._buffers.values(), *(u.buffer for u in self._uploads.values())):
                 buffer.free()
             self._cudart.cudaStreamDestroy(self._stream)
         except Exception:  # interpreter shutdown: CUDA may already be gone
