@@ -216,3 +216,128 @@ def test_session_options_script_runs(tiny, tmp_path):
     for row in rows:
         assert row["load_s"] > 0 and row["p50_s"] > 0 and row["peak_rss_mb"] > 0
     assert proc.stdout.count("\n| ") == len(rows)
+
+
+# ------------------------------------------------------------------------------------------------
+# Measuring both sides the same way (issue 16, fix 6)
+# ------------------------------------------------------------------------------------------------
+
+class _Bar:
+    def set_postfix_str(self, text):
+        pass
+
+    def update(self, n=1):
+        pass
+
+
+def _bench_args(**overrides):
+    import argparse
+
+    values = dict(warmup=1, runs=2, stage_runs=1, threads=1, no_verify=True, graph_optimization="extended",
+                  ort_cache=None, memory_arena="loop", no_cpu_fused=False, torch_compile=False)
+    return argparse.Namespace(**{**values, **overrides})
+
+
+def _settings(package, steps=2):
+    from blipdiffusion_trt.bench.settings import Settings
+    from blipdiffusion_trt.package import read_pipeline_config
+
+    config = read_pipeline_config(package)
+    f = config.latent_scale_factor
+    return Settings(height=config.default_height, width=config.default_width, steps=steps, batch=1, scheduler="pndm",
+                    guidance=7.5, precision="fp32", seed=0, controlnet=config.has_controlnet,
+                    latent_shape=(1, config.latent_channels, config.default_height // f, config.default_width // f))
+
+
+def test_results_are_written_after_every_side_and_a_failing_side_loses_nothing(tiny, tmp_path, monkeypatch):
+    """Each side's figures reach bench.json as soon as it finishes; a default backend that fails
+    (here: one raising RuntimeError at load, as a GPU provider can) is reported, the others kept."""
+    seen_when_cuda_ran = {}
+
+    def fake_ours(backend, package, settings, args, bar):
+        if backend == "cuda":
+            seen_when_cuda_ran.update(json.loads((tmp_path / "out" / "bench.json").read_text()))
+            raise RuntimeError("CUDA failure 100: no CUDA-capable device is detected")
+        return {"label": f"ours {backend}", "backend": backend, "device": "cpu", "precision": "fp32",
+                "generation": bench_stats.summarize([1.0])}
+
+    monkeypatch.setattr(bench_cli, "bench_ours", fake_ours)
+    monkeypatch.setattr(bench_cli, "default_backends", lambda precision: ["cpu", "cuda"])
+    code = bench_cli.main(["--package", str(tiny.package), "--no-diffusers", "--no-cold-start", "--no-flops",
+                           "--no-progress", "--out", str(tmp_path / "out")])
+    assert code == 0
+    assert seen_when_cuda_ran["complete"] is False and set(seen_when_cuda_ran["implementations"]) == {"cpu"}
+    final = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert final["complete"] is True
+    assert final["implementations"]["cuda"]["error"].startswith("RuntimeError: CUDA failure 100")
+    assert final["implementations"]["cpu"]["generation"]["p50"] == 1.0
+    assert not list((tmp_path / "out").glob(".bench.json.partial-*"))
+
+
+def test_diffusers_timed_generations_run_without_hooks(tiny, monkeypatch):
+    """Only the one instrumented generation after the timed ones carries hooks (on a GPU: CUDA
+    events, no synchronisation inside the loop); its figures give the stages and the loop."""
+    from blipdiffusion_trt.bench import diffusers_side
+
+    hooks_per_call = []
+    original = diffusers_side.run_diffusers
+
+    def counting(pipe, *args, **kwargs):
+        hooks_per_call.append(len(pipe.unet._forward_pre_hooks) + len(pipe.unet._forward_hooks))
+        return original(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(diffusers_side, "run_diffusers", counting)
+    args = _bench_args()
+    result = diffusers_side.bench_diffusers(tiny.checkpoint, "cpu", _settings(tiny.package), args, _Bar())
+    assert hooks_per_call[:args.warmup + args.runs] == [0] * (args.warmup + args.runs)
+    assert len(hooks_per_call) == args.warmup + args.runs + 1 and hooks_per_call[-1] > 0
+    assert result["generation"]["n"] == args.runs  # the un-hooked runs
+    assert result["in_generation"]["unet_plain"]["p50"] > 0 and result["denoise_loop"]["p50"] > 0
+    assert result["unet_calls"] > 2 and result["host_overhead_per_step"]["p50"] >= 0
+    assert set(result["stages"]) >= {"qformer", "text_encoder", "text_encoder_plain", "unet_plain", "vae_decoder"}
+
+
+def test_gpu_memory_is_the_nvml_peak_minus_the_baseline():
+    """Fake of nvidia-ml-py (pynvml): nvmlDeviceGetMemoryInfo(handle).used in bytes, polled."""
+    import types
+
+    from blipdiffusion_trt.bench.machine import GpuMemorySampler
+
+    readings = iter([1000, 1000, 5000, 9000, 4000] + [3000] * 10_000)
+    nvml = types.SimpleNamespace(nvmlInit=lambda: None, nvmlDeviceGetHandleByIndex=lambda i: i,
+                                 nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=next(readings) * 2**20))
+    sampler = GpuMemorySampler(interval=0.001, nvml=nvml).start()
+    import time
+
+    deadline = time.monotonic() + 5
+    while sampler.peak < 9000 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    figure = sampler.stop()
+    assert figure == {"mb": 8000.0, "method": GpuMemorySampler.METHOD, "baseline_mb": 1000.0}
+
+    def no_nvml():
+        raise OSError("libnvidia-ml.so.1: cannot open shared object file")
+
+    missing = GpuMemorySampler(nvml=types.SimpleNamespace(nvmlInit=no_nvml)).start().stop()
+    assert missing["mb"] is None and "nvidia-ml-py" in missing["method"]
+
+
+def test_cold_start_children_share_one_inductor_cache(monkeypatch, tmp_path):
+    import subprocess
+
+    from blipdiffusion_trt.bench import cold_start as cold
+
+    captured = {}
+
+    def run(command, **kwargs):
+        captured.update(kwargs["env"])
+        child = {"t_imports": 1.0, "t_loaded": 2.0, "t_first_image": 3.0, "peak_rss_mb": 10.0}
+        return subprocess.CompletedProcess(command, 0, stdout=cold.CHILD_MARK + json.dumps(child) + "\n", stderr="")
+
+    monkeypatch.setattr(cold.subprocess, "run", run)
+    cache = str(tmp_path / "inductor")
+    result = cold.cold_start({"kind": "diffusers", "inductor_cache": cache})
+    assert captured[cold.INDUCTOR_CACHE_ENV] == cache and result["first_generation"] == 1.0
+    monkeypatch.delenv(cold.INDUCTOR_CACHE_ENV, raising=False)
+    monkeypatch.setenv("BLIPDIFFUSION_TRT_CACHE", str(tmp_path / "user-cache"))
+    assert cold.inductor_cache_dir() == str(tmp_path / "user-cache" / "torchinductor")

@@ -344,3 +344,32 @@ def test_gpu_whole_generation(built_packages):
         print(f"generation {key}: max|diff| {diff.max():.3e}, mean {diff.mean():.3e}")
         assert got.shape == expected.shape and np.isfinite(got).all()
         assert diff.mean() < 0.02 and diff.max() < 0.25
+
+
+def test_bench_replays_each_stage_with_fresh_device_inputs(tiny_cn, fake_runtime, tmp_path, monkeypatch):
+    """On tensorrt with a ControlNet, the UNet feed recorded in a generation holds the ControlNet's
+    residuals and the uploaded text embeddings as DeviceTensors, overwritten long before the UNet
+    is replayed: the benchmark re-runs the ControlNet and uploads again right before timing it."""
+    import argparse
+
+    from blipdiffusion_trt.bench import ours
+    from blipdiffusion_trt.bench.settings import Settings
+    from blipdiffusion_trt.package import read_pipeline_config
+
+    package_dir = copy_package(tiny_cn, tmp_path)
+    build_engines(package_dir, progress=False)
+    config = read_pipeline_config(package_dir)
+    f = config.latent_scale_factor
+    settings = Settings(height=config.default_height, width=config.default_width, steps=2, batch=1, scheduler="pndm",
+                        guidance=7.5, precision="fp16", seed=0, controlnet=True,
+                        latent_shape=(1, config.latent_channels, config.default_height // f, config.default_width // f))
+    args = argparse.Namespace(warmup=1, runs=1, stage_runs=2, threads=None, no_verify=True, graph_optimization="all",
+                              ort_cache=None, memory_arena="loop", no_cpu_fused=False)
+    bar = type("Bar", (), {"set_postfix_str": lambda self, text: None, "update": lambda self, n=1: None})()
+    result = ours.bench_ours("tensorrt", package_dir, settings, args, bar)
+    assert {"controlnet", "unet", "vae_decoder"} <= set(result["stages"])
+    assert all(result["stages"][name]["p50"] > 0 for name in ("controlnet", "unet"))
+    # the stale feed, replayed as recorded, is refused: this is what the fresh inputs avoid
+    monkeypatch.setattr(ours, "replay_feed", lambda name, recorders, engines: recorders[name].first)
+    with pytest.raises(EngineError, match="overwritten"):
+        ours.bench_ours("tensorrt", package_dir, settings, args, bar)

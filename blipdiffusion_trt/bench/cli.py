@@ -45,7 +45,7 @@ from ..package import read_pipeline_config
 from ..runtime.backends import BACKENDS, get_backend
 from ..runtime.backends.onnxruntime import GRAPH_OPTIMIZATIONS, MEMORY_ARENAS
 from ..runtime.schedulers import SCHEDULERS
-from .cold_start import cold_start
+from .cold_start import INDUCTOR_CACHE_ENV, cold_start, inductor_cache_dir
 from .diffusers_side import bench_diffusers
 from .flops import count_package_flops
 from .machine import installed_version, library_versions, machine_info, peak_rss_mb, peak_tflops
@@ -274,18 +274,26 @@ def run_bench(args) -> int:
                 settings.batch, settings.precision, args.warmup, args.runs, ",".join(backends) or "none",
                 f"; diffusers on {device}" if with_diffusers else "")
     started = time.perf_counter()
+    if args.torch_compile:  # one persistent kernel cache for this process and every cold-start child
+        os.environ.setdefault(INDUCTOR_CACHE_ENV, inductor_cache_dir())
+    partial = dict(command=getattr(args, "argv", None), machine=machine, settings=settings, args=args, config=config,
+                   inputs=inputs, backends=backends, with_diffusers=with_diffusers, device=device, started=started)
+
+    def keep(key: str, impl: dict[str, Any]) -> None:
+        """One side's figures, written to bench.json at once: a later side failing or the run
+        being stopped loses nothing measured before it."""
+        if "image" in impl:
+            images[key] = impl.pop("image")
+        implementations[key] = impl
+        _write_json(out_dir / "bench.json", _results(implementations, {}, complete=False, **partial))
+
     with _progress(total, not args.no_progress) as bar:
         if with_diffusers:
-            implementations[DIFFUSERS] = _guarded(
-                "diffusers", lambda: bench_diffusers(inputs.checkpoint, device, settings, args, bar))
+            keep(DIFFUSERS, _guarded("diffusers", lambda: bench_diffusers(inputs.checkpoint, device, settings, args, bar)))
         for backend in backends:
             # a backend the user named must work; one chosen by default may fail (e.g. no plans built)
-            implementations[backend] = _guarded(
-                f"ours {backend}", lambda b=backend: bench_ours(b, inputs.package, settings, args, bar),
-                strict=bool(args.backends))
-        for key, impl in implementations.items():
-            if "image" in impl:
-                images[key] = impl.pop("image")
+            keep(backend, _guarded(f"ours {backend}", lambda b=backend: bench_ours(b, inputs.package, settings, args, bar),
+                                   strict=bool(args.backends)))
         if not args.no_cold_start:
             for key in implementations:
                 if "error" in implementations[key]:  # it did not load in this process either
@@ -296,12 +304,14 @@ def run_bench(args) -> int:
                         "package": str(inputs.package), "checkpoint": str(inputs.checkpoint), "backend": key,
                         "device": device if key == DIFFUSERS else get_backend(key).device,
                         "verify": not args.no_verify, "threads": args.threads, "torch_compile": args.torch_compile,
-                        "runtime_options": runtime_options(args)}
+                        "runtime_options": runtime_options(args),
+                        "inductor_cache": os.environ.get(INDUCTOR_CACHE_ENV) if args.torch_compile else None}
                 try:
                     implementations[key]["cold_start"] = cold_start(spec)
                 except Exception as error:  # one failed side must not lose the others' figures
                     logger.error("cold start %s failed: %s", key, error)
                     implementations[key]["cold_start"] = {"error": str(error)}
+                _write_json(out_dir / "bench.json", _results(implementations, {}, complete=False, **partial))
                 bar.update(1)
         flops: dict[str, Any] = {}
         if not args.no_flops:
@@ -313,18 +323,39 @@ def run_bench(args) -> int:
             if key in images and key in implementations:
                 implementations[key]["max_abs_image_diff_vs_diffusers"] = float(abs(images[key] - images[DIFFUSERS]).max())
 
+    results = _results(implementations, flops, complete=True, **partial)
+    results["table"] = build_table(results)
+    json_path, md_path, png_path = out_dir / "bench.json", out_dir / "bench.md", out_dir / "bench.png"
+    _write_json(json_path, results)
+    markdown = render_markdown(results)
+    md_path.write_text(markdown)
+    try:
+        render_chart(results, png_path)
+    except ImportError:
+        logger.warning("matplotlib is not installed (pip install blipdiffusion-trt[dev]): no %s", png_path.name)
+    logger.info("wrote %s, %s, %s", json_path, md_path, png_path)
+    print(markdown)
+    failed = [k for k, v in implementations.items() if "error" in v]
+    return 1 if failed and len(failed) == len(implementations) else 0
+
+
+def _results(implementations: dict[str, Any], flops: dict[str, Any], *, complete: bool, command, machine, settings,
+             args, config, inputs: Inputs, backends, with_diffusers: bool, device: str, started: float) -> dict[str, Any]:
+    """bench.json's content: the figures so far (``complete`` False while sides are still running)."""
     gpu_name = machine["gpus"][0]["name"] if machine["gpus"] else None
     peaks = {key: peak_tflops(impl.get("device", "cpu"), gpu_name, impl.get("precision", settings.precision),
                               machine["cpu"], args.threads, args.peak_tflops)
              for key, impl in implementations.items()}
-    try:
-        machine["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        pass
-    results = {
+    if complete:
+        try:
+            machine["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+        except OSError:
+            pass
+    return {
         "schema": SCHEMA,
+        "complete": complete,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": ["blipdiffusion-trt bench", *(getattr(args, "argv", None) or sys.argv[1:])],
+        "command": ["blipdiffusion-trt bench", *(command or sys.argv[1:])],
         "machine": machine,
         "versions": library_versions(),
         "settings": {**settings.to_dict(), "warmup": args.warmup, "runs": args.runs,
@@ -332,6 +363,7 @@ def run_bench(args) -> int:
                      "runtime_options": runtime_options(args),
                      "backends": backends, "diffusers": with_diffusers,
                      "diffusers_device": device if with_diffusers else None, "torch_compile": args.torch_compile,
+                     "inductor_cache": os.environ.get(INDUCTOR_CACHE_ENV) if args.torch_compile else None,
                      "verify_package": not args.no_verify, "prompt": PROMPT, "negative_prompt": NEGATIVE_PROMPT,
                      "caches": "disabled: subject and negative prompt encoded every generation, as diffusers does",
                      "units": "seconds unless the key says otherwise"},
@@ -344,19 +376,13 @@ def run_bench(args) -> int:
         "peak_tflops": peaks,
         "implementations": implementations,
     }
-    results["table"] = build_table(results)
-    json_path, md_path, png_path = out_dir / "bench.json", out_dir / "bench.md", out_dir / "bench.png"
-    json_path.write_text(json.dumps(results, indent=2, default=_json_default))
-    markdown = render_markdown(results)
-    md_path.write_text(markdown)
-    try:
-        render_chart(results, png_path)
-    except ImportError:
-        logger.warning("matplotlib is not installed (pip install blipdiffusion-trt[dev]): no %s", png_path.name)
-    logger.info("wrote %s, %s, %s", json_path, md_path, png_path)
-    print(markdown)
-    failed = [k for k, v in implementations.items() if "error" in v]
-    return 1 if failed and len(failed) == len(implementations) else 0
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Atomically: a run stopped while writing leaves the previous complete file."""
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
+    os.replace(tmp, path)
 
 
 def _guarded(what: str, fn: Callable[[], dict[str, Any]], *, strict: bool = True) -> dict[str, Any]:

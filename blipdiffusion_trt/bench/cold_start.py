@@ -2,7 +2,14 @@
 
 ``python -m blipdiffusion_trt.bench.cold_start SPEC`` is the child: it imports what a user of
 that side pays for, loads the package (pipeline), makes one image and prints one line
-(:data:`CHILD_MARK` + JSON) with its times, its peak host RSS and, on a GPU, its GPU memory.
+(:data:`CHILD_MARK` + JSON) with its times, its peak host RSS and, on a GPU, its GPU memory,
+measured the same way for every side (:class:`~.machine.GpuMemorySampler`: NVML, peak minus what
+the device held before the child loaded anything).
+
+With ``torch.compile`` every child shares one persistent inductor cache
+(``TORCHINDUCTOR_CACHE_DIR``, :func:`inductor_cache_dir`): a cold start then measures loading
+compiled kernels, as a deployed service with a persistent cache does, not recompiling them in
+every process.
 """
 
 from __future__ import annotations
@@ -15,10 +22,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .machine import gpu_memory_used_mb, peak_rss_mb
+from ..package import layout
+from .machine import GpuMemorySampler, peak_rss_mb
 from .settings import Settings, bench_inputs
 
 CHILD_MARK = "BENCH_CHILD_RESULT "
+INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+
+
+def inductor_cache_dir() -> str:
+    """torch.compile's kernel cache shared by the benchmark and its children: ``TORCHINDUCTOR_CACHE_DIR``
+    when set, else ``torchinductor/`` in the per-user cache folder."""
+    return os.environ.get(INDUCTOR_CACHE_ENV) or str(layout.user_cache_dir() / "torchinductor")
 
 
 def cold_start(spec: dict[str, Any], timeout: float = 7200.0) -> dict[str, Any]:
@@ -27,6 +42,8 @@ def cold_start(spec: dict[str, Any], timeout: float = 7200.0) -> dict[str, Any]:
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if spec.get("inductor_cache"):
+        env[INDUCTOR_CACHE_ENV] = spec["inductor_cache"]
     command = [sys.executable, "-m", __name__, json.dumps(spec)]
     start = time.time()
     proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
@@ -50,14 +67,14 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     """In the child process: import, load, one image; absolute times (``time.time()``)."""
     settings = Settings(**{**spec["settings"], "latent_shape": tuple(spec["settings"]["latent_shape"])})
     out: dict[str, Any] = {}
-    gpu_before = None
+    memory = None
     if spec["kind"] == "ours":
         from ..runtime import pipeline  # noqa: F401  (the imports a user of the runtime pays for)
         from .ours import load_runtime, run_ours
 
         out["t_imports"] = time.time()
         if spec["device"] != "cpu":
-            gpu_before, _ = gpu_memory_used_mb()
+            memory = GpuMemorySampler().start()
         runtime = load_runtime(Path(spec["package"]), spec["backend"], settings, verify=spec["verify"],
                                threads=spec.get("threads"), options=spec.get("runtime_options"))
         out["t_loaded"] = time.time()
@@ -72,6 +89,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
         out["t_imports"] = time.time()
         device = spec["device"]
+        if device != "cpu":
+            memory = GpuMemorySampler().start()
         pipe, dtype = load_diffusers(Path(spec["checkpoint"]), device, settings, torch_compile=spec["torch_compile"],
                                      threads=spec.get("threads"))
         if device != "cpu":
@@ -79,15 +98,12 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         out["t_loaded"] = time.time()
         reference, condition, latents = bench_inputs(settings)
         run_diffusers(pipe, settings, reference, condition, latents, device, dtype)
-        out["t_first_image"] = time.time()
         if device != "cpu":
-            out["gpu_memory_mb"] = torch.cuda.max_memory_reserved() / 2**20
-            out["gpu_memory_method"] = "torch.cuda.max_memory_reserved"
-    if spec["kind"] == "ours" and spec["device"] != "cpu":
-        used, method = gpu_memory_used_mb(os.getpid())
-        if used is not None and method == "nvidia-smi device total" and gpu_before is not None:
-            used, method = used - gpu_before, "nvidia-smi device total, minus before loading"
-        out["gpu_memory_mb"], out["gpu_memory_method"] = used, method
+            torch.cuda.synchronize()
+        out["t_first_image"] = time.time()
+    if memory is not None:
+        figure = memory.stop()
+        out["gpu_memory_mb"], out["gpu_memory_method"] = figure["mb"], figure["method"]
     out["peak_rss_mb"] = peak_rss_mb()
     return out
 

@@ -1,8 +1,12 @@
 """diffusers' side of the benchmark: its ``BlipDiffusionPipeline`` (or the ControlNet variant) on
 the same device, with the same latents and the scheduler of the same name.
 
-Forward hooks time each module during a generation and record its first call, which is replayed
-to time one call at exactly the shapes the generation used.
+The timed generations run as a user runs them: nothing hooked into them (a synchronisation per
+module call would stall diffusers' loop, which otherwise queues the GPU ahead of it). Per-stage
+times, the loop time and the host overhead per step come from one more, instrumented generation:
+on a GPU, CUDA events around each module call and at the loop's ends (no synchronisation inside
+the loop; times on the GPU's timeline), on the CPU host clocks. That generation also records each
+module's first call, replayed afterwards to time one call at exactly the shapes it used.
 """
 
 from __future__ import annotations
@@ -60,24 +64,39 @@ def load_diffusers(checkpoint: Path, device: str, settings: Settings, *, torch_c
     return pipe, dtype
 
 
+class _Clock:
+    """Marks on the GPU's timeline (CUDA events: no synchronisation) or the host's (CPU)."""
+
+    def __init__(self, gpu: bool):
+        import torch
+
+        self.torch, self.gpu = torch, gpu
+
+    def mark(self):
+        if self.gpu:
+            event = self.torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def seconds(self, start, end) -> float:
+        """Between two marks; on a GPU only after a synchronisation (the events must have completed)."""
+        return start.elapsed_time(end) / 1e3 if self.gpu else end - start
+
+
 class _DiffusersProbe:
-    """Forward hooks (and a wrapper on ``vae.decode``/``scheduler.step``) on diffusers' pipeline.
+    """Forward hooks (and wrappers on ``vae.decode``/``scheduler.step``) on diffusers' pipeline, for
+    the instrumented generation only: a mark before and after every module call, at the loop's
+    start (first ControlNet/UNet call) and end (the VAE decode), and each stage's first call's
+    arguments for the replay."""
 
-    Per generation: the time in each module, the loop time (first ControlNet/UNet call to the VAE
-    decode) and the first call's arguments of each stage, for replay at the same shapes.
-    """
-
-    def __init__(self, pipe, sync: Callable[[], None]):
-        self.pipe = pipe
-        self.sync = sync
-        self.times: dict[str, float] = {}
-        self.calls: dict[str, int] = {}
+    def __init__(self, pipe, clock: _Clock):
+        self.pipe, self.clock = pipe, clock
+        self.marks: list[tuple[str, Any, Any]] = []
         self.recorded: dict[str, tuple[Callable, tuple, dict]] = {}
-        self.loop_start: float | None = None
-        self.loop_end: float | None = None
+        self.loop_start = self.loop_end = None
         self.handles: list = []
-        self._starts: dict[str, float] = {}
-        self._current: dict[str, str] = {}
+        self._open: dict[str, tuple[str, Any]] = {}
         modules = {"qformer": pipe.qformer, "text_encoder": pipe.text_encoder, "unet": pipe.unet}
         if getattr(pipe, "controlnet", None) is not None:
             modules["controlnet"] = pipe.controlnet
@@ -89,26 +108,24 @@ class _DiffusersProbe:
         self._orig_step = pipe.scheduler.step
 
         def decode(*a, **kw):
-            self.loop_end = time.perf_counter() if self.loop_end is None else self.loop_end
+            if self.loop_end is None:
+                self.loop_end = clock.mark()
             self._record("vae_decoder", self._orig_decode, a, kw)
-            self.sync()
-            start = time.perf_counter()
+            start = clock.mark()
             out = self._orig_decode(*a, **kw)
-            self.sync()
-            self._add("vae_decoder", time.perf_counter() - start)
+            self.marks.append(("vae_decoder", start, clock.mark()))
             return out
 
         def step(*a, **kw):
-            start = time.perf_counter()
+            start = clock.mark()
             out = self._orig_step(*a, **kw)
-            self.sync()
-            self._add("scheduler", time.perf_counter() - start)
+            self.marks.append(("scheduler", start, clock.mark()))
             return out
 
         pipe.vae.decode = decode
         pipe.scheduler.step = step
 
-    def _stage(self, key: str, args, kwargs) -> str:
+    def _stage(self, key: str, kwargs) -> str:
         if key == "text_encoder":
             return "text_encoder" if kwargs.get("ctx_embeddings") is not None else "text_encoder_plain"
         if key == "unet" and not self.has_controlnet:
@@ -117,21 +134,20 @@ class _DiffusersProbe:
 
     def _pre(self, key: str, module):
         def hook(mod, args, kwargs):
-            stage = self._stage(key, args, kwargs)
+            stage = self._stage(key, kwargs)
+            mark = self.clock.mark()
             if key in ("unet", "controlnet") and self.loop_start is None:
-                self.loop_start = time.perf_counter()
+                self.loop_start = mark
             self._record(stage, module, args, kwargs)
-            self.sync()
-            self._current[key] = stage
-            self._starts[key] = time.perf_counter()
+            self._open[key] = (stage, mark)
             return None
 
         return hook
 
     def _post(self, key: str):
         def hook(mod, args, output):
-            self.sync()
-            self._add(self._current[key], time.perf_counter() - self._starts[key])
+            stage, start = self._open.pop(key)
+            self.marks.append((stage, start, self.clock.mark()))
             return None
 
         return hook
@@ -140,13 +156,16 @@ class _DiffusersProbe:
         if stage not in self.recorded:
             self.recorded[stage] = (fn, tuple(args), dict(kwargs))
 
-    def _add(self, stage: str, seconds: float) -> None:
-        self.times[stage] = self.times.get(stage, 0.0) + seconds
-        self.calls[stage] = self.calls.get(stage, 0) + 1
-
-    def reset(self) -> None:
-        self.times, self.calls = {}, {}
-        self.loop_start = self.loop_end = None
+    def figures(self, total: float) -> dict[str, float]:
+        """One generation's figures (after a synchronisation): time per stage, loop, UNet calls."""
+        run: dict[str, float] = {"total": total}
+        calls = 0
+        for stage, start, end in self.marks:
+            run[stage] = run.get(stage, 0.0) + self.clock.seconds(start, end)
+            calls += stage in ("unet", "unet_plain")
+        run["steps"] = float(calls)
+        run["denoise_loop"] = self.clock.seconds(self.loop_start, self.loop_end) if self.loop_start else 0.0
+        return run
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -175,28 +194,29 @@ def bench_diffusers(checkpoint: Path, device: str, settings: Settings, args, bar
     result["torch_compile"] = bool(args.torch_compile)
     result["torch_threads"] = torch.get_num_threads()
     bar.update(1)
-    if device != "cpu":
-        torch.cuda.reset_peak_memory_stats()
 
-    probe = _DiffusersProbe(pipe, sync)
-    timings, image = [], None
+    totals, image = [], None
+    for i in range(args.warmup + args.runs):  # as a user runs it: nothing hooked in
+        bar.set_postfix_str(f"diffusers: generation {i + 1}/{args.warmup + args.runs}")
+        sync()
+        start = time.perf_counter()
+        image = run_diffusers(pipe, settings, reference, condition, latents, device, dtype)
+        sync()
+        if i >= args.warmup:
+            totals.append(time.perf_counter() - start)
+        bar.update(1)
+    probe = _DiffusersProbe(pipe, _Clock(gpu=device != "cpu"))
     try:
-        for i in range(args.warmup + args.runs):
-            bar.set_postfix_str(f"diffusers: generation {i + 1}/{args.warmup + args.runs}")
-            probe.reset()
-            sync()
-            start = time.perf_counter()
-            image = run_diffusers(pipe, settings, reference, condition, latents, device, dtype)
-            sync()
-            total = time.perf_counter() - start
-            if i >= args.warmup:
-                run = dict(probe.times, total=total, steps=float(probe.calls.get("unet", probe.calls.get("unet_plain", 0))))
-                run["denoise_loop"] = (probe.loop_end or start + total) - (probe.loop_start or start)
-                timings.append(run)
-            bar.update(1)
+        sync()
+        start = time.perf_counter()
+        run_diffusers(pipe, settings, reference, condition, latents, device, dtype)
+        sync()
+        instrumented = probe.figures(time.perf_counter() - start)
     finally:
         probe.remove()
-    result.update(generation_figures(timings, LOOP_MODULES))
+    result.update(generation_figures([instrumented], LOOP_MODULES))
+    result["generation"] = summarize(totals)  # the un-instrumented runs
+    result["instrumented_generation"] = instrumented["total"]
     result["image"] = image
 
     stages: dict[str, Any] = {}
@@ -210,8 +230,6 @@ def bench_diffusers(checkpoint: Path, device: str, settings: Settings, args, bar
     stages["scheduler_step"] = summarize(_scheduler_samples_torch(pipe, settings, device, dtype, args.warmup, stage_runs, sync))
     bar.update(1)
     result["stages"] = stages
-    if device != "cpu":
-        result["gpu_memory_mb_in_process"] = torch.cuda.max_memory_allocated() / 2**20
     del pipe, probe
     gc.collect()
     return result

@@ -148,17 +148,61 @@ def peak_rss_mb() -> float:
     return rss / 1024.0 if sys.platform != "darwin" else rss / 2**20  # Linux: KiB, macOS: bytes
 
 
-def gpu_memory_used_mb(pid: int | None = None) -> tuple[float | None, str | None]:
-    """(MB, method): this process's use from nvidia-smi, else the device's total use."""
-    if pid is not None:
-        rows = nvidia_smi("pid,used_memory", apps=True)
-        for row in rows or []:
-            if row and row[0] == str(pid):
-                return _num(row[1]), "nvidia-smi per process"
-    rows = nvidia_smi("memory.used")
-    if rows:
-        return sum(_num(r[0]) or 0.0 for r in rows), "nvidia-smi device total"
-    return None, None
+class GpuMemorySampler:
+    """Peak GPU memory over a process's life, minus what the device held before it loaded anything:
+    the same figure for every side of a benchmark, each measured in its own fresh process.
+
+    The device's used memory from NVML (``nvidia-ml-py``), polled every ``interval`` seconds in a
+    thread: it sees every allocator (ONNX Runtime's arenas, cuDNN/cuBLAS workspaces, torch's
+    caching allocator, TensorRT, the CUDA context itself), which ``torch.cuda.max_memory_reserved``
+    would not, and needs no per-process accounting (nvidia-smi shows none in some containers). The
+    GPU must be otherwise idle for the figure to be this process's.
+    """
+
+    METHOD = "NVML device memory used: peak over the process minus before loading (fresh process, idle GPU)"
+
+    def __init__(self, device_index: int = 0, interval: float = 0.01, nvml: Any = None) -> None:
+        import threading
+
+        self.device_index, self.interval, self._nvml = device_index, interval, nvml
+        self.baseline = self.peak = 0.0
+        self._read = None
+        self._stop = threading.Event()
+        self._thread = None
+        self.problem: str | None = None
+
+    def start(self) -> "GpuMemorySampler":
+        import threading
+
+        try:
+            nvml = self._nvml
+            if nvml is None:
+                import pynvml as nvml  # nvidia-ml-py
+            nvml.nvmlInit()
+            handle = nvml.nvmlDeviceGetHandleByIndex(self.device_index)
+            self._read = lambda: nvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20
+            self.baseline = self.peak = self._read()
+        except Exception as error:  # noqa: BLE001 -- no NVML: no figure rather than a wrong one
+            self.problem = f"NVML unavailable ({type(error).__name__}: {error}); pip install nvidia-ml-py"
+            self._read = None
+            return self
+        self._thread = threading.Thread(target=self._poll, name="gpu-memory", daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self._read())
+
+    def stop(self) -> dict[str, Any]:
+        """``{"mb", "method", "baseline_mb"}`` (``mb`` None without NVML, ``method`` then says why)."""
+        if self._read is None:
+            return {"mb": None, "method": self.problem, "baseline_mb": None}
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak = max(self.peak, self._read())
+        return {"mb": round(self.peak - self.baseline, 1), "method": self.METHOD, "baseline_mb": round(self.baseline, 1)}
 
 
 def peak_tflops(device: str, gpu_name: str | None, precision: str, cpu: Mapping[str, Any],
