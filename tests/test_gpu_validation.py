@@ -107,6 +107,10 @@ def test_dry_run_measures_both_sides_the_same_way(dry_run):
             # PNDM runs one UNet call more than the steps requested; both sides count the same calls
             assert pipeline["unet_calls"] == sides["ours"]["pipelines"][key]["unet_calls"] > data["generations"][key]["steps"]
     assert sides["ours"]["torch_imported"] is False, "our runtime's side must not import torch"
+    # which engines ran CUDA graphs (none on the cpu backend: the figure is None, not 0)
+    assert set(sides["ours"]["engine_cuda_graphs"]) == {"qformer", "text_encoder", "text_encoder_plain", "unet",
+                                                         "controlnet", "unet_plain", "vae_decoder"}
+    assert set(sides["ours"]["engine_cuda_graphs"].values()) == {None}
     # FLOPs from the fp32 graphs, as the benchmark counts them
     from blipdiffusion_trt.bench.flops import component_input_shapes, count_flops
     from blipdiffusion_trt.package import ModelPackage

@@ -15,11 +15,10 @@ import json
 import logging
 import math
 import os
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 logger = logging.getLogger("bench.gpu")
 
@@ -37,6 +36,7 @@ class Mode:
     precision: str  # our graphs: "fp16" or "fp32"
     diffusers_dtype: str  # "float16" or "float32"
     cudnn_conv_algo_search: str = "EXHAUSTIVE"  # our cuda backend's cuDNN convolution algorithm search
+    cuda_graph: str = "loop"  # our cuda backend: the UNet and ControlNet under ONNX Runtime CUDA graphs
 
     @property
     def gpu(self) -> bool:
@@ -94,15 +94,16 @@ def backend_options(mode: Mode):
 
     GPU: fp32 nodes (the Casts around the fp16 graphs) compute in fp32 (``use_tf32`` off), as the
     PyTorch references here do; cuDNN's algorithm search is the mode's (EXHAUSTIVE costs seconds on
-    the first call of every new shape, which the warm-up absorbs). Dry run: one thread (a shared CPU:
-    steady, not fast) and the plain fp32 graphs.
+    the first call of every new shape, which the warm-up absorbs); the UNet and ControlNet run under
+    CUDA graphs (``cuda_graph``), the CUDA-fused graphs load where the package has them. Dry run:
+    one thread (a shared CPU: steady, not fast) and the plain fp32 graphs.
     """
     from blipdiffusion_trt.runtime.backends import get_backend
 
     backend = get_backend(mode.backend)
     if mode.gpu:
-        return backend.options(provider_options={"device_id": "0", "use_tf32": "0",
-                                                 "cudnn_conv_algo_search": mode.cudnn_conv_algo_search})
+        return backend.options(device_id=0, use_tf32=False, cudnn_conv_algo_search=mode.cudnn_conv_algo_search,
+                               cuda_graph=mode.cuda_graph, cuda_fused=True)
     return backend.options(threads=1, cpu_fused=False)
 
 
@@ -125,11 +126,7 @@ def load_our_runtime(package_dir: Path, mode: Mode):
     from blipdiffusion_trt.package import ModelPackage
     from blipdiffusion_trt.runtime.pipeline import BlipDiffusionRuntime
 
-    if mode.gpu:
-        from blipdiffusion_trt.runtime.ort_install import preload_cuda_libraries
-
-        preload_cuda_libraries()
-    package = ModelPackage.open(package_dir)
+    package = ModelPackage.open(package_dir)  # (the cuda backend loads the CUDA libraries before its first session)
     engines = {name: make_engine(package, name, mode) for name in generation_components(package.config)}
     # diffusers encodes the subject and the negative prompt every call; so do we here
     runtime = BlipDiffusionRuntime(package, engines, cache_size=0, negative_cache_size=0)
@@ -193,56 +190,34 @@ def psnr(a, b) -> float:
 class MemorySampler:
     """Peak memory over a side's life, minus what was in use before it loaded anything.
 
-    GPU: the device's used memory from NVML, polled every 10 ms in a thread (it sees every
-    allocator: ONNX Runtime's arena, cuDNN/cuBLAS workspaces, torch's caching allocator and CUDA
-    contexts, which ``torch.cuda.max_memory_reserved`` would miss). Each side runs in its own
-    process on an otherwise idle GPU, so the device figure is that process's. CPU (dry run): the
-    process's peak RSS (VmHWM) minus its RSS at start.
+    GPU: :class:`blipdiffusion_trt.bench.machine.GpuMemorySampler`, the benchmark's own figure
+    (NVML device memory polled every 10 ms: ONNX Runtime's arena, cuDNN/cuBLAS workspaces, torch's
+    caching allocator and CUDA contexts alike). Each side runs in its own process on an otherwise
+    idle GPU, so the device figure is that process's. CPU (dry run): the process's peak RSS
+    (VmHWM) minus its RSS at start.
     """
 
-    def __init__(self, gpu: bool, interval: float = 0.01):
+    def __init__(self, gpu: bool):
         self.gpu = gpu
-        self.interval = interval
-        self.method = None
+        self._gpu_sampler = None
         self.baseline = 0.0
-        self.peak = 0.0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._read: Callable[[], float] | None = None
 
     def start(self) -> "MemorySampler":
         if self.gpu:
-            try:
-                import pynvml
+            from blipdiffusion_trt.bench.machine import GpuMemorySampler
 
-                pynvml.nvmlInit()
-                handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-                self._read = lambda: pynvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20
-                self.method = "NVML device memory used, peak minus before loading (own process, idle GPU)"
-            except Exception as error:  # noqa: BLE001 -- no NVML: report no figure rather than a wrong one
-                logger.warning("GPU memory not measured: NVML unavailable (%s)", error)
-                return self
+            self._gpu_sampler = GpuMemorySampler().start()
+            if self._gpu_sampler.problem:
+                logger.warning("GPU memory not measured: %s", self._gpu_sampler.problem)
         else:
-            self._read = _rss_mb
-            self.method = "peak RSS (VmHWM) minus RSS at start"
-        self.baseline = self.peak = self._read()
-        if self.gpu:
-            self._thread = threading.Thread(target=self._poll, daemon=True)
-            self._thread.start()
+            self.baseline = _rss_mb()
         return self
 
-    def _poll(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self._read())
-
     def stop(self) -> dict[str, Any]:
-        if self._read is None:
-            return {"mb": None, "method": None}
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        peak = max(self.peak, self._read()) if self.gpu else _peak_rss_mb()
-        return {"mb": round(peak - self.baseline, 1), "method": self.method, "baseline_mb": round(self.baseline, 1)}
+        if self._gpu_sampler is not None:
+            return self._gpu_sampler.stop()
+        return {"mb": round(_peak_rss_mb() - self.baseline, 1), "method": "peak RSS (VmHWM) minus RSS at start",
+                "baseline_mb": round(self.baseline, 1)}
 
 
 def _status_mb(key: str) -> float:

@@ -146,9 +146,14 @@ def markdown(data: dict[str, Any]) -> str:
                      f"{_fmt_time(floor['floor_s'])} per call." if floor.get("ceiling_tflops") else ".")]
         for side, fraction in floor.get("fraction", {}).items():
             lines.append(f"- {sides.get(side, {}).get('label', side)}: {fraction:.1%} of the floor")
+    captured = {k: v for k, v in (sides.get("ours", {}).get("engine_cuda_graphs") or {}).items() if v is not None}
+    if captured:
+        lines += ["", "Our engines' CUDA graphs in the measured generations (captured graphs per component): "
+                  + ", ".join(f"{k} {v}" for k, v in captured.items()) + "."]
     graphs = sides.get("ours", {}).get("cuda_graphs") if sides else None
     if graphs:
-        lines += ["", "ONNX Runtime CUDA graphs (`enable_cuda_graph`, device-bound I/O), per component:", "",
+        lines += ["", "ONNX Runtime CUDA graphs probed per component (own sessions, `enable_cuda_graph`, device-bound "
+                  "I/O; the data behind the cuda backend's choice of the UNet and ControlNet):", "",
                   "| component | captured | replay p50 | max abs vs eager | note |", "|---|---|---:|---:|---|"]
         for name, g in graphs.items():
             lines.append(f"| {name} | {'yes' if g['ok'] else 'no'} | {_fmt_time(g['replay']['p50']) if g['ok'] else '–'} | "

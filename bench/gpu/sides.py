@@ -39,26 +39,12 @@ LOOP_STAGES = ("unet", "unet_plain", "controlnet")
 # Ours
 # ------------------------------------------------------------------------------------------------
 
-class _Recorder:
-    """Remembers the first feed an engine gets in a generation (for the per-stage replay)."""
-
-    def __init__(self, engine):
-        self.engine = engine
-        self.first = None
-
-    def infer(self, feed, keep=()):
-        if self.first is None:
-            self.first = (dict(feed), tuple(keep))
-        return self.engine.infer(feed, keep)
-
-    def __getattr__(self, name):
-        return getattr(self.engine, name)
-
-
 def _ours_generations(runtime, gen: Generation, warmup: int, runs: int, stage_runs: int) -> dict[str, Any]:
+    from blipdiffusion_trt.bench.ours import RecordingEngine, replay_feed
+
     reference, condition, latents = common.generation_inputs(gen)
     originals = dict(runtime.engines)
-    recorders = {name: _Recorder(engine) for name, engine in originals.items()}
+    recorders = {name: RecordingEngine(engine) for name, engine in originals.items()}
     timings, image = [], None
     first_generation = None
     for i in range(warmup + runs):
@@ -86,7 +72,8 @@ def _ours_generations(runtime, gen: Generation, warmup: int, runs: int, stage_ru
     for name, recorder in recorders.items():
         if recorder.first is None:
             continue
-        feed, keep = recorder.first
+        # fresh device inputs: the recorded uploads and ControlNet residuals were overwritten since
+        feed, keep = replay_feed(name, recorders, originals)
         engine = originals[name]
         engine.infer(feed, keep)  # warm
         samples = []
@@ -145,7 +132,7 @@ def cuda_graph_probe(package, engines: dict, mode: Mode, gen: Generation, runs: 
         point = component_point(package, name, gen)
         feed = example_inputs(spec, point, vocab_sizes=vocab(package), seed=12)
         try:
-            options = {**common.cuda_provider_options(mode), "enable_cuda_graph": "1"}
+            options = common.backend_options(mode).cuda_provider_options(cuda_graph=True)
             session = ort.InferenceSession(str(engines[name].path), providers=[("CUDAExecutionProvider", options)])
             binding = session.io_binding()
             inputs = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), "cuda", 0) for k, v in feed.items()}
@@ -205,6 +192,9 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
                                                                   spec["stage_runs"])
     result["memory"] = memory.stop()
     result["torch_imported"] = sys.modules.get("torch") is not None  # must stay False: no torch at run time
+    # CUDA graphs our engines captured in the generations above (None: the engine has no CUDA graphs)
+    result["engine_cuda_graphs"] = {name: getattr(engine, "cuda_graphs_captured", None)
+                                    for name, engine in {**cn_runtime.engines, **plain_engines}.items()}
     np.savez(spec["images"], **images)
     # component outputs for the accuracy check, after the timings (not timed, not in the memory figure)
     gen = Generation.from_dict(spec["generations"]["controlnet"])

@@ -387,9 +387,11 @@ def main(argv=None) -> int:
             logger.error("%s", problem)
         return 2
     if mode.gpu:
-        from blipdiffusion_trt.runtime.ort_install import preload_cuda_libraries
+        import dataclasses
 
-        run.data["environment"]["preloaded_cuda_libraries"] = preload_cuda_libraries()
+        from blipdiffusion_trt.runtime.ort_install import ensure_cuda_libraries
+
+        run.data["environment"]["cuda_libraries"] = dataclasses.asdict(ensure_cuda_libraries())
 
     if args.checkpoint:
         checkpoint = args.checkpoint.resolve()

@@ -51,7 +51,7 @@ def load_runtime(package: Path, backend: str, settings: Settings, *, verify: boo
                                              options=backend_options, cache_size=0, negative_cache_size=0)
 
 
-class _RecordingEngine:
+class RecordingEngine:
     """Wraps an engine for one generation: remembers the first feed (and ``keep``) it was given,
     with a host copy of every device value in it."""
 
@@ -72,7 +72,7 @@ class _RecordingEngine:
         return getattr(self.engine, name)
 
 
-def replay_feed(name: str, recorders: Mapping[str, _RecordingEngine], engines: Mapping[str, Any]) -> tuple[dict, tuple]:
+def replay_feed(name: str, recorders: Mapping[str, RecordingEngine], engines: Mapping[str, Any]) -> tuple[dict, tuple]:
     """The recorded feed of ``name`` with fresh device values: another engine's outputs (the
     ControlNet's residuals) from running that engine on its own recorded feed now, uploads uploaded
     again from their host copies."""
@@ -115,7 +115,7 @@ def bench_ours(backend: str, package: Path, settings: Settings, args, bar) -> di
     bar.update(1)
 
     sync = device_sync(backend)
-    recorders = {name: _RecordingEngine(engine) for name, engine in runtime.engines.items()}
+    recorders = {name: RecordingEngine(engine) for name, engine in runtime.engines.items()}
     originals = dict(runtime.engines)
     timings, image = [], None
     for i in range(args.warmup + args.runs):
