@@ -266,6 +266,31 @@ def test_cuda_graph_none_runs_every_component_eagerly(fake_ort_gpu, tiny):
     assert all(s.options["CUDAExecutionProvider"]["enable_cuda_graph"] == "0" for s in fake_ort_gpu.gpu.sessions)
 
 
+@pytest.mark.parametrize("fixture_name", ["tiny_cn", "odd_cn"])
+def test_preallocated_output_shapes_are_what_the_graphs_compute(fixture_name, request):
+    """The declaration's output shapes (latent and residual axes derived both ways) equal the shapes
+    ONNX Runtime computes, at a point other than the export one; None only where the inputs do not
+    determine them (the context text encoder's output length)."""
+    import onnxruntime as ort
+
+    from blipdiffusion_trt.export.graphs import example_inputs, second_point
+
+    from helpers import vocab_bound
+
+    package = ModelPackage.open(request.getfixturevalue(fixture_name).package, verify=False)
+    bound = vocab_bound(package.root)
+    vocab = {"qformer": bound, "text_encoder": bound, "text_encoder_plain": bound}
+    for name, spec in package.specs.items():
+        feed = example_inputs(spec, second_point(spec), vocab_sizes=vocab, seed=5)
+        declared = spec.output_shapes({k: v.shape for k, v in feed.items()})
+        if name == "text_encoder":
+            assert declared is None
+            continue
+        session = ort.InferenceSession(str(package.layout.graph(name, "fp32")), providers=["CPUExecutionProvider"])
+        computed = {o.name: v.shape for o, v in zip(session.get_outputs(), session.run(None, feed))}
+        assert declared == computed, name
+
+
 def test_upload_is_the_identity_on_the_cpu(tiny):
     with BlipDiffusionRuntime.from_package(tiny.package, verify=False) as runtime:
         array = np.ones((2, 3), np.float32)
