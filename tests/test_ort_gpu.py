@@ -130,10 +130,12 @@ def test_cuda_provider_options_come_from_the_options_as_strings(fake_ort_gpu, ti
     options = OnnxRuntimeGpuOptions(device_id=1, cudnn_conv_algo_search="EXHAUSTIVE", provider_options={"gpu_mem_limit": 2**33})
     unet = get_backend("cuda").make_engine(package, "unet_plain", "fp32", options)
     vae = get_backend("cuda").make_engine(package, "vae_decoder", "fp32", options)
-    expected = {"device_id": "1", "use_tf32": "0", "cudnn_conv_algo_search": "EXHAUSTIVE", "prefer_nhwc": "0",
+    expected = {"device_id": "1", "use_tf32": "0", "cudnn_conv_algo_search": "EXHAUSTIVE",
                 "arena_extend_strategy": "kSameAsRequested", "gpu_mem_limit": str(2**33)}
     assert unet.session.options["CUDAExecutionProvider"] == {**expected, "enable_cuda_graph": "1"}
     assert vae.session.options["CUDAExecutionProvider"] == {**expected, "enable_cuda_graph": "0"}
+    nhwc = get_backend("cuda").make_engine(package, "vae_decoder", "fp32", get_backend("cuda").options(options, prefer_nhwc=True))
+    assert nhwc.session.options["CUDAExecutionProvider"]["prefer_nhwc"] == "1"
     # outputs on the chosen device: preallocated (declared shapes) or bound by device type
     latents, _, _ = _inputs(package)
     vae.infer({"latents": latents})

@@ -123,12 +123,13 @@ class OnnxRuntimeGpuOptions(OnnxRuntimeOptions):
             "device_id": str(self.device_id),
             "use_tf32": "1" if self.use_tf32 else "0",
             "cudnn_conv_algo_search": self.cudnn_conv_algo_search,
-            "prefer_nhwc": "1" if self.prefer_nhwc else "0",
             # grow the memory arena by what is asked, not to the next power of two (as ONNX Runtime's
             # Stable Diffusion demo does): the UNet's activations would otherwise reserve up to twice
             "arena_extend_strategy": "kSameAsRequested",
             "enable_cuda_graph": "1" if cuda_graph else "0",
         }
+        if self.prefer_nhwc:  # named only when asked for (ONNX Runtime's default is off)
+            values["prefer_nhwc"] = "1"
         return {**values, **{k: str(v) for k, v in self.provider_options.items()}}
 
     @property
@@ -265,9 +266,8 @@ class OnnxRuntimeGpuEngine(OnnxRuntimeEngine):
         key = tuple(out_shapes[name] for name in self.output_names)
         outputs = self._outputs.get(key)
         if outputs is None:
-            outputs = {name: self._ort.OrtValue.ortvalue_from_shape_and_type(list(out_shapes[name]), np.float32, "cuda",
-                                                                           self.device_id)
-                       for name in self.output_names}
+            outputs = {t.name: self._ort.OrtValue.ortvalue_from_shape_and_type(
+                list(out_shapes[t.name]), np.dtype(t.dtype).type, "cuda", self.device_id) for t in self.spec.outputs}
             self._outputs[key] = outputs
             while len(self._outputs) > MAX_OUTPUT_SETS:
                 self._outputs.popitem(last=False)
