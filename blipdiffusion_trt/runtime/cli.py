@@ -10,6 +10,7 @@ import numpy as np
 
 from ..errors import InputError
 from .engine import BACKENDS, GRAPH_OPTIMIZATIONS, MEMORY_ARENAS
+from .openvino_engine import add_openvino_arguments, describe_precisions, openvino_options_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ def add_generate(sub) -> None:
                    help="ONNX Runtime CPU sessions that keep a memory arena: loop (UNet/ControlNet, default), all, none")
     p.add_argument("--no-cpu-fused", action="store_true",
                    help="cpu backend: load the plain fp32 graphs even where the package has CPU-fused ones")
+    add_openvino_arguments(p)
     p.add_argument("--no-verify", action="store_true", help="skip checking the package files' sha256")
     p.add_argument("--timings", action="store_true", help="print per-stage times")
     p.set_defaults(run=run_generate)
@@ -79,7 +81,7 @@ def run_generate(args) -> int:
     runtime = BlipDiffusionRuntime.from_package(
         args.package, args.backend, precision=args.precision, verify=not args.no_verify,
         graph_optimization=args.graph_optimization, optimized_cache=args.ort_cache, memory_arena=args.memory_arena,
-        cpu_fused=not args.no_cpu_fused,
+        cpu_fused=not args.no_cpu_fused, options=openvino_options_from_args(args),
     )
     try:
         result = _generate(runtime, args, latents)
@@ -89,6 +91,9 @@ def run_generate(args) -> int:
     print(f"wrote {out}")
     if args.timings:
         print(format_timings(result.timings))
+        precisions = describe_precisions(runtime.engines)
+        if precisions:
+            print(precisions)
     return 0
 
 

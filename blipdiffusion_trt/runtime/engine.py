@@ -229,12 +229,22 @@ def _tensorrt_engine(spec: ComponentSpec, path: Path, **kwargs) -> Engine:
     return tensorrt_engine_factory(spec, path, **kwargs)
 
 
+def _openvino_engine(spec: ComponentSpec, path: Path, **kwargs) -> Engine:
+    from .openvino_engine import openvino_engine_factory  # lazy: OpenVINO is optional
+
+    return openvino_engine_factory(spec, path, **kwargs)
+
+
+_openvino_engine.takes_options = True  # OpenVINOOptions (from_package's ``options``)
+
+
 # name -> (engine factory, description)
 BACKENDS: dict[str, tuple[Callable[..., Engine], str]] = {
     "cpu": (OnnxRuntimeEngine, "ONNX Runtime, CPU"),
     "cuda": (OnnxRuntimeCudaEngine, "ONNX Runtime, CUDA provider with IO binding"),
     "ort-tensorrt": (OnnxRuntimeTensorRTEngine, "ONNX Runtime, TensorRT execution provider"),
     "tensorrt": (_tensorrt_engine, "TensorRT engines from `blipdiffusion-trt build` (needs --precision fp16)"),
+    "openvino": (_openvino_engine, "OpenVINO, CPU: the fp32 graphs in bf16 where the CPU has it (--inference-precision)"),
 }
 
 

@@ -101,8 +101,33 @@ class ModelPackage:
                     _check_digest(self.root / rel, files[rel])
         return path
 
+    def graph_sha256(self, component: str, precision: str, *, cpu_fused: bool = False) -> str:
+        """The manifest's sha256 of a graph and of its external data file: changes whenever the graph does."""
+        return _graph_sha256(self.manifest["files"], f"onnx/{CPU_FUSED_DIR if cpu_fused else precision}/{component}.onnx")
+
     def tokenizer_settings(self, folder: str) -> dict[str, Any]:
         return read_json(self.root / folder / "tokenizer_settings.json", PackageError)
 
     def scheduler_config(self) -> dict[str, Any]:
         return read_json(self.root / "scheduler" / "scheduler_config.json", PackageError)
+
+
+def _graph_sha256(files: dict[str, str], rel: str) -> str:
+    parts = [files[rel]] + ([files[rel + ".data"]] if rel + ".data" in files else [])
+    return hashlib.sha256("|".join(parts).encode()).hexdigest() if len(parts) > 1 else parts[0]
+
+
+def graph_of(path: str | Path) -> tuple[str, str, str]:
+    """``(folder, component, sha256)`` of a graph path :meth:`ModelPackage.onnx_path` handed out.
+
+    ``folder`` is the precision ("fp32", "fp16") or :data:`CPU_FUSED_DIR`; ``sha256`` is
+    :meth:`ModelPackage.graph_sha256`'s, read from the package's manifest.
+    """
+    path = Path(path)
+    root, folder, component = path.parent.parent.parent, path.parent.name, path.stem
+    manifest_path = root / MANIFEST_NAME
+    files = read_json(manifest_path, PackageError).get("files") or {}
+    rel = f"onnx/{folder}/{component}.onnx"
+    if path.suffix != ".onnx" or path.parent.parent.name != "onnx" or rel not in files:
+        raise PackageError(f"{path}: not a graph listed in {manifest_path}")
+    return folder, component, _graph_sha256(files, rel)

@@ -104,9 +104,9 @@ class BlipDiffusionRuntime:
     def from_package(
         cls, path: str | Path, backend: str = "cpu", *, precision: str = "fp32", verify: bool = True,
         threads: int | None = None, graph_optimization: str = "all", optimized_cache: str | Path | None = None,
-        memory_arena: str = "loop", cpu_fused: bool = True, cache_size: int = 32,
+        memory_arena: str = "loop", cpu_fused: bool = True, cache_size: int = 32, options: Any = None,
     ) -> "BlipDiffusionRuntime":
-        """Load a package's graphs on ``backend`` ("cpu", "cuda", "ort-tensorrt", "tensorrt").
+        """Load a package's graphs on ``backend`` ("cpu", "cuda", "ort-tensorrt", "tensorrt", "openvino").
 
         ``graph_optimization`` ("all", "extended", "basic", "disabled") is ONNX Runtime's: "all"
         runs fastest, "extended" loads several times faster (see ``engine.GRAPH_OPTIMIZATIONS``).
@@ -117,8 +117,12 @@ class BlipDiffusionRuntime:
         after each call (see ``engine.MEMORY_ARENAS``).
         ``cpu_fused``: on the cpu backend, load the package's CPU-fused fp32 graphs where it has them
         (fused attention in the UNet and ControlNet; ``blipdiffusion-trt fuse`` adds them to a package).
+        ``options``: the backend's own options, ``openvino_engine.OpenVINOOptions`` for "openvino".
         """
         make_engine = engine_factory(backend)
+        if options is not None and not getattr(make_engine, "takes_options", False):
+            raise InputError(f"backend {backend} takes no options object, got {type(options).__name__}")
+        backend_options = {} if options is None else {"options": options}
         package = ModelPackage.open(path, verify=verify)
         needed = ["qformer", "text_encoder", "text_encoder_plain", "vae_decoder"]
         needed += ["unet", "controlnet"] if package.config.has_controlnet else ["unet_plain"]
@@ -129,7 +133,7 @@ class BlipDiffusionRuntime:
                               package.onnx_path(name, precision, cpu_fused=fused and package.has_cpu_fused(name)),
                               threads=threads,
                               graph_optimization=graph_optimization, optimized_cache=optimized_cache,
-                              memory_arena=memory_arena)
+                              memory_arena=memory_arena, **backend_options)
             for name in needed
         }
         return cls(package, engines, cache_size=cache_size)

@@ -1,0 +1,396 @@
+"""OpenVINO backend: the package's fp32 ONNX graphs on OpenVINO's CPU plugin, bf16 where the CPU has it.
+
+Graphs: the plain fp32 ones (``onnx/fp32``), read as they are with ``Core.read_model``; the user
+runs no conversion step. Not the CPU-fused copies (``onnx/fp32-fused``): those hold ONNX Runtime
+contrib ops (``com.microsoft`` Attention, MultiHeadAttention, SkipLayerNormalization) shaped for
+ONNX Runtime's kernels, which OpenVINO's ONNX reader supports only in part and would unpack again
+before its own attention fusion (scaled dot-product attention), which it does on the plain graph
+too; and the plain graph is the one export validated against PyTorch.
+
+Precision (``inference_precision``): "f32" computes in fp32 (the exact mode: within the
+components' tolerance of PyTorch, tests/test_openvino.py); "bf16" runs OpenVINO's bf16 kernels
+and keeps activations in bf16 (inputs and outputs stay float32), except the timestep embedding's
+sinusoids, kept in f32 as diffusers' bf16 does (:func:`keep_sinusoid_inputs_in_f32`); "auto" is bf16 where OpenVINO's
+CPU plugin lists BF16 in ``OPTIMIZATION_CAPABILITIES`` (AVX512-BF16, AMX or AVX2-VNNI-2 CPUs) and
+f32 elsewhere. "bf16" on a CPU without it is an error naming the CPU, not a silent fallback:
+"auto" is the fallback. :attr:`OpenVINOEngine.inference_precision` says what the compiled model runs.
+
+Shapes: OpenVINO runs static shapes fastest. Each engine reads its graph once, reshapes it to
+the input shapes of a call and compiles it on first use; compiled models are kept per input-shape
+signature in a small LRU (``max_shapes``), so a generation compiles each component once.
+
+Model cache: OpenVINO's ``CACHE_DIR``, one directory per graph named after the graph's sha256 in
+the package manifest (plus ``-int8`` with compressed weights) under ``cache_dir`` (default
+``$XDG_CACHE_HOME/blipdiffusion-trt/openvino``, i.e. ``~/.cache/...``). A second process loads
+the compiled blobs instead of compiling. A changed graph has another sha256, hence another
+directory: a stale blob cannot be served even if OpenVINO's own model hash missed the change.
+OpenVINO writes the blobs itself; one it cannot import (e.g. a half-written one) is recompiled
+and rewritten.
+
+Weight compression (``compress_weights``, off by default): NNCF's data-free INT8 weight-only
+compression (asymmetric, per output channel) of the UNet, ControlNet and VAE decoder graphs, done
+on the OpenVINO model after reading; activations stay in the inference precision. For machines
+short of memory; its effect on memory, speed and images is measured, not assumed.
+
+Imports: ``openvino`` (and ``nncf``) only when this backend is used; never torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import sys
+import threading
+import time
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..components import ComponentSpec
+from ..errors import EngineError, InputError, first_line
+from .engine import Engine
+from .package import graph_of
+
+logger = logging.getLogger(__name__)
+
+INFERENCE_PRECISIONS = ("auto", "f32", "bf16")
+# The large convolutional graphs: weights dominate their memory. The encoders run once per image
+# and feed every step, so they keep their fp32 weights.
+WEIGHT_COMPRESSED_COMPONENTS = frozenset({"unet", "unet_plain", "controlnet", "vae_decoder"})
+DEVICE = "CPU"
+INSTALL_HINT = "pip install 'blipdiffusion-trt[openvino]'"
+
+
+@dataclass(frozen=True)
+class OpenVINOOptions:
+    """How the openvino backend compiles and runs the graphs.
+
+    ``inference_precision``: "auto" (bf16 where the CPU has it, else f32), "f32" (exact) or "bf16".
+    ``threads``: OpenVINO's ``INFERENCE_NUM_THREADS`` (None: all cores).
+    ``cache_dir``: root of the compiled-model cache (None: ``default_cache_dir()``);
+    ``model_cache=False`` turns the cache off.
+    ``compress_weights``: INT8 weight-only compression of the UNet, ControlNet and VAE decoder (needs NNCF).
+    ``max_shapes``: compiled models kept per component (one per distinct input-shape signature, LRU).
+    """
+
+    inference_precision: str = "auto"
+    threads: int | None = None
+    cache_dir: str | Path | None = None
+    model_cache: bool = True
+    compress_weights: bool = False
+    max_shapes: int = 4
+
+    def __post_init__(self) -> None:
+        if self.inference_precision not in INFERENCE_PRECISIONS:
+            raise InputError(
+                f"inference_precision must be one of {', '.join(INFERENCE_PRECISIONS)}, got {self.inference_precision!r}"
+            )
+        for name, low in (("threads", 1), ("max_shapes", 1)):
+            value = getattr(self, name)
+            if name == "threads" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/blipdiffusion-trt/openvino`` (``~/.cache/blipdiffusion-trt/openvino``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "blipdiffusion-trt" / "openvino"
+
+
+def import_openvino():
+    try:
+        import openvino
+    except ImportError as error:
+        raise EngineError(f"the openvino backend needs OpenVINO: {INSTALL_HINT} ({first_line(error)})") from None
+    return openvino
+
+
+@functools.lru_cache(maxsize=1)
+def openvino_core():
+    """One OpenVINO Core per process (it holds the loaded device plugins)."""
+    return import_openvino().Core()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_capabilities() -> tuple[str, ...]:
+    """OpenVINO's ``OPTIMIZATION_CAPABILITIES`` of the CPU device (e.g. BF16, FP32, INT8)."""
+    return tuple(openvino_core().get_property(DEVICE, "OPTIMIZATION_CAPABILITIES"))
+
+
+def cpu_name() -> str:
+    try:
+        return str(openvino_core().get_property(DEVICE, "FULL_DEVICE_NAME"))
+    except Exception:  # a name for a message only
+        return "this CPU"
+
+
+def resolve_inference_precision(requested: str) -> str:
+    """"auto" -> "bf16" where the CPU runs it natively, else "f32"; "bf16" without it is an error."""
+    if requested not in INFERENCE_PRECISIONS:
+        raise InputError(f"inference_precision must be one of {', '.join(INFERENCE_PRECISIONS)}, got {requested!r}")
+    native_bf16 = "BF16" in cpu_capabilities()
+    if requested == "auto":
+        return "bf16" if native_bf16 else "f32"
+    if requested == "bf16" and not native_bf16:
+        raise InputError(
+            f"inference_precision bf16: {cpu_name()} has no native bf16 (OpenVINO CPU capabilities: "
+            f"{', '.join(cpu_capabilities())}); use auto or f32"
+        )
+    return requested
+
+
+@contextmanager
+def _torch_hidden():
+    """Hide torch from NNCF, which imports it when installed (to register its tensor functions).
+
+    The OpenVINO path of NNCF never needs torch, and the runtime never imports it.
+    """
+    if "torch" in sys.modules:
+        yield
+        return
+    sys.modules["torch"] = None  # type: ignore[assignment]  # importing it now raises ImportError
+    try:
+        yield
+    finally:
+        if "torch" in sys.modules and sys.modules["torch"] is None:
+            del sys.modules["torch"]
+
+
+def compress_weights(model):
+    """NNCF's data-free INT8 weight-only compression (int8_asym, per channel) of an OpenVINO model."""
+    with _torch_hidden():
+        try:
+            import nncf
+        except ImportError as error:
+            raise EngineError(f"compress_weights needs NNCF: {INSTALL_HINT} ({first_line(error)})") from None
+        nncf_logger = logging.getLogger("nncf")
+        level = nncf_logger.level
+        nncf_logger.setLevel(logging.ERROR)  # its per-model statistics table
+        try:
+            return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+        finally:
+            nncf_logger.setLevel(level)
+
+
+def keep_sinusoid_inputs_in_f32(model) -> int:
+    """Keep the arguments of the graph's Sin/Cos nodes (the timestep embedding) in f32 under bf16.
+
+    OpenVINO's bf16 mode stores activations in bf16 except in the graph's tail: the nodes between
+    an output and the last matmul/convolution before it. The timestep embedding's sin(t * f) and
+    cos(t * f) then take t and t * f rounded to 8 significant bits: t = 981 becomes 980 and the
+    high-frequency phases are lost (the UNet's output moves as far as cosine 0.99 from f32 where
+    the rest of bf16 costs 0.9999). diffusers' bf16 computes these sinusoids in fp32. Making the
+    Sin/Cos outputs extra model outputs (ignored by ``infer``) puts their input chain in the tail,
+    which OpenVINO keeps in f32. Returns how many nodes it marked.
+    """
+    sinusoids = [op.output(0) for op in model.get_ops() if op.get_type_name() in ("Sin", "Cos")]
+    if sinusoids:
+        model.add_outputs(sinusoids)
+    return len(sinusoids)
+
+
+class OpenVINOEngine(Engine):
+    """One component's fp32 ONNX graph on OpenVINO's CPU plugin, compiled per input shape.
+
+    ``graph_sha256`` (the package manifest's) names the model-cache directory. Thread-safe: calls
+    on one engine are serialised (an OpenVINO infer request runs one call at a time, and each
+    call already uses all the threads it is given).
+    """
+
+    def __init__(self, spec: ComponentSpec, path: str | Path, graph_sha256: str, options: OpenVINOOptions | None = None):
+        self.closed = True
+        self.spec = spec
+        self.path = Path(path)
+        self.options = options = options or OpenVINOOptions()
+        core = openvino_core()
+        self.requested_precision = resolve_inference_precision(options.inference_precision)
+        # What the compiled model runs, read back from it after compiling (see ``_compile``).
+        self.inference_precision = self.requested_precision
+        self.weights_compressed = options.compress_weights and spec.name in WEIGHT_COMPRESSED_COMPONENTS
+        self.f32_sinusoids = 0  # Sin/Cos nodes whose inputs bf16 mode keeps in f32 (keep_sinusoid_inputs_in_f32)
+        self.cache_dir = self._cache_directory(graph_sha256)
+        try:
+            model = core.read_model(str(self.path))
+        except Exception as error:  # OpenVINO raises RuntimeError subclasses with multi-line text
+            raise EngineError(f"{self.path}: OpenVINO cannot read it ({first_line(error)})") from None
+        names = {port.get_any_name() for port in model.inputs}
+        if names != set(spec.input_names):
+            raise EngineError(f"{self.path}: graph inputs {sorted(names)} are not {spec.name}'s {spec.input_names}")
+        if self.weights_compressed:
+            start = time.perf_counter()
+            model = compress_weights(model)
+            logger.info("openvino: %s weights compressed to int8 in %.1f s", spec.name, time.perf_counter() - start)
+        if self.requested_precision == "bf16":
+            self.f32_sinusoids = keep_sinusoid_inputs_in_f32(model)
+        self.model = model
+        self._compiled: OrderedDict[tuple, Any] = OrderedDict()  # shape signature -> infer request
+        self._lock = threading.Lock()
+        self.compilations = 0
+        self.compile_seconds = 0.0
+        self.loaded_from_cache: bool | None = None  # of the latest compilation
+        self.closed = False
+
+    # -- cache ----------------------------------------------------------------------------------
+
+    def _cache_directory(self, graph_sha256: str) -> Path | None:
+        options = self.options
+        if not options.model_cache:
+            return None
+        root = Path(options.cache_dir) if options.cache_dir is not None else default_cache_dir()
+        directory = root / f"{self.spec.name}-{graph_sha256[:16]}{'-int8' if self.weights_compressed else ''}"
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            if options.cache_dir is not None:
+                raise EngineError(f"openvino cache_dir {root}: not writable ({error.strerror or error})") from None
+            logger.warning("openvino: model cache off, %s is not writable (%s)", root, error.strerror or error)
+            return None
+        return directory
+
+    def _config(self) -> dict[str, Any]:
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": self.requested_precision, "PERFORMANCE_HINT": "LATENCY"}
+        if self.options.threads:
+            config["INFERENCE_NUM_THREADS"] = self.options.threads
+        if self.cache_dir is not None:
+            config["CACHE_DIR"] = str(self.cache_dir)
+        return config
+
+    # -- running ----------------------------------------------------------------------------------
+
+    @property
+    def compiled_shapes(self) -> list[tuple]:
+        """Shape signatures with a compiled model, least recently used first."""
+        return list(self._compiled)
+
+    def infer(self, feed: Mapping[str, Any], keep: Sequence[str] = ()) -> dict[str, Any]:
+        if self.closed:
+            raise EngineError(f"{self.spec.name}: the OpenVINO engine was closed")
+        arrays = {t.name: np.ascontiguousarray(feed[t.name], dtype=t.dtype) for t in self.spec.inputs}
+        key = tuple(a.shape for a in arrays.values())
+        with self._lock:
+            request = self._compiled.get(key)
+            if request is None:
+                request = self._compile(key, arrays)
+            else:
+                self._compiled.move_to_end(key)
+            try:
+                results = request.infer(arrays)
+            except Exception as error:  # OpenVINO's messages are multi-line
+                raise EngineError(f"{self.spec.name}: OpenVINO inference failed ({first_line(error)})") from None
+            # ``infer`` returns copies of the output tensors (the request's own are reused next call)
+            return {name: results[name] for name in self.output_names}
+
+    def _compile(self, key: tuple, arrays: Mapping[str, np.ndarray]):
+        shapes = {name: list(a.shape) for name, a in arrays.items()}
+        start = time.perf_counter()
+        try:
+            self.model.reshape(shapes)
+            compiled = openvino_core().compile_model(self.model, DEVICE, self._config())
+        except Exception as error:  # OpenVINO's messages are multi-line
+            raise EngineError(f"{self.path}: OpenVINO cannot compile it for input shapes {shapes} ({first_line(error)})") from None
+        seconds = time.perf_counter() - start
+        self.compilations += 1
+        self.compile_seconds += seconds
+        self.inference_precision = _precision_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
+        self.loaded_from_cache = bool(compiled.get_property("LOADED_FROM_CACHE")) if self.cache_dir is not None else False
+        logger.info("openvino: %s %s for %s in %.2f s (%s)", "loaded" if self.loaded_from_cache else "compiled",
+                    self.spec.name, shapes, seconds, self.inference_precision)
+        request = compiled.create_infer_request()
+        self._compiled[key] = request
+        while len(self._compiled) > self.options.max_shapes:
+            self._compiled.popitem(last=False)
+        return request
+
+    def close(self) -> None:
+        """Drop the compiled models and the graph (idempotent)."""
+        if self.closed:
+            return
+        with self._lock:
+            self.closed = True
+            self._compiled.clear()
+            self.model = None
+
+
+def _precision_name(value: Any) -> str:
+    """OpenVINO's element type (``<Type: 'bfloat16'>``) -> "bf16" / "f32" (its short names)."""
+    name = value.get_type_name() if hasattr(value, "get_type_name") else str(value)
+    return {"bfloat16": "bf16", "float32": "f32", "float16": "f16"}.get(name, name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Backend factory (runtime/engine.py BACKENDS)
+# ------------------------------------------------------------------------------------------------
+
+def openvino_engine_factory(spec: ComponentSpec, path: str | Path, *, threads: int | None = None,
+                            options: OpenVINOOptions | None = None, graph_optimization: str | None = None,
+                            optimized_cache=None, memory_arena: str | None = None) -> OpenVINOEngine:
+    """The backend's ``make_engine``: a package's fp32 graph -> :class:`OpenVINOEngine`.
+
+    ``threads`` applies where ``options.threads`` is unset. ``graph_optimization``,
+    ``optimized_cache`` and ``memory_arena`` are ONNX Runtime's, accepted for the common
+    signature and unused.
+    """
+    if options is None:
+        options = OpenVINOOptions()
+    elif not isinstance(options, OpenVINOOptions):
+        raise InputError(f"the openvino backend takes OpenVINOOptions, got {type(options).__name__}")
+    if threads and options.threads is None:
+        options = dataclasses.replace(options, threads=threads)
+    folder, component, digest = graph_of(path)
+    if folder != "fp32":
+        raise InputError(
+            "the openvino backend reads the package's fp32 graphs (precision='fp32', the default); "
+            f"choose how it computes with inference_precision ({', '.join(INFERENCE_PRECISIONS)}), got {folder} graphs"
+        )
+    if component != spec.name:
+        raise EngineError(f"{path}: graph {component} is not component {spec.name}")
+    return OpenVINOEngine(spec, path, digest, options)
+
+
+# ------------------------------------------------------------------------------------------------
+# ``blipdiffusion-trt generate`` options
+# ------------------------------------------------------------------------------------------------
+
+def add_openvino_arguments(parser) -> None:
+    parser.add_argument("--inference-precision", choices=INFERENCE_PRECISIONS,
+                        help="openvino backend: auto (default: bf16 where the CPU has it, else f32), f32 (exact), "
+                             "bf16 (an error on a CPU without it)")
+    parser.add_argument("--openvino-cache", metavar="DIR",
+                        help=f"openvino backend: compiled-model cache directory (default {default_cache_dir()})")
+    parser.add_argument("--no-openvino-cache", action="store_true", help="openvino backend: no compiled-model cache")
+    parser.add_argument("--openvino-int8-weights", action="store_true",
+                        help="openvino backend: INT8 weight-only compression of the UNet, ControlNet and VAE (needs NNCF)")
+
+
+def openvino_options_from_args(args) -> OpenVINOOptions | None:
+    """OpenVINOOptions from the CLI flags; None for other backends (where the flags are an error)."""
+    given = [flag for flag, value in (
+        ("--inference-precision", args.inference_precision is not None), ("--openvino-cache", args.openvino_cache is not None),
+        ("--no-openvino-cache", args.no_openvino_cache), ("--openvino-int8-weights", args.openvino_int8_weights),
+    ) if value]
+    if args.backend != "openvino":
+        if given:
+            raise InputError(f"{given[0]} applies to --backend openvino only (got --backend {args.backend})")
+        return None
+    return OpenVINOOptions(
+        inference_precision=args.inference_precision or "auto", cache_dir=args.openvino_cache,
+        model_cache=not args.no_openvino_cache, compress_weights=args.openvino_int8_weights,
+    )
+
+
+def describe_precisions(engines: Mapping[str, Engine]) -> str | None:
+    """"inference precision: bf16" (or per component where they differ); None without OpenVINO engines."""
+    ran = {name: engine.inference_precision for name, engine in engines.items() if isinstance(engine, OpenVINOEngine)}
+    if not ran:
+        return None
+    if len(set(ran.values())) == 1:
+        return f"inference precision: {next(iter(ran.values()))} (openvino)"
+    return "inference precision: " + ", ".join(f"{name} {precision}" for name, precision in ran.items())
