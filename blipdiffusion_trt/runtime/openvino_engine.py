@@ -387,10 +387,15 @@ def openvino_options_from_args(args) -> OpenVINOOptions | None:
 
 
 def describe_precisions(engines: Mapping[str, Engine]) -> str | None:
-    """"inference precision: bf16" (or per component where they differ); None without OpenVINO engines."""
-    ran = {name: engine.inference_precision for name, engine in engines.items() if isinstance(engine, OpenVINOEngine)}
-    if not ran:
+    """"inference precision: bf16 (openvino)" (per component where they differ, and which have INT8
+    weights); None without OpenVINO engines."""
+    openvino = {name: engine for name, engine in engines.items() if isinstance(engine, OpenVINOEngine)}
+    if not openvino:
         return None
+    ran = {name: engine.inference_precision for name, engine in openvino.items()}
     if len(set(ran.values())) == 1:
-        return f"inference precision: {next(iter(ran.values()))} (openvino)"
-    return "inference precision: " + ", ".join(f"{name} {precision}" for name, precision in ran.items())
+        line = f"inference precision: {next(iter(ran.values()))} (openvino)"
+    else:
+        line = "inference precision: " + ", ".join(f"{name} {precision}" for name, precision in ran.items())
+    compressed = [name for name, engine in openvino.items() if engine.weights_compressed]
+    return line + (f"; int8 weights: {', '.join(compressed)}" if compressed else "")
