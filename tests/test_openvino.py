@@ -543,6 +543,7 @@ def _assert_one_line(excinfo, *fragments: str) -> str:
     (dict(threads=0), ("threads", ">= 1")),
     (dict(threads="2"), ("threads",)),
     (dict(max_shapes=0), ("max_shapes", ">= 1")),
+    (dict(cache_dir=3), ("cache_dir", "path")),
 ])
 def test_bad_options(options, fragments):
     with pytest.raises(InputError) as e:

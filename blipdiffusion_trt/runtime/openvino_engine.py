@@ -91,12 +91,13 @@ class OpenVINOOptions:
             raise InputError(
                 f"inference_precision must be one of {', '.join(INFERENCE_PRECISIONS)}, got {self.inference_precision!r}"
             )
-        for name, low in (("threads", 1), ("max_shapes", 1)):
-            value = getattr(self, name)
-            if name == "threads" and value is None:
+        for name, value in (("threads", self.threads), ("max_shapes", self.max_shapes)):
+            if value is None and name == "threads":
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.cache_dir is not None and not isinstance(self.cache_dir, (str, os.PathLike)):
+            raise InputError(f"cache_dir must be a directory path, got {type(self.cache_dir).__name__}")
 
 
 def default_cache_dir() -> Path:
