@@ -30,26 +30,27 @@ import pytest
 openvino = pytest.importorskip("openvino", reason="the openvino backend's tests need OpenVINO (pip install .[openvino])")
 torch = pytest.importorskip("torch", reason="tolerance tests compare against diffusers on torch (pip install .[export])")
 
-from blipdiffusion_trt.components import ComponentSpec, PipelineConfig, declare_components  # noqa: E402
+from blipdiffusion_trt.components import ComponentSpec, declare_components  # noqa: E402
 from blipdiffusion_trt.errors import EngineError, InputError, PackageError  # noqa: E402
 from blipdiffusion_trt.export.exporter import export_point, second_point  # noqa: E402
-from blipdiffusion_trt.runtime import openvino_engine as ove  # noqa: E402
-from blipdiffusion_trt.runtime.openvino_engine import (  # noqa: E402
+from blipdiffusion_trt.package import ModelPackage, sha256_file  # noqa: E402
+from blipdiffusion_trt.runtime.backends import get_backend  # noqa: E402
+from blipdiffusion_trt.runtime.backends import openvino as ove  # noqa: E402
+from blipdiffusion_trt.runtime.backends.openvino import (  # noqa: E402
     WEIGHT_COMPRESSED_COMPONENTS,
     OpenVINOEngine,
     OpenVINOOptions,
-    openvino_engine_factory,
+    make_openvino_engine,
 )
-from blipdiffusion_trt.runtime.package import ModelPackage, sha256_file  # noqa: E402
 from blipdiffusion_trt.runtime.pipeline import BlipDiffusionRuntime  # noqa: E402
 from blipdiffusion_trt.runtime.text import build_prompts  # noqa: E402
 
 from conftest import CHECKPOINTS, Fixture, load_diffusers  # noqa: E402
+from helpers import REPO, cosine, fixture_config, run_cli  # noqa: E402
 from test_parity import NEGATIVE, PARITY_ATOL, PROMPT, STEPS, diffusers_run, inputs_for  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 # bf16 keeps 8 significant bits (relative rounding 2^-9 per value); through a few dozen layers the
 # output direction stays within this of fp32's, the bound the fp16 graphs meet (components.py).
 BF16_MIN_COSINE = 0.999
@@ -88,15 +89,12 @@ def _engine(fixture: Fixture, component: str, cache: Path, **options) -> OpenVIN
     key = (fixture.name, component, tuple(sorted(options.items())))
     if key not in _engines:
         package = ModelPackage.open(fixture.package)
-        _engines[key] = openvino_engine_factory(
-            package.specs[component], package.onnx_path(component, "fp32"),
-            options=OpenVINOOptions(cache_dir=cache, **options),
-        )
+        _engines[key] = make_openvino_engine(package, component, "fp32", OpenVINOOptions(cache_dir=cache, **options))
     return _engines[key]
 
 
 def _specs(fixture: Fixture) -> dict[str, ComponentSpec]:
-    return declare_components(PipelineConfig.load(fixture.package))
+    return declare_components(fixture_config(fixture))
 
 
 def _components(fixture: Fixture) -> list[str]:
@@ -109,11 +107,6 @@ def _rng(*key) -> np.random.Generator:
 
 def _t(array: np.ndarray):
     return torch.tensor(np.array(array))
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    x, y = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    return float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y) + 1e-30))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +239,7 @@ def test_bf16_component_close_to_f32(name, component, request, ov_cache):
     for tensor in spec.outputs:
         g, e = got[tensor.name], exact[tensor.name]
         assert np.isfinite(g).all(), f"{component}.{tensor.name}: bf16 output not finite"
-        cos = _cosine(g, e)
+        cos = cosine(g, e)
         assert cos >= BF16_MIN_COSINE, f"{component}.{tensor.name}: bf16 vs f32 cosine {cos:.6f} < {BF16_MIN_COSINE}"
 
 
@@ -277,14 +270,14 @@ def test_bf16_keeps_the_timestep_embedding_in_f32(tiny, ov_cache):
     feed["timestep"] = np.full_like(feed["timestep"], float(scheduler.timesteps[0]))
     exact = _engine(tiny, "unet_plain", ov_cache, inference_precision="f32").infer(feed)["noise_pred"]
     engine = _engine(tiny, "unet_plain", ov_cache, inference_precision="bf16")
-    kept = _cosine(engine.infer(feed)["noise_pred"], exact)
+    kept = cosine(engine.infer(feed)["noise_pred"], exact)
     assert engine.f32_sinusoids > 0 and kept >= BF16_MIN_COSINE, (engine.f32_sinusoids, kept)
     # the same graph compiled as OpenVINO would by itself
     core = openvino.Core()
     model = core.read_model(str(engine.path))
     model.reshape({name: list(value.shape) for name, value in feed.items()})
     compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
-    rounded = _cosine(compiled(feed)[compiled.outputs[0]], exact)
+    rounded = cosine(compiled(feed)[compiled.outputs[0]], exact)
     assert 1 - rounded > 10 * (1 - kept), f"bf16 sinusoid arguments: cosine {rounded:.6f}, kept in f32: {kept:.6f}"
 
 
@@ -311,7 +304,7 @@ def test_int8_weights(tiny_cn, ov_cache, record_property):
         got = engine.infer(feed)
         for tensor in spec.outputs:
             assert np.isfinite(got[tensor.name]).all(), f"{component}.{tensor.name}: int8-weight output not finite"
-            cosines[f"{component}.{tensor.name}"] = _cosine(got[tensor.name], exact[tensor.name])
+            cosines[f"{component}.{tensor.name}"] = cosine(got[tensor.name], exact[tensor.name])
     record_property("int8_weights_cosine_vs_f32", json.dumps(cosines))
     logging.getLogger(__name__).info("%s int8 weights, cosine vs f32: %s", name, cosines)
     low = {k: v for k, v in cosines.items() if v < INT8_MIN_COSINE}
@@ -376,22 +369,19 @@ def _vae_feed(fixture: Fixture, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def _fresh_engine(package_dir: Path, component: str, **options) -> OpenVINOEngine:
-    package = ModelPackage.open(package_dir)
-    return openvino_engine_factory(package.specs[component], package.onnx_path(component, "fp32"),
-                                   options=OpenVINOOptions(**options))
+    return make_openvino_engine(ModelPackage.open(package_dir), component, "fp32", OpenVINOOptions(**options))
 
 
 SECOND_PROCESS = textwrap.dedent(
     """
     import sys
     import numpy as np
-    from blipdiffusion_trt.runtime.openvino_engine import OpenVINOOptions, openvino_engine_factory
-    from blipdiffusion_trt.runtime.package import ModelPackage
+    from blipdiffusion_trt.package import ModelPackage
+    from blipdiffusion_trt.runtime.backends.openvino import OpenVINOOptions, make_openvino_engine
 
     package_dir, cache, feed_file, out_file = sys.argv[1:5]
-    package = ModelPackage.open(package_dir)
-    engine = openvino_engine_factory(package.specs["vae_decoder"], package.onnx_path("vae_decoder", "fp32"),
-                                     options=OpenVINOOptions(cache_dir=cache, inference_precision="f32"))
+    engine = make_openvino_engine(ModelPackage.open(package_dir), "vae_decoder", "fp32",
+                                  OpenVINOOptions(cache_dir=cache, inference_precision="f32"))
     np.save(out_file, engine.infer({"latents": np.load(feed_file)})["image"])
     print("LOADED_FROM_CACHE", engine.loaded_from_cache)
     """
@@ -404,7 +394,7 @@ def test_second_process_loads_from_the_cache(tiny, tmp_path):
     first = _fresh_engine(tiny.package, "vae_decoder", cache_dir=cache, inference_precision="f32")
     out = first.infer(feed)["image"]
     assert first.loaded_from_cache is False
-    digest = ModelPackage.open(tiny.package).graph_sha256("vae_decoder", "fp32")
+    digest = ModelPackage.open(tiny.package).graph_content_sha256("vae_decoder", "fp32")
     assert first.cache_dir == cache / f"vae_decoder-{digest[:16]}"
     assert any(first.cache_dir.iterdir()), "OpenVINO wrote no compiled model"
     np.save(tmp_path / "feed.npy", feed["latents"])
@@ -499,19 +489,34 @@ def test_shape_cache_is_a_bounded_lru(tiny, ov_cache):
         np.testing.assert_array_equal(alone.infer(feeds[n])["text_embeddings"], outs[n])
 
 
-def test_threads_option_and_close(tiny, ov_cache):
+def test_threads_option_and_close(tiny, ov_cache, monkeypatch):
     engine = _fresh_engine(tiny.package, "vae_decoder", cache_dir=ov_cache, threads=1)
     engine.infer(_vae_feed(tiny))
     request = next(iter(engine._compiled.values()))
     assert int(request.get_compiled_model().get_property("INFERENCE_NUM_THREADS")) == 1
-    # from_package's threads (BLIPDIFFUSION_TRT_THREADS) reaches OpenVINO where the options leave it unset
+    # from_package's threads= replaces the options' value; BLIPDIFFUSION_TRT_THREADS is the default
     runtime = BlipDiffusionRuntime.from_package(tiny.package, "openvino", threads=1, options=OpenVINOOptions(cache_dir=ov_cache))
     assert all(e.options.threads == 1 for e in runtime.engines.values())
+    runtime.close()
+    monkeypatch.setenv("BLIPDIFFUSION_TRT_THREADS", "1")
+    assert OpenVINOOptions().threads == 1 and OpenVINOOptions(threads=2).threads == 2
     engine.close()
     engine.close()
     with pytest.raises(EngineError) as e:
         engine.infer(_vae_feed(tiny))
     _assert_one_line(e, "closed")
+
+
+def test_registered_backend():
+    """One registry line: the fp32 graphs only, on the CPU, available where OpenVINO is installed."""
+    backend = get_backend("openvino")
+    assert backend is ove.OPENVINO and backend.options_class is OpenVINOOptions
+    assert backend.device == "cpu" and backend.is_available()
+    assert backend.capabilities.precisions == ("fp32",) and backend.capabilities.optimized_cache
+    assert not backend.capabilities.cpu_fused_graphs and not backend.capabilities.device_outputs
+    # a command line's flags: the ONNX Runtime ones are not OpenVINO's
+    options = backend.options_from({"graph_optimization": "extended", "threads": 2, "inference_precision": "f32"})
+    assert options == OpenVINOOptions(threads=2, inference_precision="f32")
 
 
 def test_auto_precision_follows_the_cpu(tiny, ov_cache, monkeypatch):
@@ -540,15 +545,18 @@ def _assert_one_line(excinfo, *fragments: str) -> str:
 @pytest.mark.parametrize("options,fragments", [
     (dict(inference_precision="fp16"), ("inference_precision", "fp16", "auto, f32, bf16")),
     (dict(inference_precision="BF16"), ("inference_precision", "BF16")),
-    (dict(threads=0), ("threads", ">= 1")),
+    (dict(threads=-1), ("threads", ">= 0")),
     (dict(threads="2"), ("threads",)),
     (dict(max_shapes=0), ("max_shapes", ">= 1")),
     (dict(cache_dir=3), ("cache_dir", "path")),
+    (dict(model_cache="no"), ("model_cache", "True or False")),
+    (dict(compress_weights=1), ("compress_weights", "True or False")),
 ])
 def test_bad_options(options, fragments):
     with pytest.raises(InputError) as e:
         OpenVINOOptions(**options)
     _assert_one_line(e, *fragments)
+    assert e.value.field == next(iter(options))
 
 
 def test_bf16_on_a_cpu_without_it(tiny, monkeypatch):
@@ -556,12 +564,14 @@ def test_bf16_on_a_cpu_without_it(tiny, monkeypatch):
     with pytest.raises(InputError) as e:
         BlipDiffusionRuntime.from_package(tiny.package, "openvino", options=OpenVINOOptions(inference_precision="bf16"))
     _assert_one_line(e, "bf16", "no native bf16", "auto or f32")
+    assert e.value.field == "inference_precision"
 
 
 def test_wrong_precision_options_and_backend(tiny):
     with pytest.raises(InputError) as e:
         BlipDiffusionRuntime.from_package(tiny.package, "openvino", precision="fp16")
     _assert_one_line(e, "fp32 graphs", "inference_precision")
+    assert e.value.field == "precision"
     with pytest.raises(InputError) as e:
         BlipDiffusionRuntime.from_package(tiny.package, "cpu", options=OpenVINOOptions())
     _assert_one_line(e, "cpu", "OpenVINOOptions")
@@ -616,10 +626,9 @@ def test_explicit_cache_dir_not_writable(tiny, tmp_path):
 
 def test_missing_openvino_or_nncf(tiny, monkeypatch):
     package = ModelPackage.open(tiny.package)
-    spec, path = package.specs["vae_decoder"], package.onnx_path("vae_decoder", "fp32")
     monkeypatch.setitem(sys.modules, "nncf", None)
     with pytest.raises(EngineError) as e:
-        openvino_engine_factory(spec, path, options=OpenVINOOptions(compress_weights=True, model_cache=False))
+        make_openvino_engine(package, "vae_decoder", "fp32", OpenVINOOptions(compress_weights=True, model_cache=False))
     _assert_one_line(e, "compress_weights needs NNCF", "pip install")
     monkeypatch.setitem(sys.modules, "openvino", None)
     ove.openvino_core.cache_clear()
@@ -636,11 +645,16 @@ def test_missing_openvino_or_nncf(tiny, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 def _cli(package: Path, ref: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "blipdiffusion_trt.cli", "generate", str(package), "--prompt", "a photo on the beach",
-           "--reference-image", str(ref), "--source-subject", "dog", "--target-subject", "dog", "--out", str(out),
-           "--steps", "2", *extra]
-    env = {**os.environ, "BLIPDIFFUSION_TRT_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=REPO, env=env)
+    return run_cli("generate", package, "--prompt", "a photo on the beach", "--reference-image", ref,
+                   "--source-subject", "dog", "--target-subject", "dog", "--out", out, "--steps", "2", *extra,
+                   env={**os.environ, "BLIPDIFFUSION_TRT_THREADS": "1"}, timeout=180)
+
+
+def _last_error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("error:"), last
+    return last
 
 
 def test_cli_generate_with_openvino(tiny, tmp_path):
@@ -651,7 +665,7 @@ def test_cli_generate_with_openvino(tiny, tmp_path):
     out = tmp_path / "ov.npy"
     cache = tmp_path / "cache"
     proc = _cli(tiny.package, ref, out, "--backend", "openvino", "--inference-precision", "f32",
-                "--openvino-cache", str(cache), "--timings")
+                "--openvino-cache", str(cache), "--threads", "1", "--timings")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "inference precision: f32 (openvino)" in proc.stdout, proc.stdout
     assert any(cache.iterdir())
@@ -660,24 +674,51 @@ def test_cli_generate_with_openvino(tiny, tmp_path):
     assert float(np.abs(np.load(out) - np.load(tmp_path / "cpu.npy")).max()) <= PARITY_ATOL
 
     for extra, fragments in (
-        (["--backend", "cpu", "--inference-precision", "bf16"], ["--inference-precision", "--backend openvino"]),
+        (["--backend", "cpu", "--inference-precision", "bf16"], ["--inference-precision", "not an option of the cpu backend"]),
+        (["--backend", "cpu", "--openvino-int8-weights"], ["--openvino-int8-weights", "cpu backend"]),
         (["--backend", "openvino", "--openvino-cache", str(ref / "sub")], ["cache_dir", "not writable"]),
+        (["--backend", "openvino", "--precision", "fp16"], ["--precision", "fp32 graphs", "inference_precision"]),
+        (["--backend", "openvino", "--threads", "-2"], ["--threads", ">= 0"]),
     ):
         bad = tmp_path / "bad.png"
-        proc = _cli(tiny.package, ref, bad, *extra)
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-        last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
-        assert last.startswith("error:") and all(f in last for f in fragments), last
+        last = _last_error_line(_cli(tiny.package, ref, bad, *extra))
+        assert all(f in last for f in fragments), (extra, last)
         assert not bad.exists()
     proc = _cli(tiny.package, ref, tmp_path / "bad.png", "--backend", "openvino", "--inference-precision", "fp16")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "invalid choice: 'fp16'" in proc.stderr, proc.stderr
+
+
+def test_cli_bf16_on_a_cpu_without_it(tiny, tmp_path):
+    """The CLI names the flag; the CPU's capabilities are OpenVINO's, as a CPU without bf16 lists them."""
+    from PIL import Image
+
+    ref = tmp_path / "ref.png"
+    Image.fromarray(_rng("cli bf16").integers(0, 256, (22, 28, 3), dtype=np.uint8)).save(ref)
+    script = textwrap.dedent(
+        """
+        import sys
+        from blipdiffusion_trt import cli
+        from blipdiffusion_trt.runtime.backends import openvino
+        openvino.cpu_capabilities = lambda: ("WINOGRAD", "FP32", "INT8", "BIN", "EXPORT_IMPORT")
+        sys.exit(cli.main(sys.argv[1:]))
+        """
+    )
+    args = ["generate", str(tiny.package), "--prompt", "a photo", "--reference-image", str(ref), "--source-subject", "dog",
+            "--target-subject", "dog", "--out", str(tmp_path / "x.png"), "--steps", "1", "--backend", "openvino"]
+    proc = subprocess.run([sys.executable, "-c", script, *args, "--inference-precision", "bf16"],
+                          capture_output=True, text=True, timeout=180, cwd=REPO)
+    last = _last_error_line(proc)
+    assert last.startswith("error: --inference-precision bf16:") and "no native bf16" in last and "auto or f32" in last, last
+    proc = subprocess.run([sys.executable, "-c", script, *args, "--timings"], capture_output=True, text=True,
+                          timeout=180, cwd=REPO)
+    assert proc.returncode == 0 and "inference precision: f32 (openvino)" in proc.stdout, proc.stdout + proc.stderr
 
 
 NO_TORCH_SCRIPT = textwrap.dedent(
     """
     import sys
     import numpy as np
-    from blipdiffusion_trt.runtime.openvino_engine import OpenVINOOptions
+    from blipdiffusion_trt.runtime.backends.openvino import OpenVINOOptions
     from blipdiffusion_trt.runtime.pipeline import BlipDiffusionRuntime
 
     package, ref, cache = sys.argv[1:4]
@@ -689,8 +730,9 @@ NO_TORCH_SCRIPT = textwrap.dedent(
     loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "diffusers", "transformers"))
     assert not loaded, loaded[:10]
     assert "nncf" in sys.modules
-    from blipdiffusion_trt.runtime.openvino_engine import WEIGHT_COMPRESSED_COMPONENTS, describe_precisions
-    line = describe_precisions(runtime.engines)
+    from blipdiffusion_trt.runtime.backends.openvino import WEIGHT_COMPRESSED_COMPONENTS
+    from blipdiffusion_trt.runtime.cli import describe_engine_details
+    line = describe_engine_details("openvino", runtime.engine_details())
     compressed = [name for name in runtime.engines if name in WEIGHT_COMPRESSED_COMPONENTS]
     assert line.endswith("; int8 weights: " + ", ".join(compressed)), line
     print("NO-TORCH-OK")

@@ -46,6 +46,16 @@ def check_digest(root: Path, manifest: Mapping[str, Any], name: str) -> None:
         raise PackageError(f"package altered: {file} does not match its sha256 in {layout.MANIFEST}")
 
 
+def files_sha256(manifest: Mapping[str, Any], names: tuple[str, ...] | list[str], *, source: Path) -> str:
+    """One sha256 over the listed digests of ``names`` (the first must be listed; the others are
+    included where listed): the digest of the first alone when it is the only one listed."""
+    files = manifest["files"]
+    if names[0] not in files:
+        raise PackageError(f"{source}: {names[0]} is not listed")
+    digests = [files[name] for name in names if name in files]
+    return digests[0] if len(digests) == 1 else hashlib.sha256("|".join(digests).encode()).hexdigest()
+
+
 def check_files(root: Path, manifest: Mapping[str, Any], *, verify: bool, graphs: bool = True) -> None:
     """Every listed file exists (graphs only with ``graphs``); with ``verify`` the non-graph files
     match their sha256 (graphs are checked when handed out: a package holds graphs a generation

@@ -13,7 +13,7 @@ from ..components import ComponentSpec, PipelineConfig, declare_components
 from ..errors import PackageError
 from ..fsutil import read_json
 from . import layout
-from .manifest import check_digest, check_files, read_manifest
+from .manifest import check_digest, check_files, files_sha256, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,13 @@ class ModelPackage:
     def graph_sha256(self, component: str, precision: str) -> str | None:
         """The manifest's sha256 of a graph (what a TensorRT plan records as its source)."""
         return self.manifest["files"].get(layout.graph_file(component, precision))
+
+    def graph_content_sha256(self, component: str, precision: str, *, cpu_fused: bool = False) -> str:
+        """One digest of a graph and its external-data file, from the manifest: it changes whenever
+        either file does (a graph over 2 GB keeps its weights in the data file). A cache key for
+        what a backend derives from the graph; PackageError when the manifest lists no such graph."""
+        names = layout.graph_files(component, layout.graph_variant(precision, cpu_fused=cpu_fused))
+        return files_sha256(self.manifest, names, source=self.layout.manifest)
 
     def require_precision(self, precision: str) -> None:
         """PackageError (naming the re-export) unless the package holds graphs of ``precision``."""

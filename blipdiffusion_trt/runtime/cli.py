@@ -15,6 +15,7 @@ import numpy as np
 from ..errors import InputError
 from .backends import BACKENDS, get_backend
 from .backends.onnxruntime import GRAPH_OPTIMIZATIONS, MEMORY_ARENAS
+from .backends.openvino import INFERENCE_PRECISIONS, default_cache_dir
 from .schedulers import SCHEDULER_NAMES, check_scheduler_name
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,9 @@ CLI_OPTIONS = {
     "latents": "--latents", "prompt": "--prompt", "prompt_strength": "--prompt-strength", "prompt_reps": "--prompt-reps",
     "scheduler": "--scheduler", "backend": "--backend", "graph_optimization": "--graph-optimization",
     "optimized_cache": "--ort-cache", "memory_arena": "--memory-arena", "low_threshold": "--canny-low",
-    "high_threshold": "--canny-high",
+    "high_threshold": "--canny-high", "precision": "--precision", "threads": "--threads",
+    "inference_precision": "--inference-precision", "cache_dir": "--openvino-cache", "model_cache": "--no-openvino-cache",
+    "compress_weights": "--openvino-int8-weights",
 }
 OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy")
 
@@ -66,8 +69,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ONNX Runtime CPU sessions that keep a memory arena: loop (UNet/ControlNet, default), all, none")
     p.add_argument("--no-cpu-fused", action="store_true",
                    help="cpu backend: load the plain fp32 graphs even where the package has CPU-fused ones")
+    # Backend options a backend may not have: None unless given, and then an error on a backend without them.
+    p.add_argument("--threads", type=int, help="cpu and openvino backends: intra-op threads "
+                   "(default: BLIPDIFFUSION_TRT_THREADS, else all cores)")
+    p.add_argument("--inference-precision", choices=INFERENCE_PRECISIONS,
+                   help="openvino backend: auto (default: bf16 where the CPU has it, else f32), f32 (exact), "
+                        "bf16 (an error on a CPU without it)")
+    p.add_argument("--openvino-cache", dest="cache_dir", metavar="DIR",
+                   help=f"openvino backend: model cache directory (default {default_cache_dir()})")
+    p.add_argument("--no-openvino-cache", dest="model_cache", action="store_const", const=False,
+                   help="openvino backend: no model cache")
+    p.add_argument("--openvino-int8-weights", dest="compress_weights", action="store_const", const=True,
+                   help="openvino backend: INT8 weight-only compression of the UNet, ControlNet and VAE decoder "
+                        "(needs NNCF; for machines short of memory)")
     p.add_argument("--no-verify", action="store_true", help="skip checking the package files' sha256")
-    p.add_argument("--timings", action="store_true", help="print per-stage times")
+    p.add_argument("--timings", action="store_true",
+                   help="print per-stage times (and what the backend chose, e.g. the precision OpenVINO ran)")
 
 
 def run_generate(args) -> int:
@@ -92,10 +109,7 @@ def _run_generate(args) -> int:
         raise InputError(f"--out: directory {out.parent} does not exist")
     check_scheduler_name(args.scheduler)
     latents = load_latents(args.latents) if args.latents else None
-    backend = get_backend(args.backend)
-    # the flags of every backend's options; the chosen backend takes those it has
-    options = backend.options_from({"graph_optimization": args.graph_optimization, "optimized_cache": args.ort_cache,
-                                    "memory_arena": args.memory_arena, "cpu_fused": not args.no_cpu_fused})
+    options = backend_options(args)
     with BlipDiffusionRuntime.from_package(args.package, args.backend, precision=args.precision,
                                            verify=not args.no_verify, options=options) as runtime:
         result = runtime(
@@ -106,11 +120,44 @@ def _run_generate(args) -> int:
             condition_image=args.condition_image, canny_image=args.canny, canny_low_threshold=args.canny_low,
             canny_high_threshold=args.canny_high, controlnet_conditioning_scale=args.controlnet_scale, progress=True,
         )
+        details = runtime.engine_details()
     save_image(result.images[0], out, field="--out")
     print(f"wrote {out}")
     if args.timings:
         print(format_timings(result.timings))
+        chosen = describe_engine_details(args.backend, details)
+        if chosen:
+            print(chosen)
     return 0
+
+
+# Options only some backends have, given on the command line or not (None): one given to a backend
+# without it is an error (InputError naming the flag), not silently ignored.
+STRICT_OPTIONS = ("threads", "inference_precision", "cache_dir", "model_cache", "compress_weights")
+
+
+def backend_options(args):
+    """The chosen backend's options from the command line: the ONNX Runtime flags (they have
+    defaults) where the backend has them, and every :data:`STRICT_OPTIONS` flag given."""
+    backend = get_backend(args.backend)
+    options = backend.options_from({"graph_optimization": args.graph_optimization, "optimized_cache": args.ort_cache,
+                                    "memory_arena": args.memory_arena, "cpu_fused": not args.no_cpu_fused})
+    given = {name: getattr(args, name) for name in STRICT_OPTIONS if getattr(args, name) is not None}
+    return backend.options(options, **given)
+
+
+def describe_engine_details(backend: str, details: dict[str, dict]) -> str | None:
+    """"inference precision: bf16 (openvino)" (per component where they differ), and which
+    components have INT8 weights; None where the backend chose no precision."""
+    ran = {name: d["inference_precision"] for name, d in details.items() if "inference_precision" in d}
+    if not ran:
+        return None
+    if len(set(ran.values())) == 1:
+        line = f"inference precision: {next(iter(ran.values()))} ({backend})"
+    else:
+        line = "inference precision: " + ", ".join(f"{name} {precision}" for name, precision in ran.items())
+    compressed = [name for name, d in details.items() if d.get("int8_weights")]
+    return line + (f"; int8 weights: {', '.join(compressed)}" if compressed else "")
 
 
 def load_latents(path: str) -> np.ndarray:

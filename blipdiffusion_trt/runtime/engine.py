@@ -36,6 +36,11 @@ class Engine(ABC):
     def infer(self, feed: Mapping[str, Any], keep: Sequence[str] = ()) -> dict[str, Any]:
         """Run once. Outputs in ``keep`` may be backend-native (device) values, the rest numpy."""
 
+    def details(self) -> dict[str, Any]:
+        """What the backend chose for this engine beyond the graph itself (e.g. the precision it
+        computes in), for reports (``--timings``, ``bench.json``); empty where it chose nothing."""
+        return {}
+
     def close(self) -> None:
         """Release what the engine holds (sessions, device memory); ``infer`` fails afterwards.
 

@@ -95,7 +95,7 @@ class _LRU(OrderedDict):
 
 
 class BlipDiffusionRuntime:
-    """Subject-driven generation from a model package on ONNX Runtime (CPU, CUDA, TensorRT EP)."""
+    """Subject-driven generation from a model package on any backend of the registry (ONNX Runtime, TensorRT, OpenVINO)."""
 
     def __init__(self, package: ModelPackage, engines: dict[str, Engine], *, cache_size: int = 32,
                  negative_cache_size: int = 8):
@@ -122,7 +122,7 @@ class BlipDiffusionRuntime:
         **option_values: Any,
     ) -> "BlipDiffusionRuntime":
         """Load a package's graphs on ``backend`` (``runtime.backends.BACKENDS``: "cpu", "cuda",
-        "ort-tensorrt", "tensorrt").
+        "ort-tensorrt", "tensorrt", "openvino").
 
         The backend's start-up options are ``options`` (its options class, e.g.
         :class:`~blipdiffusion_trt.runtime.backends.onnxruntime.OnnxRuntimeOptions`) and/or
@@ -130,14 +130,21 @@ class BlipDiffusionRuntime:
         ``graph_optimization`` ("all" runs fastest, "extended" loads several times faster),
         ``optimized_cache`` (a directory keeping ONNX Runtime's optimised CPU graphs between runs),
         ``memory_arena`` ("loop", "all", "none") and ``cpu_fused`` (the package's CPU-fused fp32
-        graphs where it has them); for ``tensorrt`` ``use_cuda_graph``. An option the backend does
-        not have is an :class:`InputError`.
+        graphs where it has them); for ``tensorrt`` ``use_cuda_graph``; for ``openvino``
+        ``inference_precision`` ("auto", "f32", "bf16"), ``threads``, ``cache_dir``, ``model_cache``,
+        ``compress_weights`` and ``max_shapes`` (:class:`~.backends.openvino.OpenVINOOptions`).
+        An option the backend does not have is an :class:`InputError`.
         """
         chosen = get_backend(backend)
         backend_options = chosen.options(options, **option_values)
         package = ModelPackage.open(path, verify=verify)
         engines = chosen.load(package, generation_components(package.config), precision, backend_options)
         return cls(package, engines, cache_size=cache_size, negative_cache_size=negative_cache_size)
+
+    def engine_details(self) -> dict[str, dict[str, Any]]:
+        """Per component, what its backend chose beyond the graph (:meth:`Engine.details`: e.g. the
+        precision OpenVINO computes in); components whose backend chose nothing are left out."""
+        return {name: details for name, engine in self.engines.items() if (details := engine.details())}
 
     def close(self) -> None:
         """Close every engine (sessions, device memory); the runtime cannot generate afterwards."""

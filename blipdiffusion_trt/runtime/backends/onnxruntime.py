@@ -23,11 +23,9 @@ from ...components import ComponentSpec
 from ...errors import EngineError, InputError, first_line
 from ...package import ModelPackage
 from ..engine import Engine
-from .base import Backend, BackendOptions, Capabilities
+from .base import Backend, BackendOptions, Capabilities, default_threads
 
 logger = logging.getLogger(__name__)
-
-THREADS_ENV = "BLIPDIFFUSION_TRT_THREADS"
 
 # ONNX Runtime graph optimisation. "all" adds the CPU layout transformations (NCHWc): measured on
 # the full-size UNet at 256x256 on 2 cores, session creation 18.9 s vs 2.1 s for "extended", one
@@ -46,12 +44,6 @@ _ORT_LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basi
 # shrink those (export/cpu_fusions.py). Measurements: bench/results/cpu-speed.
 MEMORY_ARENAS = ("loop", "all", "none")
 LOOP_COMPONENTS = frozenset({"unet", "unet_plain", "controlnet"})
-
-
-def default_threads() -> int | None:
-    """Intra-op threads from ``BLIPDIFFUSION_TRT_THREADS`` (None: ONNX Runtime's default)."""
-    value = os.environ.get(THREADS_ENV)
-    return int(value) if value else None
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""OpenVINO backend: the package's fp32 ONNX graphs on OpenVINO's CPU plugin, bf16 where the CPU has it.
+"""OpenVINO backend (``openvino``): the package's fp32 ONNX graphs on OpenVINO's CPU plugin, bf16 where the CPU has it.
 
 Graphs: the plain fp32 ones (``onnx/fp32``), read as they are with ``Core.read_model``; the user
 runs no conversion step. Not the CPU-fused copies (``onnx/fp32-fused``): those hold ONNX Runtime
@@ -32,13 +32,18 @@ compression (asymmetric, per output channel) of the UNet, ControlNet and VAE dec
 on the OpenVINO model after reading; activations stay in the inference precision. For machines
 short of memory; its effect on memory, speed and images is measured, not assumed.
 
-Imports: ``openvino`` (and ``nncf``) only when this backend is used; never torch.
+Threads: ``threads`` is OpenVINO's ``INFERENCE_NUM_THREADS`` (unset: ``BLIPDIFFUSION_TRT_THREADS``, as
+for the ONNX Runtime backends, else all cores).
+
+Imports: ``openvino`` (and ``nncf``) only when an engine is made; never torch. Registered in
+:data:`~blipdiffusion_trt.runtime.backends.REGISTRY` as ``openvino`` (:data:`OPENVINO`).
 """
+
 
 from __future__ import annotations
 
-import dataclasses
 import functools
+import importlib.util
 import logging
 import os
 import sys
@@ -52,10 +57,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..components import ComponentSpec
-from ..errors import EngineError, InputError, first_line
-from .engine import Engine
-from .package import graph_of
+from ...components import ComponentSpec
+from ...errors import EngineError, InputError, first_line
+from ...package import ModelPackage
+from ..engine import Engine
+from .base import Backend, BackendOptions, Capabilities, default_threads
 
 logger = logging.getLogger(__name__)
 
@@ -68,15 +74,15 @@ INSTALL_HINT = "pip install 'blipdiffusion-trt[openvino]'"
 
 
 @dataclass(frozen=True)
-class OpenVINOOptions:
+class OpenVINOOptions(BackendOptions):
     """How the openvino backend compiles and runs the graphs.
 
     ``inference_precision``: "auto" (bf16 where the CPU has it, else f32), "f32" (exact) or "bf16".
-    ``threads``: OpenVINO's ``INFERENCE_NUM_THREADS`` (None: all cores).
-    ``cache_dir``: root of the compiled-model cache (None: ``default_cache_dir()``);
-    ``model_cache=False`` turns the cache off.
-    ``compress_weights``: INT8 weight-only compression of the UNet, ControlNet and VAE decoder (needs NNCF).
-    ``max_shapes``: compiled models kept per component (one per distinct input-shape signature, LRU).
+    ``threads``: OpenVINO's ``INFERENCE_NUM_THREADS`` (None: ``BLIPDIFFUSION_TRT_THREADS``, else
+    all cores; 0: all cores). ``cache_dir``: root of the model cache (None: :func:`default_cache_dir`);
+    ``model_cache=False`` turns the cache off. ``compress_weights``: INT8 weight-only compression
+    of the UNet, ControlNet and VAE decoder (needs NNCF). ``max_shapes``: compiled models kept per
+    component (one per distinct input-shape signature, LRU).
     """
 
     inference_precision: str = "auto"
@@ -88,22 +94,31 @@ class OpenVINOOptions:
 
     def __post_init__(self) -> None:
         if self.inference_precision not in INFERENCE_PRECISIONS:
-            raise InputError(
-                f"inference_precision must be one of {', '.join(INFERENCE_PRECISIONS)}, got {self.inference_precision!r}"
-            )
-        for name, value in (("threads", self.threads), ("max_shapes", self.max_shapes)):
-            if value is None and name == "threads":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"{name} must be an integer >= 1, got {value!r}")
+            raise InputError(f"inference_precision must be one of {', '.join(INFERENCE_PRECISIONS)}, "
+                             f"got {self.inference_precision!r}", field="inference_precision")
+        if self.threads is None:
+            object.__setattr__(self, "threads", default_threads())
+        elif isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
+            raise InputError(f"threads must be an integer >= 0, got {self.threads!r}", field="threads")
+        if isinstance(self.max_shapes, bool) or not isinstance(self.max_shapes, int) or self.max_shapes < 1:
+            raise InputError(f"max_shapes must be an integer >= 1, got {self.max_shapes!r}", field="max_shapes")
         if self.cache_dir is not None and not isinstance(self.cache_dir, (str, os.PathLike)):
-            raise InputError(f"cache_dir must be a directory path, got {type(self.cache_dir).__name__}")
+            raise InputError(f"cache_dir must be a directory path, got {type(self.cache_dir).__name__}",
+                             field="cache_dir")
+        for name in ("model_cache", "compress_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}", field=name)
 
 
 def default_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/blipdiffusion-trt/openvino`` (``~/.cache/blipdiffusion-trt/openvino``)."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "blipdiffusion-trt" / "openvino"
+
+
+def openvino_installed() -> bool:
+    """Whether OpenVINO's Python package is installed (found, not imported)."""
+    return importlib.util.find_spec("openvino") is not None
 
 
 def import_openvino():
@@ -136,14 +151,15 @@ def cpu_name() -> str:
 def resolve_inference_precision(requested: str) -> str:
     """"auto" -> "bf16" where the CPU runs it natively, else "f32"; "bf16" without it is an error."""
     if requested not in INFERENCE_PRECISIONS:
-        raise InputError(f"inference_precision must be one of {', '.join(INFERENCE_PRECISIONS)}, got {requested!r}")
+        raise InputError(f"inference_precision must be one of {', '.join(INFERENCE_PRECISIONS)}, got {requested!r}",
+                         field="inference_precision")
     native_bf16 = "BF16" in cpu_capabilities()
     if requested == "auto":
         return "bf16" if native_bf16 else "f32"
     if requested == "bf16" and not native_bf16:
         raise InputError(
             f"inference_precision bf16: {cpu_name()} has no native bf16 (OpenVINO CPU capabilities: "
-            f"{', '.join(cpu_capabilities())}); use auto or f32"
+            f"{', '.join(cpu_capabilities())}); use auto or f32", field="inference_precision"
         )
     return requested
 
@@ -198,46 +214,55 @@ def keep_sinusoid_inputs_in_f32(model) -> int:
     return len(sinusoids)
 
 
+def _precision_name(value: Any) -> str:
+    """OpenVINO's element type (``<Type: 'bfloat16'>``) -> "bf16" / "f32" (its short names)."""
+    name = value.get_type_name() if hasattr(value, "get_type_name") else str(value)
+    return {"bfloat16": "bf16", "float32": "f32", "float16": "f16"}.get(name, name)
+
+
 class OpenVINOEngine(Engine):
     """One component's fp32 ONNX graph on OpenVINO's CPU plugin, compiled per input shape.
 
-    ``graph_sha256`` (the package manifest's) names the model-cache directory. Thread-safe: calls
-    on one engine are serialised (an OpenVINO infer request runs one call at a time, and each
-    call already uses all the threads it is given).
+    ``graph_sha256`` (the package manifest's digest of the graph and its data) names the model-cache
+    directory. Thread-safe: calls on one engine are serialised (an OpenVINO infer request runs one
+    call at a time, and each call already uses all the threads it is given).
     """
 
-    def __init__(self, spec: ComponentSpec, path: str | Path, graph_sha256: str, options: OpenVINOOptions | None = None):
-        self.closed = True
+    def __init__(self, spec: ComponentSpec, path: str | Path, graph_sha256: str, options: OpenVINOOptions):
         self.spec = spec
         self.path = Path(path)
-        self.options = options = options or OpenVINOOptions()
-        core = openvino_core()
+        self.options = options
         self.requested_precision = resolve_inference_precision(options.inference_precision)
         # What the compiled model runs, read back from it after compiling (see ``_compile``).
         self.inference_precision = self.requested_precision
         self.weights_compressed = options.compress_weights and spec.name in WEIGHT_COMPRESSED_COMPONENTS
         self.f32_sinusoids = 0  # Sin/Cos nodes whose inputs bf16 mode keeps in f32 (keep_sinusoid_inputs_in_f32)
         self.cache_dir = self._cache_directory(graph_sha256)
-        try:
-            model = core.read_model(str(self.path))
-        except Exception as error:  # OpenVINO raises RuntimeError subclasses with multi-line text
-            raise EngineError(f"{self.path}: OpenVINO cannot read it ({first_line(error)})") from None
-        names = {port.get_any_name() for port in model.inputs}
-        if names != set(spec.input_names):
-            raise EngineError(f"{self.path}: graph inputs {sorted(names)} are not {spec.name}'s {spec.input_names}")
-        if self.weights_compressed:
-            start = time.perf_counter()
-            model = compress_weights(model)
-            logger.info("openvino: %s weights compressed to int8 in %.1f s", spec.name, time.perf_counter() - start)
-        if self.requested_precision == "bf16":
-            self.f32_sinusoids = keep_sinusoid_inputs_in_f32(model)
-        self.model = model
+        self.model = self._read_model()
         self._compiled: OrderedDict[tuple, Any] = OrderedDict()  # shape signature -> infer request
         self._lock = threading.Lock()
         self.compilations = 0
         self.compile_seconds = 0.0
         self.loaded_from_cache: bool | None = None  # of the latest compilation
-        self.closed = False
+
+    # -- the model --------------------------------------------------------------------------------
+
+    def _read_model(self):
+        core = openvino_core()
+        try:
+            model = core.read_model(str(self.path))
+        except Exception as error:  # OpenVINO raises RuntimeError subclasses with multi-line text
+            raise EngineError(f"{self.path}: OpenVINO cannot read it ({first_line(error)})") from None
+        names = {port.get_any_name() for port in model.inputs}
+        if names != set(self.spec.input_names):
+            raise EngineError(f"{self.path}: graph inputs {sorted(names)} are not {self.spec.name}'s {self.spec.input_names}")
+        if self.weights_compressed:
+            start = time.perf_counter()
+            model = compress_weights(model)
+            logger.info("openvino: %s weights compressed to int8 in %.1f s", self.spec.name, time.perf_counter() - start)
+        if self.requested_precision == "bf16":
+            self.f32_sinusoids = keep_sinusoid_inputs_in_f32(model)
+        return model
 
     # -- cache ----------------------------------------------------------------------------------
 
@@ -271,12 +296,17 @@ class OpenVINOEngine(Engine):
         """Shape signatures with a compiled model, least recently used first."""
         return list(self._compiled)
 
+    def details(self) -> dict[str, Any]:
+        return {"inference_precision": self.inference_precision, "int8_weights": self.weights_compressed,
+                "threads": self.options.threads or None, "compilations": self.compilations,
+                "compile_seconds": round(self.compile_seconds, 3), "loaded_from_cache": self.loaded_from_cache}
+
     def infer(self, feed: Mapping[str, Any], keep: Sequence[str] = ()) -> dict[str, Any]:
-        if self.closed:
-            raise EngineError(f"{self.spec.name}: the OpenVINO engine was closed")
+        self.check_open()
         arrays = {t.name: np.ascontiguousarray(feed[t.name], dtype=t.dtype) for t in self.spec.inputs}
         key = tuple(a.shape for a in arrays.values())
         with self._lock:
+            self.check_open()
             request = self._compiled.get(key)
             if request is None:
                 request = self._compile(key, arrays)
@@ -296,7 +326,8 @@ class OpenVINOEngine(Engine):
             self.model.reshape(shapes)
             compiled = openvino_core().compile_model(self.model, DEVICE, self._config())
         except Exception as error:  # OpenVINO's messages are multi-line
-            raise EngineError(f"{self.path}: OpenVINO cannot compile it for input shapes {shapes} ({first_line(error)})") from None
+            raise EngineError(f"{self.path}: OpenVINO cannot compile it for input shapes {shapes} "
+                              f"({first_line(error)})") from None
         seconds = time.perf_counter() - start
         self.compilations += 1
         self.compile_seconds += seconds
@@ -312,91 +343,34 @@ class OpenVINOEngine(Engine):
 
     def close(self) -> None:
         """Drop the compiled models and the graph (idempotent)."""
-        if self.closed:
-            return
         with self._lock:
-            self.closed = True
             self._compiled.clear()
             self.model = None
-
-
-def _precision_name(value: Any) -> str:
-    """OpenVINO's element type (``<Type: 'bfloat16'>``) -> "bf16" / "f32" (its short names)."""
-    name = value.get_type_name() if hasattr(value, "get_type_name") else str(value)
-    return {"bfloat16": "bf16", "float32": "f32", "float16": "f16"}.get(name, name)
+            super().close()
 
 
 # ------------------------------------------------------------------------------------------------
-# Backend factory (runtime/engine.py BACKENDS)
+# Factory: (package, component, precision, options) -> Engine
 # ------------------------------------------------------------------------------------------------
 
-def openvino_engine_factory(spec: ComponentSpec, path: str | Path, *, threads: int | None = None,
-                            options: OpenVINOOptions | None = None, graph_optimization: str | None = None,
-                            optimized_cache=None, memory_arena: str | None = None) -> OpenVINOEngine:
-    """The backend's ``make_engine``: a package's fp32 graph -> :class:`OpenVINOEngine`.
-
-    ``threads`` applies where ``options.threads`` is unset. ``graph_optimization``,
-    ``optimized_cache`` and ``memory_arena`` are ONNX Runtime's, accepted for the common
-    signature and unused.
-    """
-    if options is None:
-        options = OpenVINOOptions()
-    elif not isinstance(options, OpenVINOOptions):
-        raise InputError(f"the openvino backend takes OpenVINOOptions, got {type(options).__name__}")
-    if threads and options.threads is None:
-        options = dataclasses.replace(options, threads=threads)
-    folder, component, digest = graph_of(path)
-    if folder != "fp32":
+def make_openvino_engine(package: ModelPackage, component: str, precision: str,
+                         options: OpenVINOOptions) -> OpenVINOEngine:
+    """The package's fp32 graph of ``component`` on OpenVINO (checked against its sha256 when the
+    package verifies); what it computes in is ``options.inference_precision``."""
+    if precision != "fp32":
         raise InputError(
-            "the openvino backend reads the package's fp32 graphs (precision='fp32', the default); "
-            f"choose how it computes with inference_precision ({', '.join(INFERENCE_PRECISIONS)}), got {folder} graphs"
+            "precision: the openvino backend reads the package's fp32 graphs (precision='fp32', the default); "
+            f"choose how it computes with inference_precision ({', '.join(INFERENCE_PRECISIONS)}), got {precision!r}",
+            field="precision",
         )
-    if component != spec.name:
-        raise EngineError(f"{path}: graph {component} is not component {spec.name}")
-    return OpenVINOEngine(spec, path, digest, options)
+    path = package.onnx_path(component, precision)
+    return OpenVINOEngine(package.specs[component], path, package.graph_content_sha256(component, precision), options)
 
 
-# ------------------------------------------------------------------------------------------------
-# ``blipdiffusion-trt generate`` options
-# ------------------------------------------------------------------------------------------------
+OPENVINO = Backend("openvino", "OpenVINO, CPU: the fp32 graphs, in bf16 where the CPU has it (inference_precision)",
+                   OpenVINOOptions, make_openvino_engine, Capabilities(optimized_cache=True, precisions=("fp32",)),
+                   device="cpu", is_available=openvino_installed)
 
-def add_openvino_arguments(parser) -> None:
-    parser.add_argument("--inference-precision", choices=INFERENCE_PRECISIONS,
-                        help="openvino backend: auto (default: bf16 where the CPU has it, else f32), f32 (exact), "
-                             "bf16 (an error on a CPU without it)")
-    parser.add_argument("--openvino-cache", metavar="DIR",
-                        help=f"openvino backend: compiled-model cache directory (default {default_cache_dir()})")
-    parser.add_argument("--no-openvino-cache", action="store_true", help="openvino backend: no compiled-model cache")
-    parser.add_argument("--openvino-int8-weights", action="store_true",
-                        help="openvino backend: INT8 weight-only compression of the UNet, ControlNet and VAE (needs NNCF)")
-
-
-def openvino_options_from_args(args) -> OpenVINOOptions | None:
-    """OpenVINOOptions from the CLI flags; None for other backends (where the flags are an error)."""
-    given = [flag for flag, value in (
-        ("--inference-precision", args.inference_precision is not None), ("--openvino-cache", args.openvino_cache is not None),
-        ("--no-openvino-cache", args.no_openvino_cache), ("--openvino-int8-weights", args.openvino_int8_weights),
-    ) if value]
-    if args.backend != "openvino":
-        if given:
-            raise InputError(f"{given[0]} applies to --backend openvino only (got --backend {args.backend})")
-        return None
-    return OpenVINOOptions(
-        inference_precision=args.inference_precision or "auto", cache_dir=args.openvino_cache,
-        model_cache=not args.no_openvino_cache, compress_weights=args.openvino_int8_weights,
-    )
-
-
-def describe_precisions(engines: Mapping[str, Engine]) -> str | None:
-    """"inference precision: bf16 (openvino)" (per component where they differ, and which have INT8
-    weights); None without OpenVINO engines."""
-    openvino = {name: engine for name, engine in engines.items() if isinstance(engine, OpenVINOEngine)}
-    if not openvino:
-        return None
-    ran = {name: engine.inference_precision for name, engine in openvino.items()}
-    if len(set(ran.values())) == 1:
-        line = f"inference precision: {next(iter(ran.values()))} (openvino)"
-    else:
-        line = "inference precision: " + ", ".join(f"{name} {precision}" for name, precision in ran.items())
-    compressed = [name for name, engine in openvino.items() if engine.weights_compressed]
-    return line + (f"; int8 weights: {', '.join(compressed)}" if compressed else "")
+__all__ = ["DEVICE", "INFERENCE_PRECISIONS", "OPENVINO", "OpenVINOEngine", "OpenVINOOptions",
+           "WEIGHT_COMPRESSED_COMPONENTS", "cpu_capabilities", "default_cache_dir", "make_openvino_engine",
+           "resolve_inference_precision"]
