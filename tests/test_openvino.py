@@ -291,7 +291,8 @@ def test_int8_weights(tiny_cn, ov_cache, record_property):
     for component in _components(fixture):
         spec = _specs(fixture)[component]
         engine = _engine(fixture, component, ov_cache, inference_precision="f32", compress_weights=True)
-        u8 = [op for op in engine.model.get_ops() if op.get_type_name() == "Constant"
+        cached = openvino.Core().read_model(str(engine.ir_path))  # what later processes load
+        u8 = [op for op in cached.get_ops() if op.get_type_name() == "Constant"
               and op.get_output_element_type(0).get_type_name() in ("u8", "i8")]
         assert engine.weights_compressed == (component in WEIGHT_COMPRESSED_COMPONENTS)
         assert bool(u8) == engine.weights_compressed, f"{component}: {len(u8)} int8 constants"
@@ -383,7 +384,7 @@ SECOND_PROCESS = textwrap.dedent(
     engine = make_openvino_engine(ModelPackage.open(package_dir), "vae_decoder", "fp32",
                                   OpenVINOOptions(cache_dir=cache, inference_precision="f32"))
     np.save(out_file, engine.infer({"latents": np.load(feed_file)})["image"])
-    print("LOADED_FROM_CACHE", engine.loaded_from_cache)
+    print("LOADED_FROM_CACHE", engine.loaded_from_cache, "MODEL_SOURCE", engine.model_source)
     """
 )
 
@@ -396,16 +397,59 @@ def test_second_process_loads_from_the_cache(tiny, tmp_path):
     assert first.loaded_from_cache is False
     digest = ModelPackage.open(tiny.package).graph_content_sha256("vae_decoder", "fp32")
     assert first.cache_dir == cache / f"vae_decoder-{digest[:16]}"
-    assert any(first.cache_dir.iterdir()), "OpenVINO wrote no compiled model"
+    # converted once: the IR is cached and compiled, and the blobs take their weights from it
+    assert first.model_source == "onnx, cached as ir" and first.ir_path.is_file()
+    assert (first.cache_dir / ove.IR_BIN).is_file() and first.model is None
+    blobs = [f for f in first.cache_dir.iterdir() if f.name not in (ove.IR_XML, ove.IR_BIN)]
+    assert blobs, "OpenVINO wrote no compiled model"
+    assert not [f for f in first.cache_dir.iterdir() if f.name.startswith(".partial-")]
     np.save(tmp_path / "feed.npy", feed["latents"])
     proc = subprocess.run([sys.executable, "-c", SECOND_PROCESS, str(tiny.package), str(cache), str(tmp_path / "feed.npy"),
                            str(tmp_path / "out.npy")], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "LOADED_FROM_CACHE True" in proc.stdout, proc.stdout + proc.stderr
+    assert "LOADED_FROM_CACHE True MODEL_SOURCE ir cache" in proc.stdout, proc.stdout + proc.stderr
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), out)
     off = _fresh_engine(tiny.package, "vae_decoder", model_cache=False, inference_precision="f32")
     np.testing.assert_array_equal(off.infer(feed)["image"], out)
     assert off.cache_dir is None and off.loaded_from_cache is False
+
+
+def test_unreadable_cached_ir_is_converted_again(tiny, tmp_path, caplog):
+    """A damaged IR in the cache (a truncated weights file, a broken model.xml) is replaced from the graph."""
+    cache = tmp_path / "cache"
+    feed = _vae_feed(tiny)
+    expected = _fresh_engine(tiny.package, "vae_decoder", cache_dir=cache, inference_precision="f32").infer(feed)["image"]
+    entry = next(cache.iterdir())
+    for damage in (lambda: (entry / ove.IR_XML).write_text("<net broken"),
+                   lambda: (entry / ove.IR_BIN).write_bytes((entry / ove.IR_BIN).read_bytes()[:100])):
+        damage()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=ove.__name__):
+            engine = _fresh_engine(tiny.package, "vae_decoder", cache_dir=cache, inference_precision="f32")
+            got = engine.infer(feed)["image"]
+        assert engine.model_source == "onnx, cached as ir", engine.model_source
+        assert any("converting vae_decoder.onnx again" in r.getMessage() for r in caplog.records), caplog.text
+        np.testing.assert_array_equal(got, expected)
+        assert _fresh_engine(tiny.package, "vae_decoder", cache_dir=cache).model_source == "ir cache"
+
+
+def test_ir_cache_that_cannot_be_written(tiny, tmp_path, monkeypatch, caplog):
+    """The graph runs as read from ONNX, with full blobs, and nothing half-written is left behind."""
+    def refuse(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(openvino, "save_model", refuse)
+    cache = tmp_path / "cache"
+    with caplog.at_level(logging.WARNING, logger=ove.__name__):
+        engine = _fresh_engine(tiny.package, "vae_decoder", cache_dir=cache, inference_precision="f32")
+    assert engine.model_source == "onnx" and not engine.ir_path.exists()
+    assert "not cached as IR" in caplog.text and "No space left" in caplog.text
+    assert "CACHE_MODE" not in engine._config()
+    out = engine.infer(_vae_feed(tiny))["image"]
+    assert engine.model is not None  # kept: it cannot be read again cheaply
+    assert sorted(f.name for f in engine.cache_dir.iterdir() if f.name.startswith(".partial-")) == []
+    np.testing.assert_array_equal(
+        out, _fresh_engine(tiny.package, "vae_decoder", model_cache=False, inference_precision="f32").infer(_vae_feed(tiny))["image"])
 
 
 def test_changed_graph_is_not_served_from_the_cache(tiny, tmp_path):
@@ -478,6 +522,7 @@ def test_shape_cache_is_a_bounded_lru(tiny, ov_cache):
     feeds = {n: {"input_ids": _rng("lru", n).integers(0, 100, size=(1, n), dtype=np.int64)} for n in lengths}
     outs = {n: engine.infer(feeds[n])["text_embeddings"] for n in lengths}
     assert engine.compilations == 3
+    assert engine.model is None and engine.model_from_ir  # each shape read the cached IR again
     assert engine.compiled_shapes == [((1, lengths[1]),), ((1, lengths[2]),)]
     engine.infer(feeds[lengths[2]])  # kept: no compilation
     assert engine.compilations == 3

@@ -1,4 +1,5 @@
-"""OpenVINO backend (``openvino``): the package's fp32 ONNX graphs on OpenVINO's CPU plugin, bf16 where the CPU has it.
+"""OpenVINO backend (``openvino``): the package's fp32 ONNX graphs on OpenVINO's CPU plugin, in bf16
+where the CPU has it.
 
 Graphs: the plain fp32 ones (``onnx/fp32``), read as they are with ``Core.read_model``; the user
 runs no conversion step. Not the CPU-fused copies (``onnx/fp32-fused``): those hold ONNX Runtime
@@ -10,26 +11,40 @@ too; and the plain graph is the one export validated against PyTorch.
 Precision (``inference_precision``): "f32" computes in fp32 (the exact mode: within the
 components' tolerance of PyTorch, tests/test_openvino.py); "bf16" runs OpenVINO's bf16 kernels
 and keeps activations in bf16 (inputs and outputs stay float32), except the timestep embedding's
-sinusoids, kept in f32 as diffusers' bf16 does (:func:`keep_sinusoid_inputs_in_f32`); "auto" is bf16 where OpenVINO's
-CPU plugin lists BF16 in ``OPTIMIZATION_CAPABILITIES`` (AVX512-BF16, AMX or AVX2-VNNI-2 CPUs) and
-f32 elsewhere. "bf16" on a CPU without it is an error naming the CPU, not a silent fallback:
-"auto" is the fallback. :attr:`OpenVINOEngine.inference_precision` says what the compiled model runs.
+sinusoids, kept in f32 as diffusers' bf16 does (:func:`keep_sinusoid_inputs_in_f32`); "auto" is
+bf16 where OpenVINO's CPU plugin lists BF16 in ``OPTIMIZATION_CAPABILITIES`` (AVX512-BF16, AMX or
+AVX2-VNNI-2 CPUs) and f32 elsewhere. "bf16" on a CPU without it is an error naming the CPU, not a
+silent fallback: "auto" is the fallback. :attr:`OpenVINOEngine.inference_precision` says what the
+compiled model runs.
 
-Shapes: OpenVINO runs static shapes fastest. Each engine reads its graph once, reshapes it to
-the input shapes of a call and compiles it on first use; compiled models are kept per input-shape
-signature in a small LRU (``max_shapes``), so a generation compiles each component once.
+Shapes: OpenVINO runs static shapes fastest. Each engine reshapes its model to the input shapes
+of a call and compiles it on first use; compiled models are kept per input-shape signature in a
+small LRU (``max_shapes``), so a generation compiles each component once.
 
-Model cache: OpenVINO's ``CACHE_DIR``, one directory per graph named after the graph's sha256 in
-the package manifest (plus ``-int8`` with compressed weights) under ``cache_dir`` (default
-``$XDG_CACHE_HOME/blipdiffusion-trt/openvino``, i.e. ``~/.cache/...``). A second process loads
-the compiled blobs instead of compiling. A changed graph has another sha256, hence another
-directory: a stale blob cannot be served even if OpenVINO's own model hash missed the change.
-OpenVINO writes the blobs itself; one it cannot import (e.g. a half-written one) is recompiled
-and rewritten.
+Model cache (``cache_dir``, default ``$XDG_CACHE_HOME/blipdiffusion-trt/openvino``, i.e.
+``~/.cache/...``; ``model_cache=False`` turns it off): one directory per graph, named after the
+graph's sha256 in the package manifest (graph and external data; plus ``-int8`` with compressed
+weights). A changed graph has another sha256, hence another directory: nothing stale can be
+served even if OpenVINO's own model hash missed the change. Each directory holds
+
+- the converted graph as OpenVINO IR (``model.xml``/``model.bin``, after INT8 compression where
+  asked), written once (temporary folder, then renamed) and read memory-mapped afterwards: reading
+  the ONNX graph and compressing weights cost every process seconds (minutes for INT8 at full
+  size), reading the IR a fraction of a second; an IR that cannot be read is converted again;
+- OpenVINO's compiled blobs (its ``CACHE_DIR``), one per input shape and precision, "weightless"
+  (``CACHE_MODE=OPTIMIZE_SIZE``, weights taken from the IR's ``model.bin``): a blob costs about 2%
+  of the weights instead of another copy of them, so the disk used is about one copy of the
+  graphs plus a few MB per generation size. Measurements: ``bench/openvino_load.py`` and README.
+
+Once compiled from the IR, the engine drops its ``openvino.Model``: a compiled model loaded from
+a blob holds its own weights, and keeping the model too held them twice (the process's peak
+memory); another shape reads the memory-mapped IR again. Without the cache, the model read from
+ONNX is kept for later shapes.
 
 Weight compression (``compress_weights``, off by default): NNCF's data-free INT8 weight-only
 compression (asymmetric, per output channel) of the UNet, ControlNet and VAE decoder graphs, done
-on the OpenVINO model after reading; activations stay in the inference precision. For machines
+on the OpenVINO model after reading ONNX and cached in the IR; activations stay in the inference
+precision. For machines
 short of memory; its effect on memory, speed and images is measured, not assumed.
 
 Threads: ``threads`` is OpenVINO's ``INFERENCE_NUM_THREADS`` (unset: ``BLIPDIFFUSION_TRT_THREADS``, as
@@ -39,14 +54,15 @@ Imports: ``openvino`` (and ``nncf``) only when an engine is made; never torch. R
 :data:`~blipdiffusion_trt.runtime.backends.REGISTRY` as ``openvino`` (:data:`OPENVINO`).
 """
 
-
 from __future__ import annotations
 
 import functools
 import importlib.util
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -70,6 +86,8 @@ INFERENCE_PRECISIONS = ("auto", "f32", "bf16")
 # and feed every step, so they keep their fp32 weights.
 WEIGHT_COMPRESSED_COMPONENTS = frozenset({"unet", "unet_plain", "controlnet", "vae_decoder"})
 DEVICE = "CPU"
+# The converted (and, with compress_weights, compressed) graph in a cache entry: OpenVINO IR.
+IR_XML, IR_BIN = "model.xml", "model.bin"
 INSTALL_HINT = "pip install 'blipdiffusion-trt[openvino]'"
 
 
@@ -238,31 +256,83 @@ class OpenVINOEngine(Engine):
         self.weights_compressed = options.compress_weights and spec.name in WEIGHT_COMPRESSED_COMPONENTS
         self.f32_sinusoids = 0  # Sin/Cos nodes whose inputs bf16 mode keeps in f32 (keep_sinusoid_inputs_in_f32)
         self.cache_dir = self._cache_directory(graph_sha256)
-        self.model = self._read_model()
+        self.ir_path = self.cache_dir / IR_XML if self.cache_dir is not None else None
+        # where the latest model came from: "ir cache", "onnx, cached as ir" (converted now) or "onnx" (no IR cache)
+        self.model_source: str | None = None
         self._compiled: OrderedDict[tuple, Any] = OrderedDict()  # shape signature -> infer request
         self._lock = threading.Lock()
         self.compilations = 0
         self.compile_seconds = 0.0
         self.loaded_from_cache: bool | None = None  # of the latest compilation
+        self.model = self._load_model()  # read now, so a broken graph fails the load, not the first call
 
     # -- the model --------------------------------------------------------------------------------
 
-    def _read_model(self):
-        core = openvino_core()
-        try:
-            model = core.read_model(str(self.path))
-        except Exception as error:  # OpenVINO raises RuntimeError subclasses with multi-line text
-            raise EngineError(f"{self.path}: OpenVINO cannot read it ({first_line(error)})") from None
-        names = {port.get_any_name() for port in model.inputs}
-        if names != set(self.spec.input_names):
-            raise EngineError(f"{self.path}: graph inputs {sorted(names)} are not {self.spec.name}'s {self.spec.input_names}")
-        if self.weights_compressed:
-            start = time.perf_counter()
-            model = compress_weights(model)
-            logger.info("openvino: %s weights compressed to int8 in %.1f s", self.spec.name, time.perf_counter() - start)
+    def _load_model(self):
+        """The graph as an ``openvino.Model``: from the IR cache, else from ONNX (then cached as IR)."""
+        model = self._read_cached_ir()
+        self.model_source = "ir cache"
+        if model is None:
+            model = self._read_graph(self.path, "OpenVINO cannot read it")
+            if self.weights_compressed:
+                start = time.perf_counter()
+                model = compress_weights(model)
+                logger.info("openvino: %s weights compressed to int8 in %.1f s", self.spec.name,
+                            time.perf_counter() - start)
+            self.model_source = "onnx"
+            if self.ir_path is not None and self._write_ir(model):
+                # The memory-mapped IR replaces the copy read from ONNX, and every process then
+                # compiles the same model (OpenVINO's blob key is a hash of the model).
+                cached = self._read_cached_ir()
+                if cached is not None:
+                    model, self.model_source = cached, "onnx, cached as ir"
         if self.requested_precision == "bf16":
             self.f32_sinusoids = keep_sinusoid_inputs_in_f32(model)
         return model
+
+    def _read_graph(self, path: Path, failure: str):
+        try:
+            model = openvino_core().read_model(str(path))
+        except Exception as error:  # OpenVINO raises RuntimeError subclasses with multi-line text
+            raise EngineError(f"{path}: {failure} ({first_line(error)})") from None
+        names = {port.get_any_name() for port in model.inputs}
+        if names != set(self.spec.input_names):
+            raise EngineError(f"{path}: graph inputs {sorted(names)} are not {self.spec.name}'s {self.spec.input_names}")
+        return model
+
+    def _read_cached_ir(self):
+        """The cached IR (weights memory-mapped), or None when there is none or it cannot be read."""
+        if self.ir_path is None or not self.ir_path.is_file():
+            return None
+        try:
+            model = self._read_graph(self.ir_path, "cached OpenVINO IR unreadable")
+        except EngineError as error:
+            logger.warning("openvino: %s; converting %s again", error, self.path.name)
+            return None
+        return model
+
+    def _write_ir(self, model) -> bool:
+        """Save ``model`` as the cache entry's IR: into a scratch folder, then renamed into place,
+        weights first (a visible ``model.xml`` always has its ``model.bin``). False if it cannot."""
+        assert self.ir_path is not None and self.cache_dir is not None
+        scratch = None
+        try:
+            scratch = Path(tempfile.mkdtemp(prefix=".partial-", dir=self.cache_dir))
+            import_openvino().save_model(model, str(scratch / IR_XML), compress_to_fp16=False)
+            os.replace(scratch / IR_BIN, self.cache_dir / IR_BIN)
+            os.replace(scratch / IR_XML, self.ir_path)
+        except Exception as error:  # a full disk, a read-only cache: run without the IR cache
+            logger.warning("openvino: %s not cached as IR (%s)", self.spec.name, first_line(error))
+            return False
+        finally:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+        return True
+
+    @property
+    def model_from_ir(self) -> bool:
+        """Whether the model is the cache entry's IR (weights memory-mapped from its ``model.bin``)."""
+        return self.model_source in ("ir cache", "onnx, cached as ir")
 
     # -- cache ----------------------------------------------------------------------------------
 
@@ -287,6 +357,11 @@ class OpenVINOEngine(Engine):
             config["INFERENCE_NUM_THREADS"] = self.options.threads
         if self.cache_dir is not None:
             config["CACHE_DIR"] = str(self.cache_dir)
+            if self.model_from_ir:
+                # weightless blobs: the compiled model takes its weights from the cached IR, so a
+                # blob per shape and precision costs its graph, not another copy of the weights
+                config["CACHE_MODE"] = "OPTIMIZE_SIZE"
+                config["WEIGHTS_PATH"] = str(self.cache_dir / IR_BIN)
         return config
 
     # -- running ----------------------------------------------------------------------------------
@@ -298,8 +373,9 @@ class OpenVINOEngine(Engine):
 
     def details(self) -> dict[str, Any]:
         return {"inference_precision": self.inference_precision, "int8_weights": self.weights_compressed,
-                "threads": self.options.threads or None, "compilations": self.compilations,
-                "compile_seconds": round(self.compile_seconds, 3), "loaded_from_cache": self.loaded_from_cache}
+                "threads": self.options.threads or None, "model_source": self.model_source,
+                "compilations": self.compilations, "compile_seconds": round(self.compile_seconds, 3),
+                "loaded_from_cache": self.loaded_from_cache}
 
     def infer(self, feed: Mapping[str, Any], keep: Sequence[str] = ()) -> dict[str, Any]:
         self.check_open()
@@ -321,6 +397,8 @@ class OpenVINOEngine(Engine):
 
     def _compile(self, key: tuple, arrays: Mapping[str, np.ndarray]):
         shapes = {name: list(a.shape) for name, a in arrays.items()}
+        if self.model is None:  # dropped after the previous compilation: the IR is cached
+            self.model = self._load_model()
         start = time.perf_counter()
         try:
             self.model.reshape(shapes)
@@ -335,6 +413,10 @@ class OpenVINOEngine(Engine):
         self.loaded_from_cache = bool(compiled.get_property("LOADED_FROM_CACHE")) if self.cache_dir is not None else False
         logger.info("openvino: %s %s for %s in %.2f s (%s)", "loaded" if self.loaded_from_cache else "compiled",
                     self.spec.name, shapes, seconds, self.inference_precision)
+        if self.model_from_ir:
+            # A compiled model loaded from a blob holds its own weights: keeping the model too
+            # would hold them twice. Another shape reads the memory-mapped IR again (cheap).
+            self.model = None
         request = compiled.create_infer_request()
         self._compiled[key] = request
         while len(self._compiled) > self.options.max_shapes:
