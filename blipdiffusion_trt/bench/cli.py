@@ -33,6 +33,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -44,14 +45,15 @@ from ..errors import BlipDiffusionTrtError, InputError, run_reporting_errors
 from ..package import read_pipeline_config
 from ..runtime.backends import BACKENDS, get_backend
 from ..runtime.backends.onnxruntime import GRAPH_OPTIMIZATIONS, MEMORY_ARENAS
+from ..runtime.backends.openvino import INFERENCE_PRECISIONS
 from ..runtime.schedulers import SCHEDULERS
 from .cold_start import cold_start
 from .diffusers_side import bench_diffusers
 from .flops import count_package_flops
-from .machine import installed_version, library_versions, machine_info, peak_rss_mb, peak_tflops
+from .machine import installed_version, library_versions, machine_info, native_bf16, peak_rss_mb, peak_tflops
 from .ours import bench_ours, runtime_options
 from .report import build_table, render_chart, render_markdown
-from .settings import DIFFUSERS, NEGATIVE_PROMPT, PROMPT, Settings
+from .settings import DIFFUSERS, DIFFUSERS_PRECISIONS, NEGATIVE_PROMPT, PROMPT, Settings, diffusers_key, is_diffusers
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +95,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--backends", type=_csv,
                      help=f"comma-separated runtime backends, of {', '.join(BACKENDS)} (default: every one available "
                           "here for --precision; one of those that fails to load is reported, not fatal)")
-    run.add_argument("--threads", type=int, help="intra-op threads for ONNX Runtime and torch (default: their own)")
+    run.add_argument("--threads", type=int,
+                     help="intra-op threads for ONNX Runtime, OpenVINO and torch (default: their own)")
     ours = p.add_argument_group("our runtime's start-up options (as in `blipdiffusion-trt generate`)")
     ours.add_argument("--graph-optimization", default="all", choices=GRAPH_OPTIMIZATIONS,
                       help="ONNX Runtime graph optimisation level (default all)")
@@ -102,7 +105,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="ONNX Runtime CPU sessions that keep a memory arena (default loop: UNet/ControlNet)")
     ours.add_argument("--no-cpu-fused", action="store_true",
                       help="cpu backend: the plain fp32 graphs even where the package has CPU-fused ones")
+    ours.add_argument("--inference-precision", default="auto", choices=INFERENCE_PRECISIONS,
+                      help="openvino backend: auto (default: bf16 where the CPU has it), f32 or bf16")
+    ours.add_argument("--openvino-cache", metavar="DIR",
+                      help="openvino backend: model cache directory (default: a fresh one under --workdir, removed at "
+                           "the end: the in-process load converts the graphs, the cold start reads the cache)")
+    ours.add_argument("--openvino-int8-weights", action="store_true",
+                      help="openvino backend: INT8 weight-only compression of the UNet, ControlNet and VAE decoder")
     run.add_argument("--no-diffusers", action="store_true", help="only our runtime")
+    run.add_argument("--diffusers-precisions", type=_csv,
+                     help=f"torch dtypes of the diffusers rows, of {', '.join(DIFFUSERS_PRECISIONS)}; the first is the "
+                          "reference of the ratios and image differences (default: on the CPU fp32, plus bf16 where the "
+                          "CPU computes bf16 natively; on a GPU --precision)")
     run.add_argument("--diffusers-device", default="auto", choices=["auto", "cpu", "cuda"],
                      help="device of the diffusers side (auto: cuda when torch sees a GPU)")
     run.add_argument("--torch-compile", action="store_true", help="torch.compile diffusers' UNet/ControlNet (GPU only)")
@@ -196,6 +210,20 @@ def default_backends(precision: str) -> list[str]:
     return chosen
 
 
+def diffusers_precisions(requested: list[str] | None, device: str, precision: str, cpu: dict[str, Any]) -> list[str]:
+    """The torch dtypes of the diffusers rows, the reference first."""
+    if not requested:
+        if device != "cpu":
+            return [precision]
+        return ["fp32"] + (["bf16"] if native_bf16(cpu) else [])
+    bad = [p for p in requested if p not in DIFFUSERS_PRECISIONS]
+    if bad:
+        raise InputError(f"--diffusers-precisions: unknown {', '.join(bad)} (known: {', '.join(DIFFUSERS_PRECISIONS)})")
+    if device == "cpu" and "fp16" in requested:
+        raise InputError("--diffusers-precisions: fp16 runs diffusers on a GPU only (on the CPU: fp32, bf16)")
+    return list(dict.fromkeys(requested))
+
+
 def resolve_settings(args, config, inputs: Inputs) -> Settings:
     height = args.height or config.default_height
     width = args.width or config.default_width
@@ -262,22 +290,42 @@ def run_bench(args) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
     specs = declare_components(config)
+    precisions = diffusers_precisions(args.diffusers_precisions, device, settings.precision, machine["cpu"]) \
+        if with_diffusers else []
+    diffusers_sides = {diffusers_key(p, i == 0): p for i, p in enumerate(precisions)}
+    scratch_cache = None
+    if "openvino" in backends and args.openvino_cache is None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        scratch_cache = Path(tempfile.mkdtemp(prefix="openvino-cache-", dir=args.workdir.resolve()))
+        args.openvino_cache = str(scratch_cache)
+    try:
+        return _run(args, inputs, config, settings, backends, diffusers_sides, device, out_dir, machine, specs,
+                    fresh_openvino_cache=scratch_cache is not None)
+    finally:
+        if scratch_cache is not None:
+            shutil.rmtree(scratch_cache, ignore_errors=True)
+            args.openvino_cache = None
+
+
+def _run(args, inputs: Inputs, config, settings: Settings, backends: list[str], diffusers_sides: dict[str, str],
+         device: str, out_dir: Path, machine: dict[str, Any], specs, *, fresh_openvino_cache: bool) -> int:
+    with_diffusers = bool(diffusers_sides)
 
     n_stages = len(generation_components(config)) + 1  # each component's call, and a scheduler step
     per_side = 1 + args.warmup + args.runs + n_stages
-    total = per_side * (len(backends) + with_diffusers) + (0 if args.no_cold_start else len(backends) + with_diffusers) \
-        + (0 if args.no_flops else 1)
+    sides = len(backends) + len(diffusers_sides)
+    total = per_side * sides + (0 if args.no_cold_start else sides) + (0 if args.no_flops else 1)
     implementations: dict[str, dict[str, Any]] = {}
     images: dict[str, Any] = {}
     logger.info("benchmark: %dx%d, %d steps (%s), guidance %g, batch %d, %s; warm-up %d, runs %d; backends %s%s",
                 settings.height, settings.width, settings.steps, settings.scheduler, settings.guidance,
                 settings.batch, settings.precision, args.warmup, args.runs, ",".join(backends) or "none",
-                f"; diffusers on {device}" if with_diffusers else "")
+                f"; diffusers on {device} ({', '.join(diffusers_sides.values())})" if with_diffusers else "")
     started = time.perf_counter()
     with _progress(total, not args.no_progress) as bar:
-        if with_diffusers:
-            implementations[DIFFUSERS] = _guarded(
-                "diffusers", lambda: bench_diffusers(inputs.checkpoint, device, settings, args, bar))
+        for key, precision in diffusers_sides.items():
+            implementations[key] = _guarded(
+                key, lambda p=precision: bench_diffusers(inputs.checkpoint, device, settings, args, bar, p))
         for backend in backends:
             # a backend the user named must work; one chosen by default may fail (e.g. no plans built)
             implementations[backend] = _guarded(
@@ -292,11 +340,11 @@ def run_bench(args) -> int:
                     bar.update(1)
                     continue
                 bar.set_postfix_str(f"cold start: {key}")
-                spec = {"kind": "diffusers" if key == DIFFUSERS else "ours", "settings": settings.to_dict(),
+                spec = {"kind": "diffusers" if is_diffusers(key) else "ours", "settings": settings.to_dict(),
                         "package": str(inputs.package), "checkpoint": str(inputs.checkpoint), "backend": key,
-                        "device": device if key == DIFFUSERS else get_backend(key).device,
-                        "verify": not args.no_verify, "threads": args.threads, "torch_compile": args.torch_compile,
-                        "runtime_options": runtime_options(args)}
+                        "device": device if is_diffusers(key) else get_backend(key).device,
+                        "precision": diffusers_sides.get(key), "verify": not args.no_verify, "threads": args.threads,
+                        "torch_compile": args.torch_compile, "runtime_options": runtime_options(args)}
                 try:
                     implementations[key]["cold_start"] = cold_start(spec)
                 except Exception as error:  # one failed side must not lose the others' figures
@@ -308,13 +356,16 @@ def run_bench(args) -> int:
             bar.set_postfix_str("FLOPs")
             flops = count_package_flops(inputs.package, config, specs, settings, implementations)
             bar.update(1)
-    if with_diffusers and DIFFUSERS in images:
-        for key in backends:
-            if key in images and key in implementations:
-                implementations[key]["max_abs_image_diff_vs_diffusers"] = float(abs(images[key] - images[DIFFUSERS]).max())
+    if DIFFUSERS in images:  # every other row against diffusers' reference row (fp32 on the CPU)
+        for key, image in images.items():
+            if key != DIFFUSERS:
+                difference = abs(image.astype("float64") - images[DIFFUSERS].astype("float64"))
+                implementations[key]["max_abs_image_diff_vs_diffusers"] = float(difference.max())
+                implementations[key]["mean_abs_image_diff_vs_diffusers"] = float(difference.mean())
 
     gpu_name = machine["gpus"][0]["name"] if machine["gpus"] else None
-    peaks = {key: peak_tflops(impl.get("device", "cpu"), gpu_name, impl.get("precision", settings.precision),
+    peaks = {key: peak_tflops(impl.get("device", "cpu"), gpu_name,
+                              impl.get("compute_precision", impl.get("precision", settings.precision)),
                               machine["cpu"], args.threads, args.peak_tflops)
              for key, impl in implementations.items()}
     try:
@@ -331,7 +382,12 @@ def run_bench(args) -> int:
                      "stage_runs": args.stage_runs or args.runs, "threads": args.threads,
                      "runtime_options": runtime_options(args),
                      "backends": backends, "diffusers": with_diffusers,
-                     "diffusers_device": device if with_diffusers else None, "torch_compile": args.torch_compile,
+                     "diffusers_device": device if with_diffusers else None,
+                     "diffusers_precisions": list(diffusers_sides.values()),
+                     "image_reference": DIFFUSERS if with_diffusers else None,
+                     "openvino_cache": ("fresh for this run (in-process load: conversion; cold start: from the cache)"
+                                        if fresh_openvino_cache else args.openvino_cache) if "openvino" in backends else None,
+                     "torch_compile": args.torch_compile,
                      "verify_package": not args.no_verify, "prompt": PROMPT, "negative_prompt": NEGATIVE_PROMPT,
                      "caches": "disabled: subject and negative prompt encoded every generation, as diffusers does",
                      "units": "seconds unless the key says otherwise"},

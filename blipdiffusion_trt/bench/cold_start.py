@@ -43,6 +43,7 @@ def cold_start(spec: dict[str, Any], timeout: float = 7200.0) -> dict[str, Any]:
         "peak_rss_mb": child["peak_rss_mb"],
         "gpu_memory_mb": child.get("gpu_memory_mb"),
         "gpu_memory_method": child.get("gpu_memory_method"),
+        **({"engines": child["engines"]} if child.get("engines") else {}),
     }
 
 
@@ -64,6 +65,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         reference, condition, latents = bench_inputs(settings)
         run_ours(runtime, settings, reference, condition, latents)
         out["t_first_image"] = time.time()
+        out["engines"] = runtime.engine_details()
     else:
         import diffusers  # noqa: F401
         import torch
@@ -73,7 +75,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         out["t_imports"] = time.time()
         device = spec["device"]
         pipe, dtype = load_diffusers(Path(spec["checkpoint"]), device, settings, torch_compile=spec["torch_compile"],
-                                     threads=spec.get("threads"))
+                                     threads=spec.get("threads"), precision=spec.get("precision", "fp32"))
         if device != "cpu":
             torch.cuda.synchronize()
         out["t_loaded"] = time.time()

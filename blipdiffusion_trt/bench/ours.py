@@ -29,9 +29,25 @@ def run_ours(runtime, settings: Settings, reference, condition, latents):
 
 
 def runtime_options(args) -> dict[str, Any]:
-    """The start-up options our runtime is loaded with (recorded in bench.json, passed to children)."""
+    """The start-up options our runtime is loaded with (recorded in bench.json, passed to children):
+    every backend's, each backend takes those it has."""
     return {"graph_optimization": args.graph_optimization, "optimized_cache": args.ort_cache,
-            "memory_arena": args.memory_arena, "cpu_fused": not args.no_cpu_fused}
+            "memory_arena": args.memory_arena, "cpu_fused": not args.no_cpu_fused,
+            "inference_precision": args.inference_precision, "cache_dir": args.openvino_cache,
+            "compress_weights": args.openvino_int8_weights}
+
+
+def summarize_details(details: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """What the backend chose, over the components: the precision it computed in (one value, or
+    per component where they differ) and the components with INT8 weights."""
+    out: dict[str, Any] = {}
+    ran = {name: d["inference_precision"] for name, d in details.items() if d.get("inference_precision")}
+    if ran:
+        out["inference_precision"] = next(iter(ran.values())) if len(set(ran.values())) == 1 else ran
+    compressed = [name for name, d in details.items() if d.get("int8_weights")]
+    if compressed:
+        out["int8_weights"] = compressed
+    return out
 
 
 def load_runtime(package: Path, backend: str, settings: Settings, *, verify: bool, threads: int | None,
@@ -93,6 +109,8 @@ def bench_ours(backend: str, package: Path, settings: Settings, args, bar) -> di
             out = run_ours(runtime, settings, reference, condition, latents)
         finally:
             runtime.engines.update(originals)
+        if i == 0:  # includes what a backend does on first use (OpenVINO compiles each shape then)
+            result["first_generation"] = summarize([out.timings["total"]])
         if i >= args.warmup:
             timings.append(out.timings)
         image = out.images
@@ -120,6 +138,14 @@ def bench_ours(backend: str, package: Path, settings: Settings, args, bar) -> di
     bar.update(1)
     result["stages"] = stages
     result["feed_shapes"] = feeds
+    # what ran, as the backend reports it (e.g. OpenVINO's inference precision, INT8 weights)
+    result["engines"] = runtime.engine_details()
+    chosen = summarize_details(result["engines"])
+    result.update(chosen)
+    precision = chosen.get("inference_precision")
+    if isinstance(precision, str):
+        result["compute_precision"] = {"f32": "fp32", "f16": "fp16"}.get(precision, precision)
+        result["label"] = f"ours {backend} ({precision}{', int8 weights' if chosen.get('int8_weights') else ''})"
     runtime.close()
     del runtime, recorders, originals
     gc.collect()

@@ -12,8 +12,20 @@ from typing import Any
 PROMPT = "swimming underwater"
 NEGATIVE_PROMPT = "low quality, blurry"
 SUBJECT = "dog"
-# the key of diffusers' side among the implementations (the others are backend names)
+# The key of diffusers' reference row among the implementations (the others are backend names, and
+# diffusers in another torch dtype, "diffusers-bf16"): images and ratios are against this row.
 DIFFUSERS = "diffusers"
+# torch dtypes the diffusers side can run in
+DIFFUSERS_PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def diffusers_key(precision: str, reference: bool) -> str:
+    """``diffusers`` for the reference row, ``diffusers-<precision>`` for the others."""
+    return DIFFUSERS if reference else f"{DIFFUSERS}-{precision}"
+
+
+def is_diffusers(key: str) -> bool:
+    return key == DIFFUSERS or key.startswith(DIFFUSERS + "-")
 
 
 @dataclass
