@@ -261,7 +261,10 @@ def test_openvino_next_to_diffusers_fp32_and_bf16(tiny, tmp_path):
     assert impls["diffusers"]["precision"] == "fp32" and impls["diffusers-bf16"]["precision"] == "bf16"
     for key, impl in impls.items():
         assert "error" not in impl and "error" not in impl["cold_start"], (key, impl.get("error"), impl["cold_start"])
-        assert impl["first_generation"]["p50"] > 0 and impl["cold_start"]["peak_rss_mb"] > 0
+        cold = impl["cold_start"]
+        assert impl["first_generation"]["p50"] > 0 and cold["peak_rss_mb"] > 0
+        assert 0 < cold["rss_anon_mb_after_first_image"] and 0 <= cold["rss_file_mb_after_first_image"]
+        assert cold["rss_anon_mb_after_first_image"] + cold["rss_file_mb_after_first_image"] <= cold["peak_rss_mb"] + 1
         if key != "diffusers":  # every row's image against diffusers fp32, same latents
             assert 0 <= impl["mean_abs_image_diff_vs_diffusers"] <= impl["max_abs_image_diff_vs_diffusers"] < 1, key
     assert impls["cpu"]["max_abs_image_diff_vs_diffusers"] < 1e-2

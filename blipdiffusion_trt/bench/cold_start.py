@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .machine import gpu_memory_used_mb, peak_rss_mb
+from .machine import gpu_memory_used_mb, peak_rss_mb, rss_breakdown_mb
 from .settings import Settings, bench_inputs
 
 CHILD_MARK = "BENCH_CHILD_RESULT "
@@ -41,6 +41,7 @@ def cold_start(spec: dict[str, Any], timeout: float = 7200.0) -> dict[str, Any]:
         "first_image": child["t_first_image"] - start,
         "first_generation": child["t_first_image"] - child["t_loaded"],
         "peak_rss_mb": child["peak_rss_mb"],
+        **{key: value for key, value in child.items() if key.endswith("_after_first_image")},
         "gpu_memory_mb": child.get("gpu_memory_mb"),
         "gpu_memory_method": child.get("gpu_memory_method"),
         **({"engines": child["engines"]} if child.get("engines") else {}),
@@ -91,6 +92,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
             used, method = used - gpu_before, "nvidia-smi device total, minus before loading"
         out["gpu_memory_mb"], out["gpu_memory_method"] = used, method
     out["peak_rss_mb"] = peak_rss_mb()
+    out.update({f"{key}_after_first_image": value for key, value in rss_breakdown_mb().items()})
     return out
 
 

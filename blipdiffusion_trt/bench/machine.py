@@ -149,6 +149,18 @@ def peak_rss_mb() -> float:
     return rss / 1024.0 if sys.platform != "darwin" else rss / 2**20  # Linux: KiB, macOS: bytes
 
 
+def rss_breakdown_mb() -> dict[str, float]:
+    """This process's resident memory now, by kind (Linux): ``rss_anon_mb`` (heap, private) and
+    ``rss_file_mb`` (memory-mapped files, e.g. weights mapped from a model file: page cache the
+    kernel can reclaim, yet counted in the RSS and its peak). Empty where /proc is not there."""
+    out = {}
+    for line in _read("/proc/self/status").splitlines():
+        key, _, value = line.partition(":")
+        if key in ("RssAnon", "RssFile"):
+            out[f"rss_{key[3:].lower()}_mb"] = int(value.split()[0]) / 1024.0
+    return out
+
+
 def gpu_memory_used_mb(pid: int | None = None) -> tuple[float | None, str | None]:
     """(MB, method): this process's use from nvidia-smi, else the device's total use."""
     if pid is not None:

@@ -31,6 +31,8 @@ STAGE_ROWS: tuple[tuple[str, str, str], ...] = (
     ("cold_loaded", "cold start: process start -> loaded", "time"),
     ("cold_first_image", "cold start: process start -> first image", "time"),
     ("peak_rss_mb", "peak host RSS, cold process (MB)", "memory"),
+    ("rss_anon_after", "of the RSS after the first image: private (MB)", "memory"),
+    ("rss_file_after", "of the RSS after the first image: mapped files, reclaimable (MB)", "memory"),
     ("gpu_memory_mb", "GPU memory, cold process (MB)", "memory"),
 )
 COMPONENT_STAGES = ("qformer", "text_encoder", "text_encoder_plain", "controlnet", "unet", "unet_plain", "vae_decoder")
@@ -78,7 +80,9 @@ def _row_value(impl: Mapping[str, Any], key: str) -> float | None:
     if "error" in cold:
         return None
     return {"cold_loaded": cold.get("loaded"), "cold_first_image": cold.get("first_image"),
-            "peak_rss_mb": cold.get("peak_rss_mb"), "gpu_memory_mb": cold.get("gpu_memory_mb")}.get(key)
+            "peak_rss_mb": cold.get("peak_rss_mb"), "gpu_memory_mb": cold.get("gpu_memory_mb"),
+            "rss_anon_after": cold.get("rss_anon_mb_after_first_image"),
+            "rss_file_after": cold.get("rss_file_mb_after_first_image")}.get(key)
 
 
 def build_table(results: Mapping[str, Any]) -> dict[str, Any]:
