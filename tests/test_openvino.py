@@ -414,6 +414,22 @@ def test_second_process_loads_from_the_cache(tiny, tmp_path):
     assert off.cache_dir is None and off.loaded_from_cache is False
 
 
+def test_cache_key_covers_the_external_data():
+    """A graph over 2 GB keeps its weights in its data file: the key changes with either file."""
+    from blipdiffusion_trt.package.manifest import files_sha256
+
+    names = ("onnx/fp32/unet.onnx", "onnx/fp32/unet.onnx.data")
+    plain = {"files": {names[0]: "a" * 64}}
+    with_data = {"files": {names[0]: "a" * 64, names[1]: "b" * 64}}
+    other_data = {"files": {names[0]: "a" * 64, names[1]: "c" * 64}}
+    assert files_sha256(plain, names, source=Path("manifest.json")) == "a" * 64
+    keys = {files_sha256(m, names, source=Path("manifest.json")) for m in (plain, with_data, other_data)}
+    assert len(keys) == 3
+    with pytest.raises(PackageError) as e:
+        files_sha256({"files": {}}, names, source=Path("manifest.json"))
+    _assert_one_line(e, "onnx/fp32/unet.onnx", "not listed")
+
+
 def test_unreadable_cached_ir_is_converted_again(tiny, tmp_path, caplog):
     """A damaged IR in the cache (a truncated weights file, a broken model.xml) is replaced from the graph."""
     cache = tmp_path / "cache"
@@ -564,15 +580,20 @@ def test_registered_backend():
     assert options == OpenVINOOptions(threads=2, inference_precision="f32")
 
 
-def test_auto_precision_follows_the_cpu(tiny, ov_cache, monkeypatch):
+def test_auto_precision_follows_the_cpu(tiny, ov_cache, monkeypatch, caplog):
     engine = _fresh_engine(tiny.package, "vae_decoder", cache_dir=ov_cache)
     engine.infer(_vae_feed(tiny))
     assert engine.inference_precision == ("bf16" if _bf16_native() else "f32")
     # on a CPU without native bf16 (its capabilities as OpenVINO would list them): auto compiles f32
     monkeypatch.setattr(ove, "cpu_capabilities", lambda: ("WINOGRAD", "FP32", "INT8", "BIN", "EXPORT_IMPORT"))
-    engine = _fresh_engine(tiny.package, "vae_decoder", cache_dir=ov_cache)
+    ove._log_auto_fallback.cache_clear()
+    with caplog.at_level(logging.INFO, logger=ove.__name__):
+        engine = _fresh_engine(tiny.package, "vae_decoder", cache_dir=ov_cache)
+        _fresh_engine(tiny.package, "text_encoder_plain", cache_dir=ov_cache)
     engine.infer(_vae_feed(tiny))
     assert engine.requested_precision == engine.inference_precision == "f32"
+    fallbacks = [r.getMessage() for r in caplog.records if "auto -> f32" in r.getMessage()]
+    assert len(fallbacks) == 1 and "no native bf16" in fallbacks[0], fallbacks  # logged once per process
 
 
 # ---------------------------------------------------------------------------------------------

@@ -173,6 +173,8 @@ def resolve_inference_precision(requested: str) -> str:
                          field="inference_precision")
     native_bf16 = "BF16" in cpu_capabilities()
     if requested == "auto":
+        if not native_bf16:
+            _log_auto_fallback()
         return "bf16" if native_bf16 else "f32"
     if requested == "bf16" and not native_bf16:
         raise InputError(
@@ -180,6 +182,11 @@ def resolve_inference_precision(requested: str) -> str:
             f"{', '.join(cpu_capabilities())}); use auto or f32", field="inference_precision"
         )
     return requested
+
+
+@functools.lru_cache(maxsize=1)
+def _log_auto_fallback() -> None:
+    logger.info("openvino: inference precision auto -> f32: %s has no native bf16", cpu_name())
 
 
 @contextmanager
