@@ -57,6 +57,10 @@ class PipelineConfig:
     # Declared image-size range (pixels). Profiles, validation and Triton configs read it.
     min_image_size: int = 0
     max_image_size: int = 0
+    # Editing (prompt-to-prompt): the UNet level, as its downsampling factor from the latent, whose
+    # cross-attention maps drive the local blend and at and below which self-attention is replaced
+    # (export/p2p.py); 0: the package has no editing graphs (exported before editing existed).
+    edit_attention_downsample: int = 0
 
     def __post_init__(self) -> None:
         if not self.min_image_size:
@@ -70,6 +74,11 @@ class PipelineConfig:
     def text_length(self) -> int:
         """Prompt tokens the context text encoder takes: the rest of its positions hold the subject."""
         return self.text_max_length - self.num_query_tokens
+
+    @property
+    def has_editing(self) -> bool:
+        """Whether the package holds the editing graphs (``vae_encoder``, ``unet_p2p``)."""
+        return self.edit_attention_downsample > 0
 
     @property
     def image_multiple(self) -> int:
@@ -327,4 +336,53 @@ def declare_components(config: PipelineConfig) -> dict[str, ComponentSpec]:
         outputs=(TensorSpec("image", "float32", (batch, 3, height, width)),),
         description="VAE decoder: unscaled latents -> image in [-1, 1]",
     ))
+    if config.has_editing:
+        specs += _editing_components(config, batch, height, width, latent_h, latent_w)
     return {spec.name: spec for spec in specs}
+
+
+# Editing runs the UNet on [uncond_src, uncond_tgt, cond_src, cond_tgt]; the control acts on the
+# last two rows. A real image's source needs no guidance (3 rows), no guidance at all needs 2.
+P2P_PAIR_ROWS = 2
+P2P_MAX_ROWS = 4
+
+
+def _editing_components(config: PipelineConfig, batch: Axis, height: Axis, width: Axis,
+                        latent_h: Axis, latent_w: Axis) -> list[ComponentSpec]:
+    """``vae_encoder`` and ``unet_p2p`` (export/p2p.py documents the control tensors)."""
+    c = config.latent_channels
+    tokens = config.text_max_length
+    rows = Axis("p2p_batch", P2P_PAIR_ROWS, P2P_MAX_ROWS, P2P_MAX_ROWS)
+    level = config.edit_attention_downsample
+    map_h = latent_h if level == 1 else _scaled_axis(latent_h, level, f"latent_height_{level}")
+    map_w = latent_w if level == 1 else _scaled_axis(latent_w, level, f"latent_width_{level}")
+    latent = (rows, c, latent_h, latent_w)
+    return [
+        ComponentSpec(
+            "vae_encoder",
+            inputs=(TensorSpec("image", "float32", (batch, 3, height, width)),),
+            outputs=(TensorSpec("latent_mean", "float32", (batch, c, latent_h, latent_w)),
+                     TensorSpec("latent_logvar", "float32", (batch, c, latent_h, latent_w))),
+            description="VAE encoder: image in [-1, 1] -> mean and log-variance of the latent posterior (unscaled)",
+        ),
+        ComponentSpec(
+            "unet_p2p",
+            inputs=(
+                TensorSpec("sample", "float32", latent),
+                TensorSpec("timestep", "float32", (rows,)),
+                TensorSpec("encoder_hidden_states", "float32", (rows, tokens, config.text_hidden_size)),
+                TensorSpec("cross_weights", "float32", (tokens,)),
+                TensorSpec("token_map", "float32", (tokens, tokens)),
+                TensorSpec("self_gate", "float32", (1,)),
+            ),
+            outputs=(
+                TensorSpec("noise_pred", "float32", latent),
+                TensorSpec("cross_attention_maps", "float32", (tokens, map_h, map_w)),
+            ),
+            # the control tensors have no batch axis, and the rows are one edit: never batched
+            batchable=False,
+            description="UNet with prompt-to-prompt attention control of the last two rows (source, target) "
+                        "and the source's cross-attention maps at the local-blend level",
+            cpu_fusion="unet",
+        ),
+    ]

@@ -157,8 +157,13 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {first_line(error)}"
 
 
-def pipeline_config_from(pipe, max_batch_size: int = 4) -> PipelineConfig:
-    """Everything the runtime needs, read from the loaded checkpoint's own configs."""
+def pipeline_config_from(pipe, max_batch_size: int = 4, editing: bool = True) -> PipelineConfig:
+    """Everything the runtime needs, read from the loaded checkpoint's own configs.
+
+    ``editing``: declare the editing graphs (``vae_encoder``, ``unet_p2p``; export/p2p.py).
+    """
+    from .p2p import edit_attention_downsample
+
     proc = pipe.image_processor
     unet, vae, text, qformer = pipe.unet.config, pipe.vae.config, pipe.text_encoder.config, pipe.qformer.config
     # diffusers' BLIP pipelines derive the latent size from the UNet; the VAE must agree.
@@ -197,6 +202,7 @@ def pipeline_config_from(pipe, max_batch_size: int = 4) -> PipelineConfig:
         has_controlnet=controlnet is not None,
         controlnet_conditioning_channels=int(controlnet.config.conditioning_channels) if controlnet is not None else 3,
         max_batch_size=max_batch_size,
+        edit_attention_downsample=edit_attention_downsample(pipe.unet) if editing else 0,
     )
 
 
@@ -229,6 +235,8 @@ def second_point(spec: ComponentSpec) -> dict[str, int]:
     for name in ("qformer_text_length", "text_length", "plain_text_length"):
         if name in axes:
             point[name] = max(axes[name].min, axes[name].opt - 3)
+    if "p2p_batch" in axes:  # a real image's edit: no unconditional source row
+        point["p2p_batch"] = max(axes["p2p_batch"].min, axes["p2p_batch"].opt - 1)
     if "ctx_text_length" in axes and "text_length" in point:
         point["ctx_text_length"] = point["text_length"] + (axes["ctx_text_length"].opt - axes["text_length"].opt)
     return point
@@ -270,9 +278,22 @@ def example_inputs(spec: ComponentSpec, point: dict[str, int], *, vocab_sizes: d
             feed[tensor.name] = np.array([0.8], dtype=np.float32)
         elif tensor.name == "controlnet_cond":
             feed[tensor.name] = rng.uniform(0, 1, size=shape).astype(np.float32)
+        elif tensor.name == "image":
+            feed[tensor.name] = rng.uniform(-1, 1, size=shape).astype(np.float32)
+        elif tensor.name in P2P_CONTROL_EXAMPLES:
+            feed[tensor.name] = P2P_CONTROL_EXAMPLES[tensor.name](rng, shape)
         else:
             feed[tensor.name] = rng.standard_normal(shape).astype(np.float32)
     return feed
+
+
+# unet_p2p's control inputs with control on: 0/1 token weights, one aligned source token per target
+# token, the self-attention gate on
+P2P_CONTROL_EXAMPLES = {
+    "cross_weights": lambda rng, shape: rng.integers(0, 2, size=shape).astype(np.float32),
+    "token_map": lambda rng, shape: np.eye(shape[1], dtype=np.float32)[rng.integers(0, shape[1], size=shape[0])],
+    "self_gate": lambda rng, shape: np.ones(shape, dtype=np.float32),
+}
 
 
 def component_modules(pipe, config: PipelineConfig) -> dict[str, Any]:
@@ -289,6 +310,11 @@ def component_modules(pipe, config: PipelineConfig) -> dict[str, Any]:
     }
     if config.has_controlnet:
         factories["controlnet"] = lambda: modules.ControlNetGraph(pipe.controlnet)
+    if config.has_editing:
+        from .p2p import UNetP2PGraph
+
+        factories["vae_encoder"] = lambda: modules.VaeEncoderGraph(pipe.vae)
+        factories["unet_p2p"] = lambda: UNetP2PGraph(pipe.unet)
     # A new wrapper is in training mode, and the exporter restores that mode on every child after
     # tracing: without eval() dropout would be live in the PyTorch reference afterwards.
     return {name: (lambda make=make: make().eval()) for name, make in factories.items()}
@@ -482,9 +508,14 @@ def export_package(
     validate: bool = True,
     max_batch_size: int = 4,
     cpu_fusions: bool = True,
+    editing: bool = True,
     progress: bool = True,
 ) -> ExportReport:
-    """Export every component of a BLIP-Diffusion checkpoint into a self-contained package."""
+    """Export every component of a BLIP-Diffusion checkpoint into a self-contained package.
+
+    ``editing``: include the editing graphs (``vae_encoder``, ``unet_p2p``) that
+    ``BlipDiffusionRuntime.edit``/``invert`` run; without them the package only generates.
+    """
     from tqdm.auto import tqdm
 
     from .tokenizer_files import export_tokenizer_json, tokenizer_settings
@@ -499,7 +530,7 @@ def export_package(
     _prepare_output(out, force)
     start = time.perf_counter()
     pipe = load_pipeline(checkpoint, controlnet, allow_pickle=allow_pickle)
-    config = pipeline_config_from(pipe, max_batch_size=max_batch_size)
+    config = pipeline_config_from(pipe, max_batch_size=max_batch_size, editing=editing)
     specs = declare_components(config)
     report = ExportReport(out)
 
