@@ -27,6 +27,7 @@ import numpy as np
 
 from ..errors import InputError
 from . import images as imgs
+from .editing import EditingMixin
 from .engine import Engine, default_threads, engine_factory
 from .package import ModelPackage
 from .schedulers import scheduler_from_config
@@ -85,7 +86,7 @@ class _LRU(OrderedDict):
         return value
 
 
-class BlipDiffusionRuntime:
+class BlipDiffusionRuntime(EditingMixin):
     """Subject-driven generation from a model package on ONNX Runtime (CPU, CUDA, TensorRT EP)."""
 
     def __init__(self, package: ModelPackage, engines: dict[str, Engine], *, cache_size: int = 32):

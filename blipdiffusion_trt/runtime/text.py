@@ -203,6 +203,18 @@ class ClipTextTokenizer:
             truncated.append(cut)
         return TokenizedText(ids, truncated)
 
+    def token_ids(self, text: str, max_length: int, *, field: str) -> list[int]:
+        """The ids :meth:`encode` gives one text, without the padding: bos, tokens (cut to fit
+        ``max_length`` as :meth:`encode` cuts them), eos. Prompt-to-prompt aligns these."""
+        row = self.encode([text], max_length, field=field).input_ids[0]
+        count = len(self._tok.encode(text, add_special_tokens=False).ids)
+        return [int(i) for i in row[: min(count + self.num_special_tokens, int(max_length))]]
+
+    def word_ids(self, text: str, *, field: str) -> list[int]:
+        """The tokens of ``text`` alone (no bos/eos, not cut); empty when the tokenizer keeps nothing."""
+        (item,) = _as_text_list(text, field, allow_empty=False)
+        return list(self._tok.encode(item, add_special_tokens=False).ids)
+
 
 class QFormerTokenizer:
     """BERT WordPiece tokenizer of the Q-Former (``[DEC]`` included), pad-to-longest."""
