@@ -244,9 +244,9 @@ class EditingMixin:
 
         LAVIS builds this prompt from the subject string zipped character by character ("a c ...").
         """
+        self._check_editing_package()
         height, width = self._edit_size(height, width)
         _check_int("num_inference_steps", num_inference_steps, 1, MAX_STEPS)
-        self._check_editing_package()
         source_text = self._edit_text(prompt, original_subject, "original_subject")
         latents = self.encode_image(image, height, width, sample_posterior=sample_posterior, seed=seed)
         embeddings = self._plain_embeddings(source_text)
@@ -342,6 +342,7 @@ class EditingMixin:
         timer = _Timer()
 
         # 1. Check inputs (before anything runs)
+        self._check_editing_package()
         height, width = self._edit_size(height, width)
         _check_int("num_inference_steps", num_inference_steps, 1, MAX_STEPS)
         guidance_scale = _check_float("guidance_scale", guidance_scale)
@@ -367,7 +368,6 @@ class EditingMixin:
         latent_shape = (1, cfg.latent_channels, height // cfg.latent_scale_factor, width // cfg.latent_scale_factor)
         if latents is not None:
             latents = _check_latents(latents, latent_shape)
-        self._check_editing_package()
         source_text = self._edit_text(prompt, original_subject, "original_subject")
         target_text = self._edit_text(prompt, target_subject_category, "target_subject_category")
         subject_ids = self.tokenizer.word_ids(original_subject, field="original_subject")
