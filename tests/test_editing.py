@@ -425,14 +425,23 @@ BAD_EDITS = {
     "blend_threshold not a number": (dict(blend_threshold="high"), InputError, ["blend_threshold"]),
     "real image with PNDM": (dict(image="REAL", scheduler="pndm"), InputError, ["scheduler", "ddim"]),
     "real image and latents": (dict(image="REAL", latents="LATENTS"), InputError, ["image", "latents"]),
+    "real image file missing": (dict(image="no-such-photo.png"), InputError, ["image", "no-such-photo.png"]),
+    "unknown scheduler": (dict(scheduler="heun"), InputError, ["scheduler", "heun"]),
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_EDITS))
-def test_bad_edit_input(tiny, case, monkeypatch):
-    """One line naming the argument, before any graph runs."""
+@pytest.fixture(scope="module")
+def tiny_edit_runtime(tiny):
+    """A runtime of its own (its engines get patched), with the editing graphs loaded."""
     runtime = BlipDiffusionRuntime.from_package(tiny.package)
     runtime.load_editing_engines()
+    return runtime
+
+
+@pytest.mark.parametrize("case", list(BAD_EDITS))
+def test_bad_edit_input(tiny_edit_runtime, case, monkeypatch):
+    """One line naming the argument, before any graph runs."""
+    runtime = tiny_edit_runtime
     for name, engine in runtime.engines.items():
         monkeypatch.setattr(engine, "infer", lambda feed, keep=(), name=name: pytest.fail(f"{name} ran"))
     height, width, latents, reference, real = _inputs(runtime.config)

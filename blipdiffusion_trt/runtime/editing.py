@@ -61,7 +61,7 @@ REAL_IMAGE_SCHEDULER = "ddim"
 GENERATED_IMAGE_SCHEDULER = "pndm"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: compared by identity
 class EditControl:
     """What ``unet_p2p`` is fed at each call, and the local blend's tokens.
 
@@ -248,14 +248,19 @@ class EditingMixin:
         height, width = self._edit_size(height, width)
         _check_int("num_inference_steps", num_inference_steps, 1, MAX_STEPS)
         source_text = self._edit_text(prompt, original_subject, "original_subject")
-        latents = self.encode_image(image, height, width, sample_posterior=sample_posterior, seed=seed)
+        inverse = self._inverse_scheduler(num_inference_steps)
+        pil = imgs.load_image(image, field="image")
+        latents = self.encode_image(pil, height, width, sample_posterior=sample_posterior, seed=seed)
         embeddings = self._plain_embeddings(source_text)
-        return self._invert_latents(latents, embeddings, num_inference_steps, callback=callback, progress=progress)
+        return self._invert_latents(latents, embeddings, inverse, callback=callback, progress=progress)
 
-    def _invert_latents(self, latents: np.ndarray, embeddings: np.ndarray, num_inference_steps: int, *,
-                        callback=None, progress: bool = False) -> np.ndarray:
+    def _inverse_scheduler(self, num_inference_steps: int) -> DDIMInverseScheduler:
         inverse = DDIMInverseScheduler.from_config(self.scheduler_config)
         inverse.set_timesteps(num_inference_steps)
+        return inverse
+
+    def _invert_latents(self, latents: np.ndarray, embeddings: np.ndarray, inverse: DDIMInverseScheduler, *,
+                        callback=None, progress: bool = False) -> np.ndarray:
         unet = self._editing_engine("unet_plain")
         for i, t in enumerate(_progress(inverse.timesteps, progress, "invert")):
             feed = {"sample": latents, "timestep": np.full((1,), t, dtype=np.float32), "encoder_hidden_states": embeddings}
@@ -365,6 +370,9 @@ class EditingMixin:
             )
         sched = scheduler_from_config(scheduler, self.scheduler_config)  # unknown names: one line now
         sched.set_timesteps(num_inference_steps)
+        if real_image:
+            inverse = self._inverse_scheduler(num_inference_steps)
+            image = imgs.load_image(image, field="image")
         latent_shape = (1, cfg.latent_channels, height // cfg.latent_scale_factor, width // cfg.latent_scale_factor)
         if latents is not None:
             latents = _check_latents(latents, latent_shape)
@@ -408,7 +416,7 @@ class EditingMixin:
         if real_image:
             with timer.span("inversion"):
                 start = self.encode_image(image, height, width, sample_posterior=sample_posterior, seed=seed)
-                start = self._invert_latents(start, source_embeddings, num_inference_steps, progress=progress)
+                start = self._invert_latents(start, source_embeddings, inverse, progress=progress)
         else:
             start = latents if latents is not None else \
                 np.random.default_rng(seed).standard_normal(latent_shape, dtype=np.float32)
