@@ -3,13 +3,13 @@
     python bench/benchmark.py --size tiny --workdir /tmp/bench-tiny --out /tmp/bench-tiny/results
     python bench/benchmark.py --package PKG --checkpoint CK --steps 3 --runs 3 --out bench/results/cpu
 
-The implementation lives in :mod:`blipdiffusion_trt.bench_cli`, so the installed
+The implementation lives in :mod:`blipdiffusion_trt.bench`, so the installed
 ``blipdiffusion-trt bench`` command runs the same code.
 """
 
 import sys
 
-from blipdiffusion_trt.bench_cli import main
+from blipdiffusion_trt.bench.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

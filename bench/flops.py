@@ -14,8 +14,9 @@ import argparse
 import json
 import sys
 
-from blipdiffusion_trt.bench_cli import component_input_shapes, count_flops
-from blipdiffusion_trt.components import PipelineConfig, declare_components
+from blipdiffusion_trt.bench.flops import component_input_shapes, count_flops
+from blipdiffusion_trt.components import declare_components, generation_components
+from blipdiffusion_trt.package import PackageLayout, read_pipeline_config
 
 
 def main(argv=None) -> int:
@@ -27,14 +28,14 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
-    config = PipelineConfig.load(args.package)
+    config = read_pipeline_config(args.package)
     height, width = args.height or config.default_height, args.width or config.default_width
     results = {}
-    for name, spec in declare_components(config).items():
-        if name == "unet" and not config.has_controlnet:
-            continue  # the plain pipeline runs unet_plain; unet (with residual inputs) is there for ControlNet
+    specs = declare_components(config)
+    for name in generation_components(config):
+        spec = specs[name]
         shapes = component_input_shapes(spec, config, batch=args.batch, height=height, width=width)
-        results[name] = {**count_flops(f"{args.package}/onnx/{args.precision}/{name}.onnx", shapes),
+        results[name] = {**count_flops(PackageLayout(args.package).graph(name, args.precision), shapes),
                          "input_shapes": {k: list(v) for k, v in shapes.items()}}
     if args.json:
         print(json.dumps(results, indent=2))

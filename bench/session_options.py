@@ -41,12 +41,13 @@ def measure(package: Path, component: str, size: int, variant: dict[str, str], r
     """In this process: create the session, one warm-up call, ``runs`` timed calls."""
     import onnxruntime as ort
 
-    from blipdiffusion_trt.bench_cli import component_point
-    from blipdiffusion_trt.components import PipelineConfig, declare_components
+    from blipdiffusion_trt.bench.flops import component_point
+    from blipdiffusion_trt.components import declare_components
     from blipdiffusion_trt.export.cpu_fusions import package_vocab_sizes
-    from blipdiffusion_trt.export.exporter import example_inputs
+    from blipdiffusion_trt.export.graphs import example_inputs
+    from blipdiffusion_trt.package import PackageLayout, read_pipeline_config
 
-    config = PipelineConfig.load(package)
+    config = read_pipeline_config(package)
     spec = declare_components(config)[component]
     point = component_point(spec, config, batch=1, height=size, width=size)
     feed = example_inputs(spec, point, vocab_sizes=package_vocab_sizes(package))
@@ -61,7 +62,7 @@ def measure(package: Path, component: str, size: int, variant: dict[str, str], r
         options.intra_op_num_threads = int(variant["threads"])
     if "spinning" in variant:
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if variant["spinning"] == "on" else "0")
-    graph = package / "onnx" / variant.get("graphs", "fp32") / f"{component}.onnx"
+    graph = PackageLayout(package).graph(component, variant.get("graphs", "fp32"))
 
     def rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

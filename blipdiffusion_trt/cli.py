@@ -1,7 +1,11 @@
-"""``blipdiffusion-trt`` command line: export, build, generate, demo, bench.
+"""``blipdiffusion-trt`` command line: export, build, generate, serve (Triton), benchmark.
 
-Subcommands import what they need lazily, so ``generate`` never imports torch or diffusers.
-User errors (:class:`~blipdiffusion_trt.errors.BlipDiffusionTrtError`) print one line and exit 2.
+Every subcommand is registered here, and only here (:data:`COMMANDS`). Its arguments and its run
+live with the code it drives (``engines/cli.py``, ``runtime/cli.py``, ``demo.py``, ...), except
+the export side's, which are below: ``blipdiffusion_trt.export`` imports torch, so it is imported
+only when an export command runs. Building the parser imports no heavy library (torch, diffusers,
+ONNX Runtime, TensorRT), so ``generate`` never imports torch or diffusers. User errors
+(:class:`~blipdiffusion_trt.errors.BlipDiffusionTrtError`) print one line and exit 2.
 """
 
 from __future__ import annotations
@@ -9,19 +13,30 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+from . import demo
+from .bench import cli as bench_cli
+from .engines import cli as build_cli
 from .errors import InputError, run_reporting_errors
+from .package import layout
+from .runtime import cli as generate_cli
+from .serving.triton import cli as triton_cli
 
 logger = logging.getLogger("blipdiffusion_trt")
 
+
+# --------------------------------------------------------------------------------------------
+# export, fuse, random-checkpoint
+# --------------------------------------------------------------------------------------------
 
 def _precisions(text: str) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()]
 
 
-def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="export a diffusers BLIP-Diffusion checkpoint to an ONNX model package")
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="diffusers-layout BLIP-Diffusion checkpoint directory")
     p.add_argument("--out", required=True, help="package directory to create")
     p.add_argument("--controlnet", help="ControlNetModel directory (SD1.5 ControlNet) to export with it")
@@ -32,32 +47,11 @@ def _add_export(sub) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="also load .bin (pickle) weights")
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
     p.add_argument("--no-cpu-fusions", action="store_true",
-                   help="skip the CPU-fused fp32 graphs (onnx/fp32-fused: fused attention for the CPU runtime)")
-    p.set_defaults(run=_run_export)
+                   help=f"skip the CPU-fused fp32 graphs ({layout.GRAPHS_DIR}/{layout.CPU_FUSED}: "
+                        "fused attention for the CPU runtime)")
 
 
-def _add_fuse(sub) -> None:
-    p = sub.add_parser("fuse", help="add ONNX Runtime's CPU-fused fp32 graphs to an existing package (onnx/fp32-fused)")
-    p.add_argument("package", help="model package directory (written in place)")
-    p.set_defaults(run=_run_fuse)
-
-
-def _run_fuse(args) -> int:
-    from .export.cpu_fusions import fuse_package
-
-    report = fuse_package(args.package)
-    _print_fusions(report)
-    return 0
-
-
-def _print_fusions(report) -> None:
-    for name, entry in report.items():
-        ops = ", ".join(f"{op} {n}" for op, n in entry["fused_ops"].items())
-        diffs = ", ".join(f"{v['point']} max|diff| {v['max_abs_vs_fp32']:.2e}" for v in entry["validation"])
-        print(f"  {name:<20} cpu-fused ({ops}); vs fp32 graph: {diffs}")
-
-
-def _run_export(args) -> int:
+def run_export(args) -> int:
     from .export.exporter import export_package
 
     if args.max_batch_size < 1:
@@ -67,47 +61,33 @@ def _run_export(args) -> int:
         force=args.force, allow_pickle=args.allow_pickle, validate=not args.no_validate,
         max_batch_size=args.max_batch_size, cpu_fusions=not args.no_cpu_fusions,
     )
-    _print_export_report(report)
-    _print_fusions(report.cpu_fused)
+    print(report.summary())
     return 0
 
 
-def _print_export_report(report) -> None:
-    print(f"wrote {report.package} in {report.seconds:.1f} s")
-    for name, entry in report.components.items():
-        checks = ", ".join(f"{v['point']} max|diff| {v['max_abs']:.2e}" for v in entry.get("validation", []))
-        fp16 = entry.get("fp16_validation")
-        if fp16:
-            checks += f"; fp16 cosine {fp16['cosine']:.6f}" if fp16.get("checked") else f"; fp16 {fp16['reason']}"
-        print(f"  {name:<20} {checks}")
+def add_fuse_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("package", help="model package directory (written in place)")
 
 
-def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="build a tiny random-weight checkpoint, export it and generate an image")
-    p.add_argument("--out", default="blipdiffusion-demo", help="directory for the checkpoint, package and image")
-    p.add_argument("--controlnet", action="store_true", help="use a ControlNet checkpoint (canny edges)")
-    p.set_defaults(run=_run_demo)
+def run_fuse(args) -> int:
+    from .export.cpu_fusions import fuse_package, fusion_summary
 
-
-def _run_demo(args) -> int:
-    from .demo import run_demo
-
-    run_demo(Path(args.out), controlnet=args.controlnet)
+    report = fuse_package(args.package)
+    for line in fusion_summary(report):
+        print(line)
     return 0
 
 
-def _add_random_checkpoint(sub) -> None:
-    p = sub.add_parser("random-checkpoint", help="build a diffusers BLIP-Diffusion checkpoint with random weights")
+def add_random_checkpoint_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="directory to write (diffusers layout)")
     p.add_argument("--size", default="tiny", choices=["tiny", "tiny-odd", "full"],
                    help="architecture: tiny test configs, or the full-size Salesforce/blipdiffusion one")
     p.add_argument("--controlnet", action="store_true", help="a BlipDiffusionControlNetPipeline checkpoint")
     p.add_argument("--controlnet-only", action="store_true", help="only a standalone ControlNetModel directory")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(run=_run_random_checkpoint)
 
 
-def _run_random_checkpoint(args) -> int:
+def run_random_checkpoint(args) -> int:
     from .export.random_checkpoint import build_random_checkpoint, build_random_controlnet
 
     out = Path(args.out)
@@ -121,29 +101,45 @@ def _run_random_checkpoint(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------
+# The registry
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    description: str | None = None
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("export", "export a diffusers BLIP-Diffusion checkpoint to an ONNX model package",
+            add_export_arguments, run_export),
+    Command("fuse", "add ONNX Runtime's CPU-fused fp32 graphs to an existing package",
+            add_fuse_arguments, run_fuse),
+    Command("build", "build TensorRT fp16 engines for this GPU from a package's fp16 graphs",
+            build_cli.add_arguments, build_cli.run_build, build_cli.DESCRIPTION),
+    Command("generate", "generate an image of a subject from a model package",
+            generate_cli.add_arguments, generate_cli.run_generate),
+    Command("demo", "build a tiny random-weight checkpoint, export it and generate an image",
+            demo.add_arguments, demo.run),
+    Command("random-checkpoint", "build a diffusers BLIP-Diffusion checkpoint with random weights",
+            add_random_checkpoint_arguments, run_random_checkpoint),
+    Command("triton", triton_cli.HELP, triton_cli.add_arguments, triton_cli.run_triton),
+    Command("bench", bench_cli.HELP, bench_cli.add_arguments, bench_cli.run_bench, bench_cli.DESCRIPTION),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blipdiffusion-trt", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_export(sub)
-    _add_fuse(sub)
-    from .engines.cli import add_build  # light: TensorRT is imported only when a build runs
-
-    add_build(sub)
-    try:
-        from .runtime.cli import add_generate
-    except ImportError:  # the runtime is optional only while it is being built
-        pass
-    else:
-        add_generate(sub)
-    _add_demo(sub)
-    _add_random_checkpoint(sub)
-    from .engines.triton import add_triton  # light: writes configs, imports no server
-
-    add_triton(sub)
-    from .bench_cli import add_bench  # light: the benchmark imports its libraries when it runs
-
-    add_bench(sub)
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help, description=command.description)
+        command.add_arguments(p)
+        p.set_defaults(run=command.run)
     return parser
 
 

@@ -13,21 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import PackageError
-from .fsutil import read_json
-
-PIPELINE_CONFIG_NAME = "pipeline.json"
-PACKAGE_FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
     """Everything the runtime needs to know about a checkpoint, besides the graphs themselves.
 
-    Written by export as ``pipeline.json``; all fields are read from the checkpoint's configs.
+    Written by export into the package (``pipeline.json``, see :mod:`blipdiffusion_trt.package`);
+    all fields are read from the checkpoint's configs.
     """
 
     ctx_begin_pos: int
@@ -86,16 +82,15 @@ class PipelineConfig:
         return self.latent_scale_factor * self.unet_size_multiple
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["format_version"] = PACKAGE_FORMAT_VERSION
-        return data
+        return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "PipelineConfig":
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "pipeline config") -> "PipelineConfig":
+        """The config from its dict (unknown keys ignored); ``source`` names it in errors."""
         names = {f.name for f in dataclasses.fields(cls)}
         missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name not in data]
         if missing:
-            raise PackageError(f"{PIPELINE_CONFIG_NAME}: missing fields {', '.join(missing)}")
+            raise PackageError(f"{source}: missing fields {', '.join(missing)}")
         kwargs = {}
         for key, value in data.items():
             if key not in names:
@@ -103,28 +98,22 @@ class PipelineConfig:
             kwargs[key] = tuple(value) if isinstance(value, list) else value
         return cls(**kwargs)
 
-    @classmethod
-    def load(cls, package_dir: str | Path) -> "PipelineConfig":
-        path = Path(package_dir) / PIPELINE_CONFIG_NAME
-        data = read_json(path, PackageError, missing="not found; is this a blipdiffusion-trt package?")
-        version = data.get("format_version")
-        if version != PACKAGE_FORMAT_VERSION:
-            raise PackageError(
-                f"{path}: package format_version {version!r}, this blipdiffusion-trt reads "
-                f"{PACKAGE_FORMAT_VERSION}; re-export the checkpoint"
-            )
-        return cls.from_dict(data)
-
 
 @dataclass(frozen=True)
 class Axis:
-    """A dynamic axis with its optimization range: TensorRT's min/opt/max, Triton's -1."""
+    """A dynamic axis with its optimization range: TensorRT's min/opt/max, Triton's -1.
+
+    A latent axis is another axis scaled down: ``derived_from`` names that (pixel) axis and
+    ``divisor`` is the factor, so a value of this axis is always ``value of derived_from // divisor``.
+    """
 
     name: str
     min: int
     opt: int
     max: int
     multiple_of: int = 1
+    derived_from: str | None = None
+    divisor: int = 1
 
     def check(self, value: int) -> str | None:
         """None when ``value`` is allowed, else why not (one line)."""
@@ -238,8 +227,10 @@ def controlnet_residual_shapes(
 
 
 def _scaled_axis(axis: Axis, divisor: int, name: str) -> Axis:
+    """``axis`` divided by ``divisor``, recorded as derived from the axis ``axis`` itself derives from."""
     return Axis(name, axis.min // divisor, axis.opt // divisor, axis.max // divisor,
-                max(1, axis.multiple_of // divisor))
+                max(1, axis.multiple_of // divisor), derived_from=axis.derived_from or axis.name,
+                divisor=axis.divisor * divisor)
 
 
 def declare_components(config: PipelineConfig) -> dict[str, ComponentSpec]:
@@ -386,3 +377,19 @@ def _editing_components(config: PipelineConfig, batch: Axis, height: Axis, width
             cpu_fusion="unet",
         ),
     ]
+
+
+def generation_components(config: PipelineConfig) -> list[str]:
+    """The components one generation runs, in pipeline order: what the runtime loads, Triton serves
+    and the benchmark measures (``unet_plain`` for a plain package, ``controlnet`` + ``unet`` for a
+    ControlNet package)."""
+    names = ["qformer", "text_encoder", "text_encoder_plain"]
+    names += ["controlnet", "unet"] if config.has_controlnet else ["unet_plain"]
+    return names + ["vae_decoder"]
+
+
+def editing_components(config: PipelineConfig) -> list[str]:
+    """The components editing runs besides a generation's text encoders, Q-Former and VAE decoder:
+    the VAE encoder (real images), the plain UNet (DDIM inversion) and the prompt-to-prompt UNet;
+    none for a package exported without editing."""
+    return ["vae_encoder", "unet_plain", "unet_p2p"] if config.has_editing else []

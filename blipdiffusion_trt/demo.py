@@ -7,6 +7,7 @@ The image shows noise-like shapes: the weights are random, not trained.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import shutil
 from pathlib import Path
@@ -28,9 +29,9 @@ def synthetic_subject(size: int = 96):
 def run_demo(out: Path, *, controlnet: bool = False) -> Path:
     from .export.exporter import export_package
     from .export.random_checkpoint import build_random_checkpoint
-    from .runtime.cli import format_timings
     from .runtime.images import save_image
     from .runtime.pipeline import BlipDiffusionRuntime
+    from .runtime.timing import format_timings
 
     out.mkdir(parents=True, exist_ok=True)
     checkpoint, package = out / "checkpoint", out / "package"
@@ -38,9 +39,7 @@ def run_demo(out: Path, *, controlnet: bool = False) -> Path:
         shutil.rmtree(path, ignore_errors=True)
     build_random_checkpoint(checkpoint, "tiny", controlnet=controlnet)
     report = export_package(checkpoint, package, precisions=("fp32", "fp16"))
-    from .cli import _print_export_report
-
-    _print_export_report(report)
+    print(report.summary())
     reference = synthetic_subject()
     reference.save(out / "reference.png")
     runtime = BlipDiffusionRuntime.from_package(package)
@@ -53,3 +52,13 @@ def run_demo(out: Path, *, controlnet: bool = False) -> Path:
     print(f"generated {image_path} ({result.images.shape[2]}x{result.images.shape[1]}, random weights)")
     print(format_timings(result.timings))
     return image_path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="blipdiffusion-demo", help="directory for the checkpoint, package and image")
+    p.add_argument("--controlnet", action="store_true", help="use a ControlNet checkpoint (canny edges)")
+
+
+def run(args) -> int:
+    run_demo(Path(args.out), controlnet=args.controlnet)
+    return 0

@@ -13,7 +13,25 @@ class BlipDiffusionTrtError(Exception):
 
 
 class InputError(BlipDiffusionTrtError, ValueError):
-    """A call argument, CLI option or input file is invalid."""
+    """A call argument, CLI option or input file is invalid.
+
+    ``field`` names the argument the error is about (``"height"``, ``"reference_image"``); the
+    message then starts with that name, so a front end can name its own spelling of it instead
+    (the CLI's ``--height``) with :meth:`renamed`.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+    def renamed(self, name: str) -> "InputError":
+        """The same error naming its field ``name``: the leading field name replaced, else prefixed."""
+        message = str(self)
+        if self.field and message.startswith(self.field):
+            message = name + message[len(self.field):]
+        else:
+            message = f"{name}: {message}"
+        return InputError(message, field=self.field)
 
 
 class CheckpointError(BlipDiffusionTrtError):
@@ -32,10 +50,19 @@ class ValidationError(BlipDiffusionTrtError):
     """An exported graph does not reproduce PyTorch within its declared tolerance."""
 
 
-def first_line(error: BaseException) -> str:
-    """The first non-empty line of an exception's message (libraries raise multi-line ones)."""
+def first_line(error: BaseException | str) -> str:
+    """The first non-empty line of an exception's message (libraries raise multi-line ones) or of a text."""
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
+    if lines:
+        return lines[0]
+    return type(error).__name__ if isinstance(error, BaseException) else ""
+
+
+def describe(error: BaseException) -> str:
+    """``"TypeName: first line of the message"`` (or the type name alone): a library error as a reason."""
+    text = first_line(error)
+    name = type(error).__name__
+    return f"{name}: {text}" if text and text != name else name
 
 
 def run_reporting_errors(run: Callable[[], int]) -> int:

@@ -1,10 +1,11 @@
-"""Small file helpers: JSON reading with one-line errors, atomic directory replacement."""
+"""Small file helpers: JSON reading with one-line errors, atomic file writes and directory replacement."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,3 +29,26 @@ def replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(src, dst)
+
+
+def write_atomic(path: Path, data: bytes | memoryview, error: type[Exception]) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename: a reader never sees half a file.
+
+    An ``OSError`` becomes ``error`` with a one-line message; the temporary file is removed.
+    """
+    path = Path(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:
+        raise error(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass

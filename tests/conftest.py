@@ -7,6 +7,7 @@ back with ``from_pretrained`` (offline), once per test session.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,3 +110,27 @@ def shared_runtime(fixture: Fixture):
 
         _runtimes[fixture.name] = BlipDiffusionRuntime.from_package(fixture.package)
     return _runtimes[fixture.name]
+
+
+@pytest.fixture(scope="session")
+def full_cfg():
+    """The full-size architecture's PipelineConfig, as export writes it into a package (read by
+    export's own code from ``configs/blipdiffusion-full.json``, modules built without weights)."""
+    pytest.importorskip("diffusers", reason="the full-size config is read by the export code (pip install .[export])")
+    from blipdiffusion_trt.export.random_checkpoint import architecture_pipeline_config
+
+    return architecture_pipeline_config("full", controlnet=True)
+
+
+@pytest.fixture()
+def fake_trt(monkeypatch):
+    """The ``tensorrt`` stand-in (fakes/tensorrt.py) imported as ``tensorrt``, on a fake GPU."""
+    from blipdiffusion_trt.engines import environment
+    from blipdiffusion_trt.engines.environment import GpuInfo
+
+    from fakes.tensorrt import FAKE_GPU, make_fake_tensorrt
+
+    trt = make_fake_tensorrt()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(environment, "gpu_info", lambda: GpuInfo(*FAKE_GPU))
+    return trt

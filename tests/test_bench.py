@@ -5,14 +5,15 @@ No timing assertions: the figures only have to be there, positive and consistent
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from blipdiffusion_trt import bench_cli
+from blipdiffusion_trt.bench import cli as bench_cli
+from blipdiffusion_trt.bench import flops
+from blipdiffusion_trt.bench import stats as bench_stats
 
 STAGES = ("qformer", "text_encoder", "text_encoder_plain", "unet_plain", "vae_decoder", "scheduler_step")
 
@@ -125,7 +126,7 @@ def _tiny_graph():
 
 def test_flops_by_hand():
     pytest.importorskip("onnx")
-    counted = bench_cli.count_flops(_tiny_graph(), {"x": [1, 3, 8, 8]})
+    counted = flops.count_flops(_tiny_graph(), {"x": [1, 3, 8, 8]})
     conv = 2 * (1 * 4 * 8 * 8) * (3 * 3 * 3)  # output elements x MACs each
     grouped = 2 * (1 * 6 * 4 * 4) * (4 // 2 * 3 * 3)  # 9x9, kernel 3, stride 2 -> 4x4; 2 input channels per group
     matmul = 2 * 2 * 5 * 7 * 6  # batch x M x N x K
@@ -133,21 +134,52 @@ def test_flops_by_hand():
     assert counted["flops"] == conv + grouped + matmul == 13824 + 3456 + 840
     assert counted["unresolved"] == 0
     # the dynamic input's size matters: a batch of 3 at 16x16 is 12 times the convolution
-    assert bench_cli.count_flops(_tiny_graph(), {"x": [3, 3, 16, 16]})["by_op"]["Conv"] == 12 * conv + grouped
+    assert flops.count_flops(_tiny_graph(), {"x": [3, 3, 16, 16]})["by_op"]["Conv"] == 12 * conv + grouped
 
 
 def test_summarize():
-    stats = bench_cli.summarize([4.0, 1.0, 3.0, 2.0, 5.0])
+    stats = bench_stats.summarize([4.0, 1.0, 3.0, 2.0, 5.0])
     assert (stats["p50"], stats["mean"], stats["min"], stats["max"], stats["n"]) == (3.0, 3.0, 1.0, 5.0, 5)
     assert stats["p90"] == pytest.approx(4.6) and stats["p99"] == pytest.approx(4.96)
 
 
 def test_add_bench_registers_the_subcommand():
-    parser = argparse.ArgumentParser()
-    bench_cli.add_bench(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["bench", "--size", "tiny", "--backends", "cpu,cuda", "--runs", "2"])
+    from blipdiffusion_trt.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--size", "tiny", "--backends", "cpu,cuda", "--runs", "2"])
     assert args.run is bench_cli.run_bench
     assert args.backends == ["cpu", "cuda"] and args.runs == 2 and args.steps is None
+
+
+def test_default_backends_are_the_registry_s_available_ones(monkeypatch):
+    import dataclasses
+
+    import onnxruntime as ort
+
+    from blipdiffusion_trt.runtime.backends import tensorrt as tensorrt_backend
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(tensorrt_backend, "TENSORRT", dataclasses.replace(tensorrt_backend.TENSORRT, is_available=lambda: True))
+    assert bench_cli.default_backends("fp32") == ["cpu", "cuda"]  # TensorRT plans are built from fp16 graphs only
+    assert bench_cli.default_backends("fp16") == ["cpu", "cuda", "tensorrt"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    monkeypatch.setattr(tensorrt_backend, "TENSORRT", dataclasses.replace(tensorrt_backend.TENSORRT, is_available=lambda: False))
+    assert bench_cli.default_backends("fp16") == ["cpu"]
+
+
+def test_a_backend_chosen_by_default_may_fail_one_named_may_not():
+    from blipdiffusion_trt.errors import EngineError
+
+    def fails():
+        raise EngineError("no TensorRT plan for this GPU")
+
+    assert bench_cli._guarded("ours tensorrt", fails, strict=False) == {
+        "label": "ours tensorrt", "error": "no TensorRT plan for this GPU"}
+    with pytest.raises(EngineError):
+        bench_cli._guarded("ours tensorrt", fails, strict=True)
+    # anything else is the side's error either way (a provider failing at load)
+    assert "RuntimeError: CUDA failure" in bench_cli._guarded(
+        "ours cuda", lambda: (_ for _ in ()).throw(RuntimeError("CUDA failure")))["error"]
 
 
 def test_session_options_script_runs(tiny, tmp_path):
@@ -159,9 +191,9 @@ def test_session_options_script_runs(tiny, tmp_path):
     script = Path(__file__).resolve().parents[1] / "bench" / "session_options.py"
     out = tmp_path / "rows.json"
     variants = ["default", "arena=off", "graphs=fp32-fused"]
-    from blipdiffusion_trt.components import PipelineConfig
+    from blipdiffusion_trt.package import read_pipeline_config
 
-    size = PipelineConfig.load(tiny.package).default_height
+    size = read_pipeline_config(tiny.package).default_height
     proc = subprocess.run([sys.executable, str(script), str(tiny.package), "--components", "unet_plain,vae_decoder",
                            "--size", str(size), "--runs", "1", "--variants", *variants, "--json", str(out)],
                           capture_output=True, text=True, timeout=300)

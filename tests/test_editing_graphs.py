@@ -21,17 +21,18 @@ onnx = pytest.importorskip("onnx", reason="graph tests need onnx (the export ext
 ort = pytest.importorskip("onnxruntime", reason="graph tests need onnxruntime")
 
 from blipdiffusion_trt.components import PipelineConfig, declare_components  # noqa: E402
-from blipdiffusion_trt.export.exporter import export_point, second_point  # noqa: E402
+from blipdiffusion_trt.export.graphs import export_point, second_point  # noqa: E402
 from blipdiffusion_trt.export.p2p import layer_downsample, p2p_processors, P2PAttnProcessor, P2PControl  # noqa: E402
-from blipdiffusion_trt.runtime.package import CPU_FUSED_DIR  # noqa: E402
+from blipdiffusion_trt.package import PackageLayout, layout  # noqa: E402
 from blipdiffusion_trt.runtime.p2p import token_map_matrix  # noqa: E402
 
 from conftest import EDITING_FIXTURES, load_diffusers  # noqa: E402
+from helpers import fixture_config  # noqa: E402
 from p2p_reference import find_levels, reference_unet_call  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-VARIANTS = ["fp32", CPU_FUSED_DIR]
+VARIANTS = ["fp32", layout.CPU_FUSED]
 # the control must move the outputs by this many times the tolerance (else the test could not fail)
 SENSITIVITY_FACTOR = 100
 
@@ -39,7 +40,7 @@ _sessions: dict[str, object] = {}
 
 
 def _session(fixture, component: str, variant: str = "fp32"):
-    path = fixture.package / "onnx" / variant / f"{component}.onnx"
+    path = PackageLayout(fixture.package).graph(component, variant)
     if str(path) not in _sessions:
         _sessions[str(path)] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return _sessions[str(path)]
@@ -54,7 +55,7 @@ def _rng(*key) -> np.random.Generator:
 
 
 def _config(fixture) -> PipelineConfig:
-    return PipelineConfig.load(fixture.package)
+    return fixture_config(fixture)
 
 
 def _non_square(config: PipelineConfig) -> tuple[int, int]:
@@ -215,7 +216,8 @@ def test_unet_p2p_levels_match_the_unet(edit_fixture):
         factor = layer_downsample(name, num_levels)
         assert length == (latent_hw[0] // factor) * (latent_hw[1] // factor), name
     large_self = len([n for n in levels.seq if n.endswith("attn1.processor")]) - len(controlled_self)
-    fused = onnx.load(str(edit_fixture.package / "onnx" / CPU_FUSED_DIR / "unet_p2p.onnx"), load_external_data=False)
+    fused = onnx.load(str(PackageLayout(edit_fixture.package).graph("unet_p2p", layout.CPU_FUSED)),
+                      load_external_data=False)
     attention = [n for n in fused.graph.node if n.op_type in ("Attention", "MultiHeadAttention")]
     assert len(attention) == large_self, "the CPU fusion must find exactly the untouched self-attention layers"
 

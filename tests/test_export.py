@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -37,16 +36,12 @@ ort = pytest.importorskip("onnxruntime", reason="export tests need onnxruntime")
 from onnx import numpy_helper  # noqa: E402
 
 from blipdiffusion_trt.components import Axis, ComponentSpec, PipelineConfig, declare_components  # noqa: E402
-from blipdiffusion_trt.export.exporter import (  # noqa: E402
-    MANIFEST_NAME,
-    export_point,
-    second_point,
-    sha256_file,
-)
-
-from blipdiffusion_trt.runtime.package import CPU_FUSED_DIR  # noqa: E402
+from blipdiffusion_trt.export.graphs import export_point, second_point  # noqa: E402
+from blipdiffusion_trt.package import sha256_file  # noqa: E402
+from blipdiffusion_trt.package.layout import CPU_FUSED, MANIFEST  # noqa: E402
 
 from conftest import CHECKPOINTS, Fixture, load_diffusers  # noqa: E402
+from helpers import cosine, fixture_config, run_cli  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -72,21 +67,17 @@ def _graph(fixture: Fixture, name: str, precision: str = "fp32") -> Path:
     return fixture.package / "onnx" / precision / f"{name}.onnx"
 
 
-def _config(fixture: Fixture) -> PipelineConfig:
-    return PipelineConfig.load(fixture.package)
-
-
 def _specs(fixture: Fixture) -> dict[str, ComponentSpec]:
-    return declare_components(_config(fixture))
+    return declare_components(fixture_config(fixture))
 
 
 # the plain fp32 graphs, and the fp32 graphs with ONNX Runtime's CPU fusions (export/cpu_fusions.py)
-GRAPH_VARIANTS = ["fp32", CPU_FUSED_DIR]
+GRAPH_VARIANTS = ["fp32", CPU_FUSED]
 
 
 def _run_graph(fixture: Fixture, spec: ComponentSpec, feed: dict[str, np.ndarray], precision: str = "fp32"):
     assert set(feed) == set(spec.input_names), (sorted(feed), spec.input_names)
-    if precision == CPU_FUSED_DIR:
+    if precision == CPU_FUSED:
         # the variant must exist and hold fused attention: otherwise this test would silently
         # re-test the plain graph
         ops = {n.op_type for n in onnx.load(str(_graph(fixture, spec.name, precision)), load_external_data=False).graph.node}
@@ -199,7 +190,7 @@ def test_qformer_matches_diffusers(any_fixture):
 
 def test_text_encoder_matches_diffusers(any_fixture):
     pipe = load_diffusers(any_fixture)
-    config = _config(any_fixture)
+    config = fixture_config(any_fixture)
     spec = _specs(any_fixture)["text_encoder"]
     vocab = int(pipe.text_encoder.config.vocab_size)
     full = config.text_length
@@ -220,7 +211,7 @@ def test_text_encoder_matches_diffusers(any_fixture):
 
 def test_text_encoder_plain_matches_diffusers(any_fixture):
     pipe = load_diffusers(any_fixture)
-    config = _config(any_fixture)
+    config = fixture_config(any_fixture)
     spec = _specs(any_fixture)["text_encoder_plain"]
     vocab = int(pipe.text_encoder.config.vocab_size)
     full = config.text_max_length
@@ -323,7 +314,7 @@ def test_vae_decoder_matches_diffusers(any_fixture):
 def test_declared_controlnet_residual_shapes_match_real_controlnet(name, request):
     fixture = request.getfixturevalue(name)
     pipe = load_diffusers(fixture)
-    config = _config(fixture)
+    config = fixture_config(fixture)
     spec = declare_components(config)["controlnet"]
     m = config.image_multiple
     sizes = [(1, config.default_height, config.default_width),  # square
@@ -385,11 +376,6 @@ def _fp16_feed(fixture: Fixture, spec: ComponentSpec, point: dict[str, int]) -> 
     return feed
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    x, y = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    return float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y) + 1e-30))
-
-
 def _tensors_in(graph) -> list:
     """Initializers and every tensor-valued node attribute (Constant, ConstantOfShape, ...), subgraphs included."""
     found = list(graph.initializer)
@@ -413,7 +399,7 @@ _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorPro
 @pytest.mark.parametrize("name,component", FP16_CASES)
 def test_fp16_graph(name, component, request):
     fixture = request.getfixturevalue(name)
-    manifest = json.loads((fixture.package / MANIFEST_NAME).read_text())
+    manifest = json.loads((fixture.package / MANIFEST).read_text())
     assert "fp16" in manifest["precisions"]
     spec = _specs(fixture)[component]
     path16 = _graph(fixture, component, "fp16")
@@ -444,7 +430,7 @@ def test_fp16_graph(name, component, request):
     for tensor, g, e in zip(spec.outputs, got, expected):
         assert g.dtype == np.float32 and g.shape == e.shape == tensor.shape_at(point)
         assert np.isfinite(g).all(), f"{component}.{tensor.name}: fp16 output not finite"
-        cos = _cosine(g, e)
+        cos = cosine(g, e)
         assert cos >= spec.fp16_min_cosine, (
             f"{component}.{tensor.name}: fp16 vs fp32 cosine {cos:.6f} < {spec.fp16_min_cosine} "
             f"(max abs {float(np.max(np.abs(g - e))):.3g})"
@@ -457,8 +443,8 @@ def test_fp16_graph(name, component, request):
 
 def test_manifest_files_and_sha256(any_fixture):
     package = any_fixture.package
-    manifest = json.loads((package / MANIFEST_NAME).read_text())
-    on_disk = {p.relative_to(package).as_posix() for p in package.rglob("*") if p.is_file()} - {MANIFEST_NAME}
+    manifest = json.loads((package / MANIFEST).read_text())
+    on_disk = {p.relative_to(package).as_posix() for p in package.rglob("*") if p.is_file()} - {MANIFEST}
     assert set(manifest["files"]) == on_disk
     for rel, digest in manifest["files"].items():
         assert sha256_file(package / rel) == digest, f"{rel}: sha256 differs from the manifest"
@@ -467,13 +453,13 @@ def test_manifest_files_and_sha256(any_fixture):
     graphs = {f"onnx/{p}/{n}.onnx" for p in manifest["precisions"] for n in specs}
     fused = {n for n, spec in specs.items() if spec.cpu_fusion}
     assert fused and set(manifest["cpu_fused"]) == fused
-    graphs |= {f"onnx/{CPU_FUSED_DIR}/{n}.onnx" for n in fused}
+    graphs |= {f"onnx/{CPU_FUSED}/{n}.onnx" for n in fused}
     assert {f for f in on_disk if f.startswith("onnx/")} == graphs
     assert manifest["precisions"] == list(CHECKPOINTS[any_fixture.name][3])
 
 
 def test_manifest_components_equal_declarations(any_fixture):
-    manifest = json.loads((any_fixture.package / MANIFEST_NAME).read_text())
+    manifest = json.loads((any_fixture.package / MANIFEST).read_text())
     specs = _specs(any_fixture)
     assert list(manifest["components"]) == list(specs)
     for name, spec in specs.items():
@@ -487,7 +473,7 @@ def test_manifest_components_equal_declarations(any_fixture):
 
 def test_pipeline_json_matches_checkpoint(any_fixture):
     pipe = load_diffusers(any_fixture)
-    config = _config(any_fixture)
+    config = fixture_config(any_fixture)
     raw = json.loads((any_fixture.package / "pipeline.json").read_text())
     assert PipelineConfig.from_dict(raw) == config
     proc = pipe.image_processor
@@ -542,7 +528,7 @@ def test_pipeline_json_matches_checkpoint(any_fixture):
 def test_odd_fixture_is_unusual(name, request):
     """The odd fixtures are what catches hard-coded 77 / 16 / 224 / 8 in the code."""
     fixture = request.getfixturevalue(name)
-    config = _config(fixture)
+    config = fixture_config(fixture)
     pipe = load_diffusers(fixture)
     assert pipe.text_encoder.config.max_position_embeddings == config.text_max_length != 77
     assert 2 ** (len(pipe.unet.config.block_out_channels) - 1) == config.latent_scale_factor != 8
@@ -551,7 +537,7 @@ def test_odd_fixture_is_unusual(name, request):
 
 
 def test_onnx_io_equals_declarations(any_fixture):
-    manifest = json.loads((any_fixture.package / MANIFEST_NAME).read_text())
+    manifest = json.loads((any_fixture.package / MANIFEST).read_text())
     specs = _specs(any_fixture)
     for precision in manifest["precisions"]:
         for name, spec in specs.items():
@@ -578,12 +564,8 @@ def test_onnx_io_equals_declarations(any_fixture):
 # 4. Bad input through the CLI
 # ---------------------------------------------------------------------------------------------
 
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run(
-        [sys.executable, "-m", "blipdiffusion_trt.cli", "export", *map(str, args)],
-        capture_output=True, text=True, cwd=cwd, env=env, timeout=300,
-    )
+def _export(*args, cwd: Path) -> subprocess.CompletedProcess:
+    return run_cli("export", *args, cwd=cwd)
 
 
 def _copy_checkpoint(fixture: Fixture, dst: Path) -> Path:
@@ -689,7 +671,7 @@ def bad_input_runs(tmp_path_factory, tiny, tiny_cn):
         jobs[case] = (root, args, keywords, parent, parent / "pkg")
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
         futures = {
-            case: pool.submit(_cli, *args, "--out", out, cwd=root) for case, (root, args, _, _, out) in jobs.items()
+            case: pool.submit(_export, *args, "--out", out, cwd=root) for case, (root, args, _, _, out) in jobs.items()
         }
         return {case: (futures[case].result(), *jobs[case][2:]) for case in jobs}
 
@@ -707,7 +689,7 @@ def test_cli_export_out_not_empty(tmp_path, tiny):
     out = parent / "pkg"
     out.mkdir(parents=True)
     (out / "keep.txt").write_text("precious")
-    result = _cli(tiny.checkpoint, "--out", out, cwd=tmp_path)
+    result = _export(tiny.checkpoint, "--out", out, cwd=tmp_path)
     _assert_one_line_error(result, ["not empty", "--force"])
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     assert (out / "keep.txt").read_text() == "precious"
@@ -719,11 +701,11 @@ def test_cli_export_force_replaces(tmp_path, tiny):
     out = parent / "pkg"
     out.mkdir(parents=True)
     (out / "old.txt").write_text("old")
-    result = _cli(tiny.checkpoint, "--out", out, "--force", "--no-validate", cwd=tmp_path)
+    result = _export(tiny.checkpoint, "--out", out, "--force", "--no-validate", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert not (out / "old.txt").exists()
-    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    manifest = json.loads((out / MANIFEST).read_text())
     for rel, digest in manifest["files"].items():
         assert sha256_file(out / rel) == digest
     assert list(manifest["components"]) == list(_specs(tiny))
@@ -744,10 +726,8 @@ def test_allow_pickle_loads_checkpoint_with_one_bin_component(tmp_path, tiny):
 # 5. CPU-fused graphs added to an existing package (`blipdiffusion-trt fuse`)
 # ---------------------------------------------------------------------------------------------
 
-def _fuse_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([sys.executable, "-m", "blipdiffusion_trt.cli", "fuse", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+def _fuse(*args, cwd: Path) -> subprocess.CompletedProcess:
+    return run_cli("fuse", *args, cwd=cwd)
 
 
 def test_cli_fuse_adds_cpu_fused_graphs_to_a_package(tmp_path, tiny):
@@ -758,25 +738,25 @@ def test_cli_fuse_adds_cpu_fused_graphs_to_a_package(tmp_path, tiny):
     from blipdiffusion_trt.runtime.pipeline import BlipDiffusionRuntime
 
     out = tmp_path / "pkg"
-    result = _cli(tiny.checkpoint, "--out", out, "--no-validate", "--no-cpu-fusions", cwd=tmp_path)
+    result = _export(tiny.checkpoint, "--out", out, "--no-validate", "--no-cpu-fusions", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert not (out / "onnx" / CPU_FUSED_DIR).exists()
+    assert not (out / "onnx" / CPU_FUSED).exists()
     plain = BlipDiffusionRuntime.from_package(out)
     assert all("/fp32/" in e.path.as_posix() for e in plain.engines.values())
 
-    result = _fuse_cli(out, cwd=tmp_path)
+    result = _fuse(out, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    manifest = json.loads((out / MANIFEST_NAME).read_text())
-    fused_files = sorted(f for f in manifest["files"] if f.startswith(f"onnx/{CPU_FUSED_DIR}/"))
-    assert fused_files == sorted(p.relative_to(out).as_posix() for p in (out / "onnx" / CPU_FUSED_DIR).iterdir())
+    manifest = json.loads((out / MANIFEST).read_text())
+    fused_files = sorted(f for f in manifest["files"] if f.startswith(f"onnx/{CPU_FUSED}/"))
+    assert fused_files == sorted(p.relative_to(out).as_posix() for p in (out / "onnx" / CPU_FUSED).iterdir())
     assert fused_files and all(sha256_file(out / f) == manifest["files"][f] for f in fused_files)
     assert set(manifest["cpu_fused"]) == {n for n, s in _specs(tiny).items() if s.cpu_fusion}
     assert [p.name for p in (out / "onnx").iterdir() if p.name.startswith(".")] == [], "scratch left behind"
 
     fused = BlipDiffusionRuntime.from_package(out)
-    assert f"/{CPU_FUSED_DIR}/" in fused.engines["unet_plain"].path.as_posix()
+    assert f"/{CPU_FUSED}/" in fused.engines["unet_plain"].path.as_posix()
     assert "/fp32/" in BlipDiffusionRuntime.from_package(out, cpu_fused=False).engines["unet_plain"].path.as_posix()
-    config = _config(tiny)
+    config = fixture_config(tiny)
     rng = np.random.default_rng(7)
     latents = rng.standard_normal((1, config.latent_channels, config.default_height // config.latent_scale_factor,
                                    config.default_width // config.latent_scale_factor)).astype(np.float32)
@@ -787,5 +767,5 @@ def test_cli_fuse_adds_cpu_fused_graphs_to_a_package(tmp_path, tiny):
 
 
 def test_cli_fuse_bad_package(tmp_path):
-    result = _fuse_cli(tmp_path / "nowhere", cwd=tmp_path)
+    result = _fuse(tmp_path / "nowhere", cwd=tmp_path)
     _assert_one_line_error(result, ["nowhere", "does not exist"])

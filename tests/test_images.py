@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import io
 import os
-import struct
 import subprocess
 import sys
 import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,8 @@ from PIL import Image
 
 from blipdiffusion_trt.errors import InputError
 from blipdiffusion_trt.runtime import images as rt
+
+from helpers import png_bytes
 
 torch = pytest.importorskip("torch")
 blip_mod = pytest.importorskip("diffusers.pipelines.blip_diffusion.blip_image_processing")
@@ -35,14 +35,6 @@ CUSTOM_STD = [0.2, 0.7, 1.3]
 def _random_rgb(width: int, height: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def _png_bytes(width: int, height: int, *, color_type: int = 2, bit_depth: int = 8, idat: bytes = b"") -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat or zlib.compress(b"\0")) + chunk(b"IEND", b"")
 
 
 def _assert_input_error(excinfo, *fragments: str) -> None:
@@ -333,7 +325,7 @@ def test_text_file(tmp_path):
 
 def test_huge_header_is_rejected_without_decoding(tmp_path):
     path = tmp_path / "bomb.png"
-    path.write_bytes(_png_bytes(100_000, 100_000))
+    path.write_bytes(png_bytes(100_000, 100_000))
     assert path.stat().st_size < 100
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -345,7 +337,7 @@ def test_huge_header_is_rejected_without_decoding(tmp_path):
 def test_header_between_pil_warning_and_our_limit(tmp_path):
     # 10000x10000 = 1e8 pixels: above Pillow's warning threshold, below its error threshold.
     path = tmp_path / "big.png"
-    path.write_bytes(_png_bytes(10_000, 10_000))
+    path.write_bytes(png_bytes(10_000, 10_000))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no DecompressionBombWarning escapes
         with pytest.raises(InputError) as e:
@@ -386,7 +378,7 @@ def test_zero_size_images(tmp_path):
             rt.load_image(source, field="reference_image")
         _assert_input_error(e, "reference_image", "empty")
     path = tmp_path / "zero.png"
-    path.write_bytes(_png_bytes(0, 5))
+    path.write_bytes(png_bytes(0, 5))
     with pytest.raises(InputError) as e:
         rt.load_image(path, field="reference_image")
     _assert_input_error(e, "reference_image", str(path))

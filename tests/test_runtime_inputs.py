@@ -11,12 +11,9 @@ import ast
 import math
 import os
 import re
-import shutil
-import struct
 import subprocess
 import sys
 import textwrap
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
@@ -27,12 +24,14 @@ from PIL import Image
 
 from blipdiffusion_trt.components import PipelineConfig
 from blipdiffusion_trt.errors import InputError, PackageError
+from blipdiffusion_trt.package import ModelPackage, read_pipeline_config
+from blipdiffusion_trt.package.layout import CPU_FUSED
 from blipdiffusion_trt.runtime import images as imgs
-from blipdiffusion_trt.runtime.engine import BACKENDS
-from blipdiffusion_trt.runtime.package import CPU_FUSED_DIR, ModelPackage
+from blipdiffusion_trt.runtime.backends import BACKENDS
 from blipdiffusion_trt.runtime.pipeline import MAX_STEPS, BlipDiffusionRuntime, SubjectEmbedding
 
 from conftest import shared_runtime  # noqa: E402
+from helpers import copy_package, fixture_config, png_bytes, run_cli  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RUNTIME_DIR = REPO / "blipdiffusion_trt" / "runtime"
@@ -41,10 +40,6 @@ STEPS = 2
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
-
-def _cfg(fixture) -> PipelineConfig:
-    return PipelineConfig.load(fixture.package)
-
 
 def _ref(seed: int = 0, size: tuple[int, int] = (24, 20)) -> Image.Image:
     width, height = size
@@ -83,16 +78,6 @@ def _assert_one_line(excinfo, *fragments: str) -> str:
     return message
 
 
-def _png_bytes(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims ``width`` x ``height`` pixels (decoding is never reached)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
-
-
 def _corrupt_file(tmp_path: Path) -> Path:
     path = tmp_path / "corrupt.png"
     good = tmp_path / "good_for_corrupt.png"
@@ -105,7 +90,7 @@ def _corrupt_file(tmp_path: Path) -> Path:
 def _huge_header_file(tmp_path: Path) -> Path:
     path = tmp_path / "bomb.png"
     side = math.isqrt(imgs.DEFAULT_MAX_PIXELS) * 4
-    path.write_bytes(_png_bytes(side, side))
+    path.write_bytes(png_bytes(side, side))
     assert path.stat().st_size < 200
     return path
 
@@ -176,7 +161,7 @@ SIZE_CASES: list[Case] = [
 
 def test_size_cases_are_meaningful(tiny, odd):
     for fixture in (tiny, odd):
-        cfg = _cfg(fixture)
+        cfg = fixture_config(fixture)
         assert cfg.image_multiple > 1, "the not-a-multiple cases need image_multiple > 1"
         assert cfg.min_image_size + 1 <= cfg.max_image_size
         assert cfg.default_height + cfg.image_multiple <= cfg.max_image_size
@@ -187,7 +172,7 @@ def test_size_cases_are_meaningful(tiny, odd):
 def test_bad_call_input_plain(tiny, tmp_path, case):
     _, overrides, field_name = case
     runtime = shared_runtime(tiny)
-    kwargs = _call_kwargs(tiny, **overrides(_cfg(tiny), tmp_path))
+    kwargs = _call_kwargs(tiny, **overrides(fixture_config(tiny), tmp_path))
     with pytest.raises(InputError) as e:
         runtime(**kwargs)
     _assert_one_line(e, field_name)
@@ -199,14 +184,14 @@ def test_bad_sizes_and_latents(request, tmp_path, name, case):
     _, overrides, field_name = case
     fixture = request.getfixturevalue(name)
     runtime = shared_runtime(fixture)
-    kwargs = _call_kwargs(fixture, **overrides(_cfg(fixture), tmp_path))
+    kwargs = _call_kwargs(fixture, **overrides(fixture_config(fixture), tmp_path))
     with pytest.raises(InputError) as e:
         runtime(**kwargs)
     _assert_one_line(e, field_name)
 
 
 def test_size_messages_give_the_allowed_range(odd):
-    cfg = _cfg(odd)
+    cfg = fixture_config(odd)
     with pytest.raises(InputError) as e:
         shared_runtime(odd)(**_call_kwargs(odd, height=cfg.min_image_size + 1))
     _assert_one_line(e, "height", str(cfg.image_multiple), str(cfg.min_image_size), str(cfg.max_image_size))
@@ -215,7 +200,7 @@ def test_size_messages_give_the_allowed_range(odd):
 @pytest.mark.parametrize("name", ["tiny", "odd"])
 def test_allowed_sizes_and_latent_dtypes_work(request, name):
     fixture = request.getfixturevalue(name)
-    cfg = _cfg(fixture)
+    cfg = fixture_config(fixture)
     runtime = shared_runtime(fixture)
     height = cfg.min_image_size
     width = min(cfg.default_width + cfg.image_multiple, cfg.max_image_size)
@@ -252,7 +237,7 @@ def test_bad_call_input_controlnet(tiny_cn, tmp_path, case):
     _, overrides, field_name = case
     runtime = shared_runtime(tiny_cn)
     with pytest.raises(InputError) as e:
-        runtime(**_call_kwargs(tiny_cn, **overrides(_cfg(tiny_cn), tmp_path)))
+        runtime(**_call_kwargs(tiny_cn, **overrides(fixture_config(tiny_cn), tmp_path)))
     message = _assert_one_line(e, field_name)
     if "canny" in field_name:
         assert "condition_image" in message
@@ -276,7 +261,7 @@ def _odd_mode_images(tmp_path: Path) -> dict[str, Any]:
 
 def test_unusual_image_modes_are_converted(tiny, tmp_path):
     runtime = shared_runtime(tiny)
-    cfg = _cfg(tiny)
+    cfg = fixture_config(tiny)
     for name, image in _odd_mode_images(tmp_path).items():
         subject = runtime.encode_subject(image, "dog")
         assert subject.embeddings.shape == (cfg.num_query_tokens, cfg.qformer_hidden_size), name
@@ -355,12 +340,6 @@ def test_subject_and_reference_together(tiny):
 # ---- packages ------------------------------------------------------------------------------
 
 
-def _copy_package(fixture, tmp_path: Path) -> Path:
-    dest = tmp_path / f"{fixture.name}-copy"
-    shutil.copytree(fixture.package, dest)
-    return dest
-
-
 def _open_both_ways(path: Path, **kwargs):
     """ModelPackage.open and from_package must both raise PackageError; returns the two infos."""
     infos = []
@@ -384,7 +363,7 @@ def test_package_without_manifest(tiny, tmp_path):
     empty.mkdir()
     for e in _open_both_ways(empty):
         _assert_one_line(e, "manifest.json")
-    copy = _copy_package(tiny, tmp_path)
+    copy = copy_package(tiny, tmp_path)
     (copy / "manifest.json").unlink()
     for e in _open_both_ways(copy):
         _assert_one_line(e, "manifest.json")
@@ -394,7 +373,7 @@ def test_package_without_manifest(tiny, tmp_path):
 
 
 def test_package_with_a_missing_graph(tiny, tmp_path):
-    copy = _copy_package(tiny, tmp_path)
+    copy = copy_package(tiny, tmp_path)
     victim = copy / "onnx" / "fp32" / "unet_plain.onnx"
     victim.unlink()
     for e in _open_both_ways(copy):
@@ -406,7 +385,7 @@ def test_package_with_a_missing_graph(tiny, tmp_path):
 
 @pytest.mark.parametrize("relpath", ["onnx/fp32/qformer.onnx", "onnx/fp32-fused/unet_plain.onnx", "tokenizer/tokenizer.json", "pipeline.json"])
 def test_package_with_an_altered_byte(tiny, tmp_path, relpath):
-    copy = _copy_package(tiny, tmp_path)
+    copy = copy_package(tiny, tmp_path)
     target = copy / relpath
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0x01
@@ -417,7 +396,7 @@ def test_package_with_an_altered_byte(tiny, tmp_path, relpath):
         folder, name = Path(relpath).parent.name, Path(relpath).stem
         infos = []
         with pytest.raises(PackageError) as e:
-            package.onnx_path(name, "fp32", cpu_fused=folder == CPU_FUSED_DIR)
+            package.onnx_path(name, "fp32", cpu_fused=folder == CPU_FUSED)
         infos.append(e)
         with pytest.raises(PackageError) as e:
             BlipDiffusionRuntime.from_package(copy)
@@ -449,14 +428,11 @@ def test_unknown_backend(tiny):
 # --------------------------------------------------------------------------------------------
 
 
-def _cli(package: Path, ref: Path, out: Path, *extra: str, steps: int = STEPS) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable, "-m", "blipdiffusion_trt.cli", "generate", str(package),
-        "--prompt", "a photo on the beach", "--reference-image", str(ref),
-        "--source-subject", "dog", "--target-subject", "dog", "--out", str(out), "--steps", str(steps), *extra,
-    ]
-    env = {**os.environ, "BLIPDIFFUSION_TRT_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+def _generate(package: Path, ref: Path, out: Path, *extra: str, steps: int = STEPS) -> subprocess.CompletedProcess:
+    """``blipdiffusion-trt generate`` in a subprocess, one ONNX Runtime thread."""
+    return run_cli("generate", package, "--prompt", "a photo on the beach", "--reference-image", ref,
+                   "--source-subject", "dog", "--target-subject", "dog", "--out", out, "--steps", steps, *extra,
+                   env={**os.environ, "BLIPDIFFUSION_TRT_THREADS": "1"}, timeout=120)
 
 
 def _assert_cli_error(proc: subprocess.CompletedProcess, out: Path, *fragments: str) -> None:
@@ -479,20 +455,20 @@ def ref_file(tmp_path) -> Path:
 
 
 def test_cli_generate_png_npy_timings_and_latents(tiny, tmp_path, ref_file):
-    cfg = _cfg(tiny)
+    cfg = fixture_config(tiny)
     height = min(cfg.default_height + cfg.image_multiple, cfg.max_image_size)
     width = cfg.default_width
     assert height != width
     size = ["--height", str(height), "--width", str(width)]
 
     png = tmp_path / "out.png"
-    proc = _cli(tiny.package, ref_file, png, *size)
+    proc = _generate(tiny.package, ref_file, png, *size)
     assert proc.returncode == 0, proc.stderr
     with Image.open(png) as im:
         assert im.size == (width, height) and im.mode == "RGB"
 
     npy = tmp_path / "out.npy"
-    proc = _cli(tiny.package, ref_file, npy, "--timings", *size)
+    proc = _generate(tiny.package, ref_file, npy, "--timings", *size)
     assert proc.returncode == 0, proc.stderr
     array = np.load(npy)
     assert array.dtype == np.float32 and array.shape == (height, width, 3)
@@ -511,7 +487,7 @@ def test_cli_generate_png_npy_timings_and_latents(tiny, tmp_path, ref_file):
     outs = []
     for i, seed in enumerate(("1", "2")):  # the seed is ignored when latents are given
         out = tmp_path / f"lat{i}.npy"
-        proc = _cli(tiny.package, ref_file, out, "--latents", str(latents_file), "--seed", seed, *size)
+        proc = _generate(tiny.package, ref_file, out, "--latents", str(latents_file), "--seed", seed, *size)
         assert proc.returncode == 0, proc.stderr
         outs.append(np.load(out))
     np.testing.assert_array_equal(outs[0], outs[1])
@@ -519,7 +495,7 @@ def test_cli_generate_png_npy_timings_and_latents(tiny, tmp_path, ref_file):
 
 
 def test_cli_generate_errors(tiny, tmp_path, ref_file):
-    cfg = _cfg(tiny)
+    cfg = fixture_config(tiny)
     out_dir = tmp_path / "outs"
     out_dir.mkdir()
     shape = _latent_shape(cfg)
@@ -530,8 +506,8 @@ def test_cli_generate_errors(tiny, tmp_path, ref_file):
     not_npy = tmp_path / "not_npy.npy"
     not_npy.write_text("hello")
     corrupt = _corrupt_file(tmp_path)
-    altered = _copy_package(tiny, tmp_path)
-    unet = altered / "onnx" / CPU_FUSED_DIR / "unet_plain.onnx"  # the graph the cpu runtime loads
+    altered = copy_package(tiny, tmp_path)
+    unet = altered / "onnx" / CPU_FUSED / "unet_plain.onnx"  # the graph the cpu runtime loads
     data = bytearray(unet.read_bytes())
     data[-1] ^= 0xFF
     unet.write_bytes(bytes(data))
@@ -560,7 +536,7 @@ def test_cli_generate_errors(tiny, tmp_path, ref_file):
     def run(case):
         name, where, extra, _ = case
         out = where.get("out", out_dir / f"{name}.npy")
-        return out, _cli(where.get("package", tiny.package), where.get("ref", ref_file), out, *extra,
+        return out, _generate(where.get("package", tiny.package), where.get("ref", ref_file), out, *extra,
                          steps=where.get("steps", STEPS))
 
     with ThreadPoolExecutor(max_workers=2) as pool:  # two processes at a time (2 CPU cores)
@@ -644,7 +620,7 @@ def test_runtime_runs_without_torch(tiny, tmp_path, ref_file):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "NO-TORCH-OK" in proc.stdout
-    assert np.load(out).shape == (_cfg(tiny).default_height, _cfg(tiny).default_width, 3)
+    assert np.load(out).shape == (fixture_config(tiny).default_height, fixture_config(tiny).default_width, 3)
 
 
 FORBIDDEN_IMPORT_LINE = re.compile(r"^\s*(import|from)\s+(torch|diffusers|transformers)\b", re.MULTILINE)
@@ -784,7 +760,7 @@ def test_mix_subjects_and_subject_argument(tiny):
 @pytest.mark.parametrize("name", ["tiny", "tiny_cn"])
 def test_batch_equals_single_prompts(request, name):
     fixture = request.getfixturevalue(name)
-    cfg = _cfg(fixture)
+    cfg = fixture_config(fixture)
     runtime = shared_runtime(fixture)
     prompts = ["a photo on the beach", "an oil painting in a garden"]
     latents = np.random.default_rng(9).standard_normal(_latent_shape(cfg, batch=len(prompts))).astype(np.float32)
@@ -811,7 +787,7 @@ def test_batch_reference_list_length_mismatch(tiny):
 
 def _latents_and_reference(fixture, seed: int):
     """Latents of the package's default size and a small reference image, from ``seed``."""
-    config = PipelineConfig.load(fixture.package)
+    config = read_pipeline_config(fixture.package)
     rng = np.random.default_rng(seed)
     latents = rng.standard_normal(
         (1, config.latent_channels, config.default_height // config.latent_scale_factor,

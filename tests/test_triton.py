@@ -13,7 +13,6 @@ environment's packages, that numpy first). Otherwise they are skipped with that 
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import json
 import os
@@ -36,8 +35,11 @@ onnx = pytest.importorskip("onnx", reason="needs the export extra")
 from google.protobuf import text_format  # noqa: E402  (tritonclient[grpc] brings protobuf)
 from tritonclient.grpc import model_config_pb2  # noqa: E402
 
-from blipdiffusion_trt.components import Axis, ComponentSpec, PipelineConfig, TensorSpec  # noqa: E402
-from blipdiffusion_trt.engines import triton as tr  # noqa: E402
+from blipdiffusion_trt.components import Axis, ComponentSpec, PipelineConfig, TensorSpec, generation_components  # noqa: E402
+from blipdiffusion_trt.package import read_pipeline_config  # noqa: E402
+from blipdiffusion_trt.serving.triton import cli as triton_cli  # noqa: E402
+from blipdiffusion_trt.serving.triton import configs  # noqa: E402
+from blipdiffusion_trt.serving.triton import repository as tr  # noqa: E402
 from blipdiffusion_trt.errors import InputError, PackageError  # noqa: E402
 
 FLAVORS = ("python-cpu", "onnxruntime", "tensorrt")
@@ -54,11 +56,11 @@ def fake_plans(package: Path, dst: Path, archs: tuple[str, ...] = ("sm_89-trt10.
                **options) -> Path:
     """A copy of ``package`` with fake TensorRT plans (their content names them) in engines/<arch>/,
     and the ``engines.json`` the builder would write for ``shapes`` (none when None)."""
-    from blipdiffusion_trt.engines.build import RECORD_FORMAT_VERSION, BuildOptions
+    from blipdiffusion_trt.engines.plans import RECORD_FORMAT_VERSION, BuildOptions
     from blipdiffusion_trt.engines.profiles import component_profiles, profile_to_json
 
     shutil.copytree(package, dst)
-    config = PipelineConfig.load(dst)
+    config = read_pipeline_config(dst)
     components = json.loads((dst / "manifest.json").read_text())["components"]
     for arch in archs:
         folder = dst / "engines" / arch
@@ -107,14 +109,15 @@ def model_dims(tensor, max_batch_size: int) -> list[int]:
 @pytest.mark.parametrize("flavor", FLAVORS)
 @pytest.mark.parametrize("which", ["tiny", "tiny_cn"])
 def test_repository_configs(flavor, which, request, trt_packages, tmp_path):
-    from blipdiffusion_trt.runtime.package import CPU_FUSED_DIR, ModelPackage
+    from blipdiffusion_trt.package import ModelPackage
+    from blipdiffusion_trt.package.layout import CPU_FUSED
 
     fixture = request.getfixturevalue(which)
     source = trt_packages[which] if flavor == "tensorrt" else fixture.package
     repo = tr.write_triton_repository(source, tmp_path / "repo", flavor, instances=2)
     package = ModelPackage.open(fixture.package, verify=False)
     config: PipelineConfig = package.config
-    components = tr.pipeline_components(config)
+    components = generation_components(config)
     expected = ["controlnet", "unet"] if fixture.controlnet else ["unet_plain"]
     assert set(expected) <= set(components) and ("unet_plain" in components) != fixture.controlnet
     assert sorted(p.name for p in repo.path.iterdir()) == sorted(components + ["blip_diffusion"])
@@ -140,7 +143,7 @@ def test_repository_configs(flavor, which, request, trt_packages, tmp_path):
             assert (cfg.platform, cfg.backend) == ("", "python")
             graph = model_dir / "1" / "model.onnx"
             # what the cpu runtime loads: the CPU-fused graph where the package has one
-            folder = CPU_FUSED_DIR if package.has_cpu_fused(component) else "fp32"
+            folder = CPU_FUSED if package.has_cpu_fused(component) else "fp32"
             assert graph.read_bytes() == (fixture.package / "onnx" / folder / f"{component}.onnx").read_bytes()
             compile((model_dir / "1" / "model.py").read_text(), "model.py", "exec")
         (group,) = cfg.instance_group
@@ -162,7 +165,7 @@ def test_repository_configs(flavor, which, request, trt_packages, tmp_path):
         else:
             # batching: from the declarations; the UNet's batch is 2 x B; ControlNet's scalar
             # conditioning_scale has no batch axis, so it cannot batch at all
-            axis = tr.batch_axis(spec)
+            axis = configs.batch_axis(spec)
             if component == "controlnet":
                 assert axis is None
             if axis is None:
@@ -233,7 +236,7 @@ def test_tensorrt_several_architectures(tiny, tmp_path):
     package = fake_plans(tiny.package, tmp_path / "pkg", ("sm_89-trt10.8", "sm_90-trt10.8", "sm_90-trt10.3", "sm_86-trt10.8"))
     (package / "engines" / "sm_86-trt10.8" / "vae_decoder.plan").unlink()  # incomplete: skipped
     repo = tr.write_triton_repository(package, tmp_path / "repo", "tensorrt")
-    for component in tr.pipeline_components(PipelineConfig.load(package)):
+    for component in generation_components(read_pipeline_config(package)):
         cfg = parse_config(repo.path / component / "config.pbtxt")
         assert dict(cfg.cc_model_filenames) == {"8.9": "model.sm_89.plan", "9.0": "model.sm_90.plan"}
         version_dir = repo.path / component / "1"
@@ -245,7 +248,7 @@ def test_tensorrt_several_architectures(tiny, tmp_path):
 
 def test_tensorrt_dynamic_engines(tiny, tmp_path):
     package = fake_plans(tiny.package, tmp_path / "pkg", shapes="dynamic", height="16:32:48")
-    config = PipelineConfig.load(package)
+    config = read_pipeline_config(package)
     repo = tr.write_triton_repository(package, tmp_path / "repo", "tensorrt")
     unet = parse_config(repo.path / "unet_plain" / "config.pbtxt")
     assert unet.max_batch_size == 2 * config.max_batch_size and unet.HasField("dynamic_batching")
@@ -304,7 +307,7 @@ def test_cuda_graphs_only_for_static_shapes():
     })))
     texts = {}
     for spec in (static, dynamic):
-        text, mbs = tr.component_config(spec, config, name=spec.name, flavor="tensorrt", max_batch_size=4, instances=1)
+        text, mbs = configs.component_config(spec, config, name=spec.name, flavor="tensorrt", max_batch_size=4, instances=1)
         texts[spec.name] = text_format.Parse(text, model_config_pb2.ModelConfig())
         assert mbs == 4
     assert texts["static"].optimization.cuda.graphs and not texts["dynamic"].optimization.cuda.graphs
@@ -316,7 +319,7 @@ def test_max_batch_size_option(tiny, tmp_path):
     assert parse_config(repo.path / "unet_plain" / "config.pbtxt").max_batch_size == 4
     assert parse_config(repo.path / "qformer" / "config.pbtxt").max_batch_size == 2
     repo = tr.write_triton_repository(tiny.package, tmp_path / "off", "onnxruntime", max_batch_size=0)
-    for component in tr.pipeline_components(PipelineConfig.load(tiny.package)):
+    for component in generation_components(read_pipeline_config(tiny.package)):
         cfg = parse_config(repo.path / component / "config.pbtxt")
         assert cfg.max_batch_size == 0 and not cfg.HasField("dynamic_batching")
     timestep = [t for t in parse_config(repo.path / "unet_plain" / "config.pbtxt").input if t.name == "timestep"][0]
@@ -361,8 +364,9 @@ def test_output_directory_handling(tiny, tmp_path):
 
 
 def test_cli(tiny, tmp_path, capsys):
-    parser = argparse.ArgumentParser(prog="blipdiffusion-trt")
-    tr.add_triton(parser.add_subparsers(dest="command", required=True))
+    from blipdiffusion_trt.cli import build_parser
+
+    parser = build_parser()
     args = parser.parse_args(["triton", str(tiny.package), "--out", str(tmp_path / "repo"), "--flavor", "onnxruntime",
                               "--max-batch-size", "1", "--instances", "3", "--no-verify"])
     assert args.run(args) == 0
@@ -380,6 +384,7 @@ def test_cli(tiny, tmp_path, capsys):
 
 MAX_IMAGE_PIXELS = 64 * 64
 STARTUP_SECONDS = 180
+LOAD_TEST_HANG_SECONDS = 600
 REFERENCE = np.random.default_rng(7).integers(0, 256, (40, 50, 3), dtype=np.uint8)
 CONDITION = np.random.default_rng(8).integers(0, 256, (24, 28, 3), dtype=np.uint8)
 
@@ -645,15 +650,14 @@ def test_server_under_load(triton_server, tiny, tiny_cn):
             results.append((fixture.name, seed, np.array_equal(image, expected[(fixture.name, seed)])))
         return results
 
-    start = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         futures = [pool.submit(worker, i) for i in range(clients)]
-        results = [r for f in futures for r in f.result(timeout=150)]
-    elapsed = time.monotonic() - start
+        # A guard against a hung server, not a speed requirement (speed is the benchmark's job):
+        # generous on any CPU, so only a request that never returns trips it.
+        results = [r for f in futures for r in f.result(timeout=LOAD_TEST_HANG_SECONDS)]
     assert len(results) == clients * requests_each
     wrong = [r for r in results if not r[2]]
     assert not wrong, f"{len(wrong)} of {len(results)} images differ from the Python API's: {wrong[:5]}"
-    assert elapsed < 150, f"{len(results)} generations took {elapsed:.0f} s"
 
 
 BAD_REQUESTS = [

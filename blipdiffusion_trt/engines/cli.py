@@ -2,28 +2,24 @@
 
 Arguments are checked before TensorRT is imported, so a bad call gives its one-line error on any
 machine; without TensorRT the command ends with a one-line error saying how to get it.
-``python -m blipdiffusion_trt.engines.cli build ...`` runs the subcommand on its own.
+Registered by :mod:`blipdiffusion_trt.cli`.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 
-from ..errors import InputError, run_reporting_errors
+from ..errors import InputError
 from .profiles import SHAPE_MODES
+
+DESCRIPTION = "Build TensorRT engines (strongly typed, fp16 inside) into PACKAGE/engines/<sm_XY>-trt<X.Y>/."
 
 
 def _components(text: str) -> list[str]:
     return [c.strip() for c in text.split(",") if c.strip()]
 
 
-def add_build(sub) -> None:
-    p = sub.add_parser(
-        "build", help="build TensorRT fp16 engines for this GPU from a package's fp16 graphs",
-        description="Build TensorRT engines (strongly typed, fp16 inside) into PACKAGE/engines/<sm_XY>-trt<X.Y>/.",
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("package", help="model package exported with --precision fp32,fp16")
     p.add_argument("--components", nargs="+", metavar="NAME",
                    help="components to build, space- or comma-separated (default: all of the package's)")
@@ -39,7 +35,6 @@ def add_build(sub) -> None:
                    help="TensorRT timing cache to load and update (default PACKAGE/engines/timing.cache)")
     p.add_argument("--workspace", metavar="GB", help="builder workspace limit in GiB (default: TensorRT's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(run=run_build)
 
 
 def run_build(args) -> int:
@@ -63,18 +58,3 @@ def run_build(args) -> int:
     print(f"record: {report.record_path}")
     print(f"timing cache: {report.timing_cache}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The ``build`` subcommand alone, with the main CLI's error handling."""
-    parser = argparse.ArgumentParser(prog="blipdiffusion-trt")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_build(sub)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return run_reporting_errors(lambda: args.run(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -22,13 +22,12 @@ Two modes (``blipdiffusion-trt build --shapes``):
     prompt batch (guidance <= 1 runs them without the negative half) to twice the largest.
 
 Pixel sizes become latent (and ControlNet residual) sizes through the declaration: each latent
-axis is its pixel axis divided by the ratio of their ``multiple_of``, checked against the
-declared bounds, so no latent factor is spelled here.
+axis names the pixel axis it derives from and its divisor (``Axis.derived_from``/``divisor``),
+checked against the declared bounds, so no latent factor is spelled here.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any, Iterable, Mapping
 
 from ..components import Axis, ComponentSpec, PipelineConfig, declare_components
@@ -43,8 +42,6 @@ Profiles = dict[str, dict[str, tuple[Shape, Shape, Shape]]]
 
 # Axes whose length the runtime chooses per call even at one generation size (pad-to-longest).
 DATA_DEPENDENT_AXES = ("qformer_text_length",)
-# latent_height, latent_width, and the ControlNet residuals' latent_height_<k>/latent_width_<k>.
-_LATENT_AXIS = re.compile(r"^latent_(height|width)(?:_(\d+))?$")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -178,8 +175,8 @@ def axis_ranges(
             else:
                 value = (b[0], 2 * b[1], 2 * b[2])
             value = tuple(min(max(v, axis.min), axis.max) for v in value)  # type: ignore[assignment]
-        elif _LATENT_AXIS.match(name):
-            value = _latent_range(name, axis, axes, ranges)
+        elif axis.derived_from is not None:
+            value = _derived_range(axis, axes, ranges)
         elif name in DATA_DEPENDENT_AXES or shapes == "dynamic":
             value = (axis.min, axis.opt, axis.max)
         else:
@@ -188,17 +185,15 @@ def axis_ranges(
     return ranges
 
 
-def _latent_range(name: str, axis: Axis, axes: Mapping[str, Axis], ranges: Mapping[str, Range]) -> Range:
-    """A latent/residual axis from its pixel axis, by the declared ``multiple_of`` ratio."""
-    match = _LATENT_AXIS.match(name)
-    assert match is not None
-    pixel = axes[match.group(1)]
-    divisor = pixel.multiple_of // axis.multiple_of
-    if divisor < 1 or pixel.multiple_of % axis.multiple_of or any(
-        p // divisor != q for p, q in ((pixel.min, axis.min), (pixel.opt, axis.opt), (pixel.max, axis.max))
+def _derived_range(axis: Axis, axes: Mapping[str, Axis], ranges: Mapping[str, Range]) -> Range:
+    """A latent/residual axis from the (pixel) axis it derives from, divided by its declared divisor."""
+    source = axes[axis.derived_from]  # type: ignore[index]
+    divisor = axis.divisor
+    if divisor < 1 or any(
+        p // divisor != q for p, q in ((source.min, axis.min), (source.opt, axis.opt), (source.max, axis.max))
     ):
-        raise ValueError(f"axis {name} {axis} is not {pixel.name} {pixel} divided by a whole factor")
-    return tuple(v // divisor for v in ranges[pixel.name])  # type: ignore[return-value]
+        raise ValueError(f"axis {axis.name} {axis} is not {source.name} {source} divided by {divisor}")
+    return tuple(v // divisor for v in ranges[source.name])  # type: ignore[return-value]
 
 
 # ------------------------------------------------------------------------------------------------

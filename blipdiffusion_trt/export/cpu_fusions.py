@@ -23,8 +23,10 @@ from typing import Any
 import numpy as np
 
 from ..components import ComponentSpec
-from ..errors import ValidationError
-from ..runtime.package import CPU_FUSED_DIR as FUSED_VARIANT
+from ..errors import PackageError, ValidationError
+from ..package import ModelPackage, PackageLayout, layout
+from ..package.manifest import replace_variant
+from .graphs import example_inputs, export_point, max_abs_diff, ort_session, run_onnx, save_onnx, second_point
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +76,6 @@ def fuse_for_cpu(src: Path, dst: Path, model_type: str) -> dict[str, int]:
     from onnxruntime.transformers import optimizer
     from onnxruntime.transformers.fusion_options import FusionOptions
 
-    from .exporter import save_onnx
-
     _patch_num_heads_detection()
     options = FusionOptions(model_type)
     for name in _CUDA_ONLY_OPTIONS:
@@ -107,8 +107,6 @@ def compare_graphs(spec: ComponentSpec, reference: Path, fused: Path, feeds: lis
 
     One session at a time: two full-size UNet sessions side by side would hold ~14 GB.
     """
-    from .exporter import max_abs_diff, ort_session, run_onnx
-
     def outputs(path: Path) -> list[list[np.ndarray]]:
         session = ort_session(path)
         try:
@@ -134,16 +132,17 @@ def package_vocab_sizes(root: Path) -> dict[str, int]:
     """Token-id ranges for example inputs, from the package's own tokenizers."""
     from tokenizers import Tokenizer
 
-    text = Tokenizer.from_file(str(root / "tokenizer" / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
-    qformer = Tokenizer.from_file(str(root / "qformer_tokenizer" / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    files = PackageLayout(root)
+    text = Tokenizer.from_file(str(files.tokenizer_json(layout.CLIP_TOKENIZER))).get_vocab_size(with_added_tokens=True)
+    qformer = Tokenizer.from_file(str(files.tokenizer_json(layout.QFORMER_TOKENIZER))).get_vocab_size(with_added_tokens=True)
     return {"qformer": qformer, "text_encoder": text, "text_encoder_plain": text}
 
 
 def fuse_graphs(root: Path, specs: dict[str, ComponentSpec], vocab: dict[str, int], *, progress: bool = True) -> dict[str, Any]:
-    """Write ``root/onnx/fp32-fused/`` for every component that declares ``cpu_fusion``; validate each.
+    """Write the CPU-fused graph of every component that declares ``cpu_fusion``; validate each.
 
-    ``root`` is a package (or the export's temporary directory) holding ``onnx/fp32``. The graphs
-    go to a temporary sibling first and replace ``fp32-fused`` as a whole. Returns the manifest
+    ``root`` is a package (or the export's temporary directory) holding the fp32 graphs. The
+    graphs go to a temporary sibling first and replace the CPU-fused folder as a whole. Returns the manifest
     entry per fused component: fused op counts and the comparison with the fp32 graph.
     """
     import shutil
@@ -152,17 +151,16 @@ def fuse_graphs(root: Path, specs: dict[str, ComponentSpec], vocab: dict[str, in
     from tqdm.auto import tqdm
 
     from ..fsutil import replace_dir
-    from .exporter import example_inputs, export_point, second_point
 
     names = [name for name, spec in specs.items() if spec.cpu_fusion]
-    onnx_dir = root / "onnx"
-    scratch = Path(tempfile.mkdtemp(prefix=f".{FUSED_VARIANT}.partial-", dir=onnx_dir))
+    files = PackageLayout(root)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{layout.CPU_FUSED}.partial-", dir=files.graphs_root))
     report: dict[str, Any] = {}
     try:
         for name in tqdm(names, desc="cpu fusions", unit="component", disable=not progress):
             spec = specs[name]
-            plain = onnx_dir / "fp32" / f"{name}.onnx"
-            fused = scratch / f"{name}.onnx"
+            plain = files.graph(name, "fp32")
+            fused = scratch / files.graph(name, layout.CPU_FUSED).name
             counts = fuse_for_cpu(plain, fused, spec.cpu_fusion)
             gc.collect()  # the optimizer's model holds reference cycles: free its copy of the weights now
             if not counts:
@@ -173,7 +171,7 @@ def fuse_graphs(root: Path, specs: dict[str, ComponentSpec], vocab: dict[str, in
             report[name] = {"model_type": spec.cpu_fusion, "fused_ops": counts,
                             "validation": compare_graphs(spec, plain, fused, feeds)}
         if report:
-            replace_dir(scratch, onnx_dir / FUSED_VARIANT)
+            replace_dir(scratch, files.graphs_dir(layout.CPU_FUSED))
         else:
             shutil.rmtree(scratch)
     except BaseException:
@@ -182,26 +180,27 @@ def fuse_graphs(root: Path, specs: dict[str, ComponentSpec], vocab: dict[str, in
     return report
 
 
+def fusion_summary(report: dict[str, Any]) -> list[str]:
+    """One line per fused component: its fused ops and how far it is from the fp32 graph."""
+    lines = []
+    for name, entry in report.items():
+        ops = ", ".join(f"{op} {n}" for op, n in entry["fused_ops"].items())
+        diffs = ", ".join(f"{v['point']} max|diff| {v['max_abs_vs_fp32']:.2e}" for v in entry["validation"])
+        lines.append(f"  {name:<20} cpu-fused ({ops}); vs fp32 graph: {diffs}")
+    return lines
+
+
 def fuse_package(path: str | Path, *, progress: bool = True) -> dict[str, Any]:
     """Add (or redo) the CPU-fused graphs of an existing package and record them in its manifest."""
-    import json
     import os
-
-    from ..errors import PackageError
-    from ..runtime.package import MANIFEST_NAME, ModelPackage, sha256_file
+    import shutil
 
     package = ModelPackage.open(path, verify=False)
-    root = package.root
-    if not os.access(root / "onnx", os.W_OK):
-        raise PackageError(f"{root}: package is not writable")
-    report = fuse_graphs(root, package.specs, package_vocab_sizes(root), progress=progress)
-    manifest = dict(package.manifest)
-    files = {k: v for k, v in manifest["files"].items() if not k.startswith(f"onnx/{FUSED_VARIANT}/")}
-    for file in sorted((root / "onnx" / FUSED_VARIANT).glob("*")) if report else []:
-        files[f"onnx/{FUSED_VARIANT}/{file.name}"] = sha256_file(file)
-    manifest["files"] = dict(sorted(files.items()))
-    manifest["cpu_fused"] = report
-    tmp = root / f".{MANIFEST_NAME}.partial"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, root / MANIFEST_NAME)
+    files = package.layout
+    if not os.access(files.graphs_root, os.W_OK):
+        raise PackageError(f"{package.root}: package is not writable")
+    report = fuse_graphs(package.root, package.specs, package_vocab_sizes(package.root), progress=progress)
+    if not report:  # nothing fused: no CPU-fused folder, none listed
+        shutil.rmtree(files.graphs_dir(layout.CPU_FUSED), ignore_errors=True)
+    replace_variant(package.root, package.manifest, layout.CPU_FUSED, cpu_fused=report)
     return report

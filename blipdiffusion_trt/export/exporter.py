@@ -1,16 +1,8 @@
 """Checkpoint -> model package: load with diffusers, trace each component to ONNX, validate.
 
-A package is a directory that needs neither torch nor diffusers::
-
-    manifest.json                 format version, components and their I/O, tools, sha256 of files
-    pipeline.json                 PipelineConfig (ctx_begin_pos, image mean/std, latent factor, ...)
-    scheduler/scheduler_config.json
-    tokenizer/tokenizer.json      CLIP BPE (+ tokenizer_settings.json: pad id, max length)
-    qformer_tokenizer/tokenizer.json
-    onnx/fp32/<component>.onnx    (+ <component>.onnx.data where a graph exceeds 2 GB)
-    onnx/fp16/<component>.onnx    on request: strongly typed fp16 graphs, fp32 inputs/outputs
-    onnx/fp32-fused/<component>.onnx  fp32 graphs with ONNX Runtime's CPU fusions (UNet, ControlNet
-                                  attention), used by the CPU runtime (export/cpu_fusions.py)
+The package's files and where they go are :mod:`blipdiffusion_trt.package.layout`'s: configs,
+tokenizers, one graph per component and precision (fp32, optionally fp16), the CPU-fused fp32
+graphs (:mod:`.cpu_fusions`) and the manifest listing them with their sha256.
 
 The package is written to a temporary sibling directory and renamed into place at the end, so an
 interrupted export leaves nothing half-written.
@@ -32,19 +24,19 @@ from typing import Any, Iterable
 import numpy as np
 
 from .. import __version__
-from ..components import PIPELINE_CONFIG_NAME, ComponentSpec, PipelineConfig, declare_components
-from ..errors import CheckpointError, InputError, ValidationError, first_line
+from ..components import ComponentSpec, PipelineConfig, declare_components
+from ..errors import CheckpointError, InputError, ValidationError, describe
 from ..fsutil import read_json, replace_dir
-from ..runtime.package import MANIFEST_NAME, sha256_file
-from .cpu_fusions import fuse_graphs
+from ..package import PackageLayout, layout, pipeline_config_json
+from ..package.manifest import digest_tree, write_manifest
+from .cpu_fusions import fuse_graphs, fusion_summary
+from .graphs import cosine, example_inputs, export_point, max_abs_diff, ort_session, run_onnx, save_onnx, second_point
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = layout.PRECISIONS
 BLIP_CLASSES = ("BlipDiffusionPipeline", "BlipDiffusionControlNetPipeline")
 WEIGHT_MODULES = ("text_encoder", "vae", "unet", "qformer", "controlnet")
-# Protobuf cannot serialise a ModelProto over 2 GiB; keep a margin for the graph itself.
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,7 +118,7 @@ def load_pipeline(checkpoint: str | Path, controlnet: str | Path | None = None, 
                 controlnet, torch_dtype=torch.float32, use_safetensors=safetensors_only, local_files_only=True
             )
         except Exception as error:  # diffusers raises many types; the user needs one line
-            raise CheckpointError(f"{controlnet}: cannot load ControlNet ({_first_line(error)})") from None
+            raise CheckpointError(f"{controlnet}: cannot load ControlNet ({describe(error)})") from None
         pipeline_cls = BlipDiffusionControlNetPipeline
     elif "controlnet" in index:
         _check_controlnet_matches(
@@ -137,7 +129,7 @@ def load_pipeline(checkpoint: str | Path, controlnet: str | Path | None = None, 
     try:
         pipe = pipeline_cls.from_pretrained(checkpoint, **kwargs)
     except Exception as error:  # diffusers raises many types; the user needs one line
-        raise CheckpointError(f"{checkpoint}: cannot load {pipeline_cls.__name__} ({_first_line(error)})") from None
+        raise CheckpointError(f"{checkpoint}: cannot load {pipeline_cls.__name__} ({describe(error)})") from None
     pipe.set_progress_bar_config(disable=True)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
@@ -151,10 +143,6 @@ def _check_controlnet_matches(controlnet: dict, unet: dict, where: Path) -> None
             raise CheckpointError(
                 f"{where}: ControlNet {key}={controlnet.get(key)} does not match the UNet's {unet.get(key)}"
             )
-
-
-def _first_line(error: BaseException) -> str:
-    return f"{type(error).__name__}: {first_line(error)}"
 
 
 def pipeline_config_from(pipe, max_batch_size: int = 4, editing: bool = True) -> PipelineConfig:
@@ -207,93 +195,8 @@ def pipeline_config_from(pipe, max_batch_size: int = 4, editing: bool = True) ->
 
 
 # --------------------------------------------------------------------------------------------
-# 2. Example inputs and the torch module of each component
+# 2. The torch module of each component (example inputs: .graphs)
 # --------------------------------------------------------------------------------------------
-
-def export_point(spec: ComponentSpec) -> dict[str, int]:
-    """Axis values for tracing: the optimum, but batch 2 (batch-1 traces bake batch 1 in)."""
-    point = {name: axis.opt for name, axis in spec.axes.items()}
-    for name in ("batch", "unet_batch"):
-        if name in point:
-            point[name] = 2
-    return point
-
-
-def second_point(spec: ComponentSpec) -> dict[str, int]:
-    """Another point in the declared ranges: other batch, other size, shorter text."""
-    point = export_point(spec)
-    axes = spec.axes
-    for name in ("batch", "unet_batch"):
-        if name in point:
-            point[name] = min(3, axes[name].max) if name == "unet_batch" else 1
-    for name in ("height", "width"):
-        if name in axes:
-            axis = axes[name]
-            other = axis.opt - axis.multiple_of if name == "height" else axis.opt + axis.multiple_of
-            point[name] = other if axis.min <= other <= axis.max else axis.min
-    _derive_latent_axes(spec, point)
-    for name in ("qformer_text_length", "text_length", "plain_text_length"):
-        if name in axes:
-            point[name] = max(axes[name].min, axes[name].opt - 3)
-    if "p2p_batch" in axes:  # a real image's edit: no unconditional source row
-        point["p2p_batch"] = max(axes["p2p_batch"].min, axes["p2p_batch"].opt - 1)
-    if "ctx_text_length" in axes and "text_length" in point:
-        point["ctx_text_length"] = point["text_length"] + (axes["ctx_text_length"].opt - axes["text_length"].opt)
-    return point
-
-
-def _derive_latent_axes(spec: ComponentSpec, point: dict[str, int]) -> None:
-    """Keep latent and residual axes consistent with the pixel height/width in ``point``."""
-    axes = spec.axes
-    for pixel, latent in (("height", "latent_height"), ("width", "latent_width")):
-        if latent not in axes:
-            continue
-        if pixel in point:
-            factor = axes[pixel].opt // axes[latent].opt
-            point[latent] = point[pixel] // factor
-        else:
-            step = axes[latent].multiple_of
-            other = axes[latent].opt - step if pixel == "height" else axes[latent].opt + step
-            point[latent] = other if axes[latent].min <= other <= axes[latent].max else axes[latent].opt
-        for name in axes:
-            if name.startswith(latent + "_"):
-                point[name] = point[latent] // int(name.rsplit("_", 1)[1])
-
-
-def example_inputs(spec: ComponentSpec, point: dict[str, int], *, vocab_sizes: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs at ``point`` with realistic value ranges (token ids, masks, timesteps)."""
-    rng = np.random.default_rng(seed)
-    feed: dict[str, np.ndarray] = {}
-    for tensor in spec.inputs:
-        shape = tensor.shape_at(point)
-        if tensor.name == "input_ids":
-            feed[tensor.name] = rng.integers(0, vocab_sizes[spec.name], size=shape, dtype=np.int64)
-        elif tensor.name == "attention_mask":
-            mask = np.ones(shape, dtype=np.int64)
-            mask[0, max(1, shape[1] - 2):] = 0  # padding in the first row exercises the mask
-            feed[tensor.name] = mask
-        elif tensor.name == "timestep":
-            feed[tensor.name] = rng.uniform(0, 999, size=shape).astype(np.float32)
-        elif tensor.name == "conditioning_scale":
-            feed[tensor.name] = np.array([0.8], dtype=np.float32)
-        elif tensor.name == "controlnet_cond":
-            feed[tensor.name] = rng.uniform(0, 1, size=shape).astype(np.float32)
-        elif tensor.name == "image":
-            feed[tensor.name] = rng.uniform(-1, 1, size=shape).astype(np.float32)
-        elif tensor.name in P2P_CONTROL_EXAMPLES:
-            feed[tensor.name] = P2P_CONTROL_EXAMPLES[tensor.name](rng, shape)
-        else:
-            feed[tensor.name] = rng.standard_normal(shape).astype(np.float32)
-    return feed
-
-
-# unet_p2p's control inputs with control on: 0/1 token weights, one aligned source token per target
-# token, the self-attention gate on
-P2P_CONTROL_EXAMPLES = {
-    "cross_weights": lambda rng, shape: rng.integers(0, 2, size=shape).astype(np.float32),
-    "token_map": lambda rng, shape: np.eye(shape[1], dtype=np.float32)[rng.integers(0, shape[1], size=shape[0])],
-    "self_gate": lambda rng, shape: np.ones(shape, dtype=np.float32),
-}
 
 
 def component_modules(pipe, config: PipelineConfig) -> dict[str, Any]:
@@ -386,21 +289,6 @@ def apply_declared_shapes(model, spec: ComponentSpec) -> None:
                 dim.dim_param = declared_dim.name
 
 
-def save_onnx(model, path: Path) -> None:
-    """Save as one file, or one file plus one ``.data`` file when the graph exceeds protobuf's limit."""
-    import onnx
-
-    from onnx.external_data_helper import convert_model_to_external_data
-
-    data_path = path.with_name(path.name + ".data")
-    if data_path.exists():
-        data_path.unlink()
-    size = sum(t.ByteSize() for t in model.graph.initializer)
-    if size > EXTERNAL_DATA_THRESHOLD:
-        convert_model_to_external_data(model, all_tensors_to_one_file=True, location=data_path.name, size_threshold=1024)
-    onnx.save_model(model, str(path))
-
-
 def convert_fp16(src: Path, dst: Path) -> None:
     """fp16 graph with fp32 inputs/outputs, for strongly typed TensorRT and ORT-CUDA.
 
@@ -439,32 +327,6 @@ def _check_finite_constants(model, where: str) -> None:
                 raise ValidationError(f"{where}: constant {tensor.name or '?'} holds inf/NaN after fp16 conversion")
 
 
-def ort_session(path: Path, providers: Iterable[str] = ("CPUExecutionProvider",)):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=list(providers))
-
-
-def run_onnx(path_or_session, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-    session = path_or_session if not isinstance(path_or_session, (str, Path)) else ort_session(Path(path_or_session))
-    return session.run(None, feed)
-
-
-def max_abs_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
-    return max(float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)))) if x.size else 0.0 for x, y in zip(a, b))
-
-
-def cosine(a: list[np.ndarray], b: list[np.ndarray]) -> float:
-    x = np.concatenate([v.ravel() for v in a]).astype(np.float64)
-    y = np.concatenate([v.ravel() for v in b]).astype(np.float64)
-    nx, ny = np.linalg.norm(x), np.linalg.norm(y)
-    if nx == 0 or ny == 0:  # e.g. an untrained ControlNet: zero convolutions give zero residuals
-        return 1.0 if nx == ny else 0.0
-    return float(x @ y / (nx * ny))
-
-
 # --------------------------------------------------------------------------------------------
 # 4. The package
 # --------------------------------------------------------------------------------------------
@@ -475,6 +337,17 @@ class ExportReport:
     components: dict[str, dict[str, Any]] = field(default_factory=dict)
     cpu_fused: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
+
+    def summary(self) -> str:
+        """What was written and how closely each graph matches PyTorch, one line per component."""
+        lines = [f"wrote {self.package} in {self.seconds:.1f} s"]
+        for name, entry in self.components.items():
+            checks = ", ".join(f"{v['point']} max|diff| {v['max_abs']:.2e}" for v in entry.get("validation", []))
+            fp16 = entry.get("fp16_validation")
+            if fp16:
+                checks += f"; fp16 cosine {fp16['cosine']:.6f}" if fp16.get("checked") else f"; fp16 {fp16['reason']}"
+            lines.append(f"  {name:<20} {checks}")
+        return "\n".join(lines + fusion_summary(self.cpu_fused))
 
 
 def tool_versions() -> dict[str, str]:
@@ -535,27 +408,28 @@ def export_package(
     report = ExportReport(out)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    files = PackageLayout(tmp)
     try:
         # Configs and tokenizers.
-        (tmp / PIPELINE_CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2))
-        (tmp / "scheduler").mkdir()
-        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(pipe.scheduler.config), indent=2, default=_json_default))
-        for folder, tokenizer in (("tokenizer", pipe.tokenizer), ("qformer_tokenizer", pipe.qformer.tokenizer)):
-            (tmp / folder).mkdir()
-            export_tokenizer_json(tokenizer, tmp / folder / "tokenizer.json")
-            (tmp / folder / "tokenizer_settings.json").write_text(json.dumps(tokenizer_settings(tokenizer), indent=2))
+        files.pipeline_config.write_text(pipeline_config_json(config))
+        files.scheduler_config.parent.mkdir(parents=True)
+        files.scheduler_config.write_text(json.dumps(dict(pipe.scheduler.config), indent=2, default=_json_default))
+        for folder, tokenizer in ((layout.CLIP_TOKENIZER, pipe.tokenizer), (layout.QFORMER_TOKENIZER, pipe.qformer.tokenizer)):
+            files.tokenizer_dir(folder).mkdir()
+            export_tokenizer_json(tokenizer, files.tokenizer_json(folder))
+            files.tokenizer_settings(folder).write_text(json.dumps(tokenizer_settings(tokenizer), indent=2))
 
         # Graphs, one component at a time (the full UNet alone peaks near 14 GB while tracing).
         factories = component_modules(pipe, config)
         vocab = vocab_sizes(pipe)
         for precision in precisions:
-            (tmp / "onnx" / precision).mkdir(parents=True)
+            files.graphs_dir(precision).mkdir(parents=True)
         bar = tqdm(list(specs.values()), desc="export", unit="component", disable=not progress)
         for spec in bar:
             bar.set_postfix_str(spec.name)
             module = factories[spec.name]()
             entry: dict[str, Any] = {}
-            path32 = tmp / "onnx" / "fp32" / f"{spec.name}.onnx"
+            path32 = files.graph(spec.name, "fp32")
             t0 = time.perf_counter()
             feed = example_inputs(spec, export_point(spec), vocab_sizes=vocab)
             trace_to_onnx(module, spec, feed, path32, opset)
@@ -563,7 +437,7 @@ def export_package(
             if validate:
                 entry["validation"] = validate_component(module, spec, path32, vocab)
             if "fp16" in precisions:
-                path16 = tmp / "onnx" / "fp16" / f"{spec.name}.onnx"
+                path16 = files.graph(spec.name, "fp16")
                 convert_fp16(path32, path16)
                 if validate:
                     entry["fp16_validation"] = validate_fp16(spec, path32, path16, vocab)
@@ -577,7 +451,7 @@ def export_package(
         cpu_fused = report.cpu_fused = fuse_graphs(tmp, specs, vocab, progress=progress) if cpu_fusions else {}
 
         manifest = {
-            "format_version": config.to_dict()["format_version"],
+            "format_version": layout.FORMAT_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "source": {"checkpoint": str(Path(checkpoint).resolve().name), "controlnet": str(controlnet) if controlnet else None},
             "precisions": list(precisions),
@@ -586,10 +460,8 @@ def export_package(
             "components": {name: {**specs[name].to_dict(), **report.components[name]} for name in specs},
             "cpu_fused": cpu_fused,
         }
-        manifest["files"] = {
-            str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
-        }
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+        manifest["files"] = digest_tree(tmp)
+        write_manifest(tmp, manifest)
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -634,7 +506,7 @@ def validate_fp16(spec: ComponentSpec, path32: Path, path16: Path, vocab: dict[s
     try:
         session = ort_session(path16)
     except Exception as error:  # ORT CPU lacks some fp16 kernels: that check needs a GPU
-        return {"checked": False, "reason": f"ONNX Runtime CPU cannot run it ({_first_line(error)}); needs a GPU"}
+        return {"checked": False, "reason": f"ONNX Runtime CPU cannot run it ({describe(error)}); needs a GPU"}
     got = run_onnx(session, feed)
     expected = run_onnx(path32, feed)
     finite = all(np.isfinite(g).all() for g in got)

@@ -155,6 +155,49 @@ def make_sensitive(pipe, seed: int = 0) -> None:
     vae.decoder.conv_out.bias.sub_(decoded.mean(dim=(0, 2, 3)) * 0.45 / decoded.std())
 
 
+def _build_pipeline(config: dict[str, Any], work_dir: Path, *, controlnet: bool, mean: list[float] | None = None,
+                    std: list[float] | None = None, tokenizer=None):
+    """A diffusers BLIP-Diffusion (ControlNet) pipeline of architecture ``config`` with
+    diffusers' initial weights (on the current torch device: "meta" builds it without memory).
+
+    The Q-Former's BERT tokenizer is written to ``work_dir/qformer_tokenizer``:
+    ``Blip2QFormerModel.__init__`` loads its tokenizer from ``config.tokenizer``.
+    """
+    from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, UNet2DConditionModel
+    from diffusers.pipelines import BlipDiffusionControlNetPipeline, BlipDiffusionPipeline
+    from diffusers.pipelines.blip_diffusion.blip_image_processing import BlipImageProcessor
+    from diffusers.pipelines.blip_diffusion.modeling_blip2 import Blip2QFormerModel
+    from diffusers.pipelines.blip_diffusion.modeling_ctx_clip import ContextCLIPTextModel
+    from transformers import CLIPTextConfig
+    from transformers.models.blip_2.configuration_blip_2 import Blip2Config
+
+    config = copy.deepcopy(config)
+    bert_dir = write_qformer_bert_tokenizer(work_dir / QFORMER_TOKENIZER_DIR)
+    qformer_kwargs = config["qformer"]["kwargs"]
+    qformer_kwargs["qformer_config"]["vocab_size"] = max(
+        qformer_kwargs["qformer_config"].get("vocab_size", 0), qformer_vocab_size(bert_dir)
+    )
+    # built in this order: the random initial weights depend on it
+    text_encoder = ContextCLIPTextModel(CLIPTextConfig(**config["text_encoder"]["kwargs"]))
+    qformer = Blip2QFormerModel(Blip2Config(**qformer_kwargs, tokenizer=str(bert_dir)))
+    unet = UNet2DConditionModel(**config["unet"]["kwargs"])
+    vae = AutoencoderKL(**config["vae"]["kwargs"])
+    components = dict(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
+        scheduler=PNDMScheduler(**config["scheduler"]["kwargs"]), qformer=qformer,
+        image_processor=BlipImageProcessor(**config["image_processor"]["kwargs"]), mean=mean, std=std,
+    )
+    if controlnet:
+        components["controlnet"] = ControlNetModel(**config["controlnet"]["kwargs"])
+        pipe = BlipDiffusionControlNetPipeline(**components)
+    else:
+        pipe = BlipDiffusionPipeline(**components)
+    for module in pipe.components.values():
+        if isinstance(module, nn.Module):
+            module.eval()
+    return pipe
+
+
 def build_random_checkpoint(
     out_dir: str | Path,
     config: dict[str, Any] | str = "tiny",
@@ -172,53 +215,39 @@ def build_random_checkpoint(
     ``Blip2QFormerModel.__init__`` loads its tokenizer from ``config.tokenizer`` (a hub id in the
     real checkpoint); the checkpoint therefore must not be moved after it is built.
     """
-    from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, UNet2DConditionModel
-    from diffusers.pipelines import BlipDiffusionControlNetPipeline, BlipDiffusionPipeline
-    from diffusers.pipelines.blip_diffusion.blip_image_processing import BlipImageProcessor
-    from diffusers.pipelines.blip_diffusion.modeling_blip2 import Blip2QFormerModel
-    from diffusers.pipelines.blip_diffusion.modeling_ctx_clip import ContextCLIPTextModel
-    from transformers import CLIPTextConfig, CLIPTokenizer
-    from transformers.models.blip_2.configuration_blip_2 import Blip2Config
+    from transformers import CLIPTokenizer
 
     if isinstance(config, str):
         config = CONFIGS[config]()
-    config = copy.deepcopy(config)
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
 
     clip_dir = write_clip_tokenizer(out_dir / "_clip_tokenizer_src")
-    bert_dir = write_qformer_bert_tokenizer(out_dir / QFORMER_TOKENIZER_DIR)
-    qformer_kwargs = config["qformer"]["kwargs"]
-    qformer_kwargs["qformer_config"]["vocab_size"] = max(
-        qformer_kwargs["qformer_config"].get("vocab_size", 0), qformer_vocab_size(bert_dir)
-    )
-
-    text_encoder = ContextCLIPTextModel(CLIPTextConfig(**config["text_encoder"]["kwargs"]))
-    qformer = Blip2QFormerModel(Blip2Config(**qformer_kwargs, tokenizer=str(bert_dir)))
-    unet = UNet2DConditionModel(**config["unet"]["kwargs"])
-    vae = AutoencoderKL(**config["vae"]["kwargs"])
-    scheduler = PNDMScheduler(**config["scheduler"]["kwargs"])
-    image_processor = BlipImageProcessor(**config["image_processor"]["kwargs"])
-    tokenizer = CLIPTokenizer.from_pretrained(clip_dir)
-    components = dict(
-        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler,
-        qformer=qformer, image_processor=image_processor, mean=mean, std=std,
-    )
-    if controlnet:
-        components["controlnet"] = ControlNetModel(**config["controlnet"]["kwargs"])
-        pipe = BlipDiffusionControlNetPipeline(**components)
-    else:
-        pipe = BlipDiffusionPipeline(**components)
-    for module in (text_encoder, qformer, unet, vae, components.get("controlnet")):
-        if module is not None:
-            module.eval()
+    pipe = _build_pipeline(config, out_dir, controlnet=controlnet, mean=mean, std=std,
+                           tokenizer=CLIPTokenizer.from_pretrained(clip_dir))
     if sensitive:
         make_sensitive(pipe, seed)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     _remove_tree(clip_dir)
     logger.info("wrote random-weight %s checkpoint to %s", type(pipe).__name__, out_dir)
     return out_dir
+
+
+def architecture_pipeline_config(config: dict[str, Any] | str = "full", *, controlnet: bool = True,
+                                 max_batch_size: int = 4):
+    """The ``PipelineConfig`` export writes into a package of architecture ``config`` (e.g. the
+    full-size one), read by export's own code from the architecture's modules built on the
+    "meta" device: no weights, no memory, no export."""
+    import tempfile
+
+    from .exporter import pipeline_config_from
+
+    if isinstance(config, str):
+        config = CONFIGS[config]()
+    with tempfile.TemporaryDirectory(prefix="architecture-") as work_dir, torch.device("meta"):
+        pipe = _build_pipeline(config, Path(work_dir), controlnet=controlnet)
+        return pipeline_config_from(pipe, max_batch_size=max_batch_size)
 
 
 def _remove_tree(path: Path) -> None:

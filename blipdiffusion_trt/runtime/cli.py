@@ -1,32 +1,39 @@
-"""``blipdiffusion-trt generate``: run a package from the command line (no torch needed)."""
+"""``blipdiffusion-trt generate``: run a package from the command line (no torch needed).
+
+Registered by :mod:`blipdiffusion_trt.cli`. Errors about a call argument
+(:class:`~blipdiffusion_trt.errors.InputError` with its ``field``) name the CLI option instead.
+"""
 
 from __future__ import annotations
 
+import argparse
 import logging
-import re
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InputError
-from .engine import BACKENDS, GRAPH_OPTIMIZATIONS, MEMORY_ARENAS
+from .backends import BACKENDS, get_backend
+from .backends.onnxruntime import GRAPH_OPTIMIZATIONS, MEMORY_ARENAS
+from .schedulers import SCHEDULER_NAMES, check_scheduler_name
 
 logger = logging.getLogger(__name__)
 
-SCHEDULER_NAMES = ("pndm", "ddim", "euler", "dpmpp-2m")
-# Python argument -> CLI option, so that errors name what the user typed.
+# Python argument (an InputError's field) -> CLI option, so that errors name what the user typed.
 CLI_OPTIONS = {
     "num_inference_steps": "--steps", "guidance_scale": "--guidance", "reference_image": "--reference-image",
     "source_subject_category": "--source-subject", "target_subject_category": "--target-subject",
     "neg_prompt": "--negative-prompt", "condition_image": "--condition-image", "canny_image": "--canny",
     "controlnet_conditioning_scale": "--controlnet-scale", "height": "--height", "width": "--width",
     "latents": "--latents", "prompt": "--prompt", "prompt_strength": "--prompt-strength", "prompt_reps": "--prompt-reps",
+    "scheduler": "--scheduler", "backend": "--backend", "graph_optimization": "--graph-optimization",
+    "optimized_cache": "--ort-cache", "memory_arena": "--memory-arena", "low_threshold": "--canny-low",
+    "high_threshold": "--canny-high",
 }
 OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy")
 
 
-def add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="generate an image of a subject from a model package")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("package", help="model package directory (from `blipdiffusion-trt export`)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--reference-image", required=True, help="image of the subject")
@@ -61,52 +68,49 @@ def add_generate(sub) -> None:
                    help="cpu backend: load the plain fp32 graphs even where the package has CPU-fused ones")
     p.add_argument("--no-verify", action="store_true", help="skip checking the package files' sha256")
     p.add_argument("--timings", action="store_true", help="print per-stage times")
-    p.set_defaults(run=run_generate)
 
 
 def run_generate(args) -> int:
+    try:
+        return _run_generate(args)
+    except InputError as error:
+        option = CLI_OPTIONS.get(error.field or "")
+        if option is None:
+            raise
+        raise error.renamed(option) from None
+
+
+def _run_generate(args) -> int:
     from .images import save_image
     from .pipeline import BlipDiffusionRuntime
+    from .timing import format_timings
 
     out = Path(args.out)
     if out.suffix.lower() not in OUTPUT_SUFFIXES:
         raise InputError(f"--out must end in one of {', '.join(OUTPUT_SUFFIXES)}, got {out.name!r}")
     if not out.parent.resolve().is_dir():
         raise InputError(f"--out: directory {out.parent} does not exist")
-    if args.scheduler not in SCHEDULER_NAMES:
-        raise InputError(f"--scheduler must be one of {', '.join(SCHEDULER_NAMES)}, got {args.scheduler!r}")
+    check_scheduler_name(args.scheduler)
     latents = load_latents(args.latents) if args.latents else None
-    runtime = BlipDiffusionRuntime.from_package(
-        args.package, args.backend, precision=args.precision, verify=not args.no_verify,
-        graph_optimization=args.graph_optimization, optimized_cache=args.ort_cache, memory_arena=args.memory_arena,
-        cpu_fused=not args.no_cpu_fused,
-    )
-    try:
-        result = _generate(runtime, args, latents)
-    except InputError as error:
-        raise InputError(_cli_names(str(error))) from None
+    backend = get_backend(args.backend)
+    # the flags of every backend's options; the chosen backend takes those it has
+    options = backend.options_from({"graph_optimization": args.graph_optimization, "optimized_cache": args.ort_cache,
+                                    "memory_arena": args.memory_arena, "cpu_fused": not args.no_cpu_fused})
+    with BlipDiffusionRuntime.from_package(args.package, args.backend, precision=args.precision,
+                                           verify=not args.no_verify, options=options) as runtime:
+        result = runtime(
+            args.prompt, args.reference_image, args.source_subject, args.target_subject,
+            guidance_scale=args.guidance, height=args.height, width=args.width, num_inference_steps=args.steps,
+            seed=args.seed, latents=latents, neg_prompt=args.negative_prompt, prompt_strength=args.prompt_strength,
+            prompt_reps=args.prompt_reps, scheduler=args.scheduler, output_type="np",
+            condition_image=args.condition_image, canny_image=args.canny, canny_low_threshold=args.canny_low,
+            canny_high_threshold=args.canny_high, controlnet_conditioning_scale=args.controlnet_scale, progress=True,
+        )
     save_image(result.images[0], out, field="--out")
     print(f"wrote {out}")
     if args.timings:
         print(format_timings(result.timings))
     return 0
-
-
-def _cli_names(message: str) -> str:
-    for name, option in CLI_OPTIONS.items():
-        message = re.sub(rf"(?<![\w-]){name}(?![\w-])", option, message)
-    return message
-
-
-def _generate(runtime, args, latents):
-    return runtime(
-        args.prompt, args.reference_image, args.source_subject, args.target_subject,
-        guidance_scale=args.guidance, height=args.height, width=args.width, num_inference_steps=args.steps,
-        seed=args.seed, latents=latents, neg_prompt=args.negative_prompt, prompt_strength=args.prompt_strength,
-        prompt_reps=args.prompt_reps, scheduler=args.scheduler, output_type="np",
-        condition_image=args.condition_image, canny_image=args.canny, canny_low_threshold=args.canny_low,
-        canny_high_threshold=args.canny_high, controlnet_conditioning_scale=args.controlnet_scale, progress=True,
-    )
 
 
 def load_latents(path: str) -> np.ndarray:
@@ -119,14 +123,3 @@ def load_latents(path: str) -> np.ndarray:
     if array.dtype != np.float32:
         raise InputError(f"--latents: {path} holds {array.dtype}, expected float32")
     return array
-
-
-def format_timings(timings: dict[str, float]) -> str:
-    steps = int(timings.get("steps", 0)) or 1
-    rows = ["stage               seconds"]
-    for name, value in timings.items():
-        if name == "steps":
-            continue
-        per = f"  ({value / steps * 1000:.1f} ms/step)" if name in ("unet", "controlnet", "scheduler", "denoise_loop") else ""
-        rows.append(f"{name:<18} {value:8.3f}{per}")
-    return "\n".join(rows)

@@ -18,25 +18,31 @@ VAE encoder (posterior mean, x scaling factor) and inverted with DDIM (source pr
 without guidance (it reconstructs the image) and the target with it (no ``uncond_src`` row).
 
 :class:`EditingMixin` gives :class:`~blipdiffusion_trt.runtime.pipeline.BlipDiffusionRuntime`
-``invert`` and ``edit``; they drive engines through ``engines[name].infer(feed)`` only.
-Deviations from LAVIS are listed in runtime/p2p.py and on the methods.
+``invert`` and ``edit``, written as numbered stages over the generation's stage methods
+(``check_inputs``, ``encode_subjects``, ``encode_text``, ``encode_plain_prompt``,
+``prepare_scheduler``, ``prepare_latents``, ``denoise``, ``decode_latents``); what is editing's
+own is here: the edit's checks, the control, the UNet rows and their guidance, the local blend
+after each step, the VAE encoder and the inversion. The editing graphs (``vae_encoder``,
+``unet_plain``, ``unet_p2p``) load on first use through ``runtime.engine(name)``, on the
+runtime's backend with its options. Deviations from LAVIS are listed in runtime/p2p.py, on the
+methods and in the README.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
 
-from ..errors import EngineError, InputError, PackageError
+from ..components import editing_components
+from ..errors import InputError, PackageError
 from . import images as imgs
-from .ddim_inverse import DDIMInverseScheduler
+from .inputs import MAX_STEPS, GenerationInputs, check_int
 from .p2p import (
     LocalBlend,
     check_fraction,
@@ -47,18 +53,17 @@ from .p2p import (
     target_layout,
     token_map_matrix,
 )
-from .schedulers import scheduler_from_config
+from .schedulers import DDIMInverseScheduler
 from .text import build_prompts
+from .timing import StageTimer
 
 logger = logging.getLogger(__name__)
 
-# the graphs editing runs besides the generation ones (unet_plain: the inversion; ControlNet
-# packages do not load it for generation)
-EDIT_COMPONENTS = ("unet_plain", "unet_p2p", "vae_encoder")
-MAX_STEPS = 1000
 # DDIM inversion is only inverted exactly by DDIM sampling
 REAL_IMAGE_SCHEDULER = "ddim"
 GENERATED_IMAGE_SCHEDULER = "pndm"
+# callback(step_index, timestep, latents [2, C, h, w]) after every step
+EditCallback = Callable[[int, float, np.ndarray], None]
 
 
 @dataclass(frozen=True, eq=False)  # holds arrays: compared by identity
@@ -89,6 +94,25 @@ class EditControl:
             "token_map": self.token_map_matrix,
             "self_gate": np.array([1.0 if call < self.self_calls else 0.0], dtype=np.float32),
         }
+
+
+@dataclass(frozen=True)
+class EditInputs:
+    """The checked arguments of an edit (:meth:`EditingMixin.check_edit_inputs`)."""
+
+    generation: GenerationInputs  # prompt, reference image, words, size, steps, guidance, latents, scheduler, ...
+    original_subject: str
+    image: Image.Image | None  # the real image to edit, loaded; None: a generated one
+    source_text: str  # "a {original_subject} {prompt}"
+    source_ids: list[int]  # its token ids (bos ... eos, no padding)
+    blend_positions: list[int]  # the original subject's tokens in it
+    cross_replace_steps: float
+    self_replace_steps: float
+    blend_threshold: float | None
+
+    @property
+    def real_image(self) -> bool:
+        return self.image is not None
 
 
 @dataclass
@@ -143,86 +167,69 @@ def preprocess_edit_image(image: Image.Image, height: int, width: int) -> np.nda
     return np.ascontiguousarray((tensor * 2 - 1).transpose(2, 0, 1)[None])
 
 
-class _Timer(dict):
-    def span(self, name: str):
-        timings = self
-
-        class _Span:
-            def __enter__(self):
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timings[name] = timings.get(name, 0.0) + time.perf_counter() - self.start
-
-        return _Span()
-
 
 class EditingMixin:
-    """``invert`` and ``edit`` for :class:`~blipdiffusion_trt.runtime.pipeline.BlipDiffusionRuntime`.
-
-    Uses the runtime's ``package``, ``config``, ``engines``, ``scheduler_config``, ``tokenizer``,
-    ``encode_subject``, ``encode_prompt`` and ``encode_negative_prompt``.
-    """
+    """``invert`` and ``edit`` for :class:`~blipdiffusion_trt.runtime.pipeline.BlipDiffusionRuntime`,
+    over its stage methods (the module docstring lists them) and ``engine(name)``."""
 
     # ------------------------------------------------------------------------------------------
     # Engines
     # ------------------------------------------------------------------------------------------
 
-    def _check_editing_package(self) -> None:
-        missing = [name for name in EDIT_COMPONENTS if name not in self.package.specs]
+    def check_editing_package(self) -> None:
+        """A :class:`PackageError` saying how to re-export when the package has no editing graphs."""
+        missing = [name for name in ("vae_encoder", "unet_p2p") if name not in self.package.specs]
         if missing:
             raise PackageError(
                 f"{self.package.root}: no editing graphs ({', '.join(missing)}): the package was exported before "
                 "editing existed or without it; re-export it: blipdiffusion-trt export CHECKPOINT --out PACKAGE"
             )
 
-    def load_editing_engines(self, backend: str = "cpu", *, precision: str = "fp32", cpu_fused: bool = True,
-                             **engine_options: Any) -> None:
-        """Load the editing graphs this runtime has not loaded yet (``EDIT_COMPONENTS``) on ``backend``.
-
-        ``edit``/``invert`` load them on the CPU by themselves when every engine of the runtime is
-        an ONNX Runtime CPU engine; a runtime on another backend calls this first.
-        ``engine_options``: as ``BlipDiffusionRuntime.from_package`` passes them (threads, ...).
-        """
-        from .engine import engine_factory
-
-        self._check_editing_package()
-        make_engine = engine_factory(backend)
-        fused = cpu_fused and precision == "fp32" and getattr(make_engine, "runs_cpu_fused_graphs", False)
-        for name in EDIT_COMPONENTS:
-            if name not in self.engines:
-                path = self.package.onnx_path(name, precision, cpu_fused=fused and self.package.has_cpu_fused(name))
-                self.engines[name] = make_engine(self.package.specs[name], path, **engine_options)
-
-    def _editing_engine(self, name: str):
-        if name not in self.engines:
-            from .engine import OnnxRuntimeEngine
-
-            self._check_editing_package()
-            if not all(type(engine) is OnnxRuntimeEngine for engine in self.engines.values()):
-                raise EngineError(
-                    f"the editing graph {name} is not loaded: call load_editing_engines(backend=...) with this "
-                    "runtime's backend first"
-                )
-            self.load_editing_engines("cpu")
-        return self.engines[name]
+    def load_editing_engines(self) -> None:
+        """Load the editing graphs now on the runtime's backend (``edit``/``invert`` load them on first use)."""
+        self.check_editing_package()
+        for name in editing_components(self.config):
+            self.engine(name)
 
     # ------------------------------------------------------------------------------------------
     # Inversion
     # ------------------------------------------------------------------------------------------
 
+    def source_prompt(self, prompt: Any, original_subject: Any) -> str:
+        """The source prompt ``"a {original_subject} {prompt}"`` (what the image shows).
+
+        LAVIS builds the inversion prompt from the subject string zipped character by character
+        ("a c ..."); this is the prompt it means.
+        """
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError("prompt must be a non-empty string", field="prompt")
+        if not isinstance(original_subject, str) or not original_subject.strip():
+            raise InputError("original_subject must be a non-empty string", field="original_subject")
+        return build_prompts([prompt], [original_subject.strip()], prompt_strength=1.0, prompt_reps=1)[0]
+
     def encode_image(self, image: Any, height: int, width: int, *, sample_posterior: bool = False,
-                     seed: int | None = None) -> np.ndarray:
+                     seed: int | None = None, timer: StageTimer | None = None) -> np.ndarray:
         """A real image -> its scaled latent [1, C, h, w]: the VAE posterior's mean (LAVIS samples it,
         unseeded), or a sample with ``seed`` when ``sample_posterior``."""
-        pil = imgs.load_image(image, field="image")
-        pixels = preprocess_edit_image(pil, height, width)
-        out = self._editing_engine("vae_encoder").infer({"image": pixels})
+        timer = timer or StageTimer()
+        pixels = preprocess_edit_image(imgs.load_image(image, field="image"), height, width)
+        with timer("vae_encoder"):
+            out = self.engine("vae_encoder").infer({"image": pixels})
         latent = out["latent_mean"]
         if sample_posterior:
             noise = np.random.default_rng(seed).standard_normal(latent.shape, dtype=np.float32)
             latent = latent + np.exp(np.float32(0.5) * out["latent_logvar"]) * noise
         return (latent * np.float32(self.config.vae_scaling_factor)).astype(np.float32)
+
+    def invert_latents(self, latents: np.ndarray, text_embeddings: np.ndarray, num_inference_steps: int, *,
+                       callback: EditCallback | None = None, progress: bool = False,
+                       timer: StageTimer | None = None) -> np.ndarray:
+        """DDIM inversion: :meth:`denoise` with the inverse DDIM scheduler (from the package's
+        scheduler config, as diffusers' ``DDIMInverseScheduler.from_config``) at guidance 1."""
+        inverse = DDIMInverseScheduler.from_config(self.scheduler_config)
+        inverse.set_timesteps(num_inference_steps)
+        return self.denoise(latents, inverse, text_embeddings, guidance_scale=1.0, callback=callback,
+                            progress="invert" if progress else False, timer=timer)
 
     def invert(
         self,
@@ -235,40 +242,27 @@ class EditingMixin:
         *,
         sample_posterior: bool = False,
         seed: int | None = None,
-        callback: Callable[[int, float, np.ndarray], None] | None = None,
+        callback: EditCallback | None = None,
         progress: bool = False,
     ) -> np.ndarray:
         """DDIM inversion of a real image -> the latent [1, C, h, w] float32 that DDIM sampling with the
         source prompt ``"a {original_subject} {prompt}"`` turns back into the image (usable as
-        ``latents=`` of a generation or an edit). Guidance 1, the VAE posterior's mean.
-
-        LAVIS builds this prompt from the subject string zipped character by character ("a c ...").
-        """
-        self._check_editing_package()
-        height, width = self._edit_size(height, width)
-        _check_int("num_inference_steps", num_inference_steps, 1, MAX_STEPS)
-        source_text = self._edit_text(prompt, original_subject, "original_subject")
-        inverse = self._inverse_scheduler(num_inference_steps)
+        ``latents=`` of a generation or an edit). Guidance 1, the VAE posterior's mean."""
+        # 1. Check inputs
+        self.check_editing_package()
+        height, width = self.check_image_size(height, width)
+        check_int("num_inference_steps", num_inference_steps, 1, MAX_STEPS)
+        source_text = self.source_prompt(prompt, original_subject)
         pil = imgs.load_image(image, field="image")
+
+        # 2. Encode the source prompt (plain text encoder)
+        text_embeddings = self.encode_plain_prompt([source_text])
+
+        # 3. Encode the image (VAE encoder)
         latents = self.encode_image(pil, height, width, sample_posterior=sample_posterior, seed=seed)
-        embeddings = self._plain_embeddings(source_text)
-        return self._invert_latents(latents, embeddings, inverse, callback=callback, progress=progress)
 
-    def _inverse_scheduler(self, num_inference_steps: int) -> DDIMInverseScheduler:
-        inverse = DDIMInverseScheduler.from_config(self.scheduler_config)
-        inverse.set_timesteps(num_inference_steps)
-        return inverse
-
-    def _invert_latents(self, latents: np.ndarray, embeddings: np.ndarray, inverse: DDIMInverseScheduler, *,
-                        callback=None, progress: bool = False) -> np.ndarray:
-        unet = self._editing_engine("unet_plain")
-        for i, t in enumerate(_progress(inverse.timesteps, progress, "invert")):
-            feed = {"sample": latents, "timestep": np.full((1,), t, dtype=np.float32), "encoder_hidden_states": embeddings}
-            noise_pred = unet.infer(feed)["noise_pred"]
-            latents = inverse.step(noise_pred, t, latents).astype(np.float32, copy=False)
-            if callback is not None:
-                callback(i, float(t), latents)
-        return latents
+        # 4. Invert
+        return self.invert_latents(latents, text_embeddings, num_inference_steps, callback=callback, progress=progress)
 
     # ------------------------------------------------------------------------------------------
     # Editing
@@ -296,7 +290,7 @@ class EditingMixin:
         scheduler: str | None = None,
         sample_posterior: bool = False,
         output_type: str = "pil",
-        callback: Callable[[int, float, np.ndarray], None] | None = None,
+        callback: EditCallback | None = None,
         progress: bool = False,
     ) -> EditOutput:
         """Replace ``original_subject`` in an image by the subject of ``reference_image``.
@@ -307,7 +301,7 @@ class EditingMixin:
         ``self_replace_steps``: fractions of the steps whose cross-/self-attention the target
         takes from the source; ``blend_threshold``: the local blend's threshold (None: no local
         blend). Returns the source image (a real image's reconstruction) and the edited image.
-        ``callback(call, timestep, latents [2, C, h, w])`` runs after every step.
+        ``callback(step_index, timestep, latents [2, C, h, w])`` runs after every step.
         """
         request = self.prepare_edit(
             prompt, reference_image, source_subject_category, target_subject_category, original_subject,
@@ -317,6 +311,73 @@ class EditingMixin:
             scheduler=scheduler, sample_posterior=sample_posterior, output_type=output_type, progress=progress,
         )
         return self.run_edit(request, callback=callback, progress=progress)
+
+    def check_edit_inputs(
+        self, prompt: Any, reference_image: Any, source_subject_category: Any, target_subject_category: Any,
+        original_subject: Any, *, image: Any = None, latents: Any = None, num_inference_steps: Any = 50,
+        guidance_scale: Any = 7.5, neg_prompt: Any = "", cross_replace_steps: Any = 0.8,
+        self_replace_steps: Any = 0.4, blend_threshold: Any = 0.3, height: Any = None, width: Any = None,
+        scheduler: Any = None, output_type: Any = "pil",
+    ) -> EditInputs:
+        """Every argument of an edit checked (one-line :class:`InputError` naming the field), the
+        generation's through :meth:`check_inputs`; the real image is loaded here."""
+        cfg = self.config
+        self.check_editing_package()
+        if not isinstance(prompt, str):
+            raise InputError("prompt must be one non-empty string (an edit makes one image)", field="prompt")
+        real_image = image is not None
+        if real_image and latents is not None:
+            raise InputError("image and latents given: pass either image (a real image to edit) or latents "
+                             "(the starting noise of an image to generate and edit), not both", field="image")
+        if scheduler is None:
+            scheduler = REAL_IMAGE_SCHEDULER if real_image else GENERATED_IMAGE_SCHEDULER
+        generation = self.check_inputs(
+            prompt, reference_image, source_subject_category, target_subject_category, guidance_scale=guidance_scale,
+            height=height, width=width, num_inference_steps=num_inference_steps, latents=latents,
+            neg_prompt=neg_prompt, scheduler=scheduler, output_type=output_type, controlnet=False,
+        )
+        if real_image and scheduler != REAL_IMAGE_SCHEDULER:
+            raise InputError(f"scheduler: a real image is inverted with DDIM and must be edited with "
+                             f"scheduler='{REAL_IMAGE_SCHEDULER}', got {scheduler!r}", field="scheduler")
+        cross_replace_steps = check_fraction("cross_replace_steps", cross_replace_steps)
+        self_replace_steps = check_fraction("self_replace_steps", self_replace_steps)
+        if blend_threshold is not None:
+            blend_threshold = check_fraction("blend_threshold", blend_threshold)
+        source_text = self.source_prompt(prompt, original_subject)
+        subject_ids = self.tokenizer.word_ids(original_subject, field="original_subject")
+        if not subject_ids:
+            raise InputError(f"original_subject {original_subject!r}: the tokenizer keeps no token of it",
+                             field="original_subject")
+        source_ids = self.tokenizer.token_ids(source_text, cfg.text_max_length, field="prompt")
+        blend_positions = subject_token_positions(source_ids, subject_ids)
+        if not blend_positions:
+            raise InputError(f"original_subject {original_subject!r}: its tokens do not fit the "
+                             f"{cfg.text_max_length} text positions with this prompt; shorten the prompt",
+                             field="original_subject")
+        return EditInputs(
+            generation=generation, original_subject=original_subject.strip(),
+            image=imgs.load_image(image, field="image") if real_image else None, source_text=source_text,
+            source_ids=source_ids, blend_positions=blend_positions, cross_replace_steps=cross_replace_steps,
+            self_replace_steps=self_replace_steps, blend_threshold=blend_threshold,
+        )
+
+    def prepare_edit_control(self, inputs: EditInputs) -> EditControl:
+        """Prompt-to-prompt control: the target's tokens aligned with the source's, the replace
+        schedules and the local blend's tokens."""
+        cfg = self.config
+        generation = inputs.generation
+        target_text = build_prompts(generation.prompts, generation.targets, prompt_strength=1.0, prompt_reps=1)[0]
+        target_ids = target_layout(self.tokenizer.token_ids(target_text, cfg.text_length, field="prompt"),
+                                   cfg.ctx_begin_pos, cfg.num_query_tokens, cfg.text_max_length)
+        token_map, token_weights = refinement_mapping(inputs.source_ids, target_ids, cfg.text_max_length)
+        steps = generation.num_inference_steps
+        return EditControl(
+            token_map=token_map, token_weights=token_weights,
+            cross_alphas=cross_replace_alphas(steps, inputs.cross_replace_steps),
+            self_calls=self_replace_calls(steps, inputs.self_replace_steps),
+            blend_positions=tuple(inputs.blend_positions) if inputs.blend_threshold is not None else None,
+            blend_threshold=inputs.blend_threshold,
+        )
 
     def prepare_edit(
         self,
@@ -343,228 +404,133 @@ class EditingMixin:
         progress: bool = False,
     ) -> EditRequest:
         """Stages 1-5 of :meth:`edit`: checks, embeddings, control, starting latents (inversion)."""
-        cfg = self.config
-        timer = _Timer()
+        timer = StageTimer()
 
-        # 1. Check inputs (before anything runs)
-        self._check_editing_package()
-        height, width = self._edit_size(height, width)
-        _check_int("num_inference_steps", num_inference_steps, 1, MAX_STEPS)
-        guidance_scale = _check_float("guidance_scale", guidance_scale)
-        cross_replace_steps = check_fraction("cross_replace_steps", cross_replace_steps)
-        self_replace_steps = check_fraction("self_replace_steps", self_replace_steps)
-        if blend_threshold is not None:
-            blend_threshold = check_fraction("blend_threshold", blend_threshold)
-        if output_type not in ("pil", "np"):
-            raise InputError(f"output_type must be 'pil' or 'np', got {output_type!r}")
-        if not isinstance(neg_prompt, str):
-            raise InputError("neg_prompt must be a string")
-        real_image = image is not None
-        if real_image and latents is not None:
-            raise InputError("pass either image (a real image to edit) or latents (an image to generate), not both")
-        if scheduler is None:
-            scheduler = REAL_IMAGE_SCHEDULER if real_image else GENERATED_IMAGE_SCHEDULER
-        if real_image and scheduler != REAL_IMAGE_SCHEDULER:
-            raise InputError(
-                f"scheduler: a real image is inverted with DDIM and must be edited with scheduler='ddim', got {scheduler!r}"
-            )
-        sched = scheduler_from_config(scheduler, self.scheduler_config)  # unknown names: one line now
-        sched.set_timesteps(num_inference_steps)
-        if real_image:
-            inverse = self._inverse_scheduler(num_inference_steps)
-            image = imgs.load_image(image, field="image")
-        latent_shape = (1, cfg.latent_channels, height // cfg.latent_scale_factor, width // cfg.latent_scale_factor)
-        if latents is not None:
-            latents = _check_latents(latents, latent_shape)
-        source_text = self._edit_text(prompt, original_subject, "original_subject")
-        target_text = self._edit_text(prompt, target_subject_category, "target_subject_category")
-        subject_ids = self.tokenizer.word_ids(original_subject, field="original_subject")
-        if not subject_ids:
-            raise InputError(f"original_subject {original_subject!r}: the tokenizer keeps no token of it")
-        source_ids = self.tokenizer.token_ids(source_text, cfg.text_max_length, field="prompt")
-        blend_positions = subject_token_positions(source_ids, subject_ids)
-        if not blend_positions:
-            raise InputError(f"original_subject {original_subject!r}: its tokens do not fit the "
-                             f"{cfg.text_max_length} text positions with this prompt; shorten the prompt")
+        # 1. Check inputs (before any graph runs)
+        inputs = self.check_edit_inputs(
+            prompt, reference_image, source_subject_category, target_subject_category, original_subject,
+            image=image, latents=latents, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            neg_prompt=neg_prompt, cross_replace_steps=cross_replace_steps, self_replace_steps=self_replace_steps,
+            blend_threshold=blend_threshold, height=height, width=width, scheduler=scheduler, output_type=output_type,
+        )
+        generation = inputs.generation
 
         # 2. Encode the subject (Q-Former)
-        with timer.span("qformer"):
-            subject = self.encode_subject(reference_image, source_subject_category)
+        with timer("qformer"):
+            subject = self.encode_subjects(generation.references, generation.sources)
 
-        # 3. Encode the texts: source (plain), target (with the subject), negative
-        with timer.span("text_encoder"):
-            target_tokens = self.tokenizer.encode([target_text], cfg.text_length, field="prompt")
-            if target_tokens.truncated[0]:
-                logger.warning("prompt truncated to %d tokens (the text encoder's limit with the subject)", cfg.text_length)
-            source_embeddings = self._plain_embeddings(source_text)
-            target_embeddings = self.encode_prompt([target_text], subject.embeddings[None])
-            negative = self.encode_negative_prompt(neg_prompt) if guidance_scale > 1.0 else None
+        # 3. Encode the texts: source (plain), target (with the subject, once), negative
+        with timer("text_encoder"):
+            source_embeddings = self.encode_plain_prompt([inputs.source_text])
+            target_embeddings = self.encode_text(generation.prompts, generation.targets, subject, prompt_reps=1,
+                                                 guidance_scale=1.0)
+            negative = (self.encode_negative_prompt(generation.neg_prompt)
+                        if generation.do_classifier_free_guidance else None)
 
         # 4. Prompt-to-prompt control: token alignment, schedules, local-blend tokens
-        target_ids = target_layout(self.tokenizer.token_ids(target_text, cfg.text_length, field="prompt"),
-                                   cfg.ctx_begin_pos, cfg.num_query_tokens, cfg.text_max_length)
-        token_map, token_weights = refinement_mapping(source_ids, target_ids, cfg.text_max_length)
-        control = EditControl(
-            token_map=token_map, token_weights=token_weights,
-            cross_alphas=cross_replace_alphas(num_inference_steps, cross_replace_steps),
-            self_calls=self_replace_calls(num_inference_steps, self_replace_steps),
-            blend_positions=tuple(blend_positions) if blend_threshold is not None else None,
-            blend_threshold=blend_threshold,
-        )
+        control = self.prepare_edit_control(inputs)
 
         # 5. Starting latent: the inverted real image, or noise (given or seeded)
-        if real_image:
-            with timer.span("inversion"):
-                start = self.encode_image(image, height, width, sample_posterior=sample_posterior, seed=seed)
-                start = self._invert_latents(start, source_embeddings, inverse, progress=progress)
+        if inputs.real_image:
+            start = self.encode_image(inputs.image, generation.height, generation.width,
+                                      sample_posterior=sample_posterior, seed=seed, timer=timer)
+            inversion = StageTimer()
+            start = self.invert_latents(start, source_embeddings, generation.num_inference_steps, progress=progress,
+                                        timer=inversion)
+            timer.add("inversion", inversion.timings["denoise_loop"])
         else:
-            start = latents if latents is not None else \
-                np.random.default_rng(seed).standard_normal(latent_shape, dtype=np.float32)
-            start = (start * np.float32(sched.init_noise_sigma)).astype(np.float32)
+            scheduler_ = self.prepare_scheduler(generation.scheduler, generation.num_inference_steps)
+            start = self.prepare_latents(generation.latent_shape, scheduler_, latents=generation.latents, seed=seed)
         return EditRequest(
             source_embeddings=source_embeddings, target_embeddings=target_embeddings,
             negative_embeddings=negative, control=control, latents=np.concatenate([start, start]),
-            scheduler=scheduler, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-            real_image=real_image, output_type=output_type, timings=dict(timer),
+            scheduler=generation.scheduler, num_inference_steps=generation.num_inference_steps,
+            guidance_scale=generation.guidance_scale, real_image=inputs.real_image,
+            output_type=generation.output_type, timings=dict(timer.timings),
         )
 
-    def run_edit(self, request: EditRequest, *, callback: Callable[[int, float, np.ndarray], None] | None = None,
+    def run_edit(self, request: EditRequest, *, callback: EditCallback | None = None,
                  progress: bool = False) -> EditOutput:
         """Stages 6-7 of :meth:`edit`: the controlled denoising loop of both prompts, decoding."""
-        cfg = self.config
-        timer = _Timer(request.timings)
+        timer = StageTimer()
+        timer.timings.update(request.timings)
         start = time.perf_counter()
+
+        # 6. Denoise [source, target], the target's attention controlled from the source's; the
+        # local blend after every step
+        scheduler = self.prepare_scheduler(request.scheduler, request.num_inference_steps)
         control = request.control
-        sched = scheduler_from_config(request.scheduler, self.scheduler_config)
-        sched.set_timesteps(request.num_inference_steps)
-        unet = self._editing_engine("unet_p2p")
-
-        # 6. Denoise [source, target] with the target's attention controlled from the source's.
-        # Rows: [uncond_src, uncond_tgt, cond_src, cond_tgt]; a real image's source reconstructs
-        # without guidance, so it has no uncond_src row; without guidance only the last two.
-        rows, embeddings = self._edit_rows(request)
         blend = LocalBlend(control.blend_positions, control.blend_threshold) if control.blend_positions else None
-        latents = request.latents
-        loop_start = time.perf_counter()
-        for call, t in enumerate(_progress(sched.timesteps, progress, "edit")):
-            model_input = sched.scale_model_input(latents[rows], t).astype(np.float32, copy=False)
-            feed = {
-                "sample": model_input,
-                "timestep": np.full((len(rows),), t, dtype=np.float32),
-                "encoder_hidden_states": embeddings,
-                **control.feed(call),
-            }
-            with timer.span("unet"):
-                out = unet.infer(feed)
-            noise_pred = self._guided_noise(out["noise_pred"], request)
-            with timer.span("scheduler"):
-                latents = sched.step(noise_pred, t, latents).astype(np.float32, copy=False)
-            if blend is not None:
-                blend.add(out["cross_attention_maps"])
-                latents = blend(latents)
-            if callback is not None:
-                callback(call, float(t), latents)
-        timer["denoise_loop"] = time.perf_counter() - loop_start
+        calls: list[np.ndarray] = []  # each UNet call's source cross-attention maps
 
-        # 7. Decode the source and the edited latent
-        with timer.span("vae_decoder"):
-            decoder = self.engines["vae_decoder"]
-            scaled = latents / np.float32(cfg.vae_scaling_factor)
-            if cfg.max_batch_size >= 2:
-                decoded = decoder.infer({"latents": scaled})["image"]
-            else:
-                decoded = np.concatenate([decoder.infer({"latents": scaled[i:i + 1]})["image"] for i in range(2)])
-        images = imgs.postprocess(decoded)
-        timer["total"] = timer.get("total", 0.0) + time.perf_counter() - start
-        timer["steps"] = float(len(sched.timesteps))
+        def predict(latents: np.ndarray, timestep: Any) -> np.ndarray:
+            noise_pred, maps = self.predict_edit_noise(latents, timestep, request, scheduler, call=len(calls),
+                                                       timer=timer)
+            calls.append(maps)
+            return noise_pred
+
+        def local_blend(step: int, latents: np.ndarray) -> np.ndarray:
+            blend.add(calls[-1])
+            return blend(latents)
+
+        latents = self.denoise(request.latents, scheduler, predict=predict,
+                               after_step=local_blend if blend is not None else None, callback=callback,
+                               progress="edit" if progress else False, timer=timer)
+
+        # 7. Decode the source and the edited latent (one row per call: fits every VAE decoder engine,
+        # a static TensorRT one built for batch 1 too)
+        images = np.concatenate([self.decode_latents(latents[i:i + 1], timer=timer) for i in range(len(latents))])
+        timer.add("total", time.perf_counter() - start)
+        timer.timings["steps"] = float(len(scheduler.timesteps))
         return EditOutput(
             images=imgs.to_pil(images) if request.output_type == "pil" else images,
-            latents=latents, mask=None if blend is None else blend.last_mask, timings=dict(timer),
+            latents=latents, mask=None if blend is None else blend.last_mask, timings=timer.timings,
         )
 
-    # ------------------------------------------------------------------------------------------
-    # Pieces
-    # ------------------------------------------------------------------------------------------
-
-    @staticmethod
-    def _edit_rows(request: EditRequest) -> tuple[np.ndarray, np.ndarray]:
-        """Which latent (0 source, 1 target) each UNet row takes, and the rows' text embeddings."""
-        source, target, negative = request.source_embeddings, request.target_embeddings, request.negative_embeddings
-        if negative is None:
-            return np.array([0, 1]), np.concatenate([source, target])
-        if request.real_image:
-            return np.array([1, 0, 1]), np.concatenate([negative, source, target])
-        return np.array([0, 1, 0, 1]), np.concatenate([negative, negative, source, target])
-
-    @staticmethod
-    def _guided_noise(noise_pred: np.ndarray, request: EditRequest) -> np.ndarray:
-        """[source, target] noise from the UNet rows: classifier-free guidance where there are uncond rows."""
-        if request.negative_embeddings is None:
-            return noise_pred
-        guidance = request.guidance_scale
-        cond = noise_pred[-2:]
-        if request.real_image:
-            uncond_target = noise_pred[0]
-            target = uncond_target + guidance * (cond[1] - uncond_target)
-            return np.stack([cond[0], target])
-        uncond = noise_pred[:2]
-        return uncond + guidance * (cond - uncond)
-
-    def _plain_embeddings(self, text: str) -> np.ndarray:
-        """Plain text encoder embeddings [1, T, hidden] of a prompt (the source prompt)."""
-        tokens = self.tokenizer.encode([text], self.config.text_max_length, field="prompt")
-        if tokens.truncated[0]:
-            logger.warning("source prompt truncated to %d tokens", self.config.text_max_length)
-        return self.engines["text_encoder_plain"].infer({"input_ids": tokens.input_ids})["text_embeddings"]
-
-    @staticmethod
-    def _edit_text(prompt: Any, subject: Any, field_name: str) -> str:
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InputError("prompt must be a non-empty string")
-        if not isinstance(subject, str) or not subject.strip():
-            raise InputError(f"{field_name} must be a non-empty string")
-        return build_prompts([prompt], [subject.strip()], prompt_strength=1.0, prompt_reps=1)[0]
-
-    def _edit_size(self, height: Any, width: Any) -> tuple[int, int]:
-        cfg = self.config
-        height = cfg.default_height if height is None else height
-        width = cfg.default_width if width is None else width
-        for name, value in (("height", height), ("width", width)):
-            _check_int(name, value, cfg.min_image_size, cfg.max_image_size)
-            if value % cfg.image_multiple:
-                raise InputError(f"{name} must be a multiple of {cfg.image_multiple} in "
-                                 f"[{cfg.min_image_size}, {cfg.max_image_size}], got {value}")
-        return int(height), int(width)
+    def predict_edit_noise(self, latents: np.ndarray, timestep: Any, request: EditRequest, scheduler, *, call: int,
+                           timer: StageTimer | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """One ``unet_p2p`` call for the latents [source, target]: their noise predictions (with
+        classifier-free guidance where the rows have an unconditional half) and the source's
+        cross-attention maps at the local-blend level. ``call``: the call's index (the control's
+        schedules)."""
+        timer = timer or StageTimer()
+        rows, embeddings = edit_rows(request)
+        model_input = scheduler.scale_model_input(latents[rows], timestep).astype(np.float32, copy=False)
+        feed = {
+            "sample": model_input,
+            "timestep": np.full((len(rows),), timestep, dtype=np.float32),
+            "encoder_hidden_states": embeddings,
+            **request.control.feed(call),
+        }
+        with timer("unet"):
+            out = self.engine("unet_p2p").infer(feed)
+        return guided_edit_noise(out["noise_pred"], request), out["cross_attention_maps"]
 
 
-def _progress(steps: Sequence, enabled: bool, what: str):
-    if not enabled:
-        return steps
-    from tqdm.auto import tqdm
+def edit_rows(request: EditRequest) -> tuple[np.ndarray, np.ndarray]:
+    """Which latent (0 source, 1 target) each ``unet_p2p`` row takes, and the rows' text embeddings.
 
-    return tqdm(steps, desc=what, unit="step")
-
-
-def _check_int(name: str, value: Any, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
-        raise InputError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
-
-
-def _check_float(name: str, value: Any) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a finite number, got {value!r}") from None
-    if isinstance(value, bool) or not math.isfinite(number):
-        raise InputError(f"{name} must be a finite number, got {value!r}")
-    return number
+    ``[uncond_src, uncond_tgt, cond_src, cond_tgt]`` with guidance; a real image's source
+    reconstructs without guidance, so it has no ``uncond_src`` row; without guidance the last two.
+    """
+    source, target, negative = request.source_embeddings, request.target_embeddings, request.negative_embeddings
+    if negative is None:
+        return np.array([0, 1]), np.concatenate([source, target])
+    if request.real_image:
+        return np.array([1, 0, 1]), np.concatenate([negative, source, target])
+    return np.array([0, 1, 0, 1]), np.concatenate([negative, negative, source, target])
 
 
-def _check_latents(latents: Any, shape: tuple[int, ...]) -> np.ndarray:
-    if not isinstance(latents, np.ndarray) or latents.dtype not in (np.float16, np.float32, np.float64):
-        raise InputError(f"latents must be a float32 numpy array of shape {list(shape)}")
-    if tuple(latents.shape) != shape:
-        raise InputError(f"latents must have shape {list(shape)} for this size, got {list(latents.shape)}")
-    if not np.isfinite(latents).all():
-        raise InputError("latents contain NaN or inf")
-    return latents.astype(np.float32)
+def guided_edit_noise(noise_pred: np.ndarray, request: EditRequest) -> np.ndarray:
+    """[source, target] noise from the rows of :func:`edit_rows`: classifier-free guidance where
+    there are unconditional rows."""
+    if request.negative_embeddings is None:
+        return noise_pred
+    guidance = request.guidance_scale
+    cond = noise_pred[-2:]
+    if request.real_image:
+        uncond_target = noise_pred[0]
+        target = uncond_target + guidance * (cond[1] - uncond_target)
+        return np.stack([cond[0], target])
+    uncond = noise_pred[:2]
+    return uncond + guidance * (cond - uncond)

@@ -44,7 +44,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from blipdiffusion_trt.errors import BlipDiffusionTrtError, InputError
+from ..errors import BlipDiffusionTrtError, InputError, describe
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -72,15 +72,6 @@ SAVE_SUFFIXES = (".jpeg", ".jpg", ".npy", ".png")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
-def _reason(error: BaseException) -> str:
-    text = _one_line(error)
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
@@ -89,12 +80,12 @@ def _reason(error: BaseException) -> str:
 def _check_pixels(size: tuple[int, int], max_pixels: int, field: str, what: str) -> None:
     width, height = size
     if width <= 0 or height <= 0:
-        raise InputError(f"{field}: {what} is empty ({width}x{height} pixels)")
+        raise InputError(f"{field}: {what} is empty ({width}x{height} pixels)", field=field)
     if width * height > max_pixels:
         raise InputError(
             f"{field}: {what} is {width}x{height} = {width * height} pixels, "
             f"more than the limit of {max_pixels} pixels"
-        )
+        , field=field)
 
 
 def _sixteen_bit_to_l(image: Image.Image) -> Image.Image:
@@ -123,17 +114,17 @@ def _finish(image: Image.Image, *, field: str, what: str, exif_transpose: bool) 
     try:
         image.load()
     except Exception as error:  # decoders raise OSError, SyntaxError, ValueError, ...
-        raise InputError(f"{field}: cannot decode {what}: {_reason(error)}") from error
+        raise InputError(f"{field}: cannot decode {what}: {describe(error)}", field=field) from error
     try:
         result = ImageOps.exif_transpose(image) if exif_transpose else image
     except Exception as error:
-        raise InputError(f"{field}: cannot apply the EXIF orientation of {what}: {_reason(error)}") from error
+        raise InputError(f"{field}: cannot apply the EXIF orientation of {what}: {describe(error)}", field=field) from error
     try:
         converted = to_rgb(result)
     except Exception as error:
         raise InputError(
-            f"{field}: cannot convert {what} from mode {result.mode!r} to RGB: {_reason(error)}"
-        ) from error
+            f"{field}: cannot convert {what} from mode {result.mode!r} to RGB: {describe(error)}"
+        , field=field) from error
     if converted is image:
         converted = image.copy()
     return converted
@@ -165,9 +156,9 @@ def _open_unchecked(fp: Any, filename: str) -> Image.Image:
 def _load_file(path: Path, *, field: str, max_pixels: int, exif_transpose: bool) -> Image.Image:
     what = f"image file '{path}'"
     if not path.exists():
-        raise InputError(f"{field}: image file '{path}' does not exist")
+        raise InputError(f"{field}: image file '{path}' does not exist", field=field)
     if path.is_dir():
-        raise InputError(f"{field}: '{path}' is a directory, not an image file")
+        raise InputError(f"{field}: '{path}' is a directory, not an image file", field=field)
     image = None
     try:
         with warnings.catch_warnings():
@@ -177,9 +168,9 @@ def _load_file(path: Path, *, field: str, max_pixels: int, exif_transpose: bool)
     except Image.DecompressionBombError:
         image = None  # Pillow refused the header size: re-open without its check, below
     except Image.UnidentifiedImageError as error:
-        raise InputError(f"{field}: {what} is not an image in a format Pillow can read") from error
+        raise InputError(f"{field}: {what} is not an image in a format Pillow can read", field=field) from error
     except Exception as error:
-        raise InputError(f"{field}: cannot read {what}: {_reason(error)}") from error
+        raise InputError(f"{field}: cannot read {what}: {describe(error)}", field=field) from error
 
     if image is not None:
         with image:
@@ -194,17 +185,17 @@ def _load_file(path: Path, *, field: str, max_pixels: int, exif_transpose: bool)
     except InputError:
         raise
     except Image.UnidentifiedImageError as error:
-        raise InputError(f"{field}: {what} is not an image in a format Pillow can read") from error
+        raise InputError(f"{field}: {what} is not an image in a format Pillow can read", field=field) from error
     except Exception as error:
-        raise InputError(f"{field}: cannot read {what}: {_reason(error)}") from error
+        raise InputError(f"{field}: cannot read {what}: {describe(error)}", field=field) from error
 
 
 def _from_array(array: np.ndarray, *, field: str, max_pixels: int) -> Image.Image:
     what = f"array of shape {tuple(array.shape)}"
     if array.dtype != np.uint8:
-        raise InputError(f"{field}: image arrays must have dtype uint8, got {array.dtype} ({what})")
+        raise InputError(f"{field}: image arrays must have dtype uint8, got {array.dtype} ({what})", field=field)
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
-        raise InputError(f"{field}: image arrays must be HxWx3 (RGB) or HxW (grayscale), got {what}")
+        raise InputError(f"{field}: image arrays must be HxWx3 (RGB) or HxW (grayscale), got {what}", field=field)
     _check_pixels((int(array.shape[1]), int(array.shape[0])), max_pixels, field, f"the image {what}")
     array = np.ascontiguousarray(array)
     if array.ndim == 2:
@@ -228,7 +219,7 @@ def load_image(
     pixel memory with a PIL ``source``.
     """
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, numbers.Integral) or max_pixels <= 0:
-        raise InputError(f"max_pixels: must be a positive integer, got {max_pixels!r}")
+        raise InputError(f"max_pixels: must be a positive integer, got {max_pixels!r}", field="max_pixels")
     max_pixels = int(max_pixels)
     if isinstance(source, Image.Image):
         what = f"the {source.width}x{source.height} PIL image (mode {source.mode})"
@@ -241,13 +232,13 @@ def load_image(
         if isinstance(text, bytes):
             text = os.fsdecode(text)
         if text.startswith(("http://", "https://")):
-            raise InputError(f"{field}: URLs are not supported ('{text}'); download the image and pass its path")
+            raise InputError(f"{field}: URLs are not supported ('{text}'); download the image and pass its path", field=field)
         if not text:
-            raise InputError(f"{field}: the image path is empty")
+            raise InputError(f"{field}: the image path is empty", field=field)
         return _load_file(Path(text), field=field, max_pixels=max_pixels, exif_transpose=exif_transpose)
     raise InputError(
         f"{field}: expected an image path, a PIL image or a uint8 numpy array, got {type(source).__name__}"
-    )
+    , field=field)
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,10 +250,10 @@ def _size_pair(size: Sequence[int], name: str) -> tuple[int, int]:
     try:
         height, width = size
     except (TypeError, ValueError):
-        raise InputError(f"{name}: expected (height, width), got {size!r}") from None
+        raise InputError(f"{name}: expected (height, width), got {size!r}", field=name) from None
     for value in (height, width):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-            raise InputError(f"{name}: height and width must be positive integers, got {size!r}")
+            raise InputError(f"{name}: height and width must be positive integers, got {size!r}", field=name)
     return int(height), int(width)
 
 
@@ -272,25 +263,25 @@ def _channel_stats(values: Any, name: str) -> np.ndarray:
     try:
         array = np.asarray(values, dtype=np.float32).reshape(-1)
     except (TypeError, ValueError):
-        raise InputError(f"{name}: expected 3 numbers, got {values!r}") from None
+        raise InputError(f"{name}: expected 3 numbers, got {values!r}", field=name) from None
     if array.shape != (3,) or not np.all(np.isfinite(array)):
-        raise InputError(f"{name}: expected 3 finite numbers, got {values!r}")
+        raise InputError(f"{name}: expected 3 finite numbers, got {values!r}", field=name)
     return array
 
 
 def _resized_uint8(image: Image.Image, height: int, width: int, resample: int, name: str) -> np.ndarray:
     if not isinstance(image, Image.Image):
-        raise InputError(f"{name}: expected a PIL image, got {type(image).__name__}")
+        raise InputError(f"{name}: expected a PIL image, got {type(image).__name__}", field=name)
     if image.width <= 0 or image.height <= 0:
-        raise InputError(f"{name}: the image is empty ({image.width}x{image.height} pixels)")
+        raise InputError(f"{name}: the image is empty ({image.width}x{image.height} pixels)", field=name)
     try:
         rgb = to_rgb(image)
     except ValueError as error:
-        raise InputError(f"{name}: cannot convert mode {image.mode!r} to RGB: {_reason(error)}") from error
+        raise InputError(f"{name}: cannot convert mode {image.mode!r} to RGB: {describe(error)}", field=name) from error
     try:
         resized = rgb.resize((width, height), resample=resample)
     except ValueError as error:
-        raise InputError(f"{name}: invalid resample filter {resample!r}: {_reason(error)}") from error
+        raise InputError(f"{name}: invalid resample filter {resample!r}: {describe(error)}", field=name) from error
     return np.asarray(resized, dtype=np.uint8)
 
 
@@ -311,7 +302,7 @@ def preprocess_reference(
     mean32 = _channel_stats(mean, "mean")
     std32 = _channel_stats(std, "std")
     if np.any(std32 == 0):
-        raise InputError(f"std: must not contain zeros, got {list(map(float, std32))}")
+        raise InputError(f"std: must not contain zeros, got {list(map(float, std32))}", field="std")
     pixels = _rescale(_resized_uint8(image, height, width, resample, "reference image"))
     pixels = (pixels - mean32) / std32  # float32, as transformers.image_transforms.normalize
     return np.ascontiguousarray(pixels.transpose(2, 0, 1)[None])
@@ -329,7 +320,7 @@ def preprocess_references(
         images = [images]
     images = list(images)
     if not images:
-        raise InputError("reference images: at least one image is required")
+        raise InputError("reference images: at least one image is required", field="reference_image")
     return np.concatenate([preprocess_reference(im, size, mean, std, resample) for im in images], axis=0)
 
 
@@ -342,9 +333,9 @@ def preprocess_condition(image: Image.Image, height: int, width: int, resample: 
 
 def _threshold(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise InputError(f"{name}: must be an integer in 0..{CANNY_MAX_THRESHOLD}, got {value!r}")
+        raise InputError(f"{name}: must be an integer in 0..{CANNY_MAX_THRESHOLD}, got {value!r}", field=name)
     if not 0 <= value <= CANNY_MAX_THRESHOLD:
-        raise InputError(f"{name}: must be in 0..{CANNY_MAX_THRESHOLD}, got {value}")
+        raise InputError(f"{name}: must be in 0..{CANNY_MAX_THRESHOLD}, got {value}", field=name)
     return int(value)
 
 
@@ -358,11 +349,11 @@ def canny_condition(image: Image.Image, low_threshold: int = 100, high_threshold
     low = _threshold(low_threshold, "low_threshold")
     high = _threshold(high_threshold, "high_threshold")
     if low > high:
-        raise InputError(f"low_threshold: must not exceed high_threshold ({high}), got {low}")
+        raise InputError(f"low_threshold: must not exceed high_threshold ({high}), got {low}", field="low_threshold")
     if not isinstance(image, Image.Image):
-        raise InputError(f"canny image: expected a PIL image, got {type(image).__name__}")
+        raise InputError(f"canny image: expected a PIL image, got {type(image).__name__}", field="canny_image")
     if image.width <= 0 or image.height <= 0:
-        raise InputError(f"canny image: the image is empty ({image.width}x{image.height} pixels)")
+        raise InputError(f"canny image: the image is empty ({image.width}x{image.height} pixels)", field="canny_image")
     try:
         import cv2
     except ImportError as error:
@@ -372,7 +363,7 @@ def canny_condition(image: Image.Image, low_threshold: int = 100, high_threshold
     try:
         rgb = to_rgb(image)
     except ValueError as error:
-        raise InputError(f"canny image: cannot convert mode {image.mode!r} to RGB: {_reason(error)}") from error
+        raise InputError(f"canny image: cannot convert mode {image.mode!r} to RGB: {describe(error)}", field="canny_image") from error
     edges = cv2.Canny(np.array(rgb), low, high)
     return Image.fromarray(np.ascontiguousarray(np.repeat(edges[:, :, None], 3, axis=2)))
 
@@ -386,7 +377,7 @@ def postprocess(decoded: np.ndarray) -> np.ndarray:
     """VAE output ``[B, 3, H, W]`` in [-1, 1] -> float32 ``[B, H, W, 3]`` in [0, 1]."""
     decoded = np.asarray(decoded)
     if decoded.ndim != 4:
-        raise InputError(f"decoded: expected a [B, C, H, W] array, got shape {tuple(decoded.shape)}")
+        raise InputError(f"decoded: expected a [B, C, H, W] array, got shape {tuple(decoded.shape)}", field="decoded")
     images = np.clip(decoded.astype(np.float32, copy=False) / 2 + 0.5, 0, 1)
     return np.ascontiguousarray(images.transpose(0, 2, 3, 1))
 
@@ -397,7 +388,7 @@ def to_pil(images: np.ndarray) -> list[Image.Image]:
     if images.ndim == 3:
         images = images[None, ...]
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise InputError(f"images: expected a [B, H, W, 3] array, got shape {tuple(images.shape)}")
+        raise InputError(f"images: expected a [B, H, W, 3] array, got shape {tuple(images.shape)}", field="images")
     images = (images * 255).round().astype("uint8")
     if images.shape[-1] == 1:
         return [Image.fromarray(image.squeeze(-1), mode="L") for image in images]
@@ -410,18 +401,18 @@ def _image_for_saving(image: Any, field: str) -> Image.Image | np.ndarray:
         try:
             return to_rgb(image)
         except ValueError as error:
-            raise InputError(f"{field}: cannot convert mode {image.mode!r} to RGB: {_reason(error)}") from error
+            raise InputError(f"{field}: cannot convert mode {image.mode!r} to RGB: {describe(error)}", field=field) from error
     if not isinstance(image, np.ndarray):
-        raise InputError(f"{field}: expected a PIL image or a numpy array, got {type(image).__name__}")
+        raise InputError(f"{field}: expected a PIL image or a numpy array, got {type(image).__name__}", field=field)
     array = image[0] if image.ndim == 4 and image.shape[0] == 1 else image
     if array.ndim != 3 or array.shape[2] != 3 or array.shape[0] == 0 or array.shape[1] == 0:
-        raise InputError(f"{field}: expected an HxWx3 image array, got shape {tuple(image.shape)}")
+        raise InputError(f"{field}: expected an HxWx3 image array, got shape {tuple(image.shape)}", field=field)
     if array.dtype == np.uint8:
         return Image.fromarray(np.ascontiguousarray(array))
     if not np.issubdtype(array.dtype, np.floating):
-        raise InputError(f"{field}: image arrays must be uint8 or float in [0, 1], got dtype {array.dtype}")
+        raise InputError(f"{field}: image arrays must be uint8 or float in [0, 1], got dtype {array.dtype}", field=field)
     if not np.all(np.isfinite(array)) or array.min() < 0 or array.max() > 1:
-        raise InputError(f"{field}: float image arrays must hold finite values in [0, 1]")
+        raise InputError(f"{field}: float image arrays must hold finite values in [0, 1]", field=field)
     return array
 
 
@@ -444,12 +435,12 @@ def save_image(
         raise InputError(
             f"{field}: unsupported file suffix {path.suffix or '(none)'!r} for '{path}'; "
             f"allowed: {', '.join(SAVE_SUFFIXES)}"
-        )
+        , field=field)
     parent = path.parent
     if not parent.is_dir():
-        raise InputError(f"{field}: directory '{parent}' does not exist (writing '{path}')")
+        raise InputError(f"{field}: directory '{parent}' does not exist (writing '{path}')", field=field)
     if path.is_dir():
-        raise InputError(f"{field}: '{path}' is a directory")
+        raise InputError(f"{field}: '{path}' is a directory", field=field)
     content = _image_for_saving(image, field)
 
     tmp = parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
@@ -457,7 +448,7 @@ def save_image(
         # os.open with 0o666 lets the umask decide the final permissions (mkstemp would use 0o600).
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     except OSError as error:
-        raise InputError(f"{field}: cannot write to directory '{parent}': {_reason(error)}") from error
+        raise InputError(f"{field}: cannot write to directory '{parent}': {describe(error)}", field=field) from error
     try:
         with os.fdopen(fd, "wb") as fp:
             if suffix == ".npy":
@@ -481,6 +472,6 @@ def save_image(
         except FileNotFoundError:
             pass
         if isinstance(error, OSError):
-            raise InputError(f"{field}: cannot write '{path}': {_reason(error)}") from error
+            raise InputError(f"{field}: cannot write '{path}': {describe(error)}", field=field) from error
         raise
     return path

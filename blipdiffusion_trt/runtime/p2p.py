@@ -119,7 +119,7 @@ def check_fraction(name: str, value: object) -> float:
     except (TypeError, ValueError):
         number = math.nan
     if isinstance(value, bool) or not 0.0 <= number <= 1.0:
-        raise InputError(f"{name} must be a number in [0, 1], got {value!r}")
+        raise InputError(f"{name} must be a number in [0, 1], got {value!r}", field=name)
     return number
 
 

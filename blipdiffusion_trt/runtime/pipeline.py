@@ -10,13 +10,20 @@ blocks. Differences, on purpose:
 - One subject image/word is broadcast over a batch of prompts.
 - Random latents come from numpy's generator (``seed``), not torch's; pass ``latents`` to
   reproduce a diffusers run exactly.
+
+Each numbered stage of ``__call__`` is a method other flows reuse: :meth:`check_inputs`, the
+subject (:meth:`encode_subject`, :meth:`encode_subjects`), the text (:meth:`encode_prompt`,
+:meth:`encode_plain_prompt`, :meth:`encode_text`), the latents and control map
+(:meth:`prepare_scheduler`, :meth:`prepare_latents`, :meth:`prepare_control`), the denoising loop
+(:meth:`denoise` over :meth:`guided_noise` over :meth:`predict_noise`, the raw UNet/ControlNet call
+on any batch) and :meth:`decode_latents`. Editing (:mod:`.editing`: ``invert``, ``edit``) is built
+on the same stages.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -25,17 +32,41 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..errors import InputError
+from ..components import generation_components
+from ..errors import EngineError, InputError, PackageError
+from ..package import ModelPackage, layout
 from . import images as imgs
+from .backends import BackendOptions, get_backend
 from .editing import EditingMixin
-from .engine import Engine, default_threads, engine_factory
-from .package import ModelPackage
-from .schedulers import scheduler_from_config
+from .engine import Engine
+from .inputs import (
+    MAX_STEPS,
+    OUTPUT_TYPES,
+    GenerationInputs,
+    broadcast,
+    broadcast_images,
+    check_float,
+    check_int,
+    check_latents,
+    check_prompts,
+    check_size,
+)
+from .schedulers import check_scheduler_name, scheduler_from_config
 from .text import ClipTextTokenizer, QFormerTokenizer, build_prompts
+from .timing import StageTimer
 
 logger = logging.getLogger(__name__)
 
-MAX_STEPS = 1000
+# (latents, timestep) -> noise prediction for those latents: one denoising step's model call
+NoisePredictor = Callable[[np.ndarray, Any], np.ndarray]
+# callback(step_index, timestep, latents) after every scheduler step
+StepCallback = Callable[[int, float, np.ndarray], None]
+# after_step(step_index, latents) -> latents: changes the latents after a scheduler step (editing's local blend)
+AfterStep = Callable[[int, np.ndarray], np.ndarray]
+# component name -> its engine, made on first use (the editing graphs)
+EngineLoader = Callable[[str], Engine]
+
+__all__ = ["MAX_STEPS", "BlipDiffusionRuntime", "PipelineOutput", "SubjectEmbedding"]
 
 
 @dataclass(frozen=True)
@@ -50,23 +81,6 @@ class SubjectEmbedding:
 class PipelineOutput:
     images: Any  # list of PIL images, or float32 [B, H, W, 3] in [0, 1]
     timings: dict[str, float] = field(default_factory=dict)
-
-
-class _Timer:
-    def __init__(self) -> None:
-        self.timings: dict[str, float] = {}
-
-    def __call__(self, name: str):
-        timer = self
-
-        class _Span:
-            def __enter__(self):
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.timings[name] = timer.timings.get(name, 0.0) + time.perf_counter() - self.start
-
-        return _Span()
 
 
 class _LRU(OrderedDict):
@@ -87,56 +101,173 @@ class _LRU(OrderedDict):
 
 
 class BlipDiffusionRuntime(EditingMixin):
-    """Subject-driven generation from a model package on ONNX Runtime (CPU, CUDA, TensorRT EP)."""
+    """Subject-driven generation (and editing, :class:`~.editing.EditingMixin`) from a model package
+    on any backend of :mod:`.backends` (ONNX Runtime CPU/CUDA/TensorRT EP, TensorRT) or Triton."""
 
-    def __init__(self, package: ModelPackage, engines: dict[str, Engine], *, cache_size: int = 32):
+    def __init__(self, package: ModelPackage, engines: dict[str, Engine], *, load_engine: EngineLoader | None = None,
+                 cache_size: int = 32, negative_cache_size: int = 8):
+        """``engines``: one per component of :func:`~blipdiffusion_trt.components.generation_components`.
+
+        ``load_engine(component)``: makes the engine of a component the runtime needs later (the
+        editing graphs), on the same backend with the same options (:meth:`from_package` passes
+        its backend's); None: only ``engines`` can run. ``cache_size``: subject embeddings kept
+        (LRU; 0: none); ``negative_cache_size``: negative prompt embeddings kept.
+        """
         self.package = package
         self.config = package.config
         self.engines = engines
+        self.load_engine = load_engine
         self.scheduler_config = package.scheduler_config()
-        clip = package.tokenizer_settings("tokenizer")
-        bert = package.tokenizer_settings("qformer_tokenizer")
-        self.tokenizer = ClipTextTokenizer.from_file(package.root / "tokenizer" / "tokenizer.json", clip["pad_token_id"])
-        self.qformer_tokenizer = QFormerTokenizer.from_file(package.root / "qformer_tokenizer" / "tokenizer.json", bert["pad_token_id"])
+        clip = package.tokenizer_settings(layout.CLIP_TOKENIZER)
+        bert = package.tokenizer_settings(layout.QFORMER_TOKENIZER)
+        self.tokenizer = ClipTextTokenizer.from_file(package.tokenizer_json(layout.CLIP_TOKENIZER), clip["pad_token_id"])
+        self.qformer_tokenizer = QFormerTokenizer.from_file(package.tokenizer_json(layout.QFORMER_TOKENIZER), bert["pad_token_id"])
         self._subject_cache = _LRU(cache_size)
-        self._negative_cache = _LRU(8)
+        self._negative_cache = _LRU(negative_cache_size)
 
     @classmethod
     def from_package(
         cls, path: str | Path, backend: str = "cpu", *, precision: str = "fp32", verify: bool = True,
-        threads: int | None = None, graph_optimization: str = "all", optimized_cache: str | Path | None = None,
-        memory_arena: str = "loop", cpu_fused: bool = True, cache_size: int = 32,
+        options: BackendOptions | None = None, cache_size: int = 32, negative_cache_size: int = 8,
+        **option_values: Any,
     ) -> "BlipDiffusionRuntime":
-        """Load a package's graphs on ``backend`` ("cpu", "cuda", "ort-tensorrt", "tensorrt").
+        """Load a package's graphs on ``backend`` (``runtime.backends.BACKENDS``: "cpu", "cuda",
+        "ort-tensorrt", "tensorrt").
 
-        ``graph_optimization`` ("all", "extended", "basic", "disabled") is ONNX Runtime's: "all"
-        runs fastest, "extended" loads several times faster (see ``engine.GRAPH_OPTIMIZATIONS``).
-        ``optimized_cache`` (a directory) keeps ONNX Runtime's optimised CPU graphs between runs,
-        giving both: fast steps and a fast start after the first load (costs a copy of the weights).
-        ``memory_arena`` ("loop", "all", "none"): which ONNX Runtime CPU sessions keep a memory
-        arena; "loop" (UNet/ControlNet only) frees the once-per-image components' activations
-        after each call (see ``engine.MEMORY_ARENAS``).
-        ``cpu_fused``: on the cpu backend, load the package's CPU-fused fp32 graphs where it has them
-        (fused attention in the UNet and ControlNet; ``blipdiffusion-trt fuse`` adds them to a package).
+        The backend's start-up options are ``options`` (its options class, e.g.
+        :class:`~blipdiffusion_trt.runtime.backends.onnxruntime.OnnxRuntimeOptions`) and/or
+        keyword arguments naming its fields: for the ONNX Runtime backends ``threads``,
+        ``graph_optimization`` ("all" runs fastest, "extended" loads several times faster),
+        ``optimized_cache`` (a directory keeping ONNX Runtime's optimised CPU graphs between runs),
+        ``memory_arena`` ("loop", "all", "none") and ``cpu_fused`` (the package's CPU-fused fp32
+        graphs where it has them); for ``tensorrt`` ``use_cuda_graph``. An option the backend does
+        not have is an :class:`InputError`.
         """
-        make_engine = engine_factory(backend)
+        chosen = get_backend(backend)
+        backend_options = chosen.options(options, **option_values)
         package = ModelPackage.open(path, verify=verify)
-        needed = ["qformer", "text_encoder", "text_encoder_plain", "vae_decoder"]
-        needed += ["unet", "controlnet"] if package.config.has_controlnet else ["unet_plain"]
-        threads = threads or default_threads()
-        fused = cpu_fused and precision == "fp32" and getattr(make_engine, "runs_cpu_fused_graphs", False)
-        engines = {
-            name: make_engine(package.specs[name],
-                              package.onnx_path(name, precision, cpu_fused=fused and package.has_cpu_fused(name)),
-                              threads=threads,
-                              graph_optimization=graph_optimization, optimized_cache=optimized_cache,
-                              memory_arena=memory_arena)
-            for name in needed
-        }
-        return cls(package, engines, cache_size=cache_size)
+        engines = chosen.load(package, generation_components(package.config), precision, backend_options)
+
+        def load_engine(component: str) -> Engine:
+            return chosen.make_engine(package, component, precision, backend_options)
+
+        return cls(package, engines, load_engine=load_engine, cache_size=cache_size,
+                   negative_cache_size=negative_cache_size)
+
+    def engine(self, component: str) -> Engine:
+        """The engine of ``component``; one not loaded yet is made by ``load_engine`` (on the
+        runtime's backend, with its options) and kept."""
+        engine = self.engines.get(component)
+        if engine is None:
+            if component not in self.package.specs:
+                raise PackageError(f"{self.package.root}: the package has no {component} graph")
+            if self.load_engine is None:
+                raise EngineError(f"no {component} engine: this runtime was made without a way to load engines "
+                                  "(BlipDiffusionRuntime.from_package loads them on its backend)")
+            engine = self.engines[component] = self.load_engine(component)
+        return engine
+
+    def close(self) -> None:
+        """Close every engine (sessions, device memory); the runtime cannot generate afterwards."""
+        for engine in self.engines.values():
+            engine.close()
+
+    def __enter__(self) -> "BlipDiffusionRuntime":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     # ------------------------------------------------------------------------------------------
-    # Reusable pieces
+    # 1. Inputs
+    # ------------------------------------------------------------------------------------------
+
+    def check_inputs(
+        self,
+        prompt: Any,
+        reference_image: Any = None,
+        source_subject_category: Any = None,
+        target_subject_category: Any = None,
+        *,
+        subject: SubjectEmbedding | None = None,
+        guidance_scale: Any = 7.5,
+        height: Any = None,
+        width: Any = None,
+        num_inference_steps: Any = 50,
+        latents: Any = None,
+        neg_prompt: Any = "",
+        scheduler: Any = "pndm",
+        output_type: Any = "pil",
+        condition_image: Any = None,
+        canny_image: Any = None,
+        controlnet_conditioning_scale: Any = 1.0,
+        controlnet: bool = True,
+    ) -> GenerationInputs:
+        """Every argument of a call checked (one-line :class:`InputError` naming the field) and normalised.
+
+        Images are not decoded here: a file that cannot be read is reported when its stage loads it.
+        ``controlnet``: whether the call runs the package's ControlNet (and so needs a control
+        map); editing does not.
+        """
+        cfg = self.config
+        prompts = check_prompts(prompt, cfg.max_batch_size)
+        batch = len(prompts)
+        height, width = self.check_image_size(height, width)
+        check_int("num_inference_steps", num_inference_steps, 1, MAX_STEPS)
+        guidance_scale = check_float("guidance_scale", guidance_scale)
+        controlnet_conditioning_scale = check_float("controlnet_conditioning_scale", controlnet_conditioning_scale)
+        if output_type not in OUTPUT_TYPES:
+            raise InputError(f"output_type must be 'pil' or 'np', got {output_type!r}", field="output_type")
+        if not isinstance(neg_prompt, str):
+            raise InputError("neg_prompt must be a string", field="neg_prompt")
+        targets = broadcast("target_subject_category", target_subject_category, batch)
+        self._check_control(condition_image, canny_image, controlnet)
+        latent_shape = (batch, cfg.latent_channels, height // cfg.latent_scale_factor, width // cfg.latent_scale_factor)
+        if latents is not None:
+            latents = check_latents(latents, latent_shape)
+        check_scheduler_name(scheduler)
+        sources = references = None
+        if subject is not None:
+            if reference_image is not None:
+                raise InputError("subject and reference_image given: pass either subject or reference_image, not both",
+                                 field="subject")
+        else:
+            if reference_image is None:
+                raise InputError("reference_image is required (or a precomputed subject)", field="reference_image")
+            sources = broadcast("source_subject_category", source_subject_category, batch)
+            references = broadcast_images("reference_image", reference_image, batch)
+        return GenerationInputs(
+            prompts=prompts, targets=targets, sources=sources, references=references, height=height, width=width,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, latent_shape=latent_shape,
+            latents=latents, neg_prompt=neg_prompt, scheduler=scheduler, output_type=output_type,
+            condition_image=condition_image, canny_image=canny_image,
+            controlnet_conditioning_scale=controlnet_conditioning_scale,
+        )
+
+    def check_image_size(self, height: Any, width: Any) -> tuple[int, int]:
+        """The generated image's (height, width): the package's default size where None, else checked."""
+        cfg = self.config
+        height = cfg.default_height if height is None else height
+        width = cfg.default_width if width is None else width
+        for name, value in (("height", height), ("width", width)):
+            check_size(name, value, cfg.min_image_size, cfg.max_image_size, cfg.image_multiple)
+        return int(height), int(width)
+
+    def _check_control(self, condition_image: Any, canny_image: Any, controlnet: bool = True) -> None:
+        uses_control = condition_image is not None or canny_image is not None
+        if uses_control and not (self.config.has_controlnet and controlnet):
+            given = "canny_image" if canny_image is not None else "condition_image"
+            reason = "this package has no ControlNet" if controlnet else "this call does not run the ControlNet"
+            raise InputError(f"{given} given, but {reason}", field=given)
+        if self.config.has_controlnet and controlnet and not uses_control:
+            raise InputError("condition_image: this package has a ControlNet: pass condition_image or canny_image",
+                             field="condition_image")
+        if condition_image is not None and canny_image is not None:
+            raise InputError("canny_image and condition_image given: pass either condition_image or canny_image, "
+                             "not both", field="canny_image")
+
+    # ------------------------------------------------------------------------------------------
+    # 2. The subject
     # ------------------------------------------------------------------------------------------
 
     def encode_subject(self, image: Any, category: str) -> SubjectEmbedding:
@@ -173,22 +304,173 @@ class BlipDiffusionRuntime(EditingMixin):
         label = "+".join(f"{w:g}*{s.label}" for s, w in subjects)
         return SubjectEmbedding(mixed.astype(np.float32), label=label)
 
+    def encode_subjects(self, references: Sequence[Any], categories: Sequence[str]) -> np.ndarray:
+        """Query embeddings per prompt, [B, num_query_tokens, hidden]: one Q-Former call (and one
+        image decode) per distinct reference image and word, not per prompt."""
+        unique: dict[tuple[int, str], np.ndarray] = {}
+        for reference, category in zip(references, categories):
+            if (id(reference), category) not in unique:
+                unique[(id(reference), category)] = self.encode_subject(reference, category).embeddings
+        return np.stack([unique[(id(r), c)] for r, c in zip(references, categories)])
+
+    # ------------------------------------------------------------------------------------------
+    # 3. The text
+    # ------------------------------------------------------------------------------------------
+
     def encode_prompt(self, prompts: list[str], subject_embeddings: np.ndarray) -> np.ndarray:
         """Text embeddings with the subject spliced in: [B, text_max_length, hidden]."""
         tokens = self.tokenizer.encode(prompts, self.config.text_length, field="prompt")
         out = self.engines["text_encoder"].infer({"input_ids": tokens.input_ids, "ctx_embeddings": subject_embeddings})
         return out["text_embeddings"]
 
+    def encode_plain_prompt(self, prompts: list[str], *, field: str = "prompt", allow_empty: bool = False) -> np.ndarray:
+        """Text embeddings without a subject (the plain CLIP text encoder): [B, text_max_length, hidden].
+
+        Prompts longer than the text encoder are truncated (with a warning).
+        """
+        length = self.config.text_max_length
+        tokens = self.tokenizer.encode(prompts, length, field=field, allow_empty=allow_empty)
+        if any(tokens.truncated):
+            logger.warning("%s truncated to %d tokens", "negative prompt" if field == "neg_prompt" else field, length)
+        return self.engines["text_encoder_plain"].infer({"input_ids": tokens.input_ids})["text_embeddings"]
+
     def encode_negative_prompt(self, neg_prompt: str) -> np.ndarray:
         """Plain text embeddings of the negative prompt, [1, text_max_length, hidden] (cached)."""
+        return self._negative_cache.get_or(
+            neg_prompt, lambda: self.encode_plain_prompt([neg_prompt], field="neg_prompt", allow_empty=True))
 
-        def run() -> np.ndarray:
-            tokens = self.tokenizer.encode([neg_prompt], self.config.text_max_length, field="neg_prompt", allow_empty=True)
-            if tokens.truncated[0]:
-                logger.warning("negative prompt truncated to %d tokens", self.config.text_max_length)
-            return self.engines["text_encoder_plain"].infer({"input_ids": tokens.input_ids})["text_embeddings"]
+    def encode_text(self, prompts: list[str], targets: list[str], subject_embeddings: np.ndarray, *,
+                    prompt_strength: float = 1.0, prompt_reps: int = 20, guidance_scale: float = 7.5,
+                    neg_prompt: str = "") -> np.ndarray:
+        """The UNet's ``encoder_hidden_states``: "a {target} {prompt}" x reps with the subject, preceded
+        by the negative prompt's embeddings when guidance is on ([2B, ...]; else [B, ...])."""
+        texts = build_prompts(prompts, targets, prompt_strength=prompt_strength, prompt_reps=prompt_reps)
+        # The repetitions are meant to fill the text encoder and be cut; warn only when a single
+        # "a {target} {prompt}" does not fit, i.e. when words the user wrote are lost.
+        single = build_prompts(prompts, targets, prompt_strength=1.0, prompt_reps=1)
+        if any(self.tokenizer.encode(single, self.config.text_length, field="prompt").truncated):
+            logger.warning("prompt truncated to %d tokens (the text encoder's limit with the subject)",
+                           self.config.text_length)
+        text_embeddings = self.encode_prompt(texts, subject_embeddings)
+        if guidance_scale > 1.0:
+            negative = self.encode_negative_prompt(neg_prompt)
+            text_embeddings = np.concatenate([np.repeat(negative, len(prompts), axis=0), text_embeddings])
+        return text_embeddings
 
-        return self._negative_cache.get_or(neg_prompt, run)
+    # ------------------------------------------------------------------------------------------
+    # 4. Scheduler, latents, control map
+    # ------------------------------------------------------------------------------------------
+
+    def prepare_scheduler(self, name: str, num_inference_steps: int):
+        """Scheduler ``name`` from the package's scheduler config, with its timesteps set."""
+        scheduler = scheduler_from_config(name, self.scheduler_config)
+        scheduler.set_timesteps(num_inference_steps)
+        return scheduler
+
+    @staticmethod
+    def prepare_latents(shape: Sequence[int], scheduler, *, latents: np.ndarray | None = None,
+                        seed: int | None = None) -> np.ndarray:
+        """Initial latents: ``latents`` (or standard normal ones from ``seed``) times the scheduler's
+        initial noise sigma."""
+        if latents is None:
+            latents = np.random.default_rng(seed).standard_normal(tuple(shape), dtype=np.float32)
+        return (latents * np.float32(scheduler.init_noise_sigma)).astype(np.float32)
+
+    def prepare_control(self, height: int, width: int, unet_batch: int, *, condition_image: Any = None,
+                        canny_image: Any = None, canny_low_threshold: int = 100, canny_high_threshold: int = 200,
+                        conditioning_scale: float = 1.0) -> dict[str, np.ndarray]:
+        """The ControlNet's extra inputs for a UNet batch of ``unet_batch``: the control map (given,
+        or canny edges of ``canny_image``) at the generation size, and the conditioning scale."""
+        if canny_image is not None:
+            condition = imgs.canny_condition(imgs.load_image(canny_image, field="canny_image"),
+                                             canny_low_threshold, canny_high_threshold)
+        else:
+            condition = imgs.load_image(condition_image, field="condition_image")
+        condition = np.repeat(imgs.preprocess_condition(condition, height, width), unet_batch, axis=0)
+        return {"controlnet_cond": condition, "conditioning_scale": np.array([conditioning_scale], np.float32)}
+
+    # ------------------------------------------------------------------------------------------
+    # 5. Denoising
+    # ------------------------------------------------------------------------------------------
+
+    def predict_noise(self, sample: np.ndarray, timestep: Any, encoder_hidden_states: np.ndarray,
+                      control: dict[str, np.ndarray] | None = None, *, timer: StageTimer | None = None) -> np.ndarray:
+        """One UNet call (after the ControlNet's, with ``control``) on whatever batch ``sample`` holds."""
+        timer = timer or StageTimer()
+        feed: dict[str, Any] = {
+            "sample": sample,
+            "timestep": np.full((sample.shape[0],), timestep, dtype=np.float32),
+            "encoder_hidden_states": encoder_hidden_states,
+        }
+        if control:
+            controlnet = self.engines["controlnet"]
+            with timer("controlnet"):  # residuals may stay on the device until the UNet reads them
+                feed.update(controlnet.infer({**feed, **control}, keep=controlnet.output_names))
+        # a ControlNet package's generations load no unet_plain: its inversion loads it here
+        unet = self.engines["unet"] if control else self.engine("unet_plain")
+        with timer("unet"):
+            return unet.infer(feed)["noise_pred"]
+
+    def guided_noise(self, latents: np.ndarray, timestep: Any, text_embeddings: np.ndarray, scheduler, *,
+                     guidance_scale: float, control: dict[str, np.ndarray] | None = None,
+                     timer: StageTimer | None = None) -> np.ndarray:
+        """The noise prediction with classifier-free guidance (the UNet runs on [negative; positive]
+        when ``guidance_scale > 1``)."""
+        do_cfg = guidance_scale > 1.0
+        model_input = np.concatenate([latents, latents]) if do_cfg else latents
+        model_input = scheduler.scale_model_input(model_input, timestep).astype(np.float32, copy=False)
+        noise_pred = self.predict_noise(model_input, timestep, text_embeddings, control, timer=timer)
+        if do_cfg:
+            batch = latents.shape[0]
+            noise_uncond, noise_text = noise_pred[:batch], noise_pred[batch:]
+            noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+        return noise_pred
+
+    def denoise(self, latents: np.ndarray, scheduler, text_embeddings: np.ndarray | None = None, *,
+                guidance_scale: float = 7.5, control: dict[str, np.ndarray] | None = None,
+                predict: NoisePredictor | None = None, after_step: AfterStep | None = None,
+                callback: StepCallback | None = None, progress: bool | str = False,
+                timer: StageTimer | None = None) -> np.ndarray:
+        """The scheduler loop: every timestep, a noise prediction, then a scheduler step.
+
+        The prediction is :meth:`guided_noise` (``text_embeddings``, ``guidance_scale``,
+        ``control``) unless ``predict(latents, timestep)`` is given: another flow's own UNet feed
+        (editing's). ``after_step(step_index, latents)`` returns the latents the loop goes on with
+        (editing's local blend; prompt-to-prompt's ``step_callback``). ``callback(step_index,
+        timestep, latents)`` runs after every step. ``progress``: a progress bar (a string: its
+        label). Records ``denoise_loop`` (and the engines' and scheduler's times) in ``timer``.
+        """
+        timer = timer or StageTimer()
+        if predict is None:
+            if text_embeddings is None:
+                raise ValueError("denoise needs text_embeddings or a predict function")
+
+            def predict(sample: np.ndarray, timestep: Any) -> np.ndarray:
+                return self.guided_noise(sample, timestep, text_embeddings, scheduler, guidance_scale=guidance_scale,
+                                         control=control, timer=timer)
+
+        loop_start = time.perf_counter()
+        for i, t in enumerate(_progress(scheduler.timesteps, progress)):
+            noise_pred = predict(latents, t)
+            with timer("scheduler"):
+                latents = scheduler.step(noise_pred, t, latents).astype(np.float32, copy=False)
+            if after_step is not None:
+                latents = after_step(i, latents)
+            if callback is not None:
+                callback(i, float(t), latents)
+        timer.timings["denoise_loop"] = time.perf_counter() - loop_start
+        return latents
+
+    # ------------------------------------------------------------------------------------------
+    # 6. Decoding
+    # ------------------------------------------------------------------------------------------
+
+    def decode_latents(self, latents: np.ndarray, *, timer: StageTimer | None = None) -> np.ndarray:
+        """Images from latents: float32 [B, H, W, 3] in [0, 1]."""
+        timer = timer or StageTimer()
+        with timer("vae_decoder"):
+            decoded = self.engines["vae_decoder"].infer({"latents": latents / np.float32(self.config.vae_scaling_factor)})
+        return imgs.postprocess(decoded["image"])
 
     # ------------------------------------------------------------------------------------------
     # Generation
@@ -218,178 +500,66 @@ class BlipDiffusionRuntime(EditingMixin):
         canny_low_threshold: int = 100,
         canny_high_threshold: int = 200,
         controlnet_conditioning_scale: float = 1.0,
-        callback: Callable[[int, float, np.ndarray], None] | None = None,
+        callback: StepCallback | None = None,
         progress: bool = False,
     ) -> PipelineOutput:
         """Generate images of the subject in ``reference_image`` following ``prompt``.
 
         ``callback(step_index, timestep, latents)`` is called after every scheduler step.
         """
-        cfg = self.config
-        timer = _Timer()
+        timer = StageTimer()
         start = time.perf_counter()
 
         # 1. Check inputs
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
-        if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-            raise InputError("prompt must be a non-empty string or a list of non-empty strings")
-        batch = len(prompts)
-        if batch > cfg.max_batch_size:
-            raise InputError(f"prompt: batch of {batch} exceeds the package's max_batch_size {cfg.max_batch_size}")
-        height = cfg.default_height if height is None else height
-        width = cfg.default_width if width is None else width
-        for name, value in (("height", height), ("width", width)):
-            _check_int(name, value, cfg.min_image_size, cfg.max_image_size)
-            if value % cfg.image_multiple:
-                raise InputError(f"{name} must be a multiple of {cfg.image_multiple} in [{cfg.min_image_size}, {cfg.max_image_size}], got {value}")
-        _check_int("num_inference_steps", num_inference_steps, 1, MAX_STEPS)
-        guidance_scale = _check_float("guidance_scale", guidance_scale)
-        controlnet_conditioning_scale = _check_float("controlnet_conditioning_scale", controlnet_conditioning_scale)
-        if output_type not in ("pil", "np"):
-            raise InputError(f"output_type must be 'pil' or 'np', got {output_type!r}")
-        if not isinstance(neg_prompt, str):
-            raise InputError("neg_prompt must be a string")
-        targets = _broadcast("target_subject_category", target_subject_category, batch)
-        uses_control = condition_image is not None or canny_image is not None
-        if uses_control and not cfg.has_controlnet:
-            raise InputError("condition_image/canny_image given, but this package has no ControlNet")
-        if cfg.has_controlnet and not uses_control:
-            raise InputError("this package has a ControlNet: pass condition_image or canny_image")
-        if condition_image is not None and canny_image is not None:
-            raise InputError("pass either condition_image or canny_image, not both")
-        latent_shape = (batch, cfg.latent_channels, height // cfg.latent_scale_factor, width // cfg.latent_scale_factor)
-        if latents is not None:
-            latents = _check_latents(latents, latent_shape)
-        sched = scheduler_from_config(scheduler, self.scheduler_config)
-        sched.set_timesteps(num_inference_steps)
+        inputs = self.check_inputs(
+            prompt, reference_image, source_subject_category, target_subject_category, subject=subject,
+            guidance_scale=guidance_scale, height=height, width=width, num_inference_steps=num_inference_steps,
+            latents=latents, neg_prompt=neg_prompt, scheduler=scheduler, output_type=output_type,
+            condition_image=condition_image, canny_image=canny_image,
+            controlnet_conditioning_scale=controlnet_conditioning_scale,
+        )
 
         # 2. Encode the subject (Q-Former), reusing cached embeddings
         with timer("qformer"):
             if subject is not None:
-                if reference_image is not None:
-                    raise InputError("pass either subject or reference_image, not both")
-                subject_embeds = np.repeat(subject.embeddings[None], batch, axis=0)
+                subject_embeds = np.repeat(subject.embeddings[None], inputs.batch, axis=0)
             else:
-                if reference_image is None:
-                    raise InputError("reference_image is required (or a precomputed subject)")
-                sources = _broadcast("source_subject_category", source_subject_category, batch)
-                references = reference_image if isinstance(reference_image, (list, tuple)) else [reference_image] * batch
-                if len(references) != batch:
-                    raise InputError(f"reference_image: {len(references)} images for {batch} prompts")
-                # one Q-Former call (and one image decode) per distinct reference and word, not per prompt
-                unique: dict[tuple[int, str], np.ndarray] = {}
-                for r, s in zip(references, sources):
-                    if (id(r), s) not in unique:
-                        unique[(id(r), s)] = self.encode_subject(r, s).embeddings
-                subject_embeds = np.stack([unique[(id(r), s)] for r, s in zip(references, sources)])
+                subject_embeds = self.encode_subjects(inputs.references, inputs.sources)
 
         # 3. Encode the text: "a {target} {prompt}" x reps with the subject, and the negative prompt
         with timer("text_encoder"):
-            texts = build_prompts(prompts, targets, prompt_strength=prompt_strength, prompt_reps=prompt_reps)
-            # The repetitions are meant to fill the text encoder and be cut; warn only when a single
-            # "a {target} {prompt}" does not fit, i.e. when words the user wrote are lost.
-            single = build_prompts(prompts, targets, prompt_strength=1.0, prompt_reps=1)
-            if any(self.tokenizer.encode(single, cfg.text_length, field="prompt").truncated):
-                logger.warning("prompt truncated to %d tokens (the text encoder's limit with the subject)", cfg.text_length)
-            text_embeddings = self.encode_prompt(texts, subject_embeds)
-            do_cfg = guidance_scale > 1.0
-            if do_cfg:
-                negative = self.encode_negative_prompt(neg_prompt)
-                text_embeddings = np.concatenate([np.repeat(negative, batch, axis=0), text_embeddings])
+            text_embeddings = self.encode_text(
+                inputs.prompts, inputs.targets, subject_embeds, prompt_strength=prompt_strength,
+                prompt_reps=prompt_reps, guidance_scale=inputs.guidance_scale, neg_prompt=inputs.neg_prompt,
+            )
 
-        # 4. Prepare latents (and the condition image)
-        if latents is None:
-            latents = np.random.default_rng(seed).standard_normal(latent_shape, dtype=np.float32)
-        latents = (latents * np.float32(sched.init_noise_sigma)).astype(np.float32)
-        control_feed: dict[str, np.ndarray] = {}
-        if uses_control:
+        # 4. Prepare the timesteps, the latents and the control map
+        sched = self.prepare_scheduler(inputs.scheduler, inputs.num_inference_steps)
+        latents = self.prepare_latents(inputs.latent_shape, sched, latents=inputs.latents, seed=seed)
+        control = None
+        if inputs.uses_control:
             with timer("condition_image"):
-                if canny_image is not None:
-                    cond = imgs.canny_condition(imgs.load_image(canny_image, field="canny_image"), canny_low_threshold, canny_high_threshold)
-                else:
-                    cond = imgs.load_image(condition_image, field="condition_image")
-                cond = imgs.preprocess_condition(cond, height, width)
-                cond = np.repeat(cond, batch * (2 if do_cfg else 1), axis=0)
-                control_feed = {"controlnet_cond": cond, "conditioning_scale": np.array([controlnet_conditioning_scale], np.float32)}
-        unet = self.engines["unet"] if uses_control else self.engines["unet_plain"]
-        controlnet = self.engines.get("controlnet") if uses_control else None
+                control = self.prepare_control(
+                    inputs.height, inputs.width, text_embeddings.shape[0], condition_image=inputs.condition_image,
+                    canny_image=inputs.canny_image, canny_low_threshold=canny_low_threshold,
+                    canny_high_threshold=canny_high_threshold, conditioning_scale=inputs.controlnet_conditioning_scale,
+                )
 
         # 5. Denoise
-        steps = sched.timesteps
-        iterator = _progress(steps, progress)
-        loop_start = time.perf_counter()
-        for i, t in enumerate(iterator):
-            model_input = np.concatenate([latents, latents]) if do_cfg else latents
-            model_input = sched.scale_model_input(model_input, t).astype(np.float32, copy=False)
-            feed = {
-                "sample": model_input,
-                "timestep": np.full((model_input.shape[0],), t, dtype=np.float32),
-                "encoder_hidden_states": text_embeddings,
-            }
-            if controlnet is not None:
-                with timer("controlnet"):
-                    feed.update(controlnet.infer({**feed, **control_feed}, keep=controlnet.output_names))
-            with timer("unet"):
-                noise_pred = unet.infer(feed)["noise_pred"]
-            if do_cfg:
-                noise_uncond, noise_text = noise_pred[:batch], noise_pred[batch:]
-                noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
-            with timer("scheduler"):
-                latents = sched.step(noise_pred, t, latents).astype(np.float32, copy=False)
-            if callback is not None:
-                callback(i, float(t), latents)
-        timer.timings["denoise_loop"] = time.perf_counter() - loop_start
+        latents = self.denoise(latents, sched, text_embeddings, guidance_scale=inputs.guidance_scale, control=control,
+                               callback=callback, progress=progress, timer=timer)
 
         # 6. Decode
-        with timer("vae_decoder"):
-            decoded = self.engines["vae_decoder"].infer({"latents": latents / np.float32(cfg.vae_scaling_factor)})["image"]
-        image = imgs.postprocess(decoded)
+        images = self.decode_latents(latents, timer=timer)
         timer.timings["total"] = time.perf_counter() - start
-        timer.timings["steps"] = float(len(steps))
-        return PipelineOutput(images=imgs.to_pil(image) if output_type == "pil" else image, timings=timer.timings)
+        timer.timings["steps"] = float(len(sched.timesteps))
+        return PipelineOutput(images=imgs.to_pil(images) if inputs.output_type == "pil" else images,
+                              timings=timer.timings)
 
 
-def _progress(steps, enabled: bool):
+def _progress(steps, enabled: bool | str):
     if not enabled:
         return steps
     from tqdm.auto import tqdm
 
-    return tqdm(steps, desc="denoise", unit="step")
-
-
-def _check_int(name: str, value: Any, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
-        raise InputError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
-
-
-def _check_float(name: str, value: Any) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a finite number, got {value!r}") from None
-    if isinstance(value, bool) or not math.isfinite(number):
-        raise InputError(f"{name} must be a finite number, got {value!r}")
-    return number
-
-
-def _broadcast(name: str, value: Any, batch: int) -> list[str]:
-    values = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
-    if not values or not all(isinstance(v, str) and v.strip() for v in values):
-        raise InputError(f"{name} must be a non-empty string (or one per prompt)")
-    if len(values) == 1:
-        values = values * batch
-    if len(values) != batch:
-        raise InputError(f"{name}: {len(values)} values for {batch} prompts")
-    return values
-
-
-def _check_latents(latents: Any, shape: tuple[int, ...]) -> np.ndarray:
-    if not isinstance(latents, np.ndarray):
-        raise InputError(f"latents must be a numpy float32 array of shape {list(shape)}, got {type(latents).__name__}")
-    if latents.dtype not in (np.float32, np.float16, np.float64):
-        raise InputError(f"latents must be float32 (or float16/float64), got {latents.dtype}")
-    if tuple(latents.shape) != shape:
-        raise InputError(f"latents must have shape {list(shape)} for this batch and size, got {list(latents.shape)}")
-    if not np.isfinite(latents).all():
-        raise InputError("latents contain NaN or inf")
-    return latents.astype(np.float32)
+    return tqdm(steps, desc=enabled if isinstance(enabled, str) else "denoise", unit="step")

@@ -52,15 +52,15 @@ def _as_text_list(texts: object, field: str, *, allow_empty: bool) -> list[str]:
     elif isinstance(texts, (list, tuple)):
         items = list(texts)
     else:
-        raise InputError(f"{field} must be a string or a list of strings, got {type(texts).__name__}")
+        raise InputError(f"{field} must be a string or a list of strings, got {type(texts).__name__}", field=field)
     if not items:
-        raise InputError(f"{field} must contain at least one string")
+        raise InputError(f"{field} must contain at least one string", field=field)
     for i, item in enumerate(items):
         where = f" (item {i})" if len(items) > 1 else ""
         if not isinstance(item, str):
-            raise InputError(f"{field} must be a string{where}, got {type(item).__name__}")
+            raise InputError(f"{field} must be a string{where}, got {type(item).__name__}", field=field)
         if not allow_empty and not item.strip():
-            raise InputError(f"{field} must be a non-empty string{where}")
+            raise InputError(f"{field} must be a non-empty string{where}", field=field)
     return items  # type: ignore[return-value]
 
 
@@ -86,16 +86,16 @@ def build_prompts(
         raise InputError(
             f"prompt and target_subject_category must have the same length, "
             f"got {len(prompt_list)} and {len(subject_list)}"
-        )
+        , field="prompt")
     if (
         isinstance(prompt_strength, bool)
         or not isinstance(prompt_strength, (int, float, np.integer, np.floating))
         or not math.isfinite(float(prompt_strength))
         or prompt_strength < 0
     ):
-        raise InputError(f"prompt_strength must be a finite number >= 0, got {prompt_strength!r}")
+        raise InputError(f"prompt_strength must be a finite number >= 0, got {prompt_strength!r}", field="prompt_strength")
     if isinstance(prompt_reps, bool) or not isinstance(prompt_reps, (int, np.integer)) or prompt_reps < 0:
-        raise InputError(f"prompt_reps must be an integer >= 0, got {prompt_reps!r}")
+        raise InputError(f"prompt_reps must be an integer >= 0, got {prompt_reps!r}", field="prompt_reps")
     reps = int(prompt_strength * prompt_reps)
     out = []
     for prompt, tgt_subject in zip(prompt_list, subject_list):
@@ -189,7 +189,7 @@ class ClipTextTokenizer:
         items = _as_text_list(texts, field, allow_empty=allow_empty)
         min_len = self.num_special_tokens + 1
         if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < min_len:
-            raise InputError(f"max_length must be an integer >= {min_len}, got {max_length!r}")
+            raise InputError(f"max_length must be an integer >= {min_len}, got {max_length!r}", field="max_length")
         max_length = int(max_length)
         budget = max_length - self.num_special_tokens
         ids = np.full((len(items), max_length), self.pad_token_id, dtype=np.int64)

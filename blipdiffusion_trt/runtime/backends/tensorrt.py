@@ -16,11 +16,11 @@ CUDA-version-specific wheel (``cupy-cuda12x``) and a second allocator competing 
 for GPU memory, to use none of its array features.
 
 Loading checks the plan against its record in ``engines.json`` (GPU architecture, TensorRT
-version, sha256, source graph): a mismatch is an :class:`EngineError` naming what the plan was
+version, sha256, source graph; :mod:`blipdiffusion_trt.engines.plans`): a mismatch is an :class:`EngineError` naming what the plan was
 built for, what is running, and the ``blipdiffusion-trt build`` command that fixes it.
 
-``use_cuda_graph=True`` (or ``BLIPDIFFUSION_TRT_CUDA_GRAPH=1`` for engines made by the backend
-factory) captures ``execute_async_v3`` in a CUDA graph and replays it while shapes and buffer
+``use_cuda_graph=True`` (:class:`TensorRTOptions`; default: ``BLIPDIFFUSION_TRT_CUDA_GRAPH=1``)
+captures ``execute_async_v3`` in a CUDA graph and replays it while shapes and buffer
 addresses stay the same; a new shape or address triggers one eager run and a new capture.
 """
 
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -37,26 +36,14 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..components import ComponentSpec
-from ..engines.build import (
-    BuildOptions,
-    check_compatibility,
-    describe_build,
-    engine_dir,
-    engine_dir_name,
-    engines_root,
-    import_cudart,
-    import_tensorrt,
-    make_logger,
-    plan_name,
-    read_record,
-    rebuild_command,
-    running_environment,
-    same_gpu_model,
-)
-from ..engines.profiles import check_shape
-from ..errors import EngineError, InputError
-from .engine import Engine
+from ...components import ComponentSpec
+from ...engines.environment import import_cudart, import_tensorrt, make_logger, running_environment
+from ...engines.plans import BuildOptions, locate_plan, read_plan, rebuild_command
+from ...engines.profiles import check_shape
+from ...errors import EngineError, InputError
+from ...package import ModelPackage
+from ..engine import Engine
+from .base import Backend, BackendOptions, Capabilities
 
 logger = logging.getLogger(__name__)
 
@@ -64,61 +51,21 @@ CUDA_GRAPH_ENV = "BLIPDIFFUSION_TRT_CUDA_GRAPH"
 _MIN_ALLOCATION = 256
 
 
-# ------------------------------------------------------------------------------------------------
-# Finding and checking a plan (no CUDA needed until the plan is deserialized)
-# ------------------------------------------------------------------------------------------------
-
-def package_of(onnx_path: str | Path) -> tuple[Path, str, str]:
-    """``PACKAGE/onnx/<precision>/<name>.onnx`` -> ``(PACKAGE, precision, name)``."""
-    path = Path(onnx_path)
-    if path.suffix != ".onnx" or path.parent.parent.name != "onnx":
-        raise EngineError(f"{path}: not a package graph path PACKAGE/onnx/<precision>/<component>.onnx")
-    return path.parent.parent.parent, path.parent.name, path.stem
+def _cuda_graph_default() -> bool:
+    return os.environ.get(CUDA_GRAPH_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def locate_plan(package: Path, component: str, running: Mapping[str, Any],
-                onnx_sha256: str | None = None) -> tuple[Path, dict[str, Any], str | None]:
-    """The plan for ``component`` on the running GPU/TensorRT, and its record.
+@dataclass(frozen=True)
+class TensorRTOptions(BackendOptions):
+    """``use_cuda_graph``: capture each engine's execution in a CUDA graph and replay it while shapes
+    and buffers stay the same (default: ``BLIPDIFFUSION_TRT_CUDA_GRAPH=1``)."""
 
-    Raises :class:`EngineError` when there is none; when engines exist for another GPU or
-    TensorRT version, the message says what they were built for. Returns the plan path, its
-    record and a warning (another GPU model of the same architecture) or None.
-    """
-    directory = engine_dir(package, running["compute_capability"], running["tensorrt_version"])
-    record = (read_record(directory) or {}).get("components", {}).get(component)
-    if record is None:
-        # Say what exists instead: the nearest mismatch explains what to rebuild.
-        for other in sorted(engines_root(package).glob("*/engines.json")):
-            found = (read_record(other.parent) or {}).get("components", {}).get(component)
-            if found is not None:
-                message = check_compatibility(found, running, package=package, component=component)
-                if message:
-                    raise EngineError(message)
-        raise EngineError(check_compatibility(None, running, package=package, component=component))
-    plan = directory / record.get("plan", plan_name(component))
-    message = check_compatibility(record, running, package=package, component=component, plan=plan,
-                                  onnx_sha256=onnx_sha256)
-    if message:
-        raise EngineError(message)
-    warning = None
-    if not same_gpu_model(record, running):
-        warning = (f"TensorRT engine {component} was built on {record.get('gpu_name')}, running on "
-                   f"{running.get('gpu_name')} (same architecture): it runs, possibly below its best speed; "
-                   f"rebuild for this GPU: {rebuild_command(package, record.get('options'))}")
-    return plan, record, warning
+    use_cuda_graph: bool = field(default_factory=_cuda_graph_default)
 
-
-def read_plan(plan: Path, record: Mapping[str, Any], running: Mapping[str, Any], package: Path, component: str) -> bytes:
-    """The plan's bytes, after checking them against the sha256 in ``engines.json``."""
-    try:
-        data = plan.read_bytes()
-    except OSError as error:
-        raise EngineError(f"cannot read {plan}: {error.strerror or error}") from None
-    message = check_compatibility(record, running, package=package, component=component, plan=plan,
-                                  plan_sha256=hashlib.sha256(data).hexdigest())
-    if message:
-        raise EngineError(message)
-    return data
+    def __post_init__(self) -> None:
+        if not isinstance(self.use_cuda_graph, bool):
+            raise InputError(f"use_cuda_graph must be True or False, got {self.use_cuda_graph!r}",
+                             field="use_cuda_graph")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -218,10 +165,11 @@ class TensorRTEngine(Engine):
     """A TensorRT plan behind the :class:`Engine` interface (see the module docstring)."""
 
     def __init__(self, spec: ComponentSpec, plan: str | Path, *, plan_bytes: bytes | None = None,
-                 use_cuda_graph: bool = False, package: str | Path | None = None) -> None:
+                 use_cuda_graph: bool = False, package: str | Path = "PACKAGE") -> None:
+        """``package``: the package's directory, named in rebuild commands."""
         self.spec = spec
         self.plan = Path(plan)
-        self.package = Path(package) if package is not None else self.plan.parent.parent.parent
+        self.package = Path(package)
         self.closed = True
         self._generation = 0
         self.use_cuda_graph = use_cuda_graph
@@ -286,8 +234,7 @@ class TensorRTEngine(Engine):
         return dict(self._profiles)
 
     def infer(self, feed: Mapping[str, Any], keep: Sequence[str] = ()) -> dict[str, Any]:
-        if self.closed:
-            raise EngineError(f"{self.spec.name}: the TensorRT engine was closed")
+        self.check_open()
         cudart, stream = self._cudart, self._stream
         context = self._context
         host_inputs: list[tuple[str, np.ndarray]] = []
@@ -429,34 +376,26 @@ class TensorRTEngine(Engine):
 
 
 # ------------------------------------------------------------------------------------------------
-# Backend factory (runtime/engine.py BACKENDS)
+# The backend
 # ------------------------------------------------------------------------------------------------
 
-def tensorrt_engine_factory(spec: ComponentSpec, path: str | Path, *, threads: int | None = None,
-                            graph_optimization: str | None = None, optimized_cache=None,
-                            memory_arena: str | None = None) -> TensorRTEngine:
-    """The backend's ``make_engine``: the ONNX path the runtime passes -> this GPU's checked plan.
-
-    ``threads``, ``graph_optimization``, ``optimized_cache`` and ``memory_arena`` are accepted for the common
-    signature and unused (TensorRT optimises at build time and runs on the GPU).
-    """
-    package, precision, name = package_of(path)
-    if name != spec.name:
-        raise EngineError(f"{path}: graph {name} is not component {spec.name}")
+def make_tensorrt_engine(package: ModelPackage, component: str, precision: str,
+                         options: TensorRTOptions) -> TensorRTEngine:
+    """This GPU's checked plan of ``component``, built from the package's fp16 graph."""
     if precision != "fp16":
         raise EngineError(
             "the tensorrt backend runs engines built from the package's fp16 graphs: pass --precision fp16 "
             "(precision='fp16')"
         )
+    package.require_precision(precision)
+    spec = package.specs[component]
     import_tensorrt()  # "not installed" before anything else
     running = _running_here()
-    onnx_sha256 = _manifest_digest(package, f"onnx/fp16/{name}.onnx")
-    plan, record, warning = locate_plan(package, name, running, onnx_sha256=onnx_sha256)
+    plan, record, warning = locate_plan(package.root, component, running, onnx_sha256=package.graph_sha256(component, precision))
     if warning:
         logger.warning(warning)
-    data = read_plan(plan, record, running, package, name)
-    use_graph = os.environ.get(CUDA_GRAPH_ENV, "").strip().lower() in ("1", "true", "yes", "on")
-    return TensorRTEngine(spec, plan, plan_bytes=data, use_cuda_graph=use_graph, package=package)
+    data = read_plan(plan, record, running, package.root, component)
+    return TensorRTEngine(spec, plan, plan_bytes=data, use_cuda_graph=options.use_cuda_graph, package=package.root)
 
 
 @functools.lru_cache(maxsize=1)
@@ -464,23 +403,15 @@ def _running_here() -> dict[str, str]:
     return running_environment()
 
 
-def _manifest_digest(package: Path, name: str) -> str | None:
-    import json
+def tensorrt_installed() -> bool:
+    """Whether TensorRT's Python package is installed (found, not imported)."""
+    import importlib.util
 
-    try:
-        return json.loads((package / "manifest.json").read_text()).get("files", {}).get(name)
-    except (OSError, ValueError):
-        return None
+    return importlib.util.find_spec("tensorrt") is not None
 
 
-__all__ = [
-    "DeviceTensor",
-    "TensorRTEngine",
-    "check_compatibility",
-    "engine_dir_name",
-    "locate_plan",
-    "package_of",
-    "read_plan",
-    "tensorrt_engine_factory",
-    "describe_build",
-]
+TENSORRT = Backend("tensorrt", "TensorRT engines from `blipdiffusion-trt build` (needs --precision fp16)",
+                   TensorRTOptions, make_tensorrt_engine, Capabilities(device_outputs=True, precisions=("fp16",)),
+                   device="cuda", is_available=tensorrt_installed)
+
+__all__ = ["CUDA_GRAPH_ENV", "DeviceTensor", "TENSORRT", "TensorRTEngine", "TensorRTOptions", "make_tensorrt_engine"]

@@ -1,0 +1,167 @@
+"""Our side of the benchmark: the runtime on one backend of the registry.
+
+One generation is recorded (each engine's first feed) and replayed, so each component is timed
+at exactly the shapes a generation feeds it; the scheduler step is timed on its own. Subject and
+negative-prompt caches are off: diffusers encodes both every call.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from ..runtime.backends import get_backend
+from .settings import NEGATIVE_PROMPT, PROMPT, SUBJECT, Settings, bench_inputs
+from .stats import generation_figures, summarize, time_calls
+
+# the engines whose time is the denoising loop's work; the rest of the loop is host overhead
+LOOP_ENGINES = ("unet", "controlnet")
+
+
+def run_ours(runtime, settings: Settings, reference, condition, latents):
+    return runtime(
+        [PROMPT] * settings.batch, reference, SUBJECT, SUBJECT, latents=latents, height=settings.height,
+        width=settings.width, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
+        neg_prompt=NEGATIVE_PROMPT, scheduler=settings.scheduler, output_type="np", condition_image=condition,
+    )
+
+
+def runtime_options(args) -> dict[str, Any]:
+    """The start-up options our runtime is loaded with (recorded in bench.json, passed to children)."""
+    return {"graph_optimization": args.graph_optimization, "optimized_cache": args.ort_cache,
+            "memory_arena": args.memory_arena, "cpu_fused": not args.no_cpu_fused}
+
+
+def load_runtime(package: Path, backend: str, settings: Settings, *, verify: bool, threads: int | None,
+                 options: Mapping[str, Any] | None = None):
+    from ..runtime.pipeline import BlipDiffusionRuntime
+
+    backend_options = get_backend(backend).options_from({"threads": threads, **(options or {})})
+    # diffusers encodes the subject and the negative prompt every call; so do we here (no caches).
+    return BlipDiffusionRuntime.from_package(package, backend, precision=settings.precision, verify=verify,
+                                             options=backend_options, cache_size=0, negative_cache_size=0)
+
+
+class _RecordingEngine:
+    """Wraps an engine for one generation: remembers the first feed (and ``keep``) it was given."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.first: tuple[dict, tuple] | None = None
+
+    def infer(self, feed, keep=()):
+        if self.first is None:
+            self.first = (dict(feed), tuple(keep))
+        return self.engine.infer(feed, keep)
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+
+def device_kind(backend: str) -> str:
+    """"cpu" or "gpu": where the backend's engines run (the benchmark's columns, the device peak)."""
+    return "cpu" if get_backend(backend).device == "cpu" else "gpu"
+
+
+def bench_ours(backend: str, package: Path, settings: Settings, args, bar) -> dict[str, Any]:
+    """Load, generations, each component's call and a scheduler step of our runtime on ``backend``."""
+    from ..runtime.schedulers import scheduler_from_config
+
+    result: dict[str, Any] = {"label": f"ours {backend}", "backend": backend, "precision": settings.precision,
+                              "device": device_kind(backend)}
+    reference, condition, latents = bench_inputs(settings)
+    bar.set_postfix_str(f"ours {backend}: load")
+    import onnxruntime  # noqa: F401  (imports are the cold start's; this times the loading)
+
+    t0 = time.perf_counter()
+    runtime = load_runtime(package, backend, settings, verify=not args.no_verify, threads=args.threads,
+                           options=runtime_options(args))
+    result["load_warm"] = summarize([time.perf_counter() - t0])
+    bar.update(1)
+
+    sync = device_sync(backend)
+    recorders = {name: _RecordingEngine(engine) for name, engine in runtime.engines.items()}
+    originals = dict(runtime.engines)
+    timings, image = [], None
+    for i in range(args.warmup + args.runs):
+        bar.set_postfix_str(f"ours {backend}: generation {i + 1}/{args.warmup + args.runs}")
+        if i == 0:
+            runtime.engines.update(recorders)
+        try:
+            out = run_ours(runtime, settings, reference, condition, latents)
+        finally:
+            runtime.engines.update(originals)
+        if i >= args.warmup:
+            timings.append(out.timings)
+        image = out.images
+        bar.update(1)
+    result.update(generation_figures(timings, LOOP_ENGINES))
+    result["image"] = image
+
+    stages: dict[str, Any] = {}
+    feeds: dict[str, dict[str, list[int]]] = {}
+    stage_runs = args.stage_runs or args.runs
+    for name, rec in recorders.items():
+        bar.set_postfix_str(f"ours {backend}: {name}")
+        if rec.first is None:
+            bar.update(1)
+            continue
+        feed, keep = rec.first
+        engine = originals[name]
+        stages[name] = summarize(time_calls(lambda: engine.infer(feed, keep), args.warmup, stage_runs, sync))
+        feeds[name] = {k: _value_shape(v) for k, v in feed.items()}
+        bar.update(1)
+
+    bar.set_postfix_str(f"ours {backend}: scheduler")
+    stages["scheduler_step"] = summarize(_scheduler_samples_numpy(
+        scheduler_from_config, runtime.scheduler_config, settings, args.warmup, stage_runs))
+    bar.update(1)
+    result["stages"] = stages
+    result["feed_shapes"] = feeds
+    runtime.close()
+    del runtime, recorders, originals
+    gc.collect()
+    return result
+
+
+def device_sync(backend: str) -> Callable[[], None]:
+    """A synchronisation for timing GPU backends whose ``infer`` may return before the GPU is done
+    (outputs kept on the device). ONNX Runtime's own run already waits; this is a cheap extra."""
+    if get_backend(backend).device == "cpu":
+        return lambda: None
+    for module in ("cuda.bindings.runtime", "cuda.cudart"):
+        try:
+            import importlib
+
+            cudart = importlib.import_module(module)
+        except ImportError:
+            continue
+        return lambda: cudart.cudaDeviceSynchronize()
+    return lambda: None
+
+
+def _value_shape(value) -> list[int]:
+    """Shape of a numpy array, an ORT ``OrtValue`` (``shape()``) or a device tensor."""
+    shape = value.shape
+    return [int(d) for d in (shape() if callable(shape) else shape)]
+
+
+def _scheduler_samples_numpy(make, config, settings: Settings, warmup: int, runs: int) -> list[float]:
+    """Time every step of full scheduler passes (the multistep schedulers keep state)."""
+    import numpy as np
+
+    rng = np.random.default_rng(settings.seed + 1)
+    noise = rng.standard_normal(settings.latent_shape).astype(np.float32)
+    samples: list[float] = []
+    for run in range(warmup + runs):
+        sched = make(settings.scheduler, config)
+        sched.set_timesteps(settings.steps)
+        latents = rng.standard_normal(settings.latent_shape).astype(np.float32)
+        for t in sched.timesteps:
+            start = time.perf_counter()
+            latents = sched.step(noise, t, latents).astype(np.float32, copy=False)
+            if run >= warmup:
+                samples.append(time.perf_counter() - start)
+    return samples

@@ -1,0 +1,142 @@
+"""Graph helpers shared by export and the CPU fusions: example inputs at declared points, saving
+graphs (with external data past protobuf's limit), running them on ONNX Runtime and comparing outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from ..components import ComponentSpec
+
+# Protobuf cannot serialise a ModelProto over 2 GiB; keep a margin for the graph itself.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def export_point(spec: ComponentSpec) -> dict[str, int]:
+    """Axis values for tracing: the optimum, but batch 2 (batch-1 traces bake batch 1 in)."""
+    point = {name: axis.opt for name, axis in spec.axes.items()}
+    for name in ("batch", "unet_batch"):
+        if name in point:
+            point[name] = 2
+    return point
+
+
+def second_point(spec: ComponentSpec) -> dict[str, int]:
+    """Another point in the declared ranges: other batch, other size, shorter text."""
+    point = export_point(spec)
+    axes = spec.axes
+    for name in ("batch", "unet_batch"):
+        if name in point:
+            point[name] = min(3, axes[name].max) if name == "unet_batch" else 1
+    for name in ("height", "width"):
+        if name in axes:
+            axis = axes[name]
+            other = axis.opt - axis.multiple_of if name == "height" else axis.opt + axis.multiple_of
+            point[name] = other if axis.min <= other <= axis.max else axis.min
+    _derive_latent_axes(spec, point)
+    for name in ("qformer_text_length", "text_length", "plain_text_length"):
+        if name in axes:
+            point[name] = max(axes[name].min, axes[name].opt - 3)
+    if "p2p_batch" in axes:  # a real image's edit: no unconditional source row
+        point["p2p_batch"] = max(axes["p2p_batch"].min, axes["p2p_batch"].opt - 1)
+    if "ctx_text_length" in axes and "text_length" in point:
+        point["ctx_text_length"] = point["text_length"] + (axes["ctx_text_length"].opt - axes["text_length"].opt)
+    return point
+
+
+def _derive_latent_axes(spec: ComponentSpec, point: dict[str, int]) -> None:
+    """Keep latent and residual axes consistent with the pixel height/width in ``point``."""
+    derived = [axis for axis in spec.axes.values() if axis.derived_from is not None]
+    for source in dict.fromkeys(axis.derived_from for axis in derived):
+        # the latent axis itself first; the ControlNet residual axes divide it further
+        group = sorted((axis for axis in derived if axis.derived_from == source), key=lambda axis: axis.divisor)
+        latent = group[0]
+        if source in point:
+            value = point[source] // latent.divisor
+        else:
+            step = latent.multiple_of
+            other = latent.opt - step if source == "height" else latent.opt + step
+            value = other if latent.min <= other <= latent.max else latent.opt
+        point[latent.name] = value
+        for axis in group[1:]:
+            point[axis.name] = value // (axis.divisor // latent.divisor)
+
+
+def example_inputs(spec: ComponentSpec, point: dict[str, int], *, vocab_sizes: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs at ``point`` with realistic value ranges (token ids, masks, timesteps)."""
+    rng = np.random.default_rng(seed)
+    feed: dict[str, np.ndarray] = {}
+    for tensor in spec.inputs:
+        shape = tensor.shape_at(point)
+        if tensor.name == "input_ids":
+            feed[tensor.name] = rng.integers(0, vocab_sizes[spec.name], size=shape, dtype=np.int64)
+        elif tensor.name == "attention_mask":
+            mask = np.ones(shape, dtype=np.int64)
+            mask[0, max(1, shape[1] - 2):] = 0  # padding in the first row exercises the mask
+            feed[tensor.name] = mask
+        elif tensor.name == "timestep":
+            feed[tensor.name] = rng.uniform(0, 999, size=shape).astype(np.float32)
+        elif tensor.name == "conditioning_scale":
+            feed[tensor.name] = np.array([0.8], dtype=np.float32)
+        elif tensor.name == "controlnet_cond":
+            feed[tensor.name] = rng.uniform(0, 1, size=shape).astype(np.float32)
+        elif tensor.name == "image":
+            feed[tensor.name] = rng.uniform(-1, 1, size=shape).astype(np.float32)
+        elif tensor.name in P2P_CONTROL_EXAMPLES:
+            feed[tensor.name] = P2P_CONTROL_EXAMPLES[tensor.name](rng, shape)
+        else:
+            feed[tensor.name] = rng.standard_normal(shape).astype(np.float32)
+    return feed
+
+
+# unet_p2p's control inputs with control on: 0/1 token weights, one aligned source token per target
+# token, the self-attention gate on
+P2P_CONTROL_EXAMPLES = {
+    "cross_weights": lambda rng, shape: rng.integers(0, 2, size=shape).astype(np.float32),
+    "token_map": lambda rng, shape: np.eye(shape[1], dtype=np.float32)[rng.integers(0, shape[1], size=shape[0])],
+    "self_gate": lambda rng, shape: np.ones(shape, dtype=np.float32),
+}
+
+
+def save_onnx(model, path: Path) -> None:
+    """Save as one file, or one file plus one ``.data`` file when the graph exceeds protobuf's limit."""
+    import onnx
+
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    data_path = path.with_name(path.name + ".data")
+    if data_path.exists():
+        data_path.unlink()
+    size = sum(t.ByteSize() for t in model.graph.initializer)
+    if size > EXTERNAL_DATA_THRESHOLD:
+        convert_model_to_external_data(model, all_tensors_to_one_file=True, location=data_path.name, size_threshold=1024)
+    onnx.save_model(model, str(path))
+
+
+def ort_session(path: Path, providers: Iterable[str] = ("CPUExecutionProvider",)):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=list(providers))
+
+
+def run_onnx(path_or_session, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    session = path_or_session if not isinstance(path_or_session, (str, Path)) else ort_session(Path(path_or_session))
+    return session.run(None, feed)
+
+
+def max_abs_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    return max(float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)))) if x.size else 0.0 for x, y in zip(a, b))
+
+
+def cosine(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    x = np.concatenate([v.ravel() for v in a]).astype(np.float64)
+    y = np.concatenate([v.ravel() for v in b]).astype(np.float64)
+    nx, ny = np.linalg.norm(x), np.linalg.norm(y)
+    if nx == 0 or ny == 0:  # e.g. an untrained ControlNet: zero convolutions give zero residuals
+        return 1.0 if nx == ny else 0.0
+    return float(x @ y / (nx * ny))
+

@@ -1,0 +1,188 @@
+"""The on-disk format of a model package: every file and folder name, in one place.
+
+A package is a directory that needs neither torch nor diffusers::
+
+    manifest.json                     format version, components and their I/O, tools, sha256 of files
+    pipeline.json                     PipelineConfig (ctx_begin_pos, image mean/std, latent factor, ...)
+    scheduler/scheduler_config.json
+    tokenizer/tokenizer.json          CLIP BPE (+ tokenizer_settings.json: pad id, max length)
+    qformer_tokenizer/tokenizer.json  (+ tokenizer_settings.json)
+    onnx/fp32/<component>.onnx        (+ <component>.onnx.data where a graph exceeds 2 GB)
+    onnx/fp16/<component>.onnx        on request: strongly typed fp16 graphs, fp32 inputs/outputs
+    onnx/fp32-fused/<component>.onnx  fp32 graphs with ONNX Runtime's CPU fusions (UNet, ControlNet
+                                      attention), loaded by the CPU runtime
+    engines/timing.cache              TensorRT timing cache, reused by every build
+    engines/<engine dir>/<component>.plan   TensorRT plans for one GPU architecture and TensorRT version
+    engines/<engine dir>/engines.json       what each plan was built from, for and with
+    engines/ort-trt/                  ONNX Runtime's TensorRT execution provider engine cache
+
+Export writes everything but ``engines/``; ``manifest.json`` lists (with sha256) what export and
+``fuse`` wrote. Engines are per machine and live beside the listed files, never in the manifest.
+The engine directory's name (GPU architecture and TensorRT version) is the engines layer's
+(:mod:`blipdiffusion_trt.engines.plans`); where it goes is this module's.
+
+Names here are relative POSIX paths (the manifest's keys); :class:`PackageLayout` turns them into
+paths under one package root. Nothing here reads a file except :meth:`PackageLayout.engine_dirs`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# Version of the format below, written into pipeline.json and manifest.json.
+FORMAT_VERSION = 1
+
+MANIFEST = "manifest.json"
+PIPELINE_CONFIG = "pipeline.json"
+SCHEDULER_DIR = "scheduler"
+SCHEDULER_CONFIG = f"{SCHEDULER_DIR}/scheduler_config.json"
+CLIP_TOKENIZER = "tokenizer"
+QFORMER_TOKENIZER = "qformer_tokenizer"
+TOKENIZER_JSON = "tokenizer.json"
+TOKENIZER_SETTINGS = "tokenizer_settings.json"
+
+GRAPHS_DIR = "onnx"
+PRECISIONS = ("fp32", "fp16")
+# fp32 graphs with ONNX Runtime's CPU fusions (written by export/cpu_fusions.py)
+CPU_FUSED = "fp32-fused"
+EXTERNAL_DATA_SUFFIX = ".data"
+
+ENGINES_DIR = "engines"
+TIMING_CACHE = "timing.cache"
+ENGINE_RECORD = "engines.json"
+PLAN_SUFFIX = ".plan"
+ORT_TRT_CACHE = "ort-trt"
+
+# What a server running whole generations needs of a package besides its graphs.
+RUNTIME_FILES = (MANIFEST, PIPELINE_CONFIG, SCHEDULER_DIR, CLIP_TOKENIZER, QFORMER_TOKENIZER)
+
+
+def graph_variant(precision: str, *, cpu_fused: bool = False) -> str:
+    """The graph folder of a precision: ``fp32``, ``fp16``, or ``fp32-fused`` (CPU-fused fp32)."""
+    if cpu_fused:
+        if precision != "fp32":
+            raise ValueError(f"CPU-fused graphs are fp32, not {precision}")
+        return CPU_FUSED
+    return precision
+
+
+def graph_file(component: str, variant: str) -> str:
+    """``onnx/<variant>/<component>.onnx``: a graph's name in the manifest."""
+    return f"{GRAPHS_DIR}/{variant}/{component}.onnx"
+
+
+def graph_data_file(component: str, variant: str) -> str:
+    """The external-data file next to a graph over 2 GB (its name is written inside the graph)."""
+    return graph_file(component, variant) + EXTERNAL_DATA_SUFFIX
+
+
+def graph_files(component: str, variant: str) -> tuple[str, str]:
+    """A graph and its (possible) external-data file."""
+    return graph_file(component, variant), graph_data_file(component, variant)
+
+
+def variant_prefix(variant: str) -> str:
+    """The manifest-name prefix of every file of one graph variant."""
+    return f"{GRAPHS_DIR}/{variant}/"
+
+
+def is_graph_file(name: str) -> bool:
+    """Whether a manifest name is a graph (or its data): hashed when loaded, not when opened."""
+    return name.startswith(f"{GRAPHS_DIR}/")
+
+
+def plan_file(component: str) -> str:
+    """A TensorRT plan's file name inside its engine directory."""
+    return f"{component}{PLAN_SUFFIX}"
+
+
+@dataclass(frozen=True)
+class PackageLayout:
+    """The paths of one package (existing or being written, e.g. an export's temporary directory)."""
+
+    root: Path
+
+    def __init__(self, root: str | Path) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    def path(self, name: str) -> Path:
+        """A manifest name (relative POSIX path) as a path under the root."""
+        return self.root / name
+
+    def name_of(self, path: Path) -> str:
+        """The manifest name of a path under the root."""
+        return Path(path).relative_to(self.root).as_posix()
+
+    # -- configs and tokenizers ------------------------------------------------------------------
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / MANIFEST
+
+    @property
+    def pipeline_config(self) -> Path:
+        return self.root / PIPELINE_CONFIG
+
+    @property
+    def scheduler_config(self) -> Path:
+        return self.root / SCHEDULER_CONFIG
+
+    def tokenizer_dir(self, tokenizer: str) -> Path:
+        """``tokenizer`` is :data:`CLIP_TOKENIZER` or :data:`QFORMER_TOKENIZER`."""
+        if tokenizer not in (CLIP_TOKENIZER, QFORMER_TOKENIZER):
+            raise ValueError(f"unknown tokenizer folder {tokenizer!r}")
+        return self.root / tokenizer
+
+    def tokenizer_json(self, tokenizer: str) -> Path:
+        return self.tokenizer_dir(tokenizer) / TOKENIZER_JSON
+
+    def tokenizer_settings(self, tokenizer: str) -> Path:
+        return self.tokenizer_dir(tokenizer) / TOKENIZER_SETTINGS
+
+    # -- graphs ----------------------------------------------------------------------------------
+
+    @property
+    def graphs_root(self) -> Path:
+        return self.root / GRAPHS_DIR
+
+    def graphs_dir(self, variant: str) -> Path:
+        return self.root / GRAPHS_DIR / variant
+
+    def graph(self, component: str, variant: str) -> Path:
+        return self.root / graph_file(component, variant)
+
+    def graph_data(self, component: str, variant: str) -> Path:
+        return self.root / graph_data_file(component, variant)
+
+    # -- engines (per machine, not in the manifest) ----------------------------------------------
+
+    @property
+    def engines_root(self) -> Path:
+        return self.root / ENGINES_DIR
+
+    @property
+    def timing_cache(self) -> Path:
+        """The TensorRT builder's default timing cache."""
+        return self.root / ENGINES_DIR / TIMING_CACHE
+
+    @property
+    def ort_trt_cache(self) -> Path:
+        """ONNX Runtime's TensorRT execution provider engine cache."""
+        return self.root / ENGINES_DIR / ORT_TRT_CACHE
+
+    def engine_dir(self, name: str) -> Path:
+        """An engine directory by name (``engines.plans.engine_dir_name`` gives the name)."""
+        return self.root / ENGINES_DIR / name
+
+    def plan(self, engine_dir: str, component: str) -> Path:
+        return self.engine_dir(engine_dir) / plan_file(component)
+
+    def engine_record(self, engine_dir: str) -> Path:
+        return self.engine_dir(engine_dir) / ENGINE_RECORD
+
+    def engine_dirs(self) -> list[Path]:
+        """The engine directories present (sorted by name); not the ONNX Runtime cache."""
+        if not self.engines_root.is_dir():
+            return []
+        return sorted(p for p in self.engines_root.iterdir() if p.is_dir() and p.name != ORT_TRT_CACHE)

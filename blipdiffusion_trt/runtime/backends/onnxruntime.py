@@ -1,0 +1,301 @@
+"""ONNX Runtime backends: ``cpu``, ``cuda`` (CUDA provider, IO binding) and ``ort-tensorrt``.
+
+One options class for the family (:class:`OnnxRuntimeOptions`; the GPU providers add their
+provider options, :class:`OnnxRuntimeGpuOptions`), one engine class per provider, one factory
+per backend. ``onnxruntime`` is imported when an engine is made, not when this module is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from ...components import ComponentSpec
+from ...errors import EngineError, InputError, first_line
+from ...package import ModelPackage
+from ..engine import Engine
+from .base import Backend, BackendOptions, Capabilities
+
+logger = logging.getLogger(__name__)
+
+THREADS_ENV = "BLIPDIFFUSION_TRT_THREADS"
+
+# ONNX Runtime graph optimisation. "all" adds the CPU layout transformations (NCHWc): measured on
+# the full-size UNet at 256x256 on 2 cores, session creation 18.9 s vs 2.1 s for "extended", one
+# UNet call 1.45 s vs 1.63 s. "all" pays off for servers and long runs, "extended" for one-shot
+# generations with few steps.
+GRAPH_OPTIMIZATIONS = ("all", "extended", "basic", "disabled")
+_ORT_LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC",
+               "disabled": "ORT_DISABLE_ALL"}
+
+# Which sessions keep ONNX Runtime's CPU memory arena. An arena never returns memory, so each
+# session holds its high-water mark for the life of the runtime. "loop" keeps it only for the
+# components called every step (UNet, ControlNet: 16% slower calls without it at 512x512); the
+# once-per-image ones free their activations after each call (VAE decoder at 512x512: 2.3 GB vs
+# 1.3 GB peak, 0.8% slower). In a full-size 512x512 generation this took the cold-process peak
+# from 12.1 to 11.8 GB: the UNet's attention buffers dominate, and the CPU-fused graphs are what
+# shrink those (export/cpu_fusions.py). Measurements: bench/results/cpu-speed.
+MEMORY_ARENAS = ("loop", "all", "none")
+LOOP_COMPONENTS = frozenset({"unet", "unet_plain", "unet_p2p", "controlnet"})
+
+
+def default_threads() -> int | None:
+    """Intra-op threads from ``BLIPDIFFUSION_TRT_THREADS`` (None: ONNX Runtime's default)."""
+    value = os.environ.get(THREADS_ENV)
+    return int(value) if value else None
+
+
+@dataclass(frozen=True)
+class OnnxRuntimeOptions(BackendOptions):
+    """Start-up options of the ONNX Runtime backends.
+
+    ``threads``: intra-op threads (None: ``BLIPDIFFUSION_TRT_THREADS``, else ONNX Runtime's default).
+    ``graph_optimization`` (:data:`GRAPH_OPTIMIZATIONS`): "all" runs fastest, "extended" loads
+    several times faster. ``optimized_cache`` (a directory) keeps ONNX Runtime's optimised CPU
+    graphs between runs: fast steps and a fast start after the first load (costs a copy of the
+    weights). ``memory_arena`` (:data:`MEMORY_ARENAS`): which sessions keep a memory arena; "loop"
+    (UNet/ControlNet only) frees the once-per-image components' activations after each call.
+    ``cpu_fused``: load the package's CPU-fused fp32 graphs where it has them (fused attention in
+    the UNet and ControlNet; ``blipdiffusion-trt fuse`` adds them to a package). Backends without
+    the capability (:class:`Capabilities`) ignore ``optimized_cache`` and ``cpu_fused``.
+    """
+
+    threads: int | None = None
+    graph_optimization: str = "all"
+    optimized_cache: str | Path | None = None
+    memory_arena: str = "loop"
+    cpu_fused: bool = True
+
+    def __post_init__(self) -> None:
+        if self.threads is None:
+            object.__setattr__(self, "threads", default_threads())
+        elif isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
+            raise InputError(f"threads must be an integer >= 0, got {self.threads!r}", field="threads")
+        if self.graph_optimization not in GRAPH_OPTIMIZATIONS:
+            raise InputError(f"graph_optimization must be one of {', '.join(GRAPH_OPTIMIZATIONS)}, "
+                             f"got {self.graph_optimization!r}", field="graph_optimization")
+        if self.memory_arena not in MEMORY_ARENAS:
+            raise InputError(f"memory_arena must be one of {', '.join(MEMORY_ARENAS)}, got {self.memory_arena!r}",
+                             field="memory_arena")
+
+    def uses_memory_arena(self, component: str) -> bool:
+        return self.memory_arena == "all" or (self.memory_arena == "loop" and component in LOOP_COMPONENTS)
+
+    def session_options(self, component: str, *, graph_optimization: str | None = None):
+        """``onnxruntime.SessionOptions`` for one component's session."""
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        level = _ORT_LEVELS[graph_optimization or self.graph_optimization]
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+        options.log_severity_level = 3
+        options.enable_cpu_mem_arena = self.uses_memory_arena(component)
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        return options
+
+
+@dataclass(frozen=True)
+class OnnxRuntimeGpuOptions(OnnxRuntimeOptions):
+    """:class:`OnnxRuntimeOptions` plus the execution provider's own options (``provider_options``,
+    e.g. ``{"device_id": 1}`` for CUDA; for ``ort-tensorrt`` merged over the engine-cache defaults)."""
+
+    provider_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.provider_options, Mapping):
+            raise InputError(f"provider_options must be a mapping, got {type(self.provider_options).__name__}",
+                             field="provider_options")
+
+
+def _cpu_model_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def optimized_cache_path(cache_dir: Path, source: Path, graph_optimization: str) -> Path:
+    """Where the optimised copy of ``source`` lives: keyed by the graph file, ORT and the CPU.
+
+    "all"-level graphs hold CPU-specific layouts (NCHWc blocks sized to the SIMD width), so the
+    key includes the CPU model; a changed graph file (size, mtime) gets a new entry.
+    """
+    import onnxruntime as ort
+
+    stat = source.stat()
+    key = "|".join([str(source.resolve()), str(stat.st_size), str(stat.st_mtime_ns), ort.__version__,
+                    _cpu_model_name(), graph_optimization])
+    return cache_dir / f"{source.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.onnx"
+
+
+class OnnxRuntimeEngine(Engine):
+    """ONNX Runtime on the CPU: plain ``session.run`` on numpy arrays.
+
+    With ``optimized_cache``, the session's optimised graph is saved there on first load and
+    loaded as it is afterwards: measured on the full-size UNet, session creation 21.6 s the first
+    time, 1.7 s from the cache, identical outputs and step time.
+    """
+
+    default_providers: tuple = ("CPUExecutionProvider",)
+
+    def __init__(self, spec: ComponentSpec, path: Path, options: OnnxRuntimeOptions, *,
+                 providers: Sequence | None = None, optimized_cache: bool = True):
+        import onnxruntime as ort
+
+        self.spec = spec
+        self.path = path
+        providers = list(providers or self.default_providers)
+        session_options = options.session_options(spec.name)
+        source = Path(path)
+        if optimized_cache and options.optimized_cache is not None:
+            source = self._cached_graph(Path(options.optimized_cache), source, session_options, providers,
+                                        options.graph_optimization)
+            session_options = options.session_options(spec.name, graph_optimization="disabled")
+        self.loaded_from = source
+        try:
+            self.session = ort.InferenceSession(str(source), session_options, providers=providers)
+        except Exception as error:  # ORT raises its own exception types; the user needs one line
+            raise EngineError(f"{path}: ONNX Runtime cannot load it ({first_line(error)})") from None
+        wanted = [p if isinstance(p, str) else p[0] for p in providers]
+        active = self.session.get_providers()
+        if wanted[0] not in active:
+            raise EngineError(f"{path}: {wanted[0]} is not available here (active: {', '.join(active)})")
+
+    def infer(self, feed: Mapping[str, Any], keep: Sequence[str] = ()) -> dict[str, Any]:
+        self.check_open()
+        outputs = self.session.run(None, {name: feed[name] for name in self.input_names})
+        return dict(zip(self.output_names, outputs))
+
+    def close(self) -> None:
+        self.session = None
+        super().close()
+
+    @staticmethod
+    def _cached_graph(cache_dir: Path, source: Path, options, providers, graph_optimization: str) -> Path:
+        """The optimised graph from the cache, writing it first when missing (atomically)."""
+        import onnxruntime as ort
+
+        target = optimized_cache_path(cache_dir, source, graph_optimization)
+        if target.is_file():
+            return target
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            scratch = Path(tempfile.mkdtemp(prefix=".partial-", dir=cache_dir))
+        except OSError as error:
+            raise EngineError(f"optimized_cache {cache_dir}: not writable ({error.strerror})") from None
+        try:
+            options.optimized_model_filepath = str(scratch / target.name)
+            data_name = target.name + ".data"
+            options.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_name)
+            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+            try:
+                ort.InferenceSession(str(source), options, providers=providers)
+            except Exception as error:  # ORT raises its own exception types; the user needs one line
+                raise EngineError(f"{source}: ONNX Runtime cannot load it ({first_line(error)})") from None
+            # data first: the graph names its data file, so a visible graph always has its data
+            if (scratch / data_name).exists():
+                os.replace(scratch / data_name, cache_dir / data_name)
+            os.replace(scratch / target.name, target)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return target
+
+
+class OnnxRuntimeCudaEngine(OnnxRuntimeEngine):
+    """ONNX Runtime with a GPU provider and IO binding.
+
+    Outputs stay on the GPU (as ``OrtValue``) when asked to be kept and are bound as they are
+    when fed back; host inputs are copied once per call by ``bind_cpu_input``.
+    """
+
+    default_providers = ("CUDAExecutionProvider",)
+
+    def infer(self, feed: Mapping[str, Any], keep: Sequence[str] = ()) -> dict[str, Any]:
+        import onnxruntime as ort
+
+        self.check_open()
+        binding = self.session.io_binding()
+        for name in self.input_names:
+            value = feed[name]
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in self.output_names:
+            binding.bind_output(name, "cuda")
+        self.session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        return {name: (v if name in keep else v.numpy()) for name, v in zip(self.output_names, values)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Factories: (package, component, precision, options) -> Engine
+# ------------------------------------------------------------------------------------------------
+
+def make_cpu_engine(package: ModelPackage, component: str, precision: str, options: OnnxRuntimeOptions) -> Engine:
+    fused = options.cpu_fused and precision == "fp32" and package.has_cpu_fused(component)
+    path = package.onnx_path(component, precision, cpu_fused=fused)
+    return OnnxRuntimeEngine(package.specs[component], path, options)
+
+
+def cuda_providers(options: OnnxRuntimeGpuOptions) -> list:
+    return [("CUDAExecutionProvider", dict(options.provider_options))]
+
+
+def ort_tensorrt_providers(package: ModelPackage, options: OnnxRuntimeGpuOptions) -> list:
+    """TensorRT provider (engines cached in the package, fp16 from the fp16 graph), CUDA for the rest."""
+    trt_options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(package.layout.ort_trt_cache),
+                   "trt_timing_cache_enable": True, **options.provider_options}
+    return [("TensorrtExecutionProvider", trt_options), "CUDAExecutionProvider"]
+
+
+def make_cuda_engine(package: ModelPackage, component: str, precision: str, options: OnnxRuntimeGpuOptions) -> Engine:
+    return OnnxRuntimeCudaEngine(package.specs[component], package.onnx_path(component, precision), options,
+                                 providers=cuda_providers(options), optimized_cache=False)
+
+
+def make_ort_tensorrt_engine(package: ModelPackage, component: str, precision: str,
+                             options: OnnxRuntimeGpuOptions) -> Engine:
+    return OnnxRuntimeCudaEngine(package.specs[component], package.onnx_path(component, precision), options,
+                                 providers=ort_tensorrt_providers(package, options), optimized_cache=False)
+
+
+def provider_available(provider: str) -> Callable[[], bool]:
+    """Whether this ONNX Runtime build has the execution provider ``provider``."""
+
+    def available() -> bool:
+        import onnxruntime as ort
+
+        return provider in ort.get_available_providers()
+
+    return available
+
+
+CPU = Backend("cpu", "ONNX Runtime, CPU", OnnxRuntimeOptions, make_cpu_engine,
+              Capabilities(cpu_fused_graphs=True, optimized_cache=True),
+              device="cpu", is_available=provider_available("CPUExecutionProvider"))
+# Graphs optimised for the CUDA/TensorRT providers are not cached (EP-specific nodes), and the
+# CPU-fused graphs are validated and measured on the CPU only.
+CUDA = Backend("cuda", "ONNX Runtime, CUDA provider with IO binding", OnnxRuntimeGpuOptions, make_cuda_engine,
+               Capabilities(device_outputs=True),
+               device="cuda", is_available=provider_available("CUDAExecutionProvider"))
+ORT_TENSORRT = Backend("ort-tensorrt", "ONNX Runtime, TensorRT execution provider", OnnxRuntimeGpuOptions,
+                       make_ort_tensorrt_engine, Capabilities(device_outputs=True),
+                       device="cuda", is_available=provider_available("TensorrtExecutionProvider"))
+
+__all__ = ["CPU", "CUDA", "ORT_TENSORRT", "GRAPH_OPTIMIZATIONS", "MEMORY_ARENAS", "OnnxRuntimeCudaEngine",
+           "OnnxRuntimeEngine", "OnnxRuntimeGpuOptions", "OnnxRuntimeOptions", "default_threads", "optimized_cache_path"]

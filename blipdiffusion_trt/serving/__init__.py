@@ -1,0 +1,1 @@
+"""Serving front ends for model packages: Triton Inference Server (:mod:`.triton`)."""

@@ -1,0 +1,354 @@
+"""Triton model repositories for a model package: one model per component, plus a BLS pipeline.
+
+``write_triton_repository(package, out, flavor)`` writes::
+
+    OUT/<component>/config.pbtxt        one model per component a generation runs
+    OUT/<component>/1/model.plan        flavor "tensorrt"     (platform tensorrt_plan, KIND_GPU)
+    OUT/<component>/1/model.onnx        flavor "onnxruntime"  (platform onnxruntime_onnx, TensorRT EP FP16)
+    OUT/<component>/1/model.py+.onnx    flavor "python-cpu"   (python backend, ONNX Runtime on the CPU;
+                                                               the package's CPU-fused graphs where it has them)
+    OUT/blip_diffusion/config.pbtxt     whole generations: python-backend BLS model
+    OUT/blip_diffusion/1/model.py
+    OUT/blip_diffusion/1/package/       the package's configs and tokenizers (no graphs)
+    OUT/blip_diffusion/1/blipdiffusion_trt/   the code the python models import (CODE_FILES)
+
+The components are :func:`~blipdiffusion_trt.components.generation_components` (``unet_plain``
+for a plain package, ``unet`` + ``controlnet`` for a ControlNet package); their configs come from
+:mod:`.configs`. For the ``tensorrt`` flavor the dims are those the engines were built for: the
+axis ranges are recomputed from the build options in each engine directory's ``engines.json``
+(the builder's default, ``--shapes static``, fixes every axis but the Q-Former's text length, so
+those models are unbatched, with fixed dims and CUDA graphs). Plans come from
+``PACKAGE/engines/sm_XY-trtX.Y/`` (the newest TensorRT per architecture); several architectures
+become ``cc_model_filenames``. Graphs are hard-linked where possible; an external
+``<component>.onnx.data`` file keeps the name the graph refers to.
+
+The model files (``model_files/``) are copied as ``model.py``; the code they import is copied
+into the BLS model's directory, so the repository also serves in NVIDIA's Triton container, where
+this project is not installed: the stub's Python needs only numpy, Pillow and tokenizers (and
+onnxruntime for the python-cpu component models). Everything is written to a temporary sibling
+directory and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from ...components import ComponentSpec, PipelineConfig, generation_components
+from ...engines.plans import BuildOptions, parse_engine_dir_name, read_record, version_key
+from ...engines.profiles import axis_ranges, profile_from_json, spec_profile
+from ...errors import InputError, PackageError
+from ...fsutil import replace_dir
+from ...package import ModelPackage, layout
+from .configs import FLAVORS, Range, bls_config, component_config
+
+logger = logging.getLogger(__name__)
+
+BLS_MODEL = "blip_diffusion"
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the blipdiffusion_trt directory
+MODEL_FILES = Path(__file__).resolve().parent / "model_files"
+BLS_MODEL_FILE = MODEL_FILES / "blip_diffusion.py"
+COMPONENT_MODEL_FILE = MODEL_FILES / "component.py"
+CODE_DIR = "."  # the BLS model's code_dir: its version directory holds blipdiffusion_trt/ (CODE_FILES)
+PACKAGE_COPY = "package"
+
+# The code the python models import, relative to blipdiffusion_trt/: the BLS model's and the
+# component models' modules and their package-internal imports, nothing else (no export code,
+# no engine builder, no backend whose libraries the Triton container lacks). The tests import
+# both model files from a written repository with only this copy on the path, and check that
+# exactly these files are loaded.
+CODE_FILES: tuple[str, ...] = (
+    "__init__.py",
+    "components.py",
+    "errors.py",
+    "fsutil.py",
+    "package/__init__.py",
+    "package/layout.py",
+    "package/manifest.py",
+    "package/model_package.py",
+    "runtime/__init__.py",
+    "runtime/editing.py",
+    "runtime/engine.py",
+    "runtime/images.py",
+    "runtime/inputs.py",
+    "runtime/p2p.py",
+    "runtime/pipeline.py",
+    "runtime/schedulers/__init__.py",
+    "runtime/schedulers/base.py",
+    "runtime/schedulers/ddim.py",
+    "runtime/schedulers/ddim_inverse.py",
+    "runtime/schedulers/dpm_solver.py",
+    "runtime/schedulers/euler.py",
+    "runtime/schedulers/pndm.py",
+    "runtime/text.py",
+    "runtime/timing.py",
+    "runtime/backends/__init__.py",
+    "runtime/backends/base.py",
+    "serving/__init__.py",
+    "serving/triton/__init__.py",
+    "serving/triton/bls.py",
+    "serving/triton/component.py",
+    "serving/triton/engine.py",
+    "serving/triton/python_backend.py",
+)
+
+
+@dataclass
+class ModelEntry:
+    """One model of the repository, as written (kept for tests and the CLI report)."""
+
+    name: str
+    component: str | None
+    max_batch_size: int
+    config: str
+    files: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TritonRepository:
+    path: Path
+    flavor: str
+    models: dict[str, ModelEntry]
+
+
+# --------------------------------------------------------------------------------------------
+# TensorRT plans
+# --------------------------------------------------------------------------------------------
+
+
+def find_plans(package: ModelPackage, components: Sequence[str]) -> dict[str, Path]:
+    """compute capability ("8.9") -> engines dir holding a plan of every component (newest TensorRT)."""
+    found: dict[str, tuple[tuple, Path]] = {}
+    for folder in package.layout.engine_dirs():
+        parsed = parse_engine_dir_name(folder.name)
+        if parsed is None:
+            continue
+        cc, version = parsed
+        missing = [c for c in components if not package.layout.plan(folder.name, c).is_file()]
+        if missing:
+            logger.warning("%s: no plan for %s; skipped", folder, ", ".join(missing))
+            continue
+        key = version_key(version)
+        if cc not in found or key > found[cc][0]:
+            found[cc] = (key, folder)
+    if not found:
+        raise PackageError(
+            f"{package.layout.engines_root}: no TensorRT plans for {', '.join(components)}; run blipdiffusion-trt build first"
+        )
+    return {cc: folder for cc, (_, folder) in found.items()}
+
+
+def engine_ranges(config: PipelineConfig, spec: ComponentSpec, folders: Iterable[Path]) -> dict[str, Range] | None:
+    """Axis ranges the component's engines were built for, from each folder's ``engines.json``.
+
+    The builder records its options (``--shapes static|dynamic``, ``--batch``, ``--height``,
+    ``--width``); the ranges are recomputed from them with the builder's own profile code and
+    checked against the recorded profile. None (declared ranges) when no folder records the
+    component; several folders (architectures) must agree, since they share one config.pbtxt.
+    """
+    found: dict[Path, dict[str, Range]] = {}
+    for folder in folders:
+        entry = ((read_record(folder) or {}).get("components") or {}).get(spec.name)
+        if not entry:
+            continue
+        options = BuildOptions.from_dict(entry.get("options"))
+        ranges = axis_ranges(config, options.shapes, batch=options.batch, height=options.height, width=options.width)
+        profile = entry.get("profile")
+        if profile and profile_from_json(profile) != spec_profile(spec, ranges):
+            raise PackageError(
+                f"{folder}/engines.json: the recorded profile of {spec.name} does not match its build options; "
+                f"rebuild with blipdiffusion-trt build"
+            )
+        found[folder] = {name: tuple(r) for name, r in ranges.items()}  # type: ignore[misc]
+    if not found:
+        logger.warning("no engines.json records %s; its config uses the declared shape ranges", spec.name)
+        return None
+    first_folder, first = next(iter(found.items()))
+    for folder, ranges in found.items():
+        if ranges != first:
+            raise PackageError(
+                f"{spec.name}: the engines in {first_folder.name} and {folder.name} were built for different shapes; "
+                f"rebuild them with the same --shapes/--batch/--height/--width"
+            )
+    return first
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _copy_graph(package: ModelPackage, variant: str, component: str, version_dir: Path) -> list[str]:
+    """model.onnx (+ its external data file, under the name the graph refers to)."""
+    src = package.layout.graph(component, variant)
+    _link_or_copy(src, version_dir / "model.onnx")
+    written = ["model.onnx"]
+    data = package.layout.graph_data(component, variant)
+    if data.is_file():
+        _link_or_copy(data, version_dir / data.name)
+        written.append(data.name)
+    return written
+
+
+def _copy_plans(package: ModelPackage, plans: dict[str, Path], component: str,
+                version_dir: Path) -> tuple[list[str], dict[str, str] | None]:
+    """model.plan, or one plan per architecture (and their ``cc_model_filenames``)."""
+    if len(plans) == 1:
+        (folder,) = plans.values()
+        _link_or_copy(package.layout.plan(folder.name, component), version_dir / "model.plan")
+        return ["model.plan"], None
+    cc_files = {}
+    for cc, folder in plans.items():
+        file = f"model.sm_{cc.replace('.', '')}.plan"
+        _link_or_copy(package.layout.plan(folder.name, component), version_dir / file)
+        cc_files[cc] = file
+    return sorted(cc_files.values()), cc_files
+
+
+def copy_code(dst: Path) -> None:
+    """:data:`CODE_FILES` into ``dst/blipdiffusion_trt``."""
+    for name in CODE_FILES:
+        target = dst / "blipdiffusion_trt" / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(PACKAGE_ROOT / name, target)
+
+
+def _copy_package_files(package: ModelPackage, dst: Path) -> None:
+    dst.mkdir(parents=True)
+    for name in layout.RUNTIME_FILES:
+        src = package.layout.path(name)
+        if src.is_dir():
+            shutil.copytree(src, dst / name)
+        elif src.is_file():
+            shutil.copy2(src, dst / name)
+        else:
+            raise PackageError(f"package incomplete: {src} is missing")
+
+
+# --------------------------------------------------------------------------------------------
+# Writing the repository
+# --------------------------------------------------------------------------------------------
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        allowed = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise InputError(f"{name} must be an integer {allowed}, got {value!r}", field=name.replace(" ", "_"))
+    return value
+
+
+def _check_output(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output {out} exists and is not a directory", field="out")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise InputError(f"output {out} exists and is not empty (use --force to replace it)", field="out")
+    if not out.parent.is_dir():
+        raise InputError(f"output directory's parent {out.parent} does not exist", field="out")
+
+
+def write_triton_repository(
+    package_dir: str | Path,
+    out: str | Path,
+    flavor: str = "python-cpu",
+    max_batch_size: int | None = None,
+    instances: int = 1,
+    *,
+    name_prefix: str = "",
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    cpu_threads: int = 0,
+    force: bool = False,
+    verify: bool = True,
+) -> TritonRepository:
+    """Write a Triton model repository serving ``package_dir``; returns what was written.
+
+    ``max_batch_size``: largest generation batch the component models accept (default: the
+    package's declared ``max_batch_size``; 0 turns batching off). ``instances``: instance count
+    of every model. ``name_prefix``: prepended to every model name, so that several packages can
+    share one server. ``max_image_pixels``: the BLS model's limit on input images.
+    ``cpu_threads``: ONNX Runtime intra-op threads of the python-cpu models (0: its default).
+    """
+    if flavor not in FLAVORS:
+        raise InputError(f"flavor must be one of {', '.join(FLAVORS)}, got {flavor!r}", field="flavor")
+    _check_int("instances", instances, 1, 64)
+    _check_int("max_image_pixels", max_image_pixels, 1)
+    _check_int("cpu_threads", cpu_threads, 0, 1024)
+    if not isinstance(name_prefix, str) or (name_prefix and not MODEL_NAME_PATTERN.match(name_prefix)):
+        raise InputError(f"name prefix must be letters, digits, '_', '-' or '.', got {name_prefix!r}",
+                         field="name_prefix")
+    package = ModelPackage.open(package_dir, verify=verify)
+    config = package.config
+    if max_batch_size is None:
+        max_batch_size = config.max_batch_size
+    _check_int("max batch size", max_batch_size, 0, config.max_batch_size)
+    out = Path(out).absolute()
+    _check_output(out, force)
+
+    components = generation_components(config)
+    names = {c: f"{name_prefix}{c}" for c in components}
+    bls_name = f"{name_prefix}{BLS_MODEL}"
+    plans = find_plans(package, components) if flavor == "tensorrt" else {}
+    precision = "fp16" if flavor == "onnxruntime" and "fp16" in package.precisions else "fp32"
+
+    models: dict[str, ModelEntry] = {}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the repository from a non-root server
+        batch_sizes = {}
+        for component in components:
+            spec = package.specs[component]
+            model_dir = tmp / names[component]
+            version_dir = model_dir / "1"
+            version_dir.mkdir(parents=True)
+            cc_files, ranges = None, None
+            if flavor == "tensorrt":
+                ranges = engine_ranges(config, spec, plans.values())
+                files, cc_files = _copy_plans(package, plans, component, version_dir)
+            else:
+                # the CPU flavor serves what the cpu runtime loads: the CPU-fused graph where there is one
+                cpu_fused = flavor == "python-cpu" and package.has_cpu_fused(component)
+                files = _copy_graph(package, layout.graph_variant(precision, cpu_fused=cpu_fused), component, version_dir)
+                if flavor == "python-cpu":
+                    shutil.copy2(COMPONENT_MODEL_FILE, version_dir / "model.py")
+                    files.append("model.py")
+            text, mbs = component_config(
+                spec, config, name=names[component], flavor=flavor, max_batch_size=max_batch_size,
+                instances=instances, cc_model_filenames=cc_files, cpu_threads=cpu_threads, ranges=ranges,
+                code_dir=f"../../{bls_name}/1",  # the code copied into the BLS model's version directory
+            )
+            (model_dir / "config.pbtxt").write_text(text)
+            batch_sizes[component] = mbs
+            models[names[component]] = ModelEntry(names[component], component, mbs, text, files)
+
+        version_dir = tmp / bls_name / "1"
+        version_dir.mkdir(parents=True)
+        shutil.copy2(BLS_MODEL_FILE, version_dir / "model.py")
+        copy_code(version_dir / CODE_DIR)
+        _copy_package_files(package, version_dir / PACKAGE_COPY)
+        text = bls_config(config, name=bls_name, instances=instances, components=names, batch_sizes=batch_sizes,
+                          max_image_pixels=max_image_pixels, package_dir=PACKAGE_COPY, code_dir=CODE_DIR)
+        (tmp / bls_name / "config.pbtxt").write_text(text)
+        models[bls_name] = ModelEntry(bls_name, None, 0, text, ["model.py", "blipdiffusion_trt/", f"{PACKAGE_COPY}/"])
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return TritonRepository(out, flavor, models)

@@ -1,0 +1,312 @@
+"""The Triton model files and the code they run, on a fake ``triton_python_backend_utils``
+(``tests/fakes``): ``TritonEngine``, the BLS model over the python-cpu component models, error
+responses, and a written repository's code copy imported on its own.
+
+The real server (``test_triton.py``) runs the same files; these tests need no server, so they
+can look inside: which requests the BLS model sends, what each answer is.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="needs the triton extra (pip install .[triton])")
+
+from conftest import shared_runtime  # noqa: E402
+from fakes import triton_python_backend_utils as pb  # noqa: E402
+from fakes.triton_repository import load_python_models, request  # noqa: E402
+
+from blipdiffusion_trt.components import ComponentSpec, TensorSpec, generation_components  # noqa: E402
+from blipdiffusion_trt.errors import EngineError, PackageError  # noqa: E402
+from blipdiffusion_trt.package import read_pipeline_config  # noqa: E402
+from blipdiffusion_trt.serving.triton.bls import BlipDiffusionModel  # noqa: E402
+from blipdiffusion_trt.serving.triton.engine import TritonEngine  # noqa: E402
+from blipdiffusion_trt.serving.triton.repository import CODE_FILES, write_triton_repository  # noqa: E402
+
+FAKES = Path(__file__).parent / "fakes"
+REFERENCE = np.random.default_rng(7).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+CONDITION = np.random.default_rng(8).integers(0, 256, (24, 28, 3), dtype=np.uint8)
+
+
+@pytest.fixture()
+def fake_server(monkeypatch):
+    """The fake module as ``triton_python_backend_utils`` (what the model files import), emptied."""
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    pb.reset()
+    yield pb
+    for model in list(pb.MODELS.values()):
+        model.finalize()
+    pb.reset()
+
+
+# --------------------------------------------------------------------------------------------
+# TritonEngine
+# --------------------------------------------------------------------------------------------
+
+SPEC = ComponentSpec(
+    "toy",
+    inputs=(TensorSpec("sample", "float32", (2, 3)), TensorSpec("timestep", "int64", (2,))),
+    outputs=(TensorSpec("out", "float32", (2, 3)), TensorSpec("extra", "float32", (2,))),
+)
+
+
+class ScriptedModel:
+    """Answers every request with ``answer(request)``; keeps the requests."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.requests = []
+
+    def execute(self, requests):
+        self.requests += requests
+        return [self.answer(r) for r in requests]
+
+    def finalize(self):
+        pass
+
+
+def _echo(request):
+    sample = pb.get_input_tensor_by_name(request, "sample").as_numpy()
+    timestep = pb.get_input_tensor_by_name(request, "timestep").as_numpy()
+    return pb.InferenceResponse([pb.Tensor("out", sample * 2), pb.Tensor("extra", timestep.reshape(-1) + 0.5),
+                                 pb.Tensor("unrequested", np.zeros(1, np.float32))])
+
+
+@pytest.mark.parametrize("max_batch_size", [0, 4])
+def test_engine_sends_the_declared_inputs_and_returns_host_copies(fake_server, max_batch_size):
+    model = ScriptedModel(_echo)
+    fake_server.serve("toy_model", model)
+    engine = TritonEngine(SPEC, "toy_model", max_batch_size, fake_server)
+    sample = np.arange(6, dtype=np.float64).reshape(2, 3)  # cast to the declared float32
+    out = engine.infer({"sample": sample, "timestep": [7, 9]})
+
+    (sent,) = model.requests
+    assert sent.model_name() == "toy_model" and sent.requested_output_names() == ["out", "extra"]
+    assert sent.preferred_memory.preferred_memory_type == fake_server.TRITONSERVER_MEMORY_CPU
+    values = {t.name(): t.as_numpy() for t in sent.inputs()}
+    assert values["sample"].dtype == np.float32 and values["timestep"].dtype == np.int64
+    # a batched model declares a batch-only tensor as dims [1] + reshape []: it is sent as [B, 1]
+    assert values["timestep"].shape == ((2, 1) if max_batch_size else (2,))
+    assert set(out) == {"out", "extra"}
+    np.testing.assert_array_equal(out["out"], sample.astype(np.float32) * 2)
+    np.testing.assert_array_equal(out["extra"], [7.5, 9.5])
+
+
+def test_engine_errors_are_one_line_engine_errors(fake_server):
+    engine = TritonEngine(SPEC, "toy_model", 0, fake_server)
+    feed = {"sample": np.zeros((2, 3), np.float32), "timestep": np.zeros(2, np.int64)}
+    with pytest.raises(EngineError, match="model toy_model: Failed for execute the inference request"):
+        engine.infer(feed)  # not served
+    fake_server.serve("toy_model", ScriptedModel(lambda r: pb.InferenceResponse(
+        error=pb.TritonError("toy_model: bad shape\n  at line 3\n  at line 4"))))
+    with pytest.raises(EngineError) as error:
+        engine.infer(feed)
+    assert str(error.value) == "model toy_model: toy_model: bad shape"
+    fake_server.serve("toy_model", ScriptedModel(lambda r: pb.InferenceResponse([pb.Tensor("out", np.zeros((2, 3)))])))
+    with pytest.raises(EngineError, match="model toy_model returned no 'extra'"):
+        engine.infer(feed)
+    fake_server.serve("toy_model", ScriptedModel(lambda r: pb.InferenceResponse(
+        [pb.Tensor("out", np.zeros((2, 3)), on_gpu=True), pb.Tensor("extra", np.zeros(2))])))
+    with pytest.raises(EngineError, match="'out' came back in GPU memory"):
+        engine.infer(feed)
+    with pytest.raises(EngineError, match="no value for timestep"):
+        engine.infer({"sample": feed["sample"]})
+    engine.close()
+    with pytest.raises(EngineError, match="closed"):
+        engine.infer(feed)
+
+
+# --------------------------------------------------------------------------------------------
+# The BLS model over the python-cpu component models
+# --------------------------------------------------------------------------------------------
+
+
+def generation(fixture, **overrides) -> dict:
+    args = dict(prompt="a photo in the snow", reference_image=REFERENCE, source_subject="dog", target_subject="dog",
+                num_inference_steps=2, guidance_scale=7.5, seed=0, height=32, width=32)
+    if fixture.controlnet:
+        args["condition_image"] = CONDITION
+    args.update(overrides)
+    return args
+
+
+def python_api(fixture, args: dict):
+    args = dict(args)
+    return shared_runtime(fixture)(args.pop("prompt"), args.pop("reference_image"), args.pop("source_subject"),
+                                   args.pop("target_subject"), output_type="np", **args)
+
+
+def python_api_image(fixture, args: dict) -> np.ndarray:
+    """The Python API's image, quantised as the BLS model does."""
+    return (python_api(fixture, args).images[0] * 255).round().astype(np.uint8)
+
+
+def bls_arrays(args: dict) -> dict[str, np.ndarray]:
+    """The BLS model's input tensors for Python API arguments (as a client sends them)."""
+    names = {"num_inference_steps": "steps", "neg_prompt": "negative_prompt"}
+    dtypes = {"steps": np.int32, "height": np.int32, "width": np.int32, "seed": np.int64,
+              "guidance_scale": np.float32, "controlnet_conditioning_scale": np.float32}
+    arrays = {}
+    for key, value in args.items():
+        name = names.get(key, key)
+        if isinstance(value, np.ndarray):
+            arrays[name] = value
+        elif isinstance(value, str):
+            arrays[name] = np.array([value])
+        else:
+            arrays[name] = np.array([value], dtypes[name])
+    return arrays
+
+
+@pytest.fixture(scope="module")
+def repositories(tiny, tiny_cn, tmp_path_factory):
+    root = tmp_path_factory.mktemp("triton-models")
+    return {f.name: write_triton_repository(f.package, root / f.name, "python-cpu", max_image_pixels=64 * 64).path
+            for f in (tiny, tiny_cn)}
+
+
+@pytest.mark.parametrize("which", ["tiny", "tiny_cn"])
+def test_bls_model_matches_the_python_api(fake_server, repositories, request, which):
+    fixture = request.getfixturevalue(which)
+    models = load_python_models(repositories[which], fake_server)
+    components = generation_components(read_pipeline_config(fixture.package))
+    assert sorted(models) == sorted(components + ["blip_diffusion"])
+    bls = models["blip_diffusion"].model
+    assert isinstance(bls, BlipDiffusionModel)
+    assert {c: (type(e), e.model_name) for c, e in bls.runtime.engines.items()} == {c: (TritonEngine, c) for c in components}
+
+    cases = [{}, {"seed": 5, "guidance_scale": 1.0, "height": 24, "width": 40, "scheduler": "ddim"},
+             {"seed": 3, "neg_prompt": "blurry", "scheduler": "euler", "target_subject": "cat"}]
+    if fixture.controlnet:
+        cases.append({"seed": 2, "controlnet_conditioning_scale": 0.5})
+    asked = set()
+    for case in cases:
+        args = generation(fixture, **case)
+        fake_server.SENT.clear()
+        (response,) = models["blip_diffusion"].execute([request_of(fake_server, args)])
+        assert not response.has_error(), response.error().message()
+        image = fake_server.get_output_tensor_by_name(response, "image").as_numpy()
+        np.testing.assert_array_equal(image, python_api_image(fixture, args), err_msg=f"{which} {case}")
+        # the UNet once per step (guidance: one batch of 2); the subject and negative prompt are cached
+        sent = [name for name, _ in fake_server.SENT]
+        unet = "unet" if fixture.controlnet else "unet_plain"
+        assert sent.count(unet) == python_api(fixture, args).timings["steps"]
+        asked |= set(sent)
+    assert asked == set(components)
+    # different seeds give different images
+    first = python_api_image(fixture, generation(fixture))
+    assert not np.array_equal(first, python_api_image(fixture, generation(fixture, seed=5)))
+
+
+def request_of(backend_utils, args: dict):
+    return request(backend_utils, bls_arrays(args))
+
+
+def test_bls_model_answers_every_bad_request_in_one_line(fake_server, repositories, tiny, tiny_cn, monkeypatch):
+    models = load_python_models(repositories["tiny"], fake_server)
+    bls = models["blip_diffusion"]
+    invalid = fake_server.TritonError.INVALID_ARG
+    cases = [
+        ({"num_inference_steps": 0}, {}, "num_inference_steps must be an integer in [1, 1000], got 0"),
+        ({"seed": -3}, {}, "seed must be a non-negative integer, got -3"),
+        ({"scheduler": "karras"}, {}, "karras"),
+        ({"prompt": "  "}, {}, "prompt must be a non-empty string"),
+        ({}, {"prompt": np.array([b"\xff\xfe"], dtype=np.object_)}, "prompt: not valid UTF-8"),
+        ({}, {"seed": np.array([1, 2], np.int64)}, "seed: expected a single value, got shape [2]"),
+        ({}, {"reference_image": np.zeros((80, 60, 3), np.uint8)}, "more than the limit of 4096 pixels"),
+        ({"condition_image": CONDITION}, {}, "this package has no ControlNet"),
+    ]
+    for overrides, raw, message in cases:
+        arrays = {**bls_arrays(generation(tiny, **overrides)), **raw}
+        (response,) = bls.execute([request(fake_server, arrays)])
+        assert response.has_error(), overrides
+        text = response.error().message()
+        assert message in text and "\n" not in text, (overrides, text)
+        assert response.error().code() == invalid, (overrides, text)
+    arrays = bls_arrays(generation(tiny))
+    del arrays["seed"]
+    (response,) = bls.execute([request(fake_server, arrays)])
+    assert response.error().message() == "missing required input 'seed'"
+
+    # a component model failing is the server's side: INTERNAL, naming the model
+    fake_server.serve("unet_plain", ScriptedModel(lambda r: pb.InferenceResponse(
+        error=pb.TritonError("unet_plain: RuntimeException: out of memory\nstack"))))
+    (response,) = bls.execute([request_of(fake_server, generation(tiny))])
+    assert response.error().code() == fake_server.TritonError.INTERNAL
+    assert response.error().message() == "model unet_plain: unet_plain: RuntimeException: out of memory"
+
+    # a bug: one line to the client, the traceback to the server's log, and the model keeps serving
+    fake_server.serve("unet_plain", models["unet_plain"])
+    with monkeypatch.context() as patch:
+        patch.setattr(bls.model.runtime, "encode_subject", lambda *a, **k: 1 / 0)
+        (response,) = bls.execute([request_of(fake_server, generation(tiny))])
+    assert response.error().message() == "internal error: ZeroDivisionError: division by zero"
+    assert response.error().code() == fake_server.TritonError.INTERNAL
+    assert any(level == "error" and "Traceback" in line and "ZeroDivisionError" in line
+               for level, line in fake_server.Logger.lines)
+    (response,) = bls.execute([request_of(fake_server, generation(tiny, seed=11))])
+    np.testing.assert_array_equal(fake_server.get_output_tensor_by_name(response, "image").as_numpy(),
+                                  python_api_image(tiny, generation(tiny, seed=11)))
+
+
+def test_component_model_bad_request_is_one_line(fake_server, repositories):
+    models = load_python_models(repositories["tiny"], fake_server)
+    (response,) = models["vae_decoder"].execute([fake_server.InferenceRequest(inputs=[])])
+    assert response.error().message() == "vae_decoder: ValueError: missing input 'latents'"
+    latents = np.zeros((1, 1, 2, 2), np.float32)  # wrong channel count
+    (response,) = models["vae_decoder"].execute([fake_server.InferenceRequest(inputs=[pb.Tensor("latents", latents)])])
+    text = response.error().message()
+    assert text.startswith("vae_decoder: ") and "\n" not in text
+
+
+def test_bls_model_needs_a_model_for_every_generation_component(fake_server, repositories, tiny):
+    from fakes.triton_repository import model_config_json
+
+    bls_dir = repositories["tiny"] / "blip_diffusion"
+    config = json.loads(model_config_json(bls_dir / "config.pbtxt"))
+    components = json.loads(config["parameters"]["components"]["string_value"])
+    del components["unet_plain"]
+    config["parameters"]["components"]["string_value"] = json.dumps(components)
+    with pytest.raises(PackageError, match="names no model for unet_plain"):
+        BlipDiffusionModel.from_model_config(config, bls_dir / "1", fake_server)
+
+
+# --------------------------------------------------------------------------------------------
+# The repository's code copy, on its own
+# --------------------------------------------------------------------------------------------
+
+
+def test_repository_code_runs_on_its_own(repositories, tiny, tmp_path):
+    """The model files imported from a written repository, in a process where nothing but the
+    repository's copy of blipdiffusion_trt is importable: a generation works, and the modules
+    loaded are exactly the copied files (CODE_FILES: nothing missing, nothing extra)."""
+    repository = repositories["tiny"]
+    code = repository / "blip_diffusion" / "1" / "blipdiffusion_trt"
+    copied = sorted(str(p.relative_to(code)) for p in code.rglob("*.py"))
+    assert copied == sorted(CODE_FILES)
+    assert not [f for f in copied if f.startswith(("export", "engines", "bench")) or "tensorrt" in f]
+
+    args = generation(tiny, seed=4)
+    np.savez(tmp_path / "request.npz", **bls_arrays(args))
+    site = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(site), "HOME": str(tmp_path),
+           "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-S", str(FAKES / "triton_repository.py"), str(repository),
+                           str(tmp_path / "request.npz"), str(tmp_path / "result.json")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["importable_before"] is False, "the subprocess could import blipdiffusion_trt before loading"
+    loaded = sorted(str(Path(m).relative_to(code.resolve())) if Path(m).is_relative_to(code.resolve()) else m
+                    for m in result["modules"])
+    assert loaded == sorted(CODE_FILES), f"loaded but not copied: {sorted(set(loaded) - set(CODE_FILES))}; " \
+                                         f"copied but not loaded: {sorted(set(CODE_FILES) - set(loaded))}"
+    image = np.array(result["image"], dtype=np.uint8)
+    np.testing.assert_array_equal(image, python_api_image(tiny, args))
