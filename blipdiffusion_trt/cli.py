@@ -1,4 +1,4 @@
-"""``blipdiffusion-trt`` command line: export, build, generate, serve (Triton), benchmark.
+"""``blipdiffusion-trt`` command line: export, build, generate, edit, serve (Triton), benchmark.
 
 Every subcommand is registered here, and only here (:data:`COMMANDS`). Its arguments and its run
 live with the code it drives (``engines/cli.py``, ``runtime/cli.py``, ``demo.py``, ...), except
@@ -49,6 +49,9 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cpu-fusions", action="store_true",
                    help=f"skip the CPU-fused fp32 graphs ({layout.GRAPHS_DIR}/{layout.CPU_FUSED}: "
                         "fused attention for the CPU runtime)")
+    p.add_argument("--no-editing", action="store_true",
+                   help="skip the editing graphs (vae_encoder, unet_p2p) that `edit` and `invert` run: a package "
+                        "that only generates, exported faster")
 
 
 def run_export(args) -> int:
@@ -59,7 +62,7 @@ def run_export(args) -> int:
     report = export_package(
         args.checkpoint, args.out, controlnet=args.controlnet, precisions=args.precision, opset=args.opset,
         force=args.force, allow_pickle=args.allow_pickle, validate=not args.no_validate,
-        max_batch_size=args.max_batch_size, cpu_fusions=not args.no_cpu_fusions,
+        max_batch_size=args.max_batch_size, cpu_fusions=not args.no_cpu_fusions, editing=not args.no_editing,
     )
     print(report.summary())
     return 0
@@ -123,6 +126,10 @@ COMMANDS: tuple[Command, ...] = (
             build_cli.add_arguments, build_cli.run_build, build_cli.DESCRIPTION),
     Command("generate", "generate an image of a subject from a model package",
             generate_cli.add_arguments, generate_cli.run_generate),
+    Command("edit", "replace the subject of an image (generated, or a real one) by a reference image's subject",
+            generate_cli.add_edit_arguments, generate_cli.run_edit, generate_cli.EDIT_DESCRIPTION),
+    Command("invert", "DDIM-invert a real image into the latent that regenerates it (for generate/edit --latents)",
+            generate_cli.add_invert_arguments, generate_cli.run_invert, generate_cli.INVERT_DESCRIPTION),
     Command("demo", "build a tiny random-weight checkpoint, export it and generate an image",
             demo.add_arguments, demo.run),
     Command("random-checkpoint", "build a diffusers BLIP-Diffusion checkpoint with random weights",

@@ -1,4 +1,5 @@
-"""``blipdiffusion-trt generate``: run a package from the command line (no torch needed).
+"""``blipdiffusion-trt generate``, ``edit`` and ``invert``: run a package from the command line (no
+torch needed).
 
 Registered by :mod:`blipdiffusion_trt.cli`. Errors about a call argument
 (:class:`~blipdiffusion_trt.errors.InputError` with its ``field``) name the CLI option instead.
@@ -7,12 +8,16 @@ Registered by :mod:`blipdiffusion_trt.cli`. Errors about a call argument
 from __future__ import annotations
 
 import argparse
+import functools
+import io
 import logging
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from ..errors import InputError
+from ..fsutil import write_atomic
 from .backends import BACKENDS, get_backend
 from .backends.onnxruntime import GRAPH_OPTIMIZATIONS, MEMORY_ARENAS
 from .schedulers import SCHEDULER_NAMES, check_scheduler_name
@@ -29,9 +34,94 @@ CLI_OPTIONS = {
     "scheduler": "--scheduler", "backend": "--backend", "graph_optimization": "--graph-optimization",
     "optimized_cache": "--ort-cache", "memory_arena": "--memory-arena", "low_threshold": "--canny-low",
     "high_threshold": "--canny-high",
+    # editing
+    "original_subject": "--original-subject", "image": "--image", "cross_replace_steps": "--cross-replace-steps",
+    "self_replace_steps": "--self-replace-steps", "blend_threshold": "--blend-threshold",
 }
 OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy")
+LATENT_SUFFIXES = (".npy",)
 
+
+def naming_options(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``run`` with a call argument's :class:`InputError` renamed to the CLI option of that argument."""
+
+    @functools.wraps(run)
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except InputError as error:
+            option = CLI_OPTIONS.get(error.field or "")
+            if option is None:
+                raise
+            raise error.renamed(option) from None
+
+    return wrapped
+
+
+# --------------------------------------------------------------------------------------------
+# Options every command that runs a package has
+# --------------------------------------------------------------------------------------------
+
+def add_backend_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="cpu", help=f"one of {', '.join(BACKENDS)}")
+    p.add_argument("--precision", default="fp32", help="fp32 or fp16 (the package must hold fp16 graphs)")
+    p.add_argument("--graph-optimization", default="all", choices=GRAPH_OPTIMIZATIONS,
+                   help="ONNX Runtime graph optimisation: all (fastest steps) or extended (much faster start)")
+    p.add_argument("--ort-cache", help="directory keeping ONNX Runtime's optimised CPU graphs between runs "
+                   "(fast start and fast steps; costs a copy of the weights on disk)")
+    p.add_argument("--memory-arena", default="loop", choices=MEMORY_ARENAS,
+                   help="ONNX Runtime CPU sessions that keep a memory arena: loop (UNet/ControlNet, default), all, none")
+    p.add_argument("--no-cpu-fused", action="store_true",
+                   help="cpu backend: load the plain fp32 graphs even where the package has CPU-fused ones")
+    p.add_argument("--no-verify", action="store_true", help="skip checking the package files' sha256")
+
+
+def open_runtime(args: argparse.Namespace):
+    """The package's runtime on the backend and with the options of the command line."""
+    from .pipeline import BlipDiffusionRuntime
+
+    backend = get_backend(args.backend)
+    # the flags of every backend's options; the chosen backend takes those it has
+    options = backend.options_from({"graph_optimization": args.graph_optimization, "optimized_cache": args.ort_cache,
+                                    "memory_arena": args.memory_arena, "cpu_fused": not args.no_cpu_fused})
+    return BlipDiffusionRuntime.from_package(args.package, args.backend, precision=args.precision,
+                                             verify=not args.no_verify, options=options)
+
+
+def check_output(path: str | None, option: str, suffixes: tuple[str, ...] = OUTPUT_SUFFIXES) -> Path | None:
+    """An output file's path, checked before anything runs: its suffix, its directory."""
+    if path is None:
+        return None
+    out = Path(path)
+    if out.suffix.lower() not in suffixes:
+        raise InputError(f"{option} must end in one of {', '.join(suffixes)}, got {out.name!r}")
+    if not out.parent.resolve().is_dir():
+        raise InputError(f"{option}: directory {out.parent} does not exist")
+    return out
+
+
+def load_latents(path: str) -> np.ndarray:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise InputError(f"--latents: file {path} not found") from None
+    except (OSError, ValueError) as error:
+        raise InputError(f"--latents: {path} is not a numpy .npy array ({error})") from None
+    if array.dtype != np.float32:
+        raise InputError(f"--latents: {path} holds {array.dtype}, expected float32")
+    return array
+
+
+def save_array(array: np.ndarray, path: Path) -> None:
+    """A .npy file written atomically (temporary file, then rename)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    write_atomic(path, buffer.getbuffer(), InputError)
+
+
+# --------------------------------------------------------------------------------------------
+# generate
+# --------------------------------------------------------------------------------------------
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("package", help="model package directory (from `blipdiffusion-trt export`)")
@@ -56,48 +146,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--canny-low", type=int, default=100)
     p.add_argument("--canny-high", type=int, default=200)
     p.add_argument("--controlnet-scale", type=float, default=1.0)
-    p.add_argument("--backend", default="cpu", help=f"one of {', '.join(BACKENDS)}")
-    p.add_argument("--precision", default="fp32", help="fp32 or fp16 (the package must hold fp16 graphs)")
-    p.add_argument("--graph-optimization", default="all", choices=GRAPH_OPTIMIZATIONS,
-                   help="ONNX Runtime graph optimisation: all (fastest steps) or extended (much faster start)")
-    p.add_argument("--ort-cache", help="directory keeping ONNX Runtime's optimised CPU graphs between runs "
-                   "(fast start and fast steps; costs a copy of the weights on disk)")
-    p.add_argument("--memory-arena", default="loop", choices=MEMORY_ARENAS,
-                   help="ONNX Runtime CPU sessions that keep a memory arena: loop (UNet/ControlNet, default), all, none")
-    p.add_argument("--no-cpu-fused", action="store_true",
-                   help="cpu backend: load the plain fp32 graphs even where the package has CPU-fused ones")
-    p.add_argument("--no-verify", action="store_true", help="skip checking the package files' sha256")
+    add_backend_arguments(p)
     p.add_argument("--timings", action="store_true", help="print per-stage times")
 
 
+@naming_options
 def run_generate(args) -> int:
-    try:
-        return _run_generate(args)
-    except InputError as error:
-        option = CLI_OPTIONS.get(error.field or "")
-        if option is None:
-            raise
-        raise error.renamed(option) from None
-
-
-def _run_generate(args) -> int:
     from .images import save_image
-    from .pipeline import BlipDiffusionRuntime
     from .timing import format_timings
 
-    out = Path(args.out)
-    if out.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise InputError(f"--out must end in one of {', '.join(OUTPUT_SUFFIXES)}, got {out.name!r}")
-    if not out.parent.resolve().is_dir():
-        raise InputError(f"--out: directory {out.parent} does not exist")
+    out = check_output(args.out, "--out")
     check_scheduler_name(args.scheduler)
     latents = load_latents(args.latents) if args.latents else None
-    backend = get_backend(args.backend)
-    # the flags of every backend's options; the chosen backend takes those it has
-    options = backend.options_from({"graph_optimization": args.graph_optimization, "optimized_cache": args.ort_cache,
-                                    "memory_arena": args.memory_arena, "cpu_fused": not args.no_cpu_fused})
-    with BlipDiffusionRuntime.from_package(args.package, args.backend, precision=args.precision,
-                                           verify=not args.no_verify, options=options) as runtime:
+    with open_runtime(args) as runtime:
         result = runtime(
             args.prompt, args.reference_image, args.source_subject, args.target_subject,
             guidance_scale=args.guidance, height=args.height, width=args.width, num_inference_steps=args.steps,
@@ -113,13 +174,114 @@ def _run_generate(args) -> int:
     return 0
 
 
-def load_latents(path: str) -> np.ndarray:
-    try:
-        array = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise InputError(f"--latents: file {path} not found") from None
-    except (OSError, ValueError) as error:
-        raise InputError(f"--latents: {path} is not a numpy .npy array ({error})") from None
-    if array.dtype != np.float32:
-        raise InputError(f"--latents: {path} holds {array.dtype}, expected float32")
-    return array
+# --------------------------------------------------------------------------------------------
+# edit, invert
+# --------------------------------------------------------------------------------------------
+
+EDIT_DESCRIPTION = (
+    "Replace the subject of an image (--original-subject, e.g. cat) by the subject of --reference-image "
+    "(prompt-to-prompt). With --image, a real photo is inverted with DDIM first (scheduler ddim); without, the "
+    "image generated from --latents or --seed with the prompt 'a {original subject} {prompt}' is edited. "
+    "Needs a package exported with the editing graphs (the default of `export`)."
+)
+INVERT_DESCRIPTION = (
+    "DDIM inversion of a real image: the latent [1, C, H/f, W/f] (float32 .npy) that DDIM sampling with the "
+    "prompt 'a {original subject} {prompt}' turns back into the image; usable as --latents of generate and edit."
+)
+
+
+def add_edit_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("package", help="model package directory (from `blipdiffusion-trt export`, with editing graphs)")
+    p.add_argument("--prompt", required=True, help="the scene, without the subject: 'sitting on a sofa'")
+    p.add_argument("--reference-image", required=True, help="image of the new subject")
+    p.add_argument("--source-subject", required=True, help="category word of the subject in --reference-image")
+    p.add_argument("--target-subject", required=True, help="word for the new subject in the edited prompt")
+    p.add_argument("--original-subject", required=True, help="the subject the image to edit shows, e.g. cat")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--image", help="a real image to edit (inverted with DDIM first)")
+    start.add_argument("--latents", help="float32 .npy [1, C, H/f, W/f]: the starting noise of the image to "
+                       "generate and edit (e.g. from `invert`)")
+    p.add_argument("--seed", type=int, default=0, help="starting noise without --latents (and the posterior "
+                   "sample with --sample-posterior)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--scheduler", help=f"one of {', '.join(SCHEDULER_NAMES)} (default: ddim with --image, "
+                   "which needs it; else pndm)")
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--cross-replace-steps", type=float, default=0.8,
+                   help="fraction of the steps whose cross-attention the edit takes from the source (default 0.8)")
+    p.add_argument("--self-replace-steps", type=float, default=0.4,
+                   help="fraction of the steps whose small-layer self-attention the edit takes from the source "
+                        "(default 0.4)")
+    blend = p.add_mutually_exclusive_group()
+    blend.add_argument("--blend-threshold", type=float, default=0.3,
+                       help="local blend: the edit changes only where the original subject's attention exceeds "
+                            "this fraction of its maximum (default 0.3)")
+    blend.add_argument("--no-local-blend", action="store_true", help="no local blend: the edit may change everything")
+    p.add_argument("--sample-posterior", action="store_true",
+                   help="with --image: sample the VAE posterior (seeded by --seed) instead of its mean")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--out", required=True, help="the edited image: .png/.jpg, or .npy (float32 HxWx3 in [0,1])")
+    p.add_argument("--source-out", help="the source image (a real image's reconstruction): .png/.jpg/.npy")
+    add_backend_arguments(p)
+    p.add_argument("--timings", action="store_true", help="print per-stage times")
+
+
+@naming_options
+def run_edit(args) -> int:
+    from .images import save_image
+    from .timing import format_timings
+
+    out = check_output(args.out, "--out")
+    source_out = check_output(args.source_out, "--source-out")
+    if source_out is not None and source_out.resolve() == out.resolve():
+        raise InputError("--source-out and --out name the same file")
+    if args.scheduler is not None:
+        check_scheduler_name(args.scheduler)
+    latents = load_latents(args.latents) if args.latents else None
+    with open_runtime(args) as runtime:
+        result = runtime.edit(
+            args.prompt, args.reference_image, args.source_subject, args.target_subject, args.original_subject,
+            image=args.image, latents=latents, seed=args.seed, num_inference_steps=args.steps,
+            guidance_scale=args.guidance, neg_prompt=args.negative_prompt,
+            cross_replace_steps=args.cross_replace_steps, self_replace_steps=args.self_replace_steps,
+            blend_threshold=None if args.no_local_blend else args.blend_threshold, height=args.height,
+            width=args.width, scheduler=args.scheduler, sample_posterior=args.sample_posterior, output_type="np",
+            progress=True,
+        )
+    save_image(result.edited, out, field="--out")
+    print(f"wrote {out}")
+    if source_out is not None:
+        save_image(result.source, source_out, field="--source-out")
+        print(f"wrote {source_out}")
+    if args.timings:
+        print(format_timings(result.timings))
+    return 0
+
+
+def add_invert_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("package", help="model package directory (from `blipdiffusion-trt export`, with editing graphs)")
+    p.add_argument("--image", required=True, help="the real image to invert")
+    p.add_argument("--prompt", required=True, help="the scene, without the subject: 'sitting on a sofa'")
+    p.add_argument("--original-subject", required=True, help="the subject the image shows, e.g. cat")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (sample back with as many)")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--sample-posterior", action="store_true",
+                   help="sample the VAE posterior (seeded by --seed) instead of its mean")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="the inverted latent: float32 .npy [1, C, H/f, W/f]")
+    add_backend_arguments(p)
+
+
+@naming_options
+def run_invert(args) -> int:
+    out = check_output(args.out, "--out", LATENT_SUFFIXES)
+    with open_runtime(args) as runtime:
+        latents = runtime.invert(args.image, args.prompt, args.original_subject, num_inference_steps=args.steps,
+                                 height=args.height, width=args.width, sample_posterior=args.sample_posterior,
+                                 seed=args.seed, progress=True)
+    save_array(latents, out)
+    print(f"wrote {out} (latent {list(latents.shape)})")
+    return 0

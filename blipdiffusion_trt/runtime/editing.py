@@ -337,8 +337,8 @@ class EditingMixin:
             neg_prompt=neg_prompt, scheduler=scheduler, output_type=output_type, controlnet=False,
         )
         if real_image and scheduler != REAL_IMAGE_SCHEDULER:
-            raise InputError(f"scheduler: a real image is inverted with DDIM and must be edited with "
-                             f"scheduler='{REAL_IMAGE_SCHEDULER}', got {scheduler!r}", field="scheduler")
+            raise InputError(f"scheduler: a real image is inverted with DDIM and must be edited with the "
+                             f"{REAL_IMAGE_SCHEDULER} scheduler, got {scheduler!r}", field="scheduler")
         cross_replace_steps = check_fraction("cross_replace_steps", cross_replace_steps)
         self_replace_steps = check_fraction("self_replace_steps", self_replace_steps)
         if blend_threshold is not None:
