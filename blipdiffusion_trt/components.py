@@ -191,6 +191,18 @@ class ComponentSpec:
                     found[dim.name] = dim
         return found
 
+    @property
+    def batch_axis(self) -> Axis | None:
+        """The axis whose rows are independent requests (Triton batches along it; a TensorRT engine
+        runs fewer rows padded): None unless ``batchable`` and every tensor starts with the same axis."""
+        if not self.batchable:
+            return None
+        firsts = {t.shape[0] if t.shape and isinstance(t.shape[0], Axis) else None for t in (*self.inputs, *self.outputs)}
+        if len(firsts) != 1:
+            return None
+        (axis,) = firsts
+        return axis
+
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         return {t.name: t.axes for t in (*self.inputs, *self.outputs) if t.axes}
 

@@ -40,13 +40,7 @@ Range = tuple[int, int, int]
 
 def batch_axis(spec: ComponentSpec) -> Axis | None:
     """The axis Triton may batch along, or None: every tensor must start with the same axis."""
-    if not spec.batchable:
-        return None
-    firsts = {t.shape[0] if t.shape and isinstance(t.shape[0], Axis) else None for t in (*spec.inputs, *spec.outputs)}
-    if len(firsts) != 1:
-        return None
-    (axis,) = firsts
-    return axis
+    return spec.batch_axis
 
 
 def _range(axis: Axis, ranges: dict[str, Range] | None) -> Range:
