@@ -35,7 +35,14 @@ onnx = pytest.importorskip("onnx", reason="needs the export extra")
 from google.protobuf import text_format  # noqa: E402  (tritonclient[grpc] brings protobuf)
 from tritonclient.grpc import model_config_pb2  # noqa: E402
 
-from blipdiffusion_trt.components import Axis, ComponentSpec, PipelineConfig, TensorSpec, generation_components  # noqa: E402
+from blipdiffusion_trt.components import (  # noqa: E402
+    Axis,
+    ComponentSpec,
+    PipelineConfig,
+    TensorSpec,
+    editing_components,
+    generation_components,
+)
 from blipdiffusion_trt.package import read_pipeline_config  # noqa: E402
 from blipdiffusion_trt.serving.triton import cli as triton_cli  # noqa: E402
 from blipdiffusion_trt.serving.triton import configs  # noqa: E402
@@ -117,9 +124,13 @@ def test_repository_configs(flavor, which, request, trt_packages, tmp_path):
     repo = tr.write_triton_repository(source, tmp_path / "repo", flavor, instances=2)
     package = ModelPackage.open(fixture.package, verify=False)
     config: PipelineConfig = package.config
-    components = generation_components(config)
+    generation = generation_components(config)
     expected = ["controlnet", "unet"] if fixture.controlnet else ["unet_plain"]
-    assert set(expected) <= set(components) and ("unet_plain" in components) != fixture.controlnet
+    assert set(expected) <= set(generation) and ("unet_plain" in generation) != fixture.controlnet
+    # the editing graphs where the package has them (tiny's, not tiny_cn's)
+    editing = [c for c in editing_components(config) if c not in generation]
+    assert bool(editing) == (which == "tiny")
+    components = generation + editing
     assert sorted(p.name for p in repo.path.iterdir()) == sorted(components + ["blip_diffusion"])
     assert not list(tmp_path.glob(".repo.partial-*")), "temporary directory left behind"
 
@@ -160,7 +171,8 @@ def test_repository_configs(flavor, which, request, trt_packages, tmp_path):
                 low, high = profile[tensor.name]["min"], profile[tensor.name]["max"]
                 assert list(tensor.dims) == [lo if lo == hi else -1 for lo, hi in zip(low, high)], tensor.name
             static = all(d > 0 for t in (*cfg.input, *cfg.output) for d in t.dims)
-            assert static == (component != "qformer")  # its text length is padded to the longest word
+            # the Q-Former's text length is padded to the longest word; an edit's UNet rows are 2 to 4
+            assert static == (component not in ("qformer", "unet_p2p"))
             assert cfg.optimization.cuda.graphs == static
         else:
             # batching: from the declarations; the UNet's batch is 2 x B; ControlNet's scalar
@@ -217,8 +229,15 @@ def test_repository_configs(flavor, which, request, trt_packages, tmp_path):
         "scheduler": ("TYPE_STRING", [1], True),
         "condition_image": ("TYPE_UINT8", [-1, -1, 3], True),
         "controlnet_conditioning_scale": ("TYPE_FP32", [1], True),
+        **({"original_subject": ("TYPE_STRING", [1], True),
+            "image": ("TYPE_UINT8", [-1, -1, 3], True),
+            "cross_replace_steps": ("TYPE_FP32", [1], True),
+            "self_replace_steps": ("TYPE_FP32", [1], True),
+            "blend_threshold": ("TYPE_FP32", [1], True),
+            "local_blend": ("TYPE_BOOL", [1], True)} if editing else {}),
     }
-    assert [(t.name, DataType.Name(t.data_type), list(t.dims)) for t in cfg.output] == [("image", "TYPE_UINT8", [-1, -1, 3])]
+    outputs = [(t.name, DataType.Name(t.data_type), list(t.dims)) for t in cfg.output]
+    assert outputs == [("image", "TYPE_UINT8", [-1, -1, 3])] + ([("source_image", "TYPE_UINT8", [-1, -1, 3])] if editing else [])
     params = {k: v.string_value for k, v in cfg.parameters.items()}
     assert json.loads(params["components"]) == {c: c for c in components}
     batch_sizes = json.loads(params["component_max_batch_sizes"])
@@ -387,6 +406,7 @@ STARTUP_SECONDS = 180
 LOAD_TEST_HANG_SECONDS = 600
 REFERENCE = np.random.default_rng(7).integers(0, 256, (40, 50, 3), dtype=np.uint8)
 CONDITION = np.random.default_rng(8).integers(0, 256, (24, 28, 3), dtype=np.uint8)
+REAL_IMAGE = np.random.default_rng(9).integers(0, 256, (30, 44, 3), dtype=np.uint8)
 
 
 def _free_ports(count: int) -> list[int]:
@@ -578,10 +598,12 @@ def triton_inputs(protocol: str, args: dict, *, drop: tuple[str, ...] = (), raw:
     arrays = {}
     for key, value in args.items():
         name = names.get(key, key)
-        if name in ("prompt", "source_subject", "target_subject", "negative_prompt", "scheduler"):
+        if name in ("prompt", "source_subject", "target_subject", "negative_prompt", "scheduler", "original_subject"):
             arrays[name] = np.array([value.encode() if isinstance(value, str) else value], dtype=np.object_)
-        elif name in ("reference_image", "condition_image"):
+        elif name in ("reference_image", "condition_image", "image"):
             arrays[name] = value
+        elif name == "local_blend":
+            arrays[name] = np.array([value], np.bool_)
         elif name in ("steps", "height", "width"):
             arrays[name] = np.array([value], np.int32)
         elif name == "seed":
@@ -590,7 +612,8 @@ def triton_inputs(protocol: str, args: dict, *, drop: tuple[str, ...] = (), raw:
             arrays[name] = np.array([value], np.float32)
     arrays.update(raw or {})
     datatypes = {np.dtype(np.uint8): "UINT8", np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64",
-                 np.dtype(np.float32): "FP32", np.dtype(np.float64): "FP64", np.dtype(np.object_): "BYTES"}
+                 np.dtype(np.float32): "FP32", np.dtype(np.float64): "FP64", np.dtype(np.object_): "BYTES",
+                 np.dtype(np.bool_): "BOOL"}
     inputs = []
     for name, array in arrays.items():
         if name in drop:
@@ -601,10 +624,12 @@ def triton_inputs(protocol: str, args: dict, *, drop: tuple[str, ...] = (), raw:
     return inputs
 
 
-def infer(client, protocol: str, model: str, inputs: list) -> np.ndarray:
+def infer(client, protocol: str, model: str, inputs: list, outputs: tuple[str, ...] = ("image",)):
+    """The image (or, for several ``outputs``, each of them)."""
     module = __import__(f"tritonclient.{protocol}", fromlist=["InferRequestedOutput"])
-    result = client.infer(model, inputs, outputs=[module.InferRequestedOutput("image")])
-    return result.as_numpy("image")
+    result = client.infer(model, inputs, outputs=[module.InferRequestedOutput(name) for name in outputs])
+    arrays = [result.as_numpy(name) for name in outputs]
+    return arrays[0] if len(outputs) == 1 else arrays
 
 
 CASES = [
@@ -702,3 +727,53 @@ def test_server_bad_requests(triton_server, tiny, tiny_cn, protocol):
         np.testing.assert_array_equal(infer(client, protocol, model, triton_inputs(protocol, args)),
                                       reference_image(fixture, **args))
     assert "not healthy" not in triton_server.log_tail(200_000)
+
+
+# --------------------------------------------------------------------------------------------
+# Edits
+# --------------------------------------------------------------------------------------------
+
+
+def reference_edit(fixture, args: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The Python API's edit (edited, source), quantised as the BLS model does."""
+    from blipdiffusion_trt.runtime.pipeline import BlipDiffusionRuntime
+
+    if fixture.name not in _runtimes:
+        _runtimes[fixture.name] = BlipDiffusionRuntime.from_package(fixture.package)
+    args = dict(args)
+    if args.pop("local_blend", True) is False:
+        args["blend_threshold"] = None
+    out = _runtimes[fixture.name].edit(args.pop("prompt"), args.pop("reference_image"), args.pop("source_subject"),
+                                       args.pop("target_subject"), args.pop("original_subject"), output_type="np", **args)
+    return tuple((image * 255).round().astype(np.uint8) for image in (out.edited, out.source))
+
+
+def test_server_edits(triton_server, tiny):
+    """original_subject makes a request an edit: of the generated image (http) and of a real UINT8
+    image (grpc); both images equal the Python API's. Bad edits are INVALID_ARGUMENT in one line."""
+    from tritonclient.utils import InferenceServerException
+
+    cases = [("http", {"original_subject": "cat", "local_blend": False, "cross_replace_steps": 0.5}),
+             ("grpc", {"original_subject": "cat", "image": REAL_IMAGE, "seed": 2, "height": 24, "width": 40})]
+    for protocol, case in cases:
+        client = triton_server.client(protocol)
+        args = generation(tiny, **case)
+        edited, source = infer(client, protocol, "blip_diffusion", triton_inputs(protocol, args), ("image", "source_image"))
+        expected = reference_edit(tiny, args)
+        np.testing.assert_array_equal(edited, expected[0], err_msg=f"{protocol} {case}")
+        np.testing.assert_array_equal(source, expected[1], err_msg=f"{protocol} {case}")
+    bad = [({"original_subject": "cat", "blend_threshold": 2.0}, "blend_threshold must be a number in [0, 1]"),
+           ({"original_subject": "cat", "image": REAL_IMAGE, "scheduler": "pndm"}, "must be edited with the ddim scheduler"),
+           ({"original_subject": " "}, "original_subject must be a non-empty string")]
+    for protocol, status in (("http", "400"), ("grpc", "StatusCode.INVALID_ARGUMENT")):
+        client = triton_server.client(protocol)
+        for overrides, message in bad:
+            with pytest.raises(InferenceServerException) as error:
+                infer(client, protocol, "blip_diffusion", triton_inputs(protocol, generation(tiny, **overrides)))
+            text = error.value.message()
+            assert message in text and "\n" not in text, (overrides, text)
+            assert str(error.value.status()) == status, (overrides, error.value.status())
+    # a repository of a package without the editing graphs declares no edit inputs
+    with pytest.raises(InferenceServerException, match="original_subject"):
+        infer(triton_server.client("http"), "http", "cn_blip_diffusion",
+              triton_inputs("http", generation(tiny, condition_image=CONDITION, original_subject="cat")))

@@ -2,7 +2,7 @@
 
 ``write_triton_repository(package, out, flavor)`` writes::
 
-    OUT/<component>/config.pbtxt        one model per component a generation runs
+    OUT/<component>/config.pbtxt        one model per component a generation (or an edit) runs
     OUT/<component>/1/model.plan        flavor "tensorrt"     (platform tensorrt_plan, KIND_GPU)
     OUT/<component>/1/model.onnx        flavor "onnxruntime"  (platform onnxruntime_onnx, TensorRT EP FP16)
     OUT/<component>/1/model.py+.onnx    flavor "python-cpu"   (python backend, ONNX Runtime on the CPU;
@@ -13,8 +13,10 @@
     OUT/blip_diffusion/1/blipdiffusion_trt/   the code the python models import (CODE_FILES)
 
 The components are :func:`~blipdiffusion_trt.components.generation_components` (``unet_plain``
-for a plain package, ``unet`` + ``controlnet`` for a ControlNet package); their configs come from
-:mod:`.configs`. For the ``tensorrt`` flavor the dims are those the engines were built for: the
+for a plain package, ``unet`` + ``controlnet`` for a ControlNet package) and, when the package has
+them, :func:`~blipdiffusion_trt.components.editing_components` (``vae_encoder``, ``unet_plain``,
+``unet_p2p``): then the BLS model takes edits too (for the ``tensorrt`` flavor, when their plans
+were built); their configs come from :mod:`.configs`. For the ``tensorrt`` flavor the dims are those the engines were built for: the
 axis ranges are recomputed from the build options in each engine directory's ``engines.json``
 (the builder's default, ``--shapes static``, fixes every axis but the Q-Former's text length, so
 those models are unbatched, with fixed dims and CUDA graphs). Plans come from
@@ -40,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ...components import ComponentSpec, PipelineConfig, generation_components
+from ...components import ComponentSpec, PipelineConfig, editing_components, generation_components
 from ...engines.plans import BuildOptions, parse_engine_dir_name, read_record, version_key
 from ...engines.profiles import axis_ranges, profile_from_json, spec_profile
 from ...errors import InputError, PackageError
@@ -301,9 +303,17 @@ def write_triton_repository(
     _check_output(out, force)
 
     components = generation_components(config)
+    plans = find_plans(package, components) if flavor == "tensorrt" else {}
+    editing = [c for c in editing_components(config) if c not in components]
+    if editing and flavor == "tensorrt" and not all(
+            package.layout.plan(folder.name, c).is_file() for folder in plans.values() for c in editing):
+        logger.warning("no TensorRT plans of the editing graphs (%s) beside the generation's: the repository "
+                       "serves generations only; build them with blipdiffusion-trt build", ", ".join(editing))
+        editing = []
+    serves_editing = bool(editing)
+    components = components + editing
     names = {c: f"{name_prefix}{c}" for c in components}
     bls_name = f"{name_prefix}{BLS_MODEL}"
-    plans = find_plans(package, components) if flavor == "tensorrt" else {}
     precision = "fp16" if flavor == "onnxruntime" and "fp16" in package.precisions else "fp32"
 
     models: dict[str, ModelEntry] = {}
@@ -344,7 +354,8 @@ def write_triton_repository(
         copy_code(version_dir / CODE_DIR)
         _copy_package_files(package, version_dir / PACKAGE_COPY)
         text = bls_config(config, name=bls_name, instances=instances, components=names, batch_sizes=batch_sizes,
-                          max_image_pixels=max_image_pixels, package_dir=PACKAGE_COPY, code_dir=CODE_DIR)
+                          max_image_pixels=max_image_pixels, package_dir=PACKAGE_COPY, code_dir=CODE_DIR,
+                          editing=serves_editing)
         (tmp / bls_name / "config.pbtxt").write_text(text)
         models[bls_name] = ModelEntry(bls_name, None, 0, text, ["model.py", "blipdiffusion_trt/", f"{PACKAGE_COPY}/"])
         replace_dir(tmp, out)
