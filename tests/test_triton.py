@@ -242,6 +242,10 @@ def test_repository_configs(flavor, which, request, trt_packages, tmp_path):
     assert json.loads(params["components"]) == {c: c for c in components}
     batch_sizes = json.loads(params["component_max_batch_sizes"])
     assert batch_sizes == {c: parse_config(repo.path / c / "config.pbtxt").max_batch_size for c in components}
+    # static engines built for one guided prompt take the UNet's two rows: the BLS model pads fewer
+    guided_unets = [c for c in components if getattr(package.specs[c].batch_axis, "name", None) == "unet_batch"]
+    assert guided_unets and json.loads(params["component_min_rows"]) == (
+        {c: 2 for c in guided_unets} if flavor == "tensorrt" else {})
     version_dir = bls_dir / "1"
     package_copy = version_dir / params["package_dir"]
     assert (package_copy / "pipeline.json").read_bytes() == (fixture.package / "pipeline.json").read_bytes()

@@ -23,7 +23,13 @@ from conftest import shared_runtime  # noqa: E402
 from fakes import triton_python_backend_utils as pb  # noqa: E402
 from fakes.triton_repository import load_python_models, request  # noqa: E402
 
-from blipdiffusion_trt.components import ComponentSpec, TensorSpec, editing_components, generation_components  # noqa: E402
+from blipdiffusion_trt.components import (  # noqa: E402
+    Axis,
+    ComponentSpec,
+    TensorSpec,
+    editing_components,
+    generation_components,
+)
 from blipdiffusion_trt.errors import EngineError, PackageError  # noqa: E402
 from blipdiffusion_trt.package import read_pipeline_config  # noqa: E402
 from blipdiffusion_trt.serving.triton.bls import BlipDiffusionModel  # noqa: E402
@@ -97,6 +103,26 @@ def test_engine_sends_the_declared_inputs_and_returns_host_copies(fake_server, m
     assert set(out) == {"out", "extra"}
     np.testing.assert_array_equal(out["out"], sample.astype(np.float32) * 2)
     np.testing.assert_array_equal(out["extra"], [7.5, 9.5])
+
+
+def test_engine_pads_rows_to_a_fixed_batch(fake_server):
+    """A model with a fixed batch (a static TensorRT engine) gets fewer rows of a batchable
+    component padded with the last row, and the answer is cut back to the rows asked for."""
+    rows = Axis("rows", 1, 2, 4)
+    spec = ComponentSpec("toy", inputs=(TensorSpec("sample", "float32", (rows, 3)), TensorSpec("timestep", "int64", (rows,))),
+                         outputs=(TensorSpec("out", "float32", (rows, 3)), TensorSpec("extra", "float32", (rows,))))
+    model = ScriptedModel(_echo)
+    fake_server.serve("toy_model", model)
+    engine = TritonEngine(spec, "toy_model", 0, fake_server, min_rows=3)
+    sample = np.arange(6, dtype=np.float32).reshape(2, 3)
+    out = engine.infer({"sample": sample, "timestep": np.array([7, 9])})
+    sent = {t.name(): t.as_numpy() for t in model.requests[-1].inputs()}
+    np.testing.assert_array_equal(sent["sample"], sample[[0, 1, 1]])
+    np.testing.assert_array_equal(sent["timestep"], [7, 9, 9])
+    np.testing.assert_array_equal(out["out"], sample * 2)
+    np.testing.assert_array_equal(out["extra"], [7.5, 9.5])
+    engine.infer({"sample": np.zeros((3, 3), np.float32), "timestep": np.zeros(3, np.int64)})  # enough rows: as they are
+    assert len(model.requests[-1].inputs()[0].as_numpy()) == 3
 
 
 def test_engine_errors_are_one_line_engine_errors(fake_server):

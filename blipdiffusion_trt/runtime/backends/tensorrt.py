@@ -19,10 +19,9 @@ Loading checks the plan against its record in ``engines.json`` (GPU architecture
 version, sha256, source graph; :mod:`blipdiffusion_trt.engines.plans`): a mismatch is an :class:`EngineError` naming what the plan was
 built for, what is running, and the ``blipdiffusion-trt build`` command that fixes it.
 
-A batchable component (rows independent: ``ComponentSpec.batch_axis``) fed fewer rows than its
-plan's smallest batch runs with the last row repeated up to it, and the outputs are cut back (host
-inputs only): the DDIM inversion feeds ``unet_plain`` one row, which a static engine built for a
-guided generation (two rows) runs as two.
+A batchable component fed fewer host rows than its plan's smallest batch runs them padded
+(:func:`~..engine.rows_to_pad`): the DDIM inversion feeds ``unet_plain`` one row, which a static
+engine built for a guided generation (two rows) runs as two.
 
 ``use_cuda_graph=True`` (:class:`TensorRTOptions`; default: ``BLIPDIFFUSION_TRT_CUDA_GRAPH=1``)
 captures ``execute_async_v3`` in a CUDA graph and replays it while shapes and buffer
@@ -47,7 +46,7 @@ from ...engines.plans import BuildOptions, locate_plan, read_plan, rebuild_comma
 from ...engines.profiles import check_shape
 from ...errors import EngineError, InputError
 from ...package import ModelPackage
-from ..engine import Engine
+from ..engine import Engine, pad_rows, rows_to_pad
 from .base import Backend, BackendOptions, Capabilities
 
 logger = logging.getLogger(__name__)
@@ -228,10 +227,9 @@ class TensorRTEngine(Engine):
         self._buffers.update({name: _Buffer(cudart, host=True) for name in (*self._inputs, *self._outputs)})
         # Inputs without dynamic dimensions take no set_input_shape call.
         self._static_inputs = {n for n in self._inputs if self._profiles[n][0] == tuple(self._engine.get_tensor_shape(n))}
-        # The smallest batch of a batchable component's plan, when above 1: fewer rows are padded to it.
-        self._min_batch = None
-        if spec.batch_axis is not None and self._inputs and self._profiles[self._inputs[0]][0][0] > 1:
-            self._min_batch = self._profiles[self._inputs[0]][0][0]
+        # The smallest batch of the plan: a batchable component's fewer rows are padded to it.
+        lowest = self._profiles[self._inputs[0]][0] if self._inputs else ()
+        self._min_batch = lowest[0] if lowest else None
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._addresses: dict[str, int] = {}
 
@@ -244,24 +242,11 @@ class TensorRTEngine(Engine):
 
     def infer(self, feed: Mapping[str, Any], keep: Sequence[str] = ()) -> dict[str, Any]:
         self.check_open()
-        rows = self._rows_to_pad(feed)
+        rows = rows_to_pad(self.spec, feed, self._min_batch)
         if not rows:
             return self._infer(feed, keep)
-        padded = {name: _pad_rows(np.asarray(feed[name]), self._min_batch) for name in self._inputs}
+        padded = {name: pad_rows(feed[name], self._min_batch) for name in self._inputs}
         return {name: _first_rows(value, rows) for name, value in self._infer(padded, keep).items()}
-
-    def _rows_to_pad(self, feed: Mapping[str, Any]) -> int:
-        """The rows fed when they are fewer than the plan's smallest batch and can be padded; else 0."""
-        if self._min_batch is None or any(name not in feed for name in self._inputs):
-            return 0
-        values = [feed[name] for name in self._inputs]
-        if any(isinstance(v, DeviceTensor) for v in values):
-            return 0
-        counts = {np.shape(v)[0] if np.ndim(v) else None for v in values}
-        if len(counts) != 1:
-            return 0
-        (rows,) = counts
-        return rows if rows is not None and 0 < rows < self._min_batch else 0
 
     def _infer(self, feed: Mapping[str, Any], keep: Sequence[str]) -> dict[str, Any]:
         cudart, stream = self._cudart, self._stream
@@ -402,11 +387,6 @@ class TensorRTEngine(Engine):
 
     def __del__(self) -> None:
         self.close()
-
-
-def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
-    """``array`` with its last row repeated up to ``rows`` rows."""
-    return np.concatenate([array, np.repeat(array[-1:], rows - len(array), axis=0)])
 
 
 def _first_rows(value: Any, rows: int) -> Any:

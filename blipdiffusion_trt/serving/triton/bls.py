@@ -64,8 +64,10 @@ class BlipDiffusionModel:
         try:
             models = json.loads(params["components"])
             batch_sizes = json.loads(params.get("component_max_batch_sizes") or "{}")
+            min_rows = json.loads(params.get("component_min_rows") or "{}")
         except (KeyError, ValueError) as error:
-            raise PackageError(f"model {name}: parameter components / component_max_batch_sizes: {error}") from None
+            raise PackageError(f"model {name}: parameter components / component_max_batch_sizes / "
+                               f"component_min_rows: {error}") from None
         needed = generation_components(package.config)
         missing = [c for c in needed if c not in models]
         if missing:
@@ -75,7 +77,7 @@ class BlipDiffusionModel:
             if component not in models:
                 raise PackageError(f"model {name}: this repository serves no {component} model")
             return TritonEngine(package.specs[component], models[component], int(batch_sizes.get(component, 0)),
-                                backend_utils)
+                                backend_utils, int(min_rows.get(component, 0)))
 
         engines = {c: engine(c) for c in needed}
         editing = package.config.has_editing and all(c in models for c in editing_components(package.config))

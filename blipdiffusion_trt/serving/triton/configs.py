@@ -237,9 +237,10 @@ def bls_outputs(editing: bool = False) -> list[tuple[str, str, list[int]]]:
 
 def bls_config(config: PipelineConfig, *, name: str, instances: int, components: dict[str, str],
                batch_sizes: dict[str, int], max_image_pixels: int, package_dir: str, code_dir: str,
-               editing: bool = False) -> str:
+               editing: bool = False, min_rows: dict[str, int] | None = None) -> str:
     """config.pbtxt text of the BLS model; its parameters are what :mod:`.bls` reads. ``editing``:
-    the repository serves the editing graphs, so the model takes edits too."""
+    the repository serves the editing graphs, so the model takes edits too. ``min_rows``: the
+    fixed batch of the component models that take one (static TensorRT engines)."""
     text = f"name: {_q(name)}\nbackend: \"python\"\nmax_batch_size: 0\n"
     text += _io_section("input", [_tensor_block(n, d, dims, optional=opt)
                                   for n, d, dims, opt in bls_inputs(config, editing)])
@@ -250,6 +251,7 @@ def bls_config(config: PipelineConfig, *, name: str, instances: int, components:
         "code_dir": code_dir,
         "components": json.dumps(components, sort_keys=True),
         "component_max_batch_sizes": json.dumps(batch_sizes, sort_keys=True),
+        "component_min_rows": json.dumps(min_rows or {}, sort_keys=True),
         "max_image_pixels": str(max_image_pixels),
     })
     return text

@@ -322,7 +322,7 @@ def write_triton_repository(
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the repository from a non-root server
-        batch_sizes = {}
+        batch_sizes, min_rows = {}, {}
         for component in components:
             spec = package.specs[component]
             model_dir = tmp / names[component]
@@ -346,6 +346,9 @@ def write_triton_repository(
             )
             (model_dir / "config.pbtxt").write_text(text)
             batch_sizes[component] = mbs
+            axis = spec.batch_axis
+            if ranges is not None and axis is not None and mbs == 0 and ranges[axis.name][0] > 1:
+                min_rows[component] = ranges[axis.name][0]  # a static engine: the BLS model pads fewer rows
             models[names[component]] = ModelEntry(names[component], component, mbs, text, files)
 
         version_dir = tmp / bls_name / "1"
@@ -355,7 +358,7 @@ def write_triton_repository(
         _copy_package_files(package, version_dir / PACKAGE_COPY)
         text = bls_config(config, name=bls_name, instances=instances, components=names, batch_sizes=batch_sizes,
                           max_image_pixels=max_image_pixels, package_dir=PACKAGE_COPY, code_dir=CODE_DIR,
-                          editing=serves_editing)
+                          editing=serves_editing, min_rows=min_rows)
         (tmp / bls_name / "config.pbtxt").write_text(text)
         models[bls_name] = ModelEntry(bls_name, None, 0, text, ["model.py", "blipdiffusion_trt/", f"{PACKAGE_COPY}/"])
         replace_dir(tmp, out)
