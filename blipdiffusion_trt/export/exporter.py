@@ -25,8 +25,8 @@ import numpy as np
 
 from .. import __version__
 from ..components import ComponentSpec, PipelineConfig, declare_components
-from ..errors import CheckpointError, InputError, ValidationError, describe
-from ..fsutil import read_json, replace_dir
+from ..errors import CheckpointError, InputError, PackageError, ValidationError, describe
+from ..fsutil import StagingDir, read_json, replace_dir
 from ..package import PackageLayout, layout, pipeline_config_json
 from ..package.manifest import digest_tree, write_manifest
 from .cpu_fusions import fuse_graphs, fusion_summary
@@ -391,7 +391,10 @@ def export_package(
     specs = declare_components(config)
     report = ExportReport(out)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    # A locked temporary sibling: an export killed earlier left its own, removed now; a live one
+    # into the same place makes this one fail (two exports cannot both win).
+    staging = StagingDir(out, InputError)
+    tmp = staging.path
     files = PackageLayout(tmp)
     try:
         # Configs and tokenizers.
@@ -446,10 +449,12 @@ def export_package(
         }
         manifest["files"] = digest_tree(tmp)
         write_manifest(tmp, manifest)
+        _prepare_output(out, force)  # again: nothing else may have written it meanwhile
         replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except OSError as error:  # a full disk, a read-only or vanished directory
+        raise PackageError(f"export to {out} failed: {describe(error)}") from None
+    finally:
+        staging.close()  # whatever was not moved into place, and the lock
     report.seconds = round(time.perf_counter() - start, 2)
     return report
 

@@ -149,7 +149,7 @@ def component_config(
 
     ``ranges``: the axis ranges a TensorRT engine was built for (default: the declared ones).
     ``code_dir``: python-cpu only, the model's path to the repository's copy of this package's
-    code (:data:`~.repository.RUNTIME_FILES`), relative to its version directory.
+    code (:data:`~.repository.CODE_FILES`), relative to its version directory.
     """
     mbs = triton_max_batch_size(spec, config, max_batch_size, ranges)
     batching = mbs > 0
