@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..components import ComponentSpec
-from ..errors import PackageError, ValidationError
+from ..errors import PackageError, ValidationError, describe
 from ..package import ModelPackage, PackageLayout, layout
 from ..package.manifest import replace_variant
 from .graphs import example_inputs, export_point, max_abs_diff, ort_session, run_onnx, save_onnx, second_point
@@ -198,8 +198,11 @@ def fuse_package(path: str | Path, *, progress: bool = True) -> dict[str, Any]:
         if spec.cpu_fusion:
             package.onnx_path(name, "fp32")
     vocab = package_vocab_sizes(package.root)  # tokenizers: checked when the package was opened
-    report = fuse_graphs(package.root, package.specs, vocab, progress=progress)
-    if not report:  # nothing fused: no CPU-fused folder, none listed
-        shutil.rmtree(files.graphs_dir(layout.CPU_FUSED), ignore_errors=True)
-    replace_variant(package.root, package.manifest, layout.CPU_FUSED, cpu_fused=report)
+    try:
+        report = fuse_graphs(package.root, package.specs, vocab, progress=progress)
+        if not report:  # nothing fused: no CPU-fused folder, none listed
+            shutil.rmtree(files.graphs_dir(layout.CPU_FUSED), ignore_errors=True)
+        replace_variant(package.root, package.manifest, layout.CPU_FUSED, cpu_fused=report)
+    except OSError as error:  # a full disk
+        raise PackageError(f"fuse {package.root} failed: {describe(error)}") from None
     return report

@@ -125,6 +125,8 @@ def package_file(root: Path, name: str, *, missing: str | None = None) -> Path:
         raise PackageError(f"{root}: {name!r}: {problem}")
     root = Path(root)
     path = root / name
+    if not root.is_dir():
+        raise PackageError(f"package directory {root} does not exist")
     try:
         real_root = root.resolve(strict=True)
         real = path.resolve(strict=False)

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 import numpy as np
 
+from ..components import PipelineConfig
 from ..errors import InputError
+from ..package import read_pipeline_config
 from .backends import BACKENDS, get_backend
 from .backends.onnxruntime import GRAPH_OPTIMIZATIONS, MEMORY_ARENAS
+from .inputs import read_npy
 from .schedulers import SCHEDULER_NAMES, check_scheduler_name
 
 logger = logging.getLogger(__name__)
@@ -28,9 +30,8 @@ CLI_OPTIONS = {
     "latents": "--latents", "prompt": "--prompt", "prompt_strength": "--prompt-strength", "prompt_reps": "--prompt-reps",
     "scheduler": "--scheduler", "backend": "--backend", "graph_optimization": "--graph-optimization",
     "optimized_cache": "--ort-cache", "memory_arena": "--memory-arena", "low_threshold": "--canny-low",
-    "high_threshold": "--canny-high",
+    "high_threshold": "--canny-high", "seed": "--seed", "out": "--out",
 }
-OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -81,17 +82,17 @@ def run_generate(args) -> int:
 
 
 def _run_generate(args) -> int:
-    from .images import save_image
+    from .images import check_output_path, save_image
     from .pipeline import BlipDiffusionRuntime
     from .timing import format_timings
 
-    out = Path(args.out)
-    if out.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise InputError(f"--out must end in one of {', '.join(OUTPUT_SUFFIXES)}, got {out.name!r}")
-    if not out.parent.resolve().is_dir():
-        raise InputError(f"--out: directory {out.parent} does not exist")
+    # Everything a user typed is checked before the package loads and long before the image is
+    # written: the output path (never one of the inputs), then the latents file.
+    out = check_output_path(args.out, field="out", inputs={
+        "--reference-image": args.reference_image, "--latents": args.latents,
+        "--condition-image": args.condition_image, "--canny": args.canny})
     check_scheduler_name(args.scheduler)
-    latents = load_latents(args.latents) if args.latents else None
+    latents = load_latents(args.latents, read_pipeline_config(args.package)) if args.latents else None
     backend = get_backend(args.backend)
     # the flags of every backend's options; the chosen backend takes those it has
     options = backend.options_from({"graph_optimization": args.graph_optimization, "optimized_cache": args.ort_cache,
@@ -113,13 +114,8 @@ def _run_generate(args) -> int:
     return 0
 
 
-def load_latents(path: str) -> np.ndarray:
-    try:
-        array = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise InputError(f"--latents: file {path} not found") from None
-    except (OSError, ValueError) as error:
-        raise InputError(f"--latents: {path} is not a numpy .npy array ({error})") from None
-    if array.dtype != np.float32:
-        raise InputError(f"--latents: {path} holds {array.dtype}, expected float32")
-    return array
+def load_latents(path: str, config: PipelineConfig) -> np.ndarray:
+    """The ``--latents`` file: its header is checked against the largest latents of one image the
+    package declares (``max_image_size``) before anything is allocated (:func:`.inputs.read_npy`)."""
+    side = config.max_image_size // config.latent_scale_factor
+    return read_npy(path, field="latents", max_elements=config.latent_channels * side * side)
