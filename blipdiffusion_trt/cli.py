@@ -24,6 +24,7 @@ from .errors import InputError, run_reporting_errors
 from .package import layout
 from .runtime import cli as generate_cli
 from .serving.triton import cli as triton_cli
+from .serving.triton import probe as triton_probe
 
 logger = logging.getLogger("blipdiffusion_trt")
 
@@ -128,6 +129,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("random-checkpoint", "build a diffusers BLIP-Diffusion checkpoint with random weights",
             add_random_checkpoint_arguments, run_random_checkpoint),
     Command("triton", triton_cli.HELP, triton_cli.add_arguments, triton_cli.run_triton),
+    Command("triton-probe", "liveness probe of a served blip_diffusion model: one real tiny generation",
+            triton_probe.add_arguments, triton_probe.run_probe, triton_probe.__doc__.splitlines()[0]),
     Command("bench", bench_cli.HELP, bench_cli.add_arguments, bench_cli.run_bench, bench_cli.DESCRIPTION),
 )
 

@@ -27,6 +27,7 @@ from ...errors import BlipDiffusionTrtError, InputError, PackageError, first_lin
 from ...package import ModelPackage
 from ...runtime import images
 from ...runtime.pipeline import BlipDiffusionRuntime
+from ...schema import Int, MapOf, Str, check
 from .engine import TritonEngine
 from .python_backend import error_response, log_error, model_parameters, resolve
 
@@ -49,16 +50,20 @@ class BlipDiffusionModel:
         name = model_config.get("name", "blip_diffusion")
         package = ModelPackage.open(resolve(version_dir, params.get("package_dir") or "package"), graphs=False)
         try:
-            models = json.loads(params["components"])
-            batch_sizes = json.loads(params.get("component_max_batch_sizes") or "{}")
+            models = check(json.loads(params["components"]), MapOf(Str(max_length=256)),
+                           source=f"model {name}: parameter components", error=PackageError)
+            batch_sizes = check(json.loads(params.get("component_max_batch_sizes") or "{}"), MapOf(Int(0, 1 << 16)),
+                                source=f"model {name}: parameter component_max_batch_sizes", error=PackageError)
+            max_pixels = check(int(params.get("max_image_pixels") or images.DEFAULT_MAX_PIXELS), Int(1, 1 << 40),
+                               source=f"model {name}: parameter max_image_pixels", error=PackageError)
         except (KeyError, ValueError) as error:
-            raise PackageError(f"model {name}: parameter components / component_max_batch_sizes: {error}") from None
+            raise PackageError(f"model {name}: parameter components / component_max_batch_sizes / max_image_pixels: "
+                               f"{first_line(error)}") from None
         needed = generation_components(package.config)
         missing = [c for c in needed if c not in models]
         if missing:
             raise PackageError(f"model {name}: parameter components names no model for {', '.join(missing)}")
         engines = {c: TritonEngine(package.specs[c], models[c], int(batch_sizes.get(c, 0)), backend_utils) for c in needed}
-        max_pixels = int(params.get("max_image_pixels") or images.DEFAULT_MAX_PIXELS)
         return cls(BlipDiffusionRuntime(package, engines), backend_utils, max_image_pixels=max_pixels)
 
     # -- request parsing ------------------------------------------------------------------------
@@ -98,9 +103,7 @@ class BlipDiffusionModel:
 
     def arguments(self, request: Any) -> dict[str, Any]:
         """The runtime's keyword arguments for a request's tensors."""
-        seed = int(self._scalar(request, "seed"))
-        if seed < 0:
-            raise InputError(f"seed must be a non-negative integer, got {seed}", field="seed")
+        seed = int(self._scalar(request, "seed"))  # checked with the rest by the runtime's check_inputs
         kwargs: dict[str, Any] = dict(
             prompt=self._string(request, "prompt"),
             reference_image=self._image(request, "reference_image"),

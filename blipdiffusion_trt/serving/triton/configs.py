@@ -234,5 +234,8 @@ def bls_config(config: PipelineConfig, *, name: str, instances: int, components:
         "components": json.dumps(components, sort_keys=True),
         "component_max_batch_sizes": json.dumps(batch_sizes, sort_keys=True),
         "max_image_pixels": str(max_image_pixels),
+        # what a liveness probe needs to send a valid tiny request (serving/triton/probe.py)
+        "min_image_size": str(config.min_image_size),
+        "has_controlnet": "true" if config.has_controlnet else "false",
     })
     return text
