@@ -59,7 +59,7 @@ def read_pipeline_config(root: str | Path) -> PipelineConfig:
     """``pipeline.json`` of the package at ``root``, checked for this format version and shape."""
     path = package_file(Path(root), layout.PIPELINE_CONFIG)
     data = read_json(path, PackageError, missing="not found; is this a blipdiffusion-trt package?")
-    version = data.get("format_version") if isinstance(data, dict) else None
+    version = data.get("format_version") if isinstance(data, dict) else layout.FORMAT_VERSION  # else: shape error
     if version != layout.FORMAT_VERSION:
         raise PackageError(
             f"{path}: package format_version {version!r}, this blipdiffusion-trt reads "
