@@ -83,13 +83,17 @@ class Bool(Shape):
         return value
 
 
+def _num(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
 def _range_text(low: float | None, high: float | None) -> str:
     if low is not None and high is not None:
-        return f" in [{low:g}, {high:g}]"
+        return f" in [{_num(low)}, {_num(high)}]"
     if low is not None:
-        return f" >= {low:g}"
+        return f" >= {_num(low)}"
     if high is not None:
-        return f" <= {high:g}"
+        return f" <= {_num(high)}"
     return ""
 
 
