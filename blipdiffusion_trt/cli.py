@@ -20,6 +20,7 @@ from typing import Callable
 from . import demo
 from .bench import cli as bench_cli
 from .engines import cli as build_cli
+from .components import MAX_DECLARED_BATCH_SIZE
 from .errors import InputError, run_reporting_errors
 from .package import layout
 from .runtime import cli as generate_cli
@@ -55,8 +56,8 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
 def run_export(args) -> int:
     from .export.exporter import export_package
 
-    if args.max_batch_size < 1:
-        raise InputError(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
+    if not 1 <= args.max_batch_size <= MAX_DECLARED_BATCH_SIZE:
+        raise InputError(f"--max-batch-size must be in [1, {MAX_DECLARED_BATCH_SIZE}], got {args.max_batch_size}")
     report = export_package(
         args.checkpoint, args.out, controlnet=args.controlnet, precisions=args.precision, opset=args.opset,
         force=args.force, allow_pickle=args.allow_pickle, validate=not args.no_validate,

@@ -186,7 +186,7 @@ class List(Shape):
     length: int | None = None
 
     def check(self, value: Any, path: str) -> list:
-        if not isinstance(value, list):
+        if not isinstance(value, (list, tuple)):  # JSON gives lists; a Python caller may pass a tuple
             what = f"a list of {self.length} values" if self.length is not None else "a list"
             raise self.fail(path, what, value)
         low, high = (self.length, self.length) if self.length is not None else (self.min_length, self.max_length)

@@ -388,6 +388,8 @@ def export_package(
     start = time.perf_counter()
     pipe = load_pipeline(checkpoint, controlnet, allow_pickle=allow_pickle)
     config = pipeline_config_from(pipe, max_batch_size=max_batch_size)
+    # what the runtime will accept when it reads pipeline.json back: refused now, not after the export
+    PipelineConfig.from_dict(config.to_dict(), source=f"{checkpoint}: the pipeline config its configs give")
     specs = declare_components(config)
     report = ExportReport(out)
 
