@@ -214,6 +214,19 @@ def write_atomic(path: Path, data: bytes | memoryview, error: type[Exception]) -
                 pass
 
 
+def check_not_an_input(out: str | os.PathLike, inputs: dict[str, Any], error: type[Exception], *,
+                       field: str = "--out") -> None:
+    """``out`` (a directory a command replaces) must be none of ``inputs`` (name -> path) nor
+    hold one of them: replacing it would delete what the command reads."""
+    target = Path(out).resolve()
+    for name, value in inputs.items():
+        if not value:
+            continue
+        source = Path(value).resolve()
+        if source == target or source.is_relative_to(target):
+            raise error(f"{field} {out} would replace the {name} {value}; give another output directory")
+
+
 def current_umask() -> int:
     """The process umask (reading it means setting it; set straight back)."""
     umask = os.umask(0o22)

@@ -853,3 +853,19 @@ def test_export_onto_a_full_disk(tiny, tmp_path, monkeypatch, capsys):
         if undo:
             undo()
     print(f"full disk: {kind}")
+
+
+def test_outputs_never_replace_their_inputs(tiny, tmp_path):
+    """export --out the checkpoint (or a folder holding it) and triton --out the package: refused
+    even with --force, which would otherwise delete what the command reads."""
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(tiny.checkpoint, checkpoint)
+    for args, fragment in ((["export", checkpoint, "--out", checkpoint, "--force"], "would replace the checkpoint"),
+                           (["export", checkpoint, "--out", tmp_path, "--force"], "would replace the checkpoint"),
+                           (["triton", tiny.package, "--out", tiny.package, "--force"], "would replace the package")):
+        cli_error(run_cli(*args, timeout=300), fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    ModelPackage.open(tiny.package)
+    (checkpoint / "model_index.json").write_text("[1, 2, 3]")
+    cli_error(run_cli("export", checkpoint, "--out", tmp_path / "pkg", timeout=300), "model_index.json",
+              "expected an object")

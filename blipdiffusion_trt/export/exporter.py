@@ -26,9 +26,10 @@ import numpy as np
 from .. import __version__
 from ..components import ComponentSpec, PipelineConfig, declare_components
 from ..errors import CheckpointError, InputError, PackageError, ValidationError, describe
-from ..fsutil import StagingDir, read_json, replace_dir
+from ..fsutil import StagingDir, check_not_an_input, read_json, replace_dir
 from ..package import PackageLayout, layout, pipeline_config_json
 from ..package.manifest import digest_tree, write_manifest
+from ..schema import Object
 from .cpu_fusions import fuse_graphs, fusion_summary
 from .graphs import cosine, example_inputs, export_point, max_abs_diff, ort_session, run_onnx, save_onnx, second_point
 
@@ -44,7 +45,8 @@ WEIGHT_MODULES = ("text_encoder", "vae", "unet", "qformer", "controlnet")
 # --------------------------------------------------------------------------------------------
 
 def _read_json(path: Path, what: str) -> dict:
-    return read_json(path, CheckpointError, missing=f"not found ({what})", what=what)
+    """A checkpoint's JSON config: an object (its keys are read with ``.get``)."""
+    return read_json(path, CheckpointError, missing=f"not found ({what})", what=what, shape=Object())
 
 
 def check_checkpoint_dir(checkpoint: Path, allow_pickle: bool) -> dict:
@@ -384,6 +386,7 @@ def export_package(
     if not 14 <= opset <= 21:
         raise InputError(f"--opset must be in [14, 21], got {opset}")
     out = Path(out).resolve()
+    check_not_an_input(out, {"checkpoint": checkpoint, "ControlNet": controlnet}, InputError)
     _prepare_output(out, force)
     start = time.perf_counter()
     pipe = load_pipeline(checkpoint, controlnet, allow_pickle=allow_pickle)

@@ -43,7 +43,7 @@ from ...components import ComponentSpec, PipelineConfig, generation_components
 from ...engines.plans import BuildOptions, parse_engine_dir_name, read_record, version_key
 from ...engines.profiles import axis_ranges, profile_from_json, spec_profile
 from ...errors import InputError, PackageError, describe
-from ...fsutil import StagingDir, replace_dir
+from ...fsutil import StagingDir, check_not_an_input, replace_dir
 from ...package import ModelPackage, layout, sha256_file
 from .configs import FLAVORS, Range, bls_config, component_config
 
@@ -310,6 +310,7 @@ def write_triton_repository(
         max_batch_size = config.max_batch_size
     _check_int("max batch size", max_batch_size, 0, config.max_batch_size)
     out = Path(out).absolute()
+    check_not_an_input(out, {"package": package_dir}, InputError)
     _check_output(out, force)
 
     components = generation_components(config)
