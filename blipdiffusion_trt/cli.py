@@ -20,10 +20,12 @@ from typing import Callable
 from . import demo
 from .bench import cli as bench_cli
 from .engines import cli as build_cli
+from .components import MAX_DECLARED_BATCH_SIZE
 from .errors import InputError, run_reporting_errors
 from .package import layout
 from .runtime import cli as generate_cli
 from .serving.triton import cli as triton_cli
+from .serving.triton import probe as triton_probe
 
 logger = logging.getLogger("blipdiffusion_trt")
 
@@ -57,8 +59,8 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
 def run_export(args) -> int:
     from .export.exporter import export_package
 
-    if args.max_batch_size < 1:
-        raise InputError(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
+    if not 1 <= args.max_batch_size <= MAX_DECLARED_BATCH_SIZE:
+        raise InputError(f"--max-batch-size must be in [1, {MAX_DECLARED_BATCH_SIZE}], got {args.max_batch_size}")
     report = export_package(
         args.checkpoint, args.out, controlnet=args.controlnet, precisions=args.precision, opset=args.opset,
         force=args.force, allow_pickle=args.allow_pickle, validate=not args.no_validate,
@@ -135,6 +137,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("random-checkpoint", "build a diffusers BLIP-Diffusion checkpoint with random weights",
             add_random_checkpoint_arguments, run_random_checkpoint),
     Command("triton", triton_cli.HELP, triton_cli.add_arguments, triton_cli.run_triton),
+    Command("triton-probe", "liveness probe of a served blip_diffusion model: one real tiny generation",
+            triton_probe.add_arguments, triton_probe.run_probe, triton_probe.__doc__.splitlines()[0]),
     Command("bench", bench_cli.HELP, bench_cli.add_arguments, bench_cli.run_bench, bench_cli.DESCRIPTION),
 )
 

@@ -633,6 +633,12 @@ def _case_opset5(tmp_path, tiny, tiny_cn):
     return [tiny.checkpoint, "--opset", "5"], ["opset"]
 
 
+def _case_batch_too_large(tmp_path, tiny, tiny_cn):
+    from blipdiffusion_trt.components import MAX_DECLARED_BATCH_SIZE
+
+    return [tiny.checkpoint, "--max-batch-size", str(MAX_DECLARED_BATCH_SIZE + 1)], ["--max-batch-size", "[1, "]
+
+
 BAD_CASES = {
     "missing-checkpoint": _case_missing,
     "no-model-index": _case_no_model_index,
@@ -642,6 +648,7 @@ BAD_CASES = {
     "controlnet-cross-attention-dim": _case_controlnet_mismatch,
     "precision-fp8": _case_fp8,
     "opset-5": _case_opset5,
+    "max-batch-size-above-the-bound": _case_batch_too_large,
 }
 
 

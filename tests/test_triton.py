@@ -49,6 +49,8 @@ from blipdiffusion_trt.serving.triton import configs  # noqa: E402
 from blipdiffusion_trt.serving.triton import repository as tr  # noqa: E402
 from blipdiffusion_trt.errors import InputError, PackageError  # noqa: E402
 
+from helpers import run_cli  # noqa: E402
+
 FLAVORS = ("python-cpu", "onnxruntime", "tensorrt")
 ONNX_TO_TRITON = {1: "TYPE_FP32", 10: "TYPE_FP16", 7: "TYPE_INT64", 6: "TYPE_INT32", 2: "TYPE_UINT8", 9: "TYPE_BOOL"}
 DataType = model_config_pb2.DataType
@@ -467,6 +469,7 @@ def _stub_python_bin(tmp: Path) -> Path:
 class TritonServer:
     def __init__(self, process: subprocess.Popen, http_port: int, grpc_port: int, log: Path):
         self.process = process
+        self.shm_prefix = ""
         self.http_url = f"127.0.0.1:{http_port}"
         self.grpc_url = f"127.0.0.1:{grpc_port}"
         self.log = log
@@ -495,8 +498,13 @@ class TritonServer:
             return ""
 
 
-@pytest.fixture(scope="module")
-def triton_server(tiny, tiny_cn, tmp_path_factory):
+SHM_DIR = Path("/dev/shm")
+STOP_SECONDS = 20  # how long a SIGTERM'd server may take to stop before the test gives up on it
+
+
+def start_server(repos: list[Path], tmp: Path) -> TritonServer:
+    """tritonserver on 127.0.0.1 serving ``repos``, with its own prefix for the python backend's
+    shared-memory regions (so that exactly its regions can be checked and removed)."""
     pytriton = pytest.importorskip("pytriton", reason="needs nvidia-pytriton (it bundles tritonserver)")
     glibc = _glibc()
     if glibc is None or glibc < (2, 35):
@@ -511,21 +519,16 @@ def triton_server(tiny, tiny_cn, tmp_path_factory):
         if not needed.is_file():
             pytest.skip(f"pytriton's server is incomplete here: {needed} is missing")
 
-    tmp = tmp_path_factory.mktemp("triton")
     backends = tmp / "backends"
     shutil.copytree(python_backend, backends / "python", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy2(stub, backends / "python" / "triton_python_backend_stub")
     python_bin = _stub_python_bin(tmp)
-    repos = [
-        tr.write_triton_repository(tiny.package, tmp / "repo-tiny", "python-cpu", max_image_pixels=MAX_IMAGE_PIXELS).path,
-        tr.write_triton_repository(tiny_cn.package, tmp / "repo-cn", "python-cpu", name_prefix="cn_",
-                                   max_image_pixels=MAX_IMAGE_PIXELS).path,
-    ]
     env = dict(os.environ)
     env["PATH"] = f"{python_bin}{os.pathsep}{env.get('PATH', '')}"
     ld = [sysconfig.get_config_var("LIBDIR") or "", str(libs), env.get("LD_LIBRARY_PATH", "")]
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in ld if p)
     http_port, grpc_port, metrics_port = _free_ports(3)
+    shm_prefix = f"blipdiffusion_trt_test_{os.getpid()}_{http_port}_"
     command = [str(binary)]
     for repo in repos:
         command += ["--model-repository", str(repo)]
@@ -533,12 +536,14 @@ def triton_server(tiny, tiny_cn, tmp_path_factory):
         "--backend-directory", str(backends), "--http-address", "127.0.0.1", "--grpc-address", "127.0.0.1",
         "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
         "--allow-metrics", "false", "--allow-gpu-metrics", "false", "--exit-timeout-secs", "10",
+        f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
     ]
     log = tmp / "tritonserver.log"
     with open(log, "wb") as log_file:
         process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=tmp,
                                    start_new_session=True)
     server = TritonServer(process, http_port, grpc_port, log)
+    server.shm_prefix = shm_prefix
     try:
         deadline = time.monotonic() + STARTUP_SECONDS
         while True:
@@ -553,16 +558,56 @@ def triton_server(tiny, tiny_cn, tmp_path_factory):
             if time.monotonic() > deadline:
                 pytest.fail(f"tritonserver not ready after {STARTUP_SECONDS} s:\n{server.log_tail()}")
             time.sleep(0.5)
-        yield server
-    finally:
-        server.close_clients()
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)  # its own session: the server and its stubs only
-                process.wait(timeout=10)
+    except BaseException:
+        stop_server(server)
+        raise
+    return server
+
+
+def shm_regions(server: TritonServer) -> list[Path]:
+    return sorted(SHM_DIR.glob(server.shm_prefix + "*")) if SHM_DIR.is_dir() else []
+
+
+def stop_server(server: TritonServer) -> dict:
+    """SIGTERM; after :data:`STOP_SECONDS` SIGKILL to its process group (the server and its stubs,
+    nothing else). Then its shared-memory regions are removed (a stub killed with SIGKILL cannot
+    remove its own). Returns what happened: seconds to stop, killed or not, regions left."""
+    server.close_clients()
+    process = server.process
+    result = {"seconds": 0.0, "killed": False, "regions_left": []}
+    if process.poll() is None:
+        start = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            result["killed"] = True
+            os.killpg(process.pid, signal.SIGKILL)  # its own session: the server and its stubs only
+            process.wait(timeout=10)
+        result["seconds"] = time.monotonic() - start
+    try:  # stubs in the server's session that outlived it
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    result["regions_left"] = [p.name for p in shm_regions(server)]
+    for region in shm_regions(server):
+        region.unlink(missing_ok=True)
+    return result
+
+
+@pytest.fixture(scope="module")
+def triton_server(tiny, tiny_cn, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("triton")
+    repos = [
+        tr.write_triton_repository(tiny.package, tmp / "repo-tiny", "python-cpu", max_image_pixels=MAX_IMAGE_PIXELS).path,
+        tr.write_triton_repository(tiny_cn.package, tmp / "repo-cn", "python-cpu", name_prefix="cn_",
+                                   max_image_pixels=MAX_IMAGE_PIXELS).path,
+    ]
+    server = start_server(repos, tmp)
+    yield server
+    stopped = stop_server(server)
+    # a clean shutdown: prompt, and the python backend removed every shared-memory region itself
+    assert not stopped["killed"] and not stopped["regions_left"], stopped
 
 
 _runtimes: dict[str, object] = {}
@@ -699,12 +744,17 @@ BAD_REQUESTS = [
     ("steps too large", {"num_inference_steps": 1001}, (), None, "num_inference_steps must be an integer in [1, 1000], got 1001"),
     ("unknown scheduler", {"scheduler": "karras"}, (), None, "unknown scheduler 'karras'; allowed: pndm, ddim, euler, dpmpp-2m"),
     ("bad height", {"height": 30}, (), None, "height must be a multiple of 4"),
-    ("negative seed", {"seed": -3}, (), None, "seed must be a non-negative integer, got -3"),
+    ("negative seed", {"seed": -3}, (), None, "seed must be an integer in [0, 9223372036854775807], got -3"),
     ("empty prompt", {"prompt": "  "}, (), None, "prompt must be a non-empty string"),
     ("bad utf-8", {}, (), {"prompt": np.array([b"\xff\xfe"], dtype=np.object_)}, "prompt: not valid UTF-8"),
     ("two prompts", {}, (), {"prompt": np.array([b"a", b"b"], dtype=np.object_)}, "unexpected shape for input 'prompt'"),
     ("no controlnet", {"condition_image": CONDITION}, (), None, "this package has no ControlNet"),
     ("rgba image", {}, (), {"reference_image": np.zeros((8, 8, 4), np.uint8)}, "unexpected shape for input 'reference_image'"),
+    # issue 15: bounded work, one line, INVALID_ARGUMENT
+    ("1 MB prompt", {"prompt": "x" * 1_000_000}, (), None, "prompt has 1000000 characters, more than the limit of 2000"),
+    ("subject word too long", {"source_subject": "dog " * 50}, (), None, "52 Q-Former tokens, more than the 48"),
+    ("guidance 1e38", {"guidance_scale": 1e38}, (), None, "guidance_scale must be a finite number in [0, 100]"),
+    ("subject not utf-8", {}, (), {"source_subject": np.array([b"d\xffg"], dtype=np.object_)}, "source_subject: not valid UTF-8"),
 ]
 
 
@@ -720,6 +770,9 @@ def test_server_bad_requests(triton_server, tiny, tiny_cn, protocol):
         text = error.value.message()
         assert message in text, f"{name}: {text}"
         assert "\n" not in text and "Traceback" not in text, f"{name}: {text}"
+        if "Q-Former" in message or "characters" in message or "guidance" in message or "UTF-8" in message:
+            status = error.value.status()
+            assert status in ("400", "StatusCode.INVALID_ARGUMENT"), f"{name}: {status}"
     # the ControlNet package without its condition image
     with pytest.raises(InferenceServerException, match="pass condition_image or canny_image"):
         infer(client, protocol, "cn_blip_diffusion", triton_inputs(protocol, generation(tiny), drop=("condition_image",)))
@@ -781,3 +834,56 @@ def test_server_edits(triton_server, tiny):
     with pytest.raises(InferenceServerException, match="original_subject"):
         infer(triton_server.client("http"), "http", "cn_blip_diffusion",
               triton_inputs("http", generation(tiny, condition_image=CONDITION, original_subject="cat")))
+
+
+# --------------------------------------------------------------------------------------------
+# Liveness: a dead python-backend stub (issue 15.7)
+# --------------------------------------------------------------------------------------------
+
+
+def _stub_pid(server: TritonServer, model: str) -> int:
+    """The python-backend stub process serving ``model`` (a child of the server; its command line
+    names the model's file)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == server.process.pid and any(f"/{model}/1/model.py".encode() in part for part in cmdline):
+            found.append(int(entry.name))
+    assert len(found) == 1, f"stub of {model}: {found}"
+    return found[0]
+
+
+def test_liveness_probe_sees_a_dead_stub(tiny, tmp_path_factory):
+    """After ``kill -9`` of a stub, Triton still reports the server and every model ready (so the
+    README says to probe liveness with a real request); ``blipdiffusion-trt triton-probe``, one
+    tiny generation through every component, fails in one line. The server then stops within
+    :data:`STOP_SECONDS` of SIGTERM (or is killed), and none of its shared-memory regions is left."""
+    tmp = tmp_path_factory.mktemp("triton-liveness")
+    repo = tr.write_triton_repository(tiny.package, tmp / "repo", "python-cpu").path
+    server = start_server([repo], tmp)
+    try:
+        probe = run_cli("triton-probe", "--url", server.http_url, "--timeout", "120", timeout=300)
+        assert probe.returncode == 0 and probe.stdout.startswith("ok: blip_diffusion made an image"), probe
+        assert shm_regions(server), "the python backend did not use this server's shared-memory prefix"
+        for model in ("unet_plain", "blip_diffusion"):
+            pid = _stub_pid(server, model)
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            with urllib.request.urlopen(f"http://{server.http_url}/v2/health/ready", timeout=5) as response:
+                assert response.status == 200  # what Triton 2.51 reports: the reason for the probe
+            failed = run_cli("triton-probe", "--url", server.http_url, "--timeout", "120", timeout=300)
+            assert failed.returncode == 1, failed
+            lines = failed.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("unhealthy: ") and "not healthy" in lines[0], failed.stderr
+    finally:
+        stopped = stop_server(server)
+    assert not shm_regions(server), "shared-memory regions left behind"
+    assert not stopped["killed"], stopped

@@ -246,7 +246,7 @@ def test_bls_model_answers_every_bad_request_in_one_line(fake_server, repositori
     invalid = fake_server.TritonError.INVALID_ARG
     cases = [
         ({"num_inference_steps": 0}, {}, "num_inference_steps must be an integer in [1, 1000], got 0"),
-        ({"seed": -3}, {}, "seed must be a non-negative integer, got -3"),
+        ({"seed": -3}, {}, "seed must be an integer in [0, 9223372036854775807], got -3"),
         ({"scheduler": "karras"}, {}, "karras"),
         ({"prompt": "  "}, {}, "prompt must be a non-empty string"),
         ({}, {"prompt": np.array([b"\xff\xfe"], dtype=np.object_)}, "prompt: not valid UTF-8"),

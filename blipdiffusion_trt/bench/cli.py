@@ -43,8 +43,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..components import declare_components, generation_components
-from ..errors import BlipDiffusionTrtError, InputError, run_reporting_errors
-from ..package import read_pipeline_config
+from ..errors import BlipDiffusionTrtError, InputError, PackageError, run_reporting_errors
+from ..package import ModelPackage
+from ..package.manifest import read_manifest
 from ..runtime.backends import BACKENDS, get_backend
 from ..runtime.backends.onnxruntime import GRAPH_OPTIMIZATIONS, MEMORY_ARENAS
 from ..runtime.schedulers import SCHEDULERS
@@ -175,9 +176,13 @@ def prepare_inputs(args) -> Inputs:
             built.append("checkpoint")
         precisions = ["fp32"] + (["fp16"] if args.precision == "fp16" else [])
         manifest = package / "manifest.json"
-        have = json.loads(manifest.read_text()).get("precisions", []) if manifest.is_file() else []
-        # a package exported before editing existed lacks the editing graphs --edit runs
-        stale = args.edit and manifest.is_file() and not read_pipeline_config(package).has_editing
+        try:
+            have = read_manifest(package).get("precisions", []) if manifest.is_file() else []
+            # a package exported before editing existed lacks the editing graphs --edit runs
+            stale = args.edit and manifest.is_file() and not read_pipeline_config(package).has_editing
+        except PackageError as error:
+            logger.warning("%s; exporting it again", error)
+            have, stale = [], True
         if not all(p in have for p in precisions) or stale:
             from ..export.exporter import export_package
 
@@ -245,7 +250,8 @@ def _progress(total: int, enabled: bool):
 
 def run_bench(args) -> int:
     inputs = prepare_inputs(args)
-    config = read_pipeline_config(inputs.package)
+    package = ModelPackage.open(inputs.package, verify=not args.no_verify)  # checked as `generate` checks it
+    config = package.config
     settings = resolve_settings(args, config, inputs)
     backends = args.backends or default_backends(settings.precision)
     unknown = [b for b in backends if b not in BACKENDS]
@@ -319,7 +325,7 @@ def run_bench(args) -> int:
         flops: dict[str, Any] = {}
         if not args.no_flops:
             bar.set_postfix_str("FLOPs")
-            flops = count_package_flops(inputs.package, config, specs, settings, implementations)
+            flops = count_package_flops(package, config, specs, settings, implementations)
             bar.update(1)
     if with_diffusers and DIFFUSERS in images:
         for key in backends:

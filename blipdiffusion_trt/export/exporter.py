@@ -25,10 +25,11 @@ import numpy as np
 
 from .. import __version__
 from ..components import ComponentSpec, PipelineConfig, declare_components
-from ..errors import CheckpointError, InputError, ValidationError, describe
-from ..fsutil import read_json, replace_dir
+from ..errors import CheckpointError, InputError, PackageError, ValidationError, describe
+from ..fsutil import StagingDir, check_not_an_input, read_json, replace_dir
 from ..package import PackageLayout, layout, pipeline_config_json
 from ..package.manifest import digest_tree, write_manifest
+from ..schema import Object
 from .cpu_fusions import fuse_graphs, fusion_summary
 from .graphs import cosine, example_inputs, export_point, max_abs_diff, ort_session, run_onnx, save_onnx, second_point
 
@@ -44,7 +45,8 @@ WEIGHT_MODULES = ("text_encoder", "vae", "unet", "qformer", "controlnet")
 # --------------------------------------------------------------------------------------------
 
 def _read_json(path: Path, what: str) -> dict:
-    return read_json(path, CheckpointError, missing=f"not found ({what})", what=what)
+    """A checkpoint's JSON config: an object (its keys are read with ``.get``)."""
+    return read_json(path, CheckpointError, missing=f"not found ({what})", what=what, shape=Object())
 
 
 def check_checkpoint_dir(checkpoint: Path, allow_pickle: bool) -> dict:
@@ -400,14 +402,20 @@ def export_package(
     if not 14 <= opset <= 21:
         raise InputError(f"--opset must be in [14, 21], got {opset}")
     out = Path(out).resolve()
+    check_not_an_input(out, {"checkpoint": checkpoint, "ControlNet": controlnet}, InputError)
     _prepare_output(out, force)
     start = time.perf_counter()
     pipe = load_pipeline(checkpoint, controlnet, allow_pickle=allow_pickle)
     config = pipeline_config_from(pipe, max_batch_size=max_batch_size, editing=editing)
+    # what the runtime will accept when it reads pipeline.json back: refused now, not after the export
+    PipelineConfig.from_dict(config.to_dict(), source=f"{checkpoint}: the pipeline config its configs give")
     specs = declare_components(config)
     report = ExportReport(out)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    # A locked temporary sibling: an export killed earlier left its own, removed now; a live one
+    # into the same place makes this one fail (two exports cannot both win).
+    staging = StagingDir(out, InputError)
+    tmp = staging.path
     files = PackageLayout(tmp)
     try:
         # Configs and tokenizers.
@@ -462,10 +470,12 @@ def export_package(
         }
         manifest["files"] = digest_tree(tmp)
         write_manifest(tmp, manifest)
+        _prepare_output(out, force)  # again: nothing else may have written it meanwhile
         replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except OSError as error:  # a full disk, a read-only or vanished directory
+        raise PackageError(f"export to {out} failed: {describe(error)}") from None
+    finally:
+        staging.close()  # whatever was not moved into place, and the lock
     report.seconds = round(time.perf_counter() - start, 2)
     return report
 

@@ -16,10 +16,13 @@ from typing import Callable
 
 import numpy as np
 
+from ..components import PipelineConfig
 from ..errors import InputError
 from ..fsutil import write_atomic
+from ..package import read_pipeline_config
 from .backends import BACKENDS, get_backend
 from .backends.onnxruntime import GRAPH_OPTIMIZATIONS, MEMORY_ARENAS
+from .inputs import read_npy
 from .schedulers import SCHEDULER_NAMES, check_scheduler_name
 
 logger = logging.getLogger(__name__)
@@ -33,12 +36,12 @@ CLI_OPTIONS = {
     "latents": "--latents", "prompt": "--prompt", "prompt_strength": "--prompt-strength", "prompt_reps": "--prompt-reps",
     "scheduler": "--scheduler", "backend": "--backend", "graph_optimization": "--graph-optimization",
     "optimized_cache": "--ort-cache", "memory_arena": "--memory-arena", "low_threshold": "--canny-low",
-    "high_threshold": "--canny-high",
+    "high_threshold": "--canny-high", "seed": "--seed", "out": "--out",
     # editing
     "original_subject": "--original-subject", "image": "--image", "cross_replace_steps": "--cross-replace-steps",
     "self_replace_steps": "--self-replace-steps", "blend_threshold": "--blend-threshold",
+    "source_out": "--source-out",
 }
-OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy")
 LATENT_SUFFIXES = (".npy",)
 
 
@@ -88,30 +91,6 @@ def open_runtime(args: argparse.Namespace):
                                              verify=not args.no_verify, options=options)
 
 
-def check_output(path: str | None, option: str, suffixes: tuple[str, ...] = OUTPUT_SUFFIXES) -> Path | None:
-    """An output file's path, checked before anything runs: its suffix, its directory."""
-    if path is None:
-        return None
-    out = Path(path)
-    if out.suffix.lower() not in suffixes:
-        raise InputError(f"{option} must end in one of {', '.join(suffixes)}, got {out.name!r}")
-    if not out.parent.resolve().is_dir():
-        raise InputError(f"{option}: directory {out.parent} does not exist")
-    return out
-
-
-def load_latents(path: str) -> np.ndarray:
-    try:
-        array = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise InputError(f"--latents: file {path} not found") from None
-    except (OSError, ValueError) as error:
-        raise InputError(f"--latents: {path} is not a numpy .npy array ({error})") from None
-    if array.dtype != np.float32:
-        raise InputError(f"--latents: {path} holds {array.dtype}, expected float32")
-    return array
-
-
 def save_array(array: np.ndarray, path: Path) -> None:
     """A .npy file written atomically (temporary file, then rename)."""
     buffer = io.BytesIO()
@@ -152,12 +131,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 @naming_options
 def run_generate(args) -> int:
-    from .images import save_image
+    from .images import check_output_path, save_image
     from .timing import format_timings
 
-    out = check_output(args.out, "--out")
+    # Everything a user typed is checked before the package loads and long before the image is
+    # written: the output path (never one of the inputs), then the latents file.
+    out = check_output_path(args.out, field="out", inputs={
+        "--reference-image": args.reference_image, "--latents": args.latents,
+        "--condition-image": args.condition_image, "--canny": args.canny})
     check_scheduler_name(args.scheduler)
-    latents = load_latents(args.latents) if args.latents else None
+    latents = load_latents(args.latents, read_pipeline_config(args.package)) if args.latents else None
     with open_runtime(args) as runtime:
         result = runtime(
             args.prompt, args.reference_image, args.source_subject, args.target_subject,
@@ -230,16 +213,19 @@ def add_edit_arguments(p: argparse.ArgumentParser) -> None:
 
 @naming_options
 def run_edit(args) -> int:
-    from .images import save_image
+    from .images import check_output_path, save_image
     from .timing import format_timings
 
-    out = check_output(args.out, "--out")
-    source_out = check_output(args.source_out, "--source-out")
-    if source_out is not None and source_out.resolve() == out.resolve():
-        raise InputError("--source-out and --out name the same file")
+    inputs = {"--reference-image": args.reference_image, "--image": args.image, "--latents": args.latents}
+    out = check_output_path(args.out, field="out", inputs=inputs)
+    source_out = None
+    if args.source_out is not None:
+        source_out = check_output_path(args.source_out, field="source_out", inputs=inputs)
+        if source_out.resolve() == out.resolve():
+            raise InputError("--source-out and --out name the same file")
     if args.scheduler is not None:
         check_scheduler_name(args.scheduler)
-    latents = load_latents(args.latents) if args.latents else None
+    latents = load_latents(args.latents, read_pipeline_config(args.package)) if args.latents else None
     with open_runtime(args) as runtime:
         result = runtime.edit(
             args.prompt, args.reference_image, args.source_subject, args.target_subject, args.original_subject,
@@ -277,7 +263,9 @@ def add_invert_arguments(p: argparse.ArgumentParser) -> None:
 
 @naming_options
 def run_invert(args) -> int:
-    out = check_output(args.out, "--out", LATENT_SUFFIXES)
+    from .images import check_output_path
+
+    out = check_output_path(args.out, field="out", inputs={"--image": args.image}, suffixes=LATENT_SUFFIXES)
     with open_runtime(args) as runtime:
         latents = runtime.invert(args.image, args.prompt, args.original_subject, num_inference_steps=args.steps,
                                  height=args.height, width=args.width, sample_posterior=args.sample_posterior,
@@ -285,3 +273,10 @@ def run_invert(args) -> int:
     save_array(latents, out)
     print(f"wrote {out} (latent {list(latents.shape)})")
     return 0
+
+
+def load_latents(path: str, config: PipelineConfig) -> np.ndarray:
+    """The ``--latents`` file: its header is checked against the largest latents of one image the
+    package declares (``max_image_size``) before anything is allocated (:func:`.inputs.read_npy`)."""
+    side = config.max_image_size // config.latent_scale_factor
+    return read_npy(path, field="latents", max_elements=config.latent_channels * side * side)

@@ -42,7 +42,7 @@ from PIL import Image
 from ..components import editing_components
 from ..errors import InputError, PackageError
 from . import images as imgs
-from .inputs import MAX_STEPS, GenerationInputs, check_int
+from .inputs import LIMITS, GenerationInputs, check_int, check_seed, check_text
 from .p2p import (
     LocalBlend,
     check_fraction,
@@ -201,10 +201,8 @@ class EditingMixin:
         LAVIS builds the inversion prompt from the subject string zipped character by character
         ("a c ..."); this is the prompt it means.
         """
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InputError("prompt must be a non-empty string", field="prompt")
-        if not isinstance(original_subject, str) or not original_subject.strip():
-            raise InputError("original_subject must be a non-empty string", field="original_subject")
+        check_text("prompt", prompt, LIMITS.max_text_characters)
+        check_text("original_subject", original_subject, LIMITS.max_subject_characters)
         return build_prompts([prompt], [original_subject.strip()], prompt_strength=1.0, prompt_reps=1)[0]
 
     def encode_image(self, image: Any, height: int, width: int, *, sample_posterior: bool = False,
@@ -251,7 +249,8 @@ class EditingMixin:
         # 1. Check inputs
         self.check_editing_package()
         height, width = self.check_image_size(height, width)
-        check_int("num_inference_steps", num_inference_steps, 1, MAX_STEPS)
+        check_int("num_inference_steps", num_inference_steps, 1, LIMITS.max_steps)
+        seed = check_seed(seed)
         source_text = self.source_prompt(prompt, original_subject)
         pil = imgs.load_image(image, field="image")
 
@@ -317,7 +316,7 @@ class EditingMixin:
         original_subject: Any, *, image: Any = None, latents: Any = None, num_inference_steps: Any = 50,
         guidance_scale: Any = 7.5, neg_prompt: Any = "", cross_replace_steps: Any = 0.8,
         self_replace_steps: Any = 0.4, blend_threshold: Any = 0.3, height: Any = None, width: Any = None,
-        scheduler: Any = None, output_type: Any = "pil",
+        scheduler: Any = None, output_type: Any = "pil", seed: Any = None,
     ) -> EditInputs:
         """Every argument of an edit checked (one-line :class:`InputError` naming the field), the
         generation's through :meth:`check_inputs`; the real image is loaded here."""
@@ -334,7 +333,7 @@ class EditingMixin:
         generation = self.check_inputs(
             prompt, reference_image, source_subject_category, target_subject_category, guidance_scale=guidance_scale,
             height=height, width=width, num_inference_steps=num_inference_steps, latents=latents,
-            neg_prompt=neg_prompt, scheduler=scheduler, output_type=output_type, controlnet=False,
+            neg_prompt=neg_prompt, scheduler=scheduler, output_type=output_type, controlnet=False, seed=seed,
         )
         if real_image and scheduler != REAL_IMAGE_SCHEDULER:
             raise InputError(f"scheduler: a real image is inverted with DDIM and must be edited with the "
@@ -412,8 +411,10 @@ class EditingMixin:
             image=image, latents=latents, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             neg_prompt=neg_prompt, cross_replace_steps=cross_replace_steps, self_replace_steps=self_replace_steps,
             blend_threshold=blend_threshold, height=height, width=width, scheduler=scheduler, output_type=output_type,
+            seed=seed,
         )
         generation = inputs.generation
+        seed = generation.seed
 
         # 2. Encode the subject (Q-Former)
         with timer("qformer"):

@@ -40,6 +40,7 @@ from .backends import BackendOptions, get_backend
 from .editing import EditingMixin
 from .engine import Engine
 from .inputs import (
+    LIMITS,
     MAX_STEPS,
     OUTPUT_TYPES,
     GenerationInputs,
@@ -48,11 +49,14 @@ from .inputs import (
     check_float,
     check_int,
     check_latents,
+    check_prompt_repetition,
     check_prompts,
+    check_seed,
     check_size,
+    check_text,
 )
 from .schedulers import check_scheduler_name, scheduler_from_config
-from .text import ClipTextTokenizer, QFormerTokenizer, build_prompts
+from .text import ClipTextTokenizer, QFormerTokenizer, build_prompts, max_useful_reps
 from .timing import StageTimer
 
 logger = logging.getLogger(__name__)
@@ -202,8 +206,13 @@ class BlipDiffusionRuntime(EditingMixin):
         canny_image: Any = None,
         controlnet_conditioning_scale: Any = 1.0,
         controlnet: bool = True,
+        seed: Any = None,
+        prompt_strength: Any = 1.0,
+        prompt_reps: Any = 20,
     ) -> GenerationInputs:
-        """Every argument of a call checked (one-line :class:`InputError` naming the field) and normalised.
+        """Every argument of a call checked (one-line :class:`InputError` naming the field and its
+        limit) and normalised, before any work: the package's declared ranges (sizes, batch, the
+        Q-Former's text length) and :data:`~.inputs.LIMITS` (text, steps, guidance, latents, seed).
 
         Images are not decoded here: a file that cannot be read is reported when its stage loads it.
         ``controlnet``: whether the call runs the package's ControlNet (and so needs a control
@@ -213,13 +222,15 @@ class BlipDiffusionRuntime(EditingMixin):
         prompts = check_prompts(prompt, cfg.max_batch_size)
         batch = len(prompts)
         height, width = self.check_image_size(height, width)
-        check_int("num_inference_steps", num_inference_steps, 1, MAX_STEPS)
-        guidance_scale = check_float("guidance_scale", guidance_scale)
-        controlnet_conditioning_scale = check_float("controlnet_conditioning_scale", controlnet_conditioning_scale)
+        check_int("num_inference_steps", num_inference_steps, 1, LIMITS.max_steps)
+        guidance_scale = check_float("guidance_scale", guidance_scale, *LIMITS.guidance_scale)
+        controlnet_conditioning_scale = check_float("controlnet_conditioning_scale", controlnet_conditioning_scale,
+                                                    *LIMITS.controlnet_conditioning_scale)
+        seed = check_seed(seed)
+        prompt_strength, prompt_reps = check_prompt_repetition(prompt_strength, prompt_reps)
         if output_type not in OUTPUT_TYPES:
             raise InputError(f"output_type must be 'pil' or 'np', got {output_type!r}", field="output_type")
-        if not isinstance(neg_prompt, str):
-            raise InputError("neg_prompt must be a string", field="neg_prompt")
+        check_text("neg_prompt", neg_prompt, LIMITS.max_text_characters, allow_empty=True)
         targets = broadcast("target_subject_category", target_subject_category, batch)
         self._check_control(condition_image, canny_image, controlnet)
         latent_shape = (batch, cfg.latent_channels, height // cfg.latent_scale_factor, width // cfg.latent_scale_factor)
@@ -231,17 +242,21 @@ class BlipDiffusionRuntime(EditingMixin):
             if reference_image is not None:
                 raise InputError("subject and reference_image given: pass either subject or reference_image, not both",
                                  field="subject")
+            self.check_subject(subject)
         else:
             if reference_image is None:
                 raise InputError("reference_image is required (or a precomputed subject)", field="reference_image")
             sources = broadcast("source_subject_category", source_subject_category, batch)
+            for category in dict.fromkeys(sources):
+                self.subject_tokens(category)
             references = broadcast_images("reference_image", reference_image, batch)
         return GenerationInputs(
             prompts=prompts, targets=targets, sources=sources, references=references, height=height, width=width,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, latent_shape=latent_shape,
             latents=latents, neg_prompt=neg_prompt, scheduler=scheduler, output_type=output_type,
             condition_image=condition_image, canny_image=canny_image,
-            controlnet_conditioning_scale=controlnet_conditioning_scale,
+            controlnet_conditioning_scale=controlnet_conditioning_scale, seed=seed,
+            prompt_strength=prompt_strength, prompt_reps=prompt_reps,
         )
 
     def check_image_size(self, height: Any, width: Any) -> tuple[int, int]:
@@ -252,6 +267,34 @@ class BlipDiffusionRuntime(EditingMixin):
         for name, value in (("height", height), ("width", width)):
             check_size(name, value, cfg.min_image_size, cfg.max_image_size, cfg.image_multiple)
         return int(height), int(width)
+
+    def check_subject(self, subject: Any) -> SubjectEmbedding:
+        """A precomputed subject: a :class:`SubjectEmbedding` of [num_query_tokens, text_hidden_size]
+        finite float values."""
+        if not isinstance(subject, SubjectEmbedding):
+            raise InputError(f"subject must be a SubjectEmbedding (from encode_subject or mix_subjects), "
+                             f"got {type(subject).__name__}", field="subject")
+        embeddings = subject.embeddings
+        shape = (self.config.num_query_tokens, self.config.text_hidden_size)
+        if not isinstance(embeddings, np.ndarray) or embeddings.dtype.kind != "f" or embeddings.shape != shape:
+            got = (f"{embeddings.dtype} array of shape {list(embeddings.shape)}" if isinstance(embeddings, np.ndarray)
+                   else type(embeddings).__name__)
+            raise InputError(f"subject embeddings must be a float array of shape {list(shape)} for this package, "
+                             f"got {got}", field="subject")
+        if not np.isfinite(embeddings).all():
+            raise InputError("subject embeddings contain NaN or inf", field="subject")
+        return subject
+
+    def subject_tokens(self, category: str, *, field: str = "source_subject_category"):
+        """The Q-Former's tokens of a subject word; more than its declared text length is an
+        :class:`InputError` (the graph's position table would be overrun, or silently extended)."""
+        check_text(field, category, LIMITS.max_subject_characters)
+        tokens = self.qformer_tokenizer.encode([category], field=field)
+        limit = self.package.specs["qformer"].axes["qformer_text_length"].max
+        if tokens.input_ids.shape[1] > limit:
+            raise InputError(f"{field} {category[:40]!r} is {tokens.input_ids.shape[1]} Q-Former tokens, more than "
+                             f"the {limit} its graph is declared for", field=field)
+        return tokens
 
     def _check_control(self, condition_image: Any, canny_image: Any, controlnet: bool = True) -> None:
         uses_control = condition_image is not None or canny_image is not None
@@ -273,9 +316,9 @@ class BlipDiffusionRuntime(EditingMixin):
     def encode_subject(self, image: Any, category: str) -> SubjectEmbedding:
         """Q-Former query embeddings of a subject image and its category word (LRU-cached)."""
         cfg = self.config
-        pil = imgs.load_image(image, field="reference_image")
+        tokens = self.subject_tokens(category)
+        pil = imgs.load_image(image, field="reference_image", max_pixels=LIMITS.max_image_pixels)
         pixels = imgs.preprocess_reference(pil, cfg.image_size, cfg.image_mean, cfg.image_std, cfg.image_resample)
-        tokens = self.qformer_tokenizer.encode([category], field="source_subject_category")
         key = (hashlib.sha256(pixels.tobytes()).hexdigest(), category)
 
         def run() -> SubjectEmbedding:
@@ -344,7 +387,10 @@ class BlipDiffusionRuntime(EditingMixin):
                     neg_prompt: str = "") -> np.ndarray:
         """The UNet's ``encoder_hidden_states``: "a {target} {prompt}" x reps with the subject, preceded
         by the negative prompt's embeddings when guidance is on ([2B, ...]; else [B, ...])."""
-        texts = build_prompts(prompts, targets, prompt_strength=prompt_strength, prompt_reps=prompt_reps)
+        # No work past what the text encoder keeps: repetitions it would cut are not built.
+        budget = self.config.text_length - self.tokenizer.num_special_tokens
+        texts = build_prompts(prompts, targets, prompt_strength=prompt_strength, prompt_reps=prompt_reps,
+                              max_reps=max_useful_reps(budget))
         # The repetitions are meant to fill the text encoder and be cut; warn only when a single
         # "a {target} {prompt}" does not fit, i.e. when words the user wrote are lost.
         single = build_prompts(prompts, targets, prompt_strength=1.0, prompt_reps=1)
@@ -450,12 +496,17 @@ class BlipDiffusionRuntime(EditingMixin):
                                          control=control, timer=timer)
 
         loop_start = time.perf_counter()
+        steps = len(scheduler.timesteps)
         for i, t in enumerate(_progress(scheduler.timesteps, progress)):
             noise_pred = predict(latents, t)
             with timer("scheduler"):
                 latents = scheduler.step(noise_pred, t, latents).astype(np.float32, copy=False)
             if after_step is not None:
                 latents = after_step(i, latents)
+            if not np.isfinite(latents).all():  # cheap next to a UNet call; NaN would decode to a black image
+                raise InputError(f"the denoising loop overflowed at step {i + 1} of {steps} (non-finite latents): "
+                                 f"guidance_scale {guidance_scale:g} or the given latents are too large for this "
+                                 f"model", field=None)
             if callback is not None:
                 callback(i, float(t), latents)
         timer.timings["denoise_loop"] = time.perf_counter() - loop_start
@@ -470,6 +521,10 @@ class BlipDiffusionRuntime(EditingMixin):
         timer = timer or StageTimer()
         with timer("vae_decoder"):
             decoded = self.engines["vae_decoder"].infer({"latents": latents / np.float32(self.config.vae_scaling_factor)})
+        if not np.isfinite(decoded["image"]).all():
+            raise InputError(f"the VAE decoder overflowed (non-finite pixels) on latents of magnitude up to "
+                             f"{float(np.abs(latents).max()):.3g}: the guidance scale or the given latents are too "
+                             f"large for this model", field=None)
         return imgs.postprocess(decoded["image"])
 
     # ------------------------------------------------------------------------------------------
@@ -516,7 +571,8 @@ class BlipDiffusionRuntime(EditingMixin):
             guidance_scale=guidance_scale, height=height, width=width, num_inference_steps=num_inference_steps,
             latents=latents, neg_prompt=neg_prompt, scheduler=scheduler, output_type=output_type,
             condition_image=condition_image, canny_image=canny_image,
-            controlnet_conditioning_scale=controlnet_conditioning_scale,
+            controlnet_conditioning_scale=controlnet_conditioning_scale, seed=seed, prompt_strength=prompt_strength,
+            prompt_reps=prompt_reps,
         )
 
         # 2. Encode the subject (Q-Former), reusing cached embeddings
@@ -529,13 +585,13 @@ class BlipDiffusionRuntime(EditingMixin):
         # 3. Encode the text: "a {target} {prompt}" x reps with the subject, and the negative prompt
         with timer("text_encoder"):
             text_embeddings = self.encode_text(
-                inputs.prompts, inputs.targets, subject_embeds, prompt_strength=prompt_strength,
-                prompt_reps=prompt_reps, guidance_scale=inputs.guidance_scale, neg_prompt=inputs.neg_prompt,
+                inputs.prompts, inputs.targets, subject_embeds, prompt_strength=inputs.prompt_strength,
+                prompt_reps=inputs.prompt_reps, guidance_scale=inputs.guidance_scale, neg_prompt=inputs.neg_prompt,
             )
 
         # 4. Prepare the timesteps, the latents and the control map
         sched = self.prepare_scheduler(inputs.scheduler, inputs.num_inference_steps)
-        latents = self.prepare_latents(inputs.latent_shape, sched, latents=inputs.latents, seed=seed)
+        latents = self.prepare_latents(inputs.latent_shape, sched, latents=inputs.latents, seed=inputs.seed)
         control = None
         if inputs.uses_control:
             with timer("condition_image"):

@@ -35,6 +35,7 @@ from ...errors import BlipDiffusionTrtError, InputError, PackageError, first_lin
 from ...package import ModelPackage
 from ...runtime import images
 from ...runtime.pipeline import BlipDiffusionRuntime
+from ...schema import Int, MapOf, Str, check
 from .engine import TritonEngine
 from .python_backend import error_response, log_error, model_parameters, resolve
 
@@ -62,12 +63,17 @@ class BlipDiffusionModel:
         name = model_config.get("name", "blip_diffusion")
         package = ModelPackage.open(resolve(version_dir, params.get("package_dir") or "package"), graphs=False)
         try:
-            models = json.loads(params["components"])
-            batch_sizes = json.loads(params.get("component_max_batch_sizes") or "{}")
-            min_rows = json.loads(params.get("component_min_rows") or "{}")
+            models = check(json.loads(params["components"]), MapOf(Str(max_length=256)),
+                           source=f"model {name}: parameter components", error=PackageError)
+            batch_sizes = check(json.loads(params.get("component_max_batch_sizes") or "{}"), MapOf(Int(0, 1 << 16)),
+                                source=f"model {name}: parameter component_max_batch_sizes", error=PackageError)
+            min_rows = check(json.loads(params.get("component_min_rows") or "{}"), MapOf(Int(0, 1 << 16)),
+                             source=f"model {name}: parameter component_min_rows", error=PackageError)
+            max_pixels = check(int(params.get("max_image_pixels") or images.DEFAULT_MAX_PIXELS), Int(1, 1 << 40),
+                               source=f"model {name}: parameter max_image_pixels", error=PackageError)
         except (KeyError, ValueError) as error:
             raise PackageError(f"model {name}: parameter components / component_max_batch_sizes / "
-                               f"component_min_rows: {error}") from None
+                               f"component_min_rows / max_image_pixels: {first_line(error)}") from None
         needed = generation_components(package.config)
         missing = [c for c in needed if c not in models]
         if missing:
@@ -81,7 +87,6 @@ class BlipDiffusionModel:
 
         engines = {c: engine(c) for c in needed}
         editing = package.config.has_editing and all(c in models for c in editing_components(package.config))
-        max_pixels = int(params.get("max_image_pixels") or images.DEFAULT_MAX_PIXELS)
         return cls(BlipDiffusionRuntime(package, engines, load_engine=engine), backend_utils,
                    max_image_pixels=max_pixels, editing=editing)
 
@@ -132,9 +137,7 @@ class BlipDiffusionModel:
         edit_only = self._given(request, EDIT_ONLY_INPUTS)
         if edit_only and not self.is_edit(request):
             raise InputError(f"{edit_only[0]}: an input of edits; pass original_subject to edit", field=edit_only[0])
-        seed = int(self._scalar(request, "seed"))
-        if seed < 0:
-            raise InputError(f"seed must be a non-negative integer, got {seed}", field="seed")
+        seed = int(self._scalar(request, "seed"))  # checked with the rest by the runtime's check_inputs
         kwargs: dict[str, Any] = dict(
             prompt=self._string(request, "prompt"),
             reference_image=self._image(request, "reference_image"),

@@ -143,7 +143,7 @@ def component_config(
 
     ``ranges``: the axis ranges a TensorRT engine was built for (default: the declared ones).
     ``code_dir``: python-cpu only, the model's path to the repository's copy of this package's
-    code (:data:`~.repository.RUNTIME_FILES`), relative to its version directory.
+    code (:data:`~.repository.CODE_FILES`), relative to its version directory.
     """
     mbs = triton_max_batch_size(spec, config, max_batch_size, ranges)
     batching = mbs > 0
@@ -253,5 +253,8 @@ def bls_config(config: PipelineConfig, *, name: str, instances: int, components:
         "component_max_batch_sizes": json.dumps(batch_sizes, sort_keys=True),
         "component_min_rows": json.dumps(min_rows or {}, sort_keys=True),
         "max_image_pixels": str(max_image_pixels),
+        # what a liveness probe needs to send a valid tiny request (serving/triton/probe.py)
+        "min_image_size": str(config.min_image_size),
+        "has_controlnet": "true" if config.has_controlnet else "false",
     })
     return text
