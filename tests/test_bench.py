@@ -26,7 +26,7 @@ def bench_run(tiny, tmp_path_factory):
     code = bench_cli.main([
         "--package", str(tiny.package), "--checkpoint", str(tiny.checkpoint), "--backends", "cpu",
         "--runs", "1", "--warmup", "0", "--steps", "2", "--threads", "1", "--peak-tflops", "cpu=1.5",
-        "--diffusers-precisions", "fp32", "--no-progress", "--out", str(out),
+        "--diffusers-precisions", "fp32", "--no-progress", "--out", str(out), "--edit",
     ])
     assert code == 0
     return out, json.loads((out / "bench.json").read_text())
@@ -79,6 +79,26 @@ def test_json_is_well_formed(bench_run):
     assert rows["unet_plain"]["gflop"] > 0
     assert 0 < rows["unet_plain"]["fraction_of_peak"]["cpu"]
     assert results["peak_tflops"]["cpu"]["tflops"] == 1.5
+
+
+def test_edit_against_the_generation(bench_run):
+    """--edit: whole edits and one unet_p2p call on our side, set against the generation's."""
+    out, results = bench_run
+    impl = results["implementations"]["cpu"]
+    edit = impl["edit"]
+    for key in ("generation", "denoise_loop", "loop_it_per_s"):
+        _positive_stats(edit[key])
+    assert edit["unet_calls"] == impl["unet_calls"] and edit["in_generation"]["unet"]["p50"] > 0
+    _positive_stats(impl["stages"]["unet_p2p"])
+    comparison = edit["comparison"]
+    assert comparison["unet_call"]["rows"] == {"unet_plain": 2, "unet_p2p": 4}  # guidance, batch 1
+    for part in ("loop_per_step", "unet_call"):
+        assert comparison[part]["ratio"] > 0
+    assert comparison["loop_per_step"]["edit"] == pytest.approx(edit["denoise_loop"]["p50"] / edit["unet_calls"])
+    assert results["flops"]["unet_p2p"]["flops"] > results["flops"]["unet_plain"]["flops"] > 0
+    assert "diffusers" not in impl["edit"] and "edit" not in results["implementations"]["diffusers"]
+    markdown = (out / "bench.md").read_text()
+    assert "| unet_p2p (1 call, 4 rows) |" in markdown and "| edit / generation, per step |" in markdown
 
 
 def test_markdown_has_the_table(bench_run):

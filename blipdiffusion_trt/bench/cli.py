@@ -12,7 +12,10 @@ variant) on the same device with the same latents:
 - cold start in a fresh process: process start -> package (pipeline) loaded -> first image, with
   the peak host RSS of that process and its GPU memory on a GPU;
 - FLOPs of each component from its ONNX graph at the benchmark's shapes (Conv, ConvTranspose,
-  MatMul, Gemm, Einsum; 2 x MACs) and, where the device's peak is known, the fraction of it reached.
+  MatMul, Gemm, Einsum; 2 x MACs) and, where the device's peak is known, the fraction of it reached;
+- with ``--edit``, on our side: an edit of the generated image (prompt-to-prompt, ``unet_p2p`` on
+  [uncond, uncond, source, target] with guidance) against the generation, per denoising step and
+  per UNet call (``unet_p2p`` at 4 rows against ``unet_plain`` at 2, with guidance and batch 1).
 
 Every figure goes to ``bench.json`` (with the machine, library versions and settings), the p50s to a
 Markdown table (``bench.md``, printed at the end) with a diffusers/ours ratio per backend, and a
@@ -41,8 +44,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..components import declare_components, generation_components
-from ..errors import BlipDiffusionTrtError, InputError, run_reporting_errors
-from ..package import read_pipeline_config
+from ..errors import BlipDiffusionTrtError, InputError, PackageError, run_reporting_errors
+from ..package import ModelPackage
+from ..package.manifest import read_manifest
 from ..runtime.backends import BACKENDS, get_backend
 from ..runtime.backends.onnxruntime import GRAPH_OPTIMIZATIONS, MEMORY_ARENAS
 from ..runtime.backends.openvino import INFERENCE_PRECISIONS
@@ -53,7 +57,8 @@ from .flops import count_package_flops
 from .machine import installed_version, library_versions, machine_info, native_bf16, peak_rss_mb, peak_tflops
 from .ours import bench_ours, runtime_options
 from .report import build_table, render_chart, render_markdown
-from .settings import DIFFUSERS, DIFFUSERS_PRECISIONS, NEGATIVE_PROMPT, PROMPT, Settings, diffusers_key, is_diffusers
+from .settings import (DIFFUSERS, DIFFUSERS_PRECISIONS, NEGATIVE_PROMPT, ORIGINAL_SUBJECT, PROMPT, Settings,
+                       diffusers_key, is_diffusers)
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +93,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     gen.add_argument("--guidance", type=float, default=7.5)
     gen.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="our graphs (diffusers runs fp32, fp16 only on a GPU)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the latents and input images")
+    gen.add_argument("--edit", action="store_true",
+                     help="also time an edit of the generated image on our backends (prompt-to-prompt: one unet_p2p "
+                          "call per step on 4 rows with guidance) against the generation: cost per step and per "
+                          "UNet call; needs the package's editing graphs (exported by default)")
     run = p.add_argument_group("measurement")
     run.add_argument("--warmup", type=int, default=1, help="untimed runs before each measurement (default 1)")
     run.add_argument("--runs", type=int, default=3, help="timed runs of every measurement (default 3)")
@@ -182,8 +191,14 @@ def prepare_inputs(args) -> Inputs:
             built.append("checkpoint")
         precisions = ["fp32"] + (["fp16"] if args.precision == "fp16" else [])
         manifest = package / "manifest.json"
-        have = json.loads(manifest.read_text()).get("precisions", []) if manifest.is_file() else []
-        if not all(p in have for p in precisions):
+        try:
+            have = read_manifest(package).get("precisions", []) if manifest.is_file() else []
+            # a package exported before editing existed lacks the editing graphs --edit runs
+            stale = args.edit and manifest.is_file() and not read_pipeline_config(package).has_editing
+        except PackageError as error:
+            logger.warning("%s; exporting it again", error)
+            have, stale = [], True
+        if not all(p in have for p in precisions) or stale:
             from ..export.exporter import export_package
 
             logger.info("exporting %s to %s (%s)%s", checkpoint.name, package, ",".join(precisions),
@@ -240,10 +255,13 @@ def resolve_settings(args, config, inputs: Inputs) -> Settings:
     if args.warmup < 0 or args.runs < 1 or (args.stage_runs is not None and args.stage_runs < 1):
         raise InputError("--warmup must be >= 0, --runs and --stage-runs >= 1")
     f = config.latent_scale_factor
+    if args.edit and not config.has_editing:
+        raise InputError(f"--edit: {inputs.package} has no editing graphs (exported without them or before editing "
+                         "existed); re-export it: blipdiffusion-trt export CHECKPOINT --out PACKAGE")
     return Settings(height=height, width=width, steps=steps, batch=args.batch, scheduler=args.scheduler,
                     guidance=args.guidance, precision=args.precision, seed=args.seed,
                     controlnet=config.has_controlnet,
-                    latent_shape=(args.batch, config.latent_channels, height // f, width // f))
+                    latent_shape=(args.batch, config.latent_channels, height // f, width // f), edit=args.edit)
 
 
 @contextmanager
@@ -261,7 +279,8 @@ def _progress(total: int, enabled: bool):
 
 def run_bench(args) -> int:
     inputs = prepare_inputs(args)
-    config = read_pipeline_config(inputs.package)
+    package = ModelPackage.open(inputs.package, verify=not args.no_verify)  # checked as `generate` checks it
+    config = package.config
     settings = resolve_settings(args, config, inputs)
     backends = args.backends or default_backends(settings.precision)
     unknown = [b for b in backends if b not in BACKENDS]
@@ -314,7 +333,8 @@ def _run(args, inputs: Inputs, config, settings: Settings, backends: list[str], 
     n_stages = len(generation_components(config)) + 1  # each component's call, and a scheduler step
     per_side = 1 + args.warmup + args.runs + n_stages
     sides = len(backends) + len(diffusers_sides)
-    total = per_side * sides + (0 if args.no_cold_start else sides) + (0 if args.no_flops else 1)
+    edit_tasks = (args.warmup + args.runs + 1) * len(backends) if settings.edit else 0  # edits, a unet_p2p call
+    total = per_side * sides + (0 if args.no_cold_start else sides) + (0 if args.no_flops else 1) + edit_tasks
     implementations: dict[str, dict[str, Any]] = {}
     images: dict[str, Any] = {}
     logger.info("benchmark: %dx%d, %d steps (%s), guidance %g, batch %d, %s; warm-up %d, runs %d; backends %s%s",
@@ -354,7 +374,7 @@ def _run(args, inputs: Inputs, config, settings: Settings, backends: list[str], 
         flops: dict[str, Any] = {}
         if not args.no_flops:
             bar.set_postfix_str("FLOPs")
-            flops = count_package_flops(inputs.package, config, specs, settings, implementations)
+            flops = count_package_flops(package, config, specs, settings, implementations)
             bar.update(1)
     if DIFFUSERS in images:  # every other row against diffusers' reference row (fp32 on the CPU)
         for key, image in images.items():
@@ -389,6 +409,7 @@ def _run(args, inputs: Inputs, config, settings: Settings, backends: list[str], 
                                         if fresh_openvino_cache else args.openvino_cache) if "openvino" in backends else None,
                      "torch_compile": args.torch_compile,
                      "verify_package": not args.no_verify, "prompt": PROMPT, "negative_prompt": NEGATIVE_PROMPT,
+                     **({"edit_original_subject": ORIGINAL_SUBJECT} if settings.edit else {}),
                      "caches": "disabled: subject and negative prompt encoded every generation, as diffusers does",
                      "units": "seconds unless the key says otherwise"},
         "package": {"path": str(inputs.package), "checkpoint": str(inputs.checkpoint) if inputs.checkpoint else None,

@@ -3,6 +3,10 @@
 One generation is recorded (each engine's first feed) and replayed, so each component is timed
 at exactly the shapes a generation feeds it; the scheduler step is timed on its own. Subject and
 negative-prompt caches are off: diffusers encodes both every call.
+
+With ``Settings.edit``, an edit of the generated image (the first prompt's latents, the same
+scheduler, steps and guidance) is timed the same way: whole edits, and ``unet_p2p``'s first call
+replayed; :func:`edit_comparison` sets them against the generation per step and per UNet call.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..runtime.backends import get_backend
-from .settings import NEGATIVE_PROMPT, PROMPT, SUBJECT, Settings, bench_inputs
+from .settings import NEGATIVE_PROMPT, ORIGINAL_SUBJECT, PROMPT, SUBJECT, Settings, bench_inputs
 from .stats import generation_figures, summarize, time_calls
 
 # the engines whose time is the denoising loop's work; the rest of the loop is host overhead
@@ -25,6 +29,15 @@ def run_ours(runtime, settings: Settings, reference, condition, latents):
         [PROMPT] * settings.batch, reference, SUBJECT, SUBJECT, latents=latents, height=settings.height,
         width=settings.width, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
         neg_prompt=NEGATIVE_PROMPT, scheduler=settings.scheduler, output_type="np", condition_image=condition,
+    )
+
+
+def run_edit(runtime, settings: Settings, reference, latents):
+    """An edit of the image the first prompt's latents generate: its subject replaced by the reference's."""
+    return runtime.edit(
+        PROMPT, reference, SUBJECT, SUBJECT, ORIGINAL_SUBJECT, latents=latents[:1], height=settings.height,
+        width=settings.width, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
+        neg_prompt=NEGATIVE_PROMPT, scheduler=settings.scheduler, output_type="np",
     )
 
 
@@ -136,6 +149,9 @@ def bench_ours(backend: str, package: Path, settings: Settings, args, bar) -> di
     stages["scheduler_step"] = summarize(_scheduler_samples_numpy(
         scheduler_from_config, runtime.scheduler_config, settings, args.warmup, stage_runs))
     bar.update(1)
+    if settings.edit:
+        result["edit"] = bench_edit(runtime, settings, args, bar, sync, reference, latents, stages, feeds)
+        result["edit"]["comparison"] = edit_comparison(result, result["edit"], stages, feeds, settings)
     result["stages"] = stages
     result["feed_shapes"] = feeds
     # what ran, as the backend reports it (e.g. OpenVINO's inference precision, INT8 weights)
@@ -150,6 +166,48 @@ def bench_ours(backend: str, package: Path, settings: Settings, args, bar) -> di
     del runtime, recorders, originals
     gc.collect()
     return result
+
+
+def bench_edit(runtime, settings: Settings, args, bar, sync, reference, latents, stages: dict[str, Any],
+               feeds: dict[str, Any]) -> dict[str, Any]:
+    """Whole edits (figures as a generation's) and one ``unet_p2p`` call replayed (into ``stages``)."""
+    engine = runtime.engine("unet_p2p")  # loaded before the timed runs
+    recorder = _RecordingEngine(engine)
+    timings = []
+    for i in range(args.warmup + args.runs):
+        bar.set_postfix_str(f"edit {i + 1}/{args.warmup + args.runs}")
+        if i == 0:
+            runtime.engines["unet_p2p"] = recorder
+        try:
+            out = run_edit(runtime, settings, reference, latents)
+        finally:
+            runtime.engines["unet_p2p"] = engine
+        if i >= args.warmup:
+            timings.append(out.timings)
+        bar.update(1)
+    bar.set_postfix_str("unet_p2p")
+    feed, keep = recorder.first
+    stages["unet_p2p"] = summarize(time_calls(lambda: engine.infer(feed, keep), args.warmup,
+                                              args.stage_runs or args.runs, sync))
+    feeds["unet_p2p"] = {k: _value_shape(v) for k, v in feed.items()}
+    bar.update(1)
+    return generation_figures(timings, LOOP_ENGINES)
+
+
+def edit_comparison(generation: Mapping[str, Any], edit: Mapping[str, Any], stages: Mapping[str, Any],
+                    feeds: Mapping[str, Any], settings: Settings) -> dict[str, Any]:
+    """The edit against the generation (p50s): the denoising loop per UNet call, and one UNet call
+    (``unet_p2p`` against the generation's UNet, with their rows)."""
+    unet = "unet" if settings.controlnet else "unet_plain"
+    per_step = {"generation": generation["denoise_loop"]["p50"] / generation["unet_calls"],
+                "edit": edit["denoise_loop"]["p50"] / edit["unet_calls"]}
+    call = {unet: stages[unet]["p50"], "unet_p2p": stages["unet_p2p"]["p50"]}
+    return {
+        "loop_per_step": {**per_step, "ratio": per_step["edit"] / per_step["generation"]},
+        "unet_call": {**call, "ratio": call["unet_p2p"] / call[unet], "generation_unet": unet,
+                      "rows": {unet: feeds[unet]["sample"][0], "unet_p2p": feeds["unet_p2p"]["sample"][0]}},
+        "whole": {"generation": generation["generation"]["p50"], "edit": edit["generation"]["p50"]},
+    }
 
 
 def device_sync(backend: str) -> Callable[[], None]:

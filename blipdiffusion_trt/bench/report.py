@@ -20,6 +20,7 @@ STAGE_ROWS: tuple[tuple[str, str, str], ...] = (
     ("controlnet", "ControlNet (1 call)", "time"),
     ("unet", "UNet with residuals (1 call)", "time"),
     ("unet_plain", "UNet (1 call)", "time"),
+    ("unet_p2p", "UNet with prompt-to-prompt control (1 edit call)", "time"),
     ("vae_decoder", "VAE decoder (1 call)", "time"),
     ("scheduler_step", "scheduler step (numpy / torch)", "time"),
     ("host_overhead_per_step", "host overhead per step", "time"),
@@ -35,7 +36,8 @@ STAGE_ROWS: tuple[tuple[str, str, str], ...] = (
     ("rss_file_after", "of the RSS after the first image: mapped files, reclaimable (MB)", "memory"),
     ("gpu_memory_mb", "GPU memory, cold process (MB)", "memory"),
 )
-COMPONENT_STAGES = ("qformer", "text_encoder", "text_encoder_plain", "controlnet", "unet", "unet_plain", "vae_decoder")
+COMPONENT_STAGES = ("qformer", "text_encoder", "text_encoder_plain", "controlnet", "unet", "unet_plain", "unet_p2p",
+                    "vae_decoder")
 
 
 def _runtime_options_text(options: Mapping[str, Any] | None, backends: list[str]) -> str:
@@ -195,6 +197,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         known = {k: v for k, v in peaks.items() if v}
         if known:
             lines += [""] + [f"- peak of {impls[k].get('label', k)}: {v['tflops']:g} TFLOP/s ({v['source']})" for k, v in known.items()]
+    lines += _edit_section(impls)
     notes = []
     reference = impls.get(DIFFUSERS, {}).get("label", DIFFUSERS)
     for k in impls:
@@ -219,6 +222,35 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     if notes:
         lines += [""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def _edit_section(impls: Mapping[str, Any]) -> list[str]:
+    """``--edit``: the edit against the generation, per denoising step and per UNet call (p50s)."""
+    edits = {k: v["edit"]["comparison"] for k, v in impls.items() if "comparison" in v.get("edit", {})}
+    if not edits:
+        return []
+    first = next(iter(edits.values()))
+    unet = first["unet_call"]["generation_unet"]
+    rows = first["unet_call"]["rows"]
+    table = [
+        ("denoising step, generation", lambda c: c["loop_per_step"]["generation"], "time"),
+        ("denoising step, edit", lambda c: c["loop_per_step"]["edit"], "time"),
+        ("edit / generation, per step", lambda c: c["loop_per_step"]["ratio"], "ratio"),
+        (f"{unet} (1 call, {rows[unet]} rows)", lambda c: c["unet_call"][unet], "time"),
+        (f"unet_p2p (1 call, {rows['unet_p2p']} rows)", lambda c: c["unet_call"]["unet_p2p"], "time"),
+        (f"unet_p2p / {unet}, per call", lambda c: c["unet_call"]["ratio"], "ratio"),
+        ("whole generation", lambda c: c["whole"]["generation"], "time"),
+        ("whole edit (generated image)", lambda c: c["whole"]["edit"], "time"),
+    ]
+    lines = ["", "Editing (prompt-to-prompt on the generated image, the same latents, steps, scheduler and "
+             "guidance; p50s):", "", "| | " + " | ".join(impls[k].get("label", k) for k in edits) + " |",
+             "|---|" + "---:|" * len(edits)]
+    for label, value, kind in table:
+        cells = [f"{value(c):.2f}" if kind == "ratio" else _fmt(value(c), "time") for c in edits.values()]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "A denoising step is the loop's time over its UNet calls (the edit's includes the scheduler "
+              "step of both latents and the local blend)."]
+    return lines
 
 
 def render_chart(results: Mapping[str, Any], path: Path) -> None:

@@ -12,6 +12,8 @@ from typing import Any
 PROMPT = "swimming underwater"
 NEGATIVE_PROMPT = "low quality, blurry"
 SUBJECT = "dog"
+# --edit: the subject the generated image shows, which the edit replaces by SUBJECT's
+ORIGINAL_SUBJECT = "cat"
 # The key of diffusers' reference row among the implementations (the others are backend names, and
 # diffusers in another torch dtype, "diffusers-bf16"): images and ratios are against this row.
 DIFFUSERS = "diffusers"
@@ -40,6 +42,7 @@ class Settings:
     seed: int
     controlnet: bool
     latent_shape: tuple[int, ...]
+    edit: bool = False  # also an edit of the generated image (our runtime only)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}

@@ -84,7 +84,7 @@ logger = logging.getLogger(__name__)
 INFERENCE_PRECISIONS = ("auto", "f32", "bf16")
 # The large convolutional graphs: weights dominate their memory. The encoders run once per image
 # and feed every step, so they keep their fp32 weights.
-WEIGHT_COMPRESSED_COMPONENTS = frozenset({"unet", "unet_plain", "controlnet", "vae_decoder"})
+WEIGHT_COMPRESSED_COMPONENTS = frozenset({"unet", "unet_plain", "unet_p2p", "controlnet", "vae_decoder"})
 DEVICE = "CPU"
 # The converted (and, with compress_weights, compressed) graph in a cache entry: OpenVINO IR.
 IR_XML, IR_BIN = "model.xml", "model.bin"
