@@ -16,7 +16,7 @@ import sys
 
 from blipdiffusion_trt.bench.flops import component_input_shapes, count_flops
 from blipdiffusion_trt.components import declare_components, generation_components
-from blipdiffusion_trt.package import PackageLayout, read_pipeline_config
+from blipdiffusion_trt.package import ModelPackage
 
 
 def main(argv=None) -> int:
@@ -28,14 +28,15 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
-    config = read_pipeline_config(args.package)
+    package = ModelPackage.open(args.package)  # confined and checked, as every command reads a package
+    config = package.config
     height, width = args.height or config.default_height, args.width or config.default_width
     results = {}
     specs = declare_components(config)
     for name in generation_components(config):
         spec = specs[name]
         shapes = component_input_shapes(spec, config, batch=args.batch, height=height, width=width)
-        results[name] = {**count_flops(PackageLayout(args.package).graph(name, args.precision), shapes),
+        results[name] = {**count_flops(package.onnx_path(name, args.precision), shapes),
                          "input_shapes": {k: list(v) for k, v in shapes.items()}}
     if args.json:
         print(json.dumps(results, indent=2))

@@ -1,4 +1,4 @@
-"""``blipdiffusion-trt`` command line: export, build, generate, serve (Triton), benchmark.
+"""``blipdiffusion-trt`` command line: export, build, generate, edit, serve (Triton), benchmark.
 
 Every subcommand is registered here, and only here (:data:`COMMANDS`). Its arguments and its run
 live with the code it drives (``engines/cli.py``, ``runtime/cli.py``, ``demo.py``, ...), except
@@ -20,10 +20,12 @@ from typing import Callable
 from . import demo
 from .bench import cli as bench_cli
 from .engines import cli as build_cli
+from .components import MAX_DECLARED_BATCH_SIZE
 from .errors import InputError, run_reporting_errors
 from .package import layout
 from .runtime import cli as generate_cli
 from .serving.triton import cli as triton_cli
+from .serving.triton import probe as triton_probe
 
 logger = logging.getLogger("blipdiffusion_trt")
 
@@ -49,6 +51,9 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cpu-fusions", action="store_true",
                    help=f"skip the CPU-fused fp32 graphs ({layout.GRAPHS_DIR}/{layout.CPU_FUSED}: "
                         "fused attention for the CPU runtime)")
+    p.add_argument("--no-editing", action="store_true",
+                   help="skip the editing graphs (vae_encoder, unet_p2p) that `edit` and `invert` run: a package "
+                        "that only generates, exported faster")
     p.add_argument("--gpu-fusions", action="store_true",
                    help=f"also write fp16 graphs with ONNX Runtime's CUDA fusions ({layout.GRAPHS_DIR}/{layout.CUDA_FUSED}, "
                         "CUDA provider only)")
@@ -59,13 +64,13 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
 def run_export(args) -> int:
     from .export.exporter import export_package
 
-    if args.max_batch_size < 1:
-        raise InputError(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
+    if not 1 <= args.max_batch_size <= MAX_DECLARED_BATCH_SIZE:
+        raise InputError(f"--max-batch-size must be in [1, {MAX_DECLARED_BATCH_SIZE}], got {args.max_batch_size}")
     report = export_package(
         args.checkpoint, args.out, controlnet=args.controlnet, precisions=args.precision, opset=args.opset,
         force=args.force, allow_pickle=args.allow_pickle, validate=not args.no_validate,
-        max_batch_size=args.max_batch_size, cpu_fusions=not args.no_cpu_fusions, gpu_fusions=args.gpu_fusions,
-        jobs=args.jobs,
+        max_batch_size=args.max_batch_size, cpu_fusions=not args.no_cpu_fusions, editing=not args.no_editing,
+        gpu_fusions=args.gpu_fusions, jobs=args.jobs,
     )
     print(report.summary())
     return 0
@@ -137,11 +142,17 @@ COMMANDS: tuple[Command, ...] = (
             build_cli.add_arguments, build_cli.run_build, build_cli.DESCRIPTION),
     Command("generate", "generate an image of a subject from a model package",
             generate_cli.add_arguments, generate_cli.run_generate),
+    Command("edit", "replace the subject of an image (generated, or a real one) by a reference image's subject",
+            generate_cli.add_edit_arguments, generate_cli.run_edit, generate_cli.EDIT_DESCRIPTION),
+    Command("invert", "DDIM-invert a real image into the latent that regenerates it (for generate/edit --latents)",
+            generate_cli.add_invert_arguments, generate_cli.run_invert, generate_cli.INVERT_DESCRIPTION),
     Command("demo", "build a tiny random-weight checkpoint, export it and generate an image",
             demo.add_arguments, demo.run),
     Command("random-checkpoint", "build a diffusers BLIP-Diffusion checkpoint with random weights",
             add_random_checkpoint_arguments, run_random_checkpoint),
     Command("triton", triton_cli.HELP, triton_cli.add_arguments, triton_cli.run_triton),
+    Command("triton-probe", "liveness probe of a served blip_diffusion model: one real tiny generation",
+            triton_probe.add_arguments, triton_probe.run_probe, triton_probe.__doc__.splitlines()[0]),
     Command("bench", bench_cli.HELP, bench_cli.add_arguments, bench_cli.run_bench, bench_cli.DESCRIPTION),
 )
 

@@ -16,6 +16,16 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from .errors import PackageError
+from .schema import Bool, Int, List, Number, Object, check
+
+# Bounds of what a package may declare (pipeline.json): far above any BLIP-Diffusion checkpoint
+# (Stable Diffusion 1.5: 512 px default, 77 text positions, 768 hidden), low enough that no
+# declared size asks for an absurd allocation. A package outside them is refused when opened.
+MAX_DECLARED_IMAGE_SIZE = 2048  # pixels per side of a generated image (export declares 2 x the default)
+MAX_DECLARED_BATCH_SIZE = 64
+MAX_DECLARED_SUBJECT_IMAGE_SIZE = 1024  # pixels per side of the Q-Former's input image (224 in the paper)
+MAX_DECLARED_TEXT_POSITIONS = 4096
+MAX_DECLARED_WIDTH = 65536  # hidden sizes and channels
 
 
 @dataclass(frozen=True)
@@ -53,19 +63,27 @@ class PipelineConfig:
     # Declared image-size range (pixels). Profiles, validation and Triton configs read it.
     min_image_size: int = 0
     max_image_size: int = 0
+    # Editing (prompt-to-prompt): the UNet level, as its downsampling factor from the latent, whose
+    # cross-attention maps drive the local blend and at and below which self-attention is replaced
+    # (export/p2p.py); 0: the package has no editing graphs (exported before editing existed).
+    edit_attention_downsample: int = 0
 
     def __post_init__(self) -> None:
         if not self.min_image_size:
             object.__setattr__(self, "min_image_size", self.image_multiple)
         if not self.max_image_size:
-            object.__setattr__(
-                self, "max_image_size", 2 * max(self.default_height, self.default_width)
-            )
+            largest = min(2 * max(self.default_height, self.default_width), MAX_DECLARED_IMAGE_SIZE)
+            object.__setattr__(self, "max_image_size", largest - largest % self.image_multiple)
 
     @property
     def text_length(self) -> int:
         """Prompt tokens the context text encoder takes: the rest of its positions hold the subject."""
         return self.text_max_length - self.num_query_tokens
+
+    @property
+    def has_editing(self) -> bool:
+        """Whether the package holds the editing graphs (``vae_encoder``, ``unet_p2p``)."""
+        return self.edit_attention_downsample > 0
 
     @property
     def image_multiple(self) -> int:
@@ -77,17 +95,79 @@ class PipelineConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "pipeline config") -> "PipelineConfig":
-        """The config from its dict (unknown keys ignored); ``source`` names it in errors."""
+        """The config from its dict (unknown keys ignored), checked against :data:`PIPELINE_CONFIG_SHAPE`
+        (types, ranges, consistency); ``source`` names it in the one-line :class:`PackageError`."""
+        data = check(data, PIPELINE_CONFIG_SHAPE, source=source, error=PackageError)
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name not in data]
-        if missing:
-            raise PackageError(f"{source}: missing fields {', '.join(missing)}")
         kwargs = {}
         for key, value in data.items():
             if key not in names:
                 continue
             kwargs[key] = tuple(value) if isinstance(value, list) else value
         return cls(**kwargs)
+
+
+def _sizes(d: Mapping[str, Any]) -> tuple[int, int, int]:
+    """(multiple, min, max) of generated image sides as the config will have them (0: the default)."""
+    multiple = d["latent_scale_factor"] * d["unet_size_multiple"]
+    low = d.get("min_image_size") or multiple
+    high = d.get("max_image_size") or 0
+    if not high:
+        high = min(2 * max(d["default_height"], d["default_width"]), MAX_DECLARED_IMAGE_SIZE)
+        high -= high % multiple
+    return multiple, low, high
+
+
+_SIDE = Int(1, MAX_DECLARED_IMAGE_SIZE)
+_POSITIONS = Int(1, MAX_DECLARED_TEXT_POSITIONS)
+_WIDTH = Int(1, MAX_DECLARED_WIDTH)
+_SMALL = Int(1, 64)
+
+# What pipeline.json must hold (PipelineConfig's fields, their types and bounds), and the rules
+# between fields the declarations (components, profiles, Triton dims) rely on.
+PIPELINE_CONFIG_SHAPE = Object(
+    required={
+        "ctx_begin_pos": Int(0, MAX_DECLARED_TEXT_POSITIONS),
+        "image_size": List(Int(1, MAX_DECLARED_SUBJECT_IMAGE_SIZE), length=2),
+        "image_mean": List(Number(-1e3, 1e3), length=3),
+        "image_std": List(Number(high=1e3, above=0), length=3),
+        "image_resample": Int(0, 5),  # PIL's resampling filters
+        "num_query_tokens": _POSITIONS,
+        "qformer_hidden_size": _WIDTH,
+        "qformer_max_text_length": _POSITIONS,
+        "text_max_length": _POSITIONS,
+        "text_hidden_size": _WIDTH,
+        "latent_channels": _SMALL,
+        "latent_scale_factor": _SMALL,
+        "unet_size_multiple": _SMALL,
+        "vae_scaling_factor": Number(high=1e3, above=0),
+        "unet_block_out_channels": List(_WIDTH, min_length=1, max_length=16),
+        "unet_layers_per_block": _SMALL,
+        "default_height": _SIDE,
+        "default_width": _SIDE,
+        "has_controlnet": Bool(),
+    },
+    optional={
+        "controlnet_conditioning_channels": _SMALL,
+        "max_batch_size": Int(1, MAX_DECLARED_BATCH_SIZE),
+        "min_image_size": Int(0, MAX_DECLARED_IMAGE_SIZE),
+        "max_image_size": Int(0, MAX_DECLARED_IMAGE_SIZE),
+    },
+    rules=(
+        ("text_max_length must exceed num_query_tokens + ctx_begin_pos + 1 (the prompt needs room)",
+         lambda d: d["text_max_length"] > d["num_query_tokens"] + d["ctx_begin_pos"] + 1),
+        ("qformer_max_text_length must exceed num_query_tokens",
+         lambda d: d["qformer_max_text_length"] > d["num_query_tokens"]),
+        ("min_image_size and max_image_size must be multiples of latent_scale_factor x unet_size_multiple "
+         "with min_image_size <= max_image_size",
+         lambda d: _sizes(d)[1] % _sizes(d)[0] == 0 and _sizes(d)[2] % _sizes(d)[0] == 0
+         and 0 < _sizes(d)[1] <= _sizes(d)[2]),
+        ("default_height and default_width must be multiples of latent_scale_factor x unet_size_multiple "
+         "within [min_image_size, max_image_size]",
+         lambda d: all(d[k] % _sizes(d)[0] == 0 and _sizes(d)[1] <= d[k] <= _sizes(d)[2]
+                       for k in ("default_height", "default_width"))),
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -183,6 +263,18 @@ class ComponentSpec:
                 if isinstance(dim, Axis):
                     found[dim.name] = dim
         return found
+
+    @property
+    def batch_axis(self) -> Axis | None:
+        """The axis whose rows are independent requests (Triton batches along it; a TensorRT engine
+        runs fewer rows padded): None unless ``batchable`` and every tensor starts with the same axis."""
+        if not self.batchable:
+            return None
+        firsts = {t.shape[0] if t.shape and isinstance(t.shape[0], Axis) else None for t in (*self.inputs, *self.outputs)}
+        if len(firsts) != 1:
+            return None
+        (axis,) = firsts
+        return axis
 
     def axis_values(self, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
         """Axis name -> value, read off the given input shapes; an axis the inputs do not show is
@@ -359,7 +451,56 @@ def declare_components(config: PipelineConfig) -> dict[str, ComponentSpec]:
         description="VAE decoder: unscaled latents -> image in [-1, 1]",
         gpu_fusion="vae",
     ))
+    if config.has_editing:
+        specs += _editing_components(config, batch, height, width, latent_h, latent_w)
     return {spec.name: spec for spec in specs}
+
+
+# Editing runs the UNet on [uncond_src, uncond_tgt, cond_src, cond_tgt]; the control acts on the
+# last two rows. A real image's source needs no guidance (3 rows), no guidance at all needs 2.
+P2P_PAIR_ROWS = 2
+P2P_MAX_ROWS = 4
+
+
+def _editing_components(config: PipelineConfig, batch: Axis, height: Axis, width: Axis,
+                        latent_h: Axis, latent_w: Axis) -> list[ComponentSpec]:
+    """``vae_encoder`` and ``unet_p2p`` (export/p2p.py documents the control tensors)."""
+    c = config.latent_channels
+    tokens = config.text_max_length
+    rows = Axis("p2p_batch", P2P_PAIR_ROWS, P2P_MAX_ROWS, P2P_MAX_ROWS)
+    level = config.edit_attention_downsample
+    map_h = latent_h if level == 1 else _scaled_axis(latent_h, level, f"latent_height_{level}")
+    map_w = latent_w if level == 1 else _scaled_axis(latent_w, level, f"latent_width_{level}")
+    latent = (rows, c, latent_h, latent_w)
+    return [
+        ComponentSpec(
+            "vae_encoder",
+            inputs=(TensorSpec("image", "float32", (batch, 3, height, width)),),
+            outputs=(TensorSpec("latent_mean", "float32", (batch, c, latent_h, latent_w)),
+                     TensorSpec("latent_logvar", "float32", (batch, c, latent_h, latent_w))),
+            description="VAE encoder: image in [-1, 1] -> mean and log-variance of the latent posterior (unscaled)",
+        ),
+        ComponentSpec(
+            "unet_p2p",
+            inputs=(
+                TensorSpec("sample", "float32", latent),
+                TensorSpec("timestep", "float32", (rows,)),
+                TensorSpec("encoder_hidden_states", "float32", (rows, tokens, config.text_hidden_size)),
+                TensorSpec("cross_weights", "float32", (tokens,)),
+                TensorSpec("token_map", "float32", (tokens, tokens)),
+                TensorSpec("self_gate", "float32", (1,)),
+            ),
+            outputs=(
+                TensorSpec("noise_pred", "float32", latent),
+                TensorSpec("cross_attention_maps", "float32", (tokens, map_h, map_w)),
+            ),
+            # the control tensors have no batch axis, and the rows are one edit: never batched
+            batchable=False,
+            description="UNet with prompt-to-prompt attention control of the last two rows (source, target) "
+                        "and the source's cross-attention maps at the local-blend level",
+            cpu_fusion="unet",
+        ),
+    ]
 
 
 def generation_components(config: PipelineConfig) -> list[str]:
@@ -369,3 +510,10 @@ def generation_components(config: PipelineConfig) -> list[str]:
     names = ["qformer", "text_encoder", "text_encoder_plain"]
     names += ["controlnet", "unet"] if config.has_controlnet else ["unet_plain"]
     return names + ["vae_decoder"]
+
+
+def editing_components(config: PipelineConfig) -> list[str]:
+    """The components editing runs besides a generation's text encoders, Q-Former and VAE decoder:
+    the VAE encoder (real images), the plain UNet (DDIM inversion) and the prompt-to-prompt UNet;
+    none for a package exported without editing."""
+    return ["vae_encoder", "unet_plain", "unet_p2p"] if config.has_editing else []

@@ -4,8 +4,10 @@ The CLI prints ``str(error)`` of these and exits non-zero; anything else is a bu
 traceback. Messages name the offending file or field and the allowed values.
 """
 
+import signal
 import sys
-from typing import Callable
+import threading
+from typing import Any, Callable
 
 
 class BlipDiffusionTrtError(Exception):
@@ -65,13 +67,32 @@ def describe(error: BaseException) -> str:
     return f"{name}: {text}" if text and text != name else name
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that the same cleanup runs (temporary
+    directories removed, locks released) before the command exits."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(f"terminated by signal {signum}")
+
+
 def run_reporting_errors(run: Callable[[], int]) -> int:
-    """Run a command: user errors print one line and exit 2, Ctrl-C exits 130, bugs keep their traceback."""
+    """Run a command: user errors print one line and exit 2, Ctrl-C exits 130 and SIGTERM 143
+    (both after the command's cleanup), bugs keep their traceback."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return run()
     except BlipDiffusionTrtError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -14,6 +14,7 @@ from PIL import Image
 from blipdiffusion_trt.bench import cli as bench_cli
 from blipdiffusion_trt.bench import flops
 from blipdiffusion_trt.bench import stats as bench_stats
+from blipdiffusion_trt.errors import InputError
 
 STAGES = ("qformer", "text_encoder", "text_encoder_plain", "unet_plain", "vae_decoder", "scheduler_step")
 
@@ -25,7 +26,7 @@ def bench_run(tiny, tmp_path_factory):
     code = bench_cli.main([
         "--package", str(tiny.package), "--checkpoint", str(tiny.checkpoint), "--backends", "cpu",
         "--runs", "1", "--warmup", "0", "--steps", "2", "--threads", "1", "--peak-tflops", "cpu=1.5",
-        "--no-progress", "--out", str(out),
+        "--diffusers-precisions", "fp32", "--no-progress", "--out", str(out), "--edit",
     ])
     assert code == 0
     return out, json.loads((out / "bench.json").read_text())
@@ -80,11 +81,31 @@ def test_json_is_well_formed(bench_run):
     assert results["peak_tflops"]["cpu"]["tflops"] == 1.5
 
 
+def test_edit_against_the_generation(bench_run):
+    """--edit: whole edits and one unet_p2p call on our side, set against the generation's."""
+    out, results = bench_run
+    impl = results["implementations"]["cpu"]
+    edit = impl["edit"]
+    for key in ("generation", "denoise_loop", "loop_it_per_s"):
+        _positive_stats(edit[key])
+    assert edit["unet_calls"] == impl["unet_calls"] and edit["in_generation"]["unet"]["p50"] > 0
+    _positive_stats(impl["stages"]["unet_p2p"])
+    comparison = edit["comparison"]
+    assert comparison["unet_call"]["rows"] == {"unet_plain": 2, "unet_p2p": 4}  # guidance, batch 1
+    for part in ("loop_per_step", "unet_call"):
+        assert comparison[part]["ratio"] > 0
+    assert comparison["loop_per_step"]["edit"] == pytest.approx(edit["denoise_loop"]["p50"] / edit["unet_calls"])
+    assert results["flops"]["unet_p2p"]["flops"] > results["flops"]["unet_plain"]["flops"] > 0
+    assert "diffusers" not in impl["edit"] and "edit" not in results["implementations"]["diffusers"]
+    markdown = (out / "bench.md").read_text()
+    assert "| unet_p2p (1 call, 4 rows) |" in markdown and "| edit / generation, per step |" in markdown
+
+
 def test_markdown_has_the_table(bench_run):
     out, _ = bench_run
     lines = (out / "bench.md").read_text().splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("| stage |"))
-    assert lines[header] == "| stage | GFLOP | diffusers torch cpu | ours cpu | × (cpu) |"
+    assert lines[header] == "| stage | GFLOP | diffusers torch cpu fp32 | ours cpu | × (cpu) |"
     assert set(lines[header + 1]) <= set("|-: ")
     assert any(line.startswith("| UNet (1 call) |") for line in lines)
     assert any("% of" in line or "%)" in line for line in lines)  # fraction of the given peak
@@ -160,6 +181,7 @@ def test_default_backends_are_the_registry_s_available_ones(monkeypatch):
     import onnxruntime as ort
 
     from blipdiffusion_trt.runtime import ort_install
+    from blipdiffusion_trt.runtime.backends import openvino as openvino_backend
     from blipdiffusion_trt.runtime.backends import tensorrt as tensorrt_backend
 
     gpu_wheel = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -168,8 +190,12 @@ def test_default_backends_are_the_registry_s_available_ones(monkeypatch):
     monkeypatch.setattr(ort_install, "find_tensorrt_library",
                         lambda ort, load=None: ort_install.TensorRTLibrary("libnvinfer.so.10", loaded=False))
     monkeypatch.setattr(tensorrt_backend, "TENSORRT", dataclasses.replace(tensorrt_backend.TENSORRT, is_available=lambda: True))
-    assert bench_cli.default_backends("fp32") == ["cpu", "cuda"]  # TensorRT plans are built from fp16 graphs only
+    monkeypatch.setattr(openvino_backend, "OPENVINO", dataclasses.replace(openvino_backend.OPENVINO, is_available=lambda: True))
+    # TensorRT plans are built from fp16 graphs only; OpenVINO reads the fp32 graphs only
+    assert bench_cli.default_backends("fp32") == ["cpu", "cuda", "openvino"]
     assert bench_cli.default_backends("fp16") == ["cpu", "cuda", "tensorrt"]  # no libnvinfer.so.10: no ort-tensorrt
+    monkeypatch.setattr(openvino_backend, "OPENVINO", dataclasses.replace(openvino_backend.OPENVINO, is_available=lambda: False))
+    assert bench_cli.default_backends("fp32") == ["cpu", "cuda"]
     monkeypatch.setattr(ort_install, "find_tensorrt_library",
                         lambda ort, load=None: ort_install.TensorRTLibrary("libnvinfer.so.10", loaded=True))
     assert bench_cli.default_backends("fp16") == ["cpu", "cuda", "ort-tensorrt", "tensorrt"]
@@ -341,3 +367,78 @@ def test_cold_start_children_share_one_inductor_cache(monkeypatch, tmp_path):
     monkeypatch.delenv(cold.INDUCTOR_CACHE_ENV, raising=False)
     monkeypatch.setenv("BLIPDIFFUSION_TRT_CACHE", str(tmp_path / "user-cache"))
     assert cold.inductor_cache_dir() == str(tmp_path / "user-cache" / "torchinductor")
+
+
+def test_diffusers_precisions():
+    avx512_bf16 = {"simd": ["avx512f", "avx512_bf16"]}
+    plain = {"simd": ["avx2", "fma"]}
+    # default: a user's best torch setting next to fp32 (the reference, first)
+    assert bench_cli.diffusers_precisions(None, "cpu", "fp32", avx512_bf16) == ["fp32", "bf16"]
+    assert bench_cli.diffusers_precisions(None, "cpu", "fp32", plain) == ["fp32"]
+    assert bench_cli.diffusers_precisions(None, "cuda", "fp16", plain) == ["fp16"]
+    assert bench_cli.diffusers_precisions(["bf16", "fp32", "bf16"], "cpu", "fp32", plain) == ["bf16", "fp32"]
+    for bad, fragment in ((["fp8"], "unknown fp8"), (["fp32", "fp16"], "GPU only")):
+        with pytest.raises(InputError) as e:
+            bench_cli.diffusers_precisions(bad, "cpu", "fp32", plain)
+        assert fragment in str(e.value) and str(e.value).startswith("--diffusers-precisions")
+
+
+def test_cpu_peak_in_bf16():
+    from blipdiffusion_trt.bench.machine import peak_tflops
+
+    cpu = {"model": "Some Xeon @ 2.00GHz", "simd": ["avx512f", "avx512_bf16"], "physical_cores": 2}
+    fp32 = peak_tflops("cpu", None, "fp32", cpu, None, None)
+    assert fp32["tflops"] == pytest.approx(2 * 2.0 * 64 / 1000)
+    assert peak_tflops("cpu", None, "bf16", cpu, None, None)["tflops"] == pytest.approx(2 * fp32["tflops"])
+    assert peak_tflops("cpu", None, "bf16", {**cpu, "simd": ["avx512f"]}, None, None)["tflops"] == fp32["tflops"]
+    assert peak_tflops("cpu", None, "bf16", {**cpu, "simd": ["avx512f", "amx_tile", "amx_bf16"]}, None, None) is None
+    assert peak_tflops("cpu", None, "bf16", cpu, None, "cpu=1,cpu-bf16=3")["tflops"] == 3.0
+    assert peak_tflops("cpu", None, "fp32", cpu, None, "cpu=1,cpu-bf16=3")["tflops"] == 1.0
+
+
+def test_openvino_next_to_diffusers_fp32_and_bf16(tiny, tmp_path):
+    """cpu and openvino next to diffusers in fp32 and bf16, one run: what ran is recorded, --threads
+    reaches OpenVINO, the cold start reads the model cache the in-process load wrote (smoke only)."""
+    pytest.importorskip("openvino", reason="the openvino backend needs OpenVINO (pip install .[openvino])")
+    pytest.importorskip("matplotlib", reason="the chart needs the dev extra (pip install .[dev])")
+    from blipdiffusion_trt.runtime.backends.openvino import cpu_capabilities
+
+    out, workdir = tmp_path / "out", tmp_path / "work"
+    code = bench_cli.main([
+        "--package", str(tiny.package), "--checkpoint", str(tiny.checkpoint), "--backends", "cpu,openvino",
+        "--diffusers-precisions", "fp32,bf16", "--runs", "1", "--warmup", "0", "--steps", "2", "--threads", "1",
+        "--no-flops", "--no-progress", "--workdir", str(workdir), "--out", str(out),
+    ])
+    assert code == 0
+    results = json.loads((out / "bench.json").read_text())
+    impls = results["implementations"]
+    assert list(impls) == ["diffusers", "diffusers-bf16", "cpu", "openvino"]
+    assert results["settings"]["diffusers_precisions"] == ["fp32", "bf16"]
+    assert impls["diffusers"]["precision"] == "fp32" and impls["diffusers-bf16"]["precision"] == "bf16"
+    for key, impl in impls.items():
+        assert "error" not in impl and "error" not in impl["cold_start"], (key, impl.get("error"), impl["cold_start"])
+        cold = impl["cold_start"]
+        assert impl["first_generation"]["p50"] > 0 and cold["peak_rss_mb"] > 0
+        assert 0 < cold["rss_anon_mb_after_first_image"] and 0 <= cold["rss_file_mb_after_first_image"]
+        assert cold["rss_anon_mb_after_first_image"] + cold["rss_file_mb_after_first_image"] <= cold["peak_rss_mb"] + 1
+        if key != "diffusers":  # every row's image against diffusers fp32, same latents
+            assert 0 <= impl["mean_abs_image_diff_vs_diffusers"] <= impl["max_abs_image_diff_vs_diffusers"] < 1, key
+    assert impls["cpu"]["max_abs_image_diff_vs_diffusers"] < 1e-2
+    ran = "bf16" if "BF16" in cpu_capabilities() else "f32"
+    openvino = impls["openvino"]
+    assert openvino["inference_precision"] == ran and openvino["label"] == f"ours openvino ({ran})"
+    assert set(openvino["engines"]) == set(impls["cpu"]["stages"]) - {"scheduler_step"}
+    for name, details in openvino["engines"].items():
+        assert details["inference_precision"] == ran and details["threads"] == 1, (name, details)
+        assert details["model_source"] == "onnx, cached as ir"  # a fresh cache: converted in this run
+    for name, details in openvino["cold_start"]["engines"].items():
+        assert details["model_source"] == "ir cache" and details["loaded_from_cache"] is True, (name, details)
+    assert not list(workdir.glob("openvino-cache-*")), "the benchmark's model cache was left behind"
+    rows = {row["key"]: row for row in results["table"]["rows"]}
+    assert rows["generation"]["ratios"]["diffusers-bf16"]["openvino"] > 0
+    assert rows["generation"]["ratios"]["diffusers"]["diffusers-bf16"] > 0
+    lines = (out / "bench.md").read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| stage | GFLOP | diffusers"))
+    assert header == (f"| stage | GFLOP | diffusers torch cpu fp32 | diffusers torch cpu bf16 | ours cpu | × (cpu) | "
+                      f"× bf16 (cpu) | ours openvino ({ran}) | × (openvino) | × bf16 (openvino) |")
+    assert any(line.startswith(f"- ours openvino ({ran}): inference precision that ran {ran}") for line in lines)

@@ -37,7 +37,7 @@ from onnx import numpy_helper  # noqa: E402
 
 from blipdiffusion_trt.components import Axis, ComponentSpec, PipelineConfig, declare_components  # noqa: E402
 from blipdiffusion_trt.export.graphs import export_point, second_point  # noqa: E402
-from blipdiffusion_trt.package import sha256_file  # noqa: E402
+from blipdiffusion_trt.package import read_pipeline_config, sha256_file  # noqa: E402
 from blipdiffusion_trt.package.layout import CPU_FUSED, MANIFEST  # noqa: E402
 
 from conftest import CHECKPOINTS, Fixture, load_diffusers  # noqa: E402
@@ -633,6 +633,12 @@ def _case_opset5(tmp_path, tiny, tiny_cn):
     return [tiny.checkpoint, "--opset", "5"], ["opset"]
 
 
+def _case_batch_too_large(tmp_path, tiny, tiny_cn):
+    from blipdiffusion_trt.components import MAX_DECLARED_BATCH_SIZE
+
+    return [tiny.checkpoint, "--max-batch-size", str(MAX_DECLARED_BATCH_SIZE + 1)], ["--max-batch-size", "[1, "]
+
+
 BAD_CASES = {
     "missing-checkpoint": _case_missing,
     "no-model-index": _case_no_model_index,
@@ -642,6 +648,7 @@ BAD_CASES = {
     "controlnet-cross-attention-dim": _case_controlnet_mismatch,
     "precision-fp8": _case_fp8,
     "opset-5": _case_opset5,
+    "max-batch-size-above-the-bound": _case_batch_too_large,
 }
 
 
@@ -701,14 +708,16 @@ def test_cli_export_force_replaces(tmp_path, tiny):
     out = parent / "pkg"
     out.mkdir(parents=True)
     (out / "old.txt").write_text("old")
-    result = _export(tiny.checkpoint, "--out", out, "--force", "--no-validate", cwd=tmp_path)
+    result = _export(tiny.checkpoint, "--out", out, "--force", "--no-validate", "--no-editing", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert not (out / "old.txt").exists()
     manifest = json.loads((out / MANIFEST).read_text())
     for rel, digest in manifest["files"].items():
         assert sha256_file(out / rel) == digest
-    assert list(manifest["components"]) == list(_specs(tiny))
+    # --no-editing: the fixture's components but the editing graphs
+    assert fixture_config(tiny).has_editing and not read_pipeline_config(out).has_editing
+    assert list(manifest["components"]) == [n for n in _specs(tiny) if n not in ("vae_encoder", "unet_p2p")]
     assert [p.name for p in parent.iterdir()] == ["pkg"], "temporary or old directories left behind"
 
 
@@ -738,7 +747,7 @@ def test_cli_fuse_adds_cpu_fused_graphs_to_a_package(tmp_path, tiny):
     from blipdiffusion_trt.runtime.pipeline import BlipDiffusionRuntime
 
     out = tmp_path / "pkg"
-    result = _export(tiny.checkpoint, "--out", out, "--no-validate", "--no-cpu-fusions", cwd=tmp_path)
+    result = _export(tiny.checkpoint, "--out", out, "--no-validate", "--no-cpu-fusions", "--no-editing", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert not (out / "onnx" / CPU_FUSED).exists()
     plain = BlipDiffusionRuntime.from_package(out)
@@ -750,7 +759,8 @@ def test_cli_fuse_adds_cpu_fused_graphs_to_a_package(tmp_path, tiny):
     fused_files = sorted(f for f in manifest["files"] if f.startswith(f"onnx/{CPU_FUSED}/"))
     assert fused_files == sorted(p.relative_to(out).as_posix() for p in (out / "onnx" / CPU_FUSED).iterdir())
     assert fused_files and all(sha256_file(out / f) == manifest["files"][f] for f in fused_files)
-    assert set(manifest["cpu_fused"]) == {n for n, s in _specs(tiny).items() if s.cpu_fusion}
+    assert set(manifest["cpu_fused"]) == {n for n, s in declare_components(read_pipeline_config(out)).items()
+                                          if s.cpu_fusion}
     assert [p.name for p in (out / "onnx").iterdir() if p.name.startswith(".")] == [], "scratch left behind"
 
     fused = BlipDiffusionRuntime.from_package(out)

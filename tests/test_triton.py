@@ -35,12 +35,21 @@ onnx = pytest.importorskip("onnx", reason="needs the export extra")
 from google.protobuf import text_format  # noqa: E402  (tritonclient[grpc] brings protobuf)
 from tritonclient.grpc import model_config_pb2  # noqa: E402
 
-from blipdiffusion_trt.components import Axis, ComponentSpec, PipelineConfig, TensorSpec, generation_components  # noqa: E402
+from blipdiffusion_trt.components import (  # noqa: E402
+    Axis,
+    ComponentSpec,
+    PipelineConfig,
+    TensorSpec,
+    editing_components,
+    generation_components,
+)
 from blipdiffusion_trt.package import read_pipeline_config  # noqa: E402
 from blipdiffusion_trt.serving.triton import cli as triton_cli  # noqa: E402
 from blipdiffusion_trt.serving.triton import configs  # noqa: E402
 from blipdiffusion_trt.serving.triton import repository as tr  # noqa: E402
 from blipdiffusion_trt.errors import InputError, PackageError  # noqa: E402
+
+from helpers import run_cli  # noqa: E402
 
 FLAVORS = ("python-cpu", "onnxruntime", "tensorrt")
 ONNX_TO_TRITON = {1: "TYPE_FP32", 10: "TYPE_FP16", 7: "TYPE_INT64", 6: "TYPE_INT32", 2: "TYPE_UINT8", 9: "TYPE_BOOL"}
@@ -117,9 +126,13 @@ def test_repository_configs(flavor, which, request, trt_packages, tmp_path):
     repo = tr.write_triton_repository(source, tmp_path / "repo", flavor, instances=2)
     package = ModelPackage.open(fixture.package, verify=False)
     config: PipelineConfig = package.config
-    components = generation_components(config)
+    generation = generation_components(config)
     expected = ["controlnet", "unet"] if fixture.controlnet else ["unet_plain"]
-    assert set(expected) <= set(components) and ("unet_plain" in components) != fixture.controlnet
+    assert set(expected) <= set(generation) and ("unet_plain" in generation) != fixture.controlnet
+    # the editing graphs where the package has them (tiny's, not tiny_cn's)
+    editing = [c for c in editing_components(config) if c not in generation]
+    assert bool(editing) == (which == "tiny")
+    components = generation + editing
     assert sorted(p.name for p in repo.path.iterdir()) == sorted(components + ["blip_diffusion"])
     assert not list(tmp_path.glob(".repo.partial-*")), "temporary directory left behind"
 
@@ -160,7 +173,8 @@ def test_repository_configs(flavor, which, request, trt_packages, tmp_path):
                 low, high = profile[tensor.name]["min"], profile[tensor.name]["max"]
                 assert list(tensor.dims) == [lo if lo == hi else -1 for lo, hi in zip(low, high)], tensor.name
             static = all(d > 0 for t in (*cfg.input, *cfg.output) for d in t.dims)
-            assert static == (component != "qformer")  # its text length is padded to the longest word
+            # the Q-Former's text length is padded to the longest word; an edit's UNet rows are 2 to 4
+            assert static == (component not in ("qformer", "unet_p2p"))
             assert cfg.optimization.cuda.graphs == static
         else:
             # batching: from the declarations; the UNet's batch is 2 x B; ControlNet's scalar
@@ -217,12 +231,23 @@ def test_repository_configs(flavor, which, request, trt_packages, tmp_path):
         "scheduler": ("TYPE_STRING", [1], True),
         "condition_image": ("TYPE_UINT8", [-1, -1, 3], True),
         "controlnet_conditioning_scale": ("TYPE_FP32", [1], True),
+        **({"original_subject": ("TYPE_STRING", [1], True),
+            "image": ("TYPE_UINT8", [-1, -1, 3], True),
+            "cross_replace_steps": ("TYPE_FP32", [1], True),
+            "self_replace_steps": ("TYPE_FP32", [1], True),
+            "blend_threshold": ("TYPE_FP32", [1], True),
+            "local_blend": ("TYPE_BOOL", [1], True)} if editing else {}),
     }
-    assert [(t.name, DataType.Name(t.data_type), list(t.dims)) for t in cfg.output] == [("image", "TYPE_UINT8", [-1, -1, 3])]
+    outputs = [(t.name, DataType.Name(t.data_type), list(t.dims)) for t in cfg.output]
+    assert outputs == [("image", "TYPE_UINT8", [-1, -1, 3])] + ([("source_image", "TYPE_UINT8", [-1, -1, 3])] if editing else [])
     params = {k: v.string_value for k, v in cfg.parameters.items()}
     assert json.loads(params["components"]) == {c: c for c in components}
     batch_sizes = json.loads(params["component_max_batch_sizes"])
     assert batch_sizes == {c: parse_config(repo.path / c / "config.pbtxt").max_batch_size for c in components}
+    # static engines built for one guided prompt take the UNet's two rows: the BLS model pads fewer
+    guided_unets = [c for c in components if getattr(package.specs[c].batch_axis, "name", None) == "unet_batch"]
+    assert guided_unets and json.loads(params["component_min_rows"]) == (
+        {c: 2 for c in guided_unets} if flavor == "tensorrt" else {})
     version_dir = bls_dir / "1"
     package_copy = version_dir / params["package_dir"]
     assert (package_copy / "pipeline.json").read_bytes() == (fixture.package / "pipeline.json").read_bytes()
@@ -387,6 +412,7 @@ STARTUP_SECONDS = 180
 LOAD_TEST_HANG_SECONDS = 600
 REFERENCE = np.random.default_rng(7).integers(0, 256, (40, 50, 3), dtype=np.uint8)
 CONDITION = np.random.default_rng(8).integers(0, 256, (24, 28, 3), dtype=np.uint8)
+REAL_IMAGE = np.random.default_rng(9).integers(0, 256, (30, 44, 3), dtype=np.uint8)
 
 
 def _free_ports(count: int) -> list[int]:
@@ -443,6 +469,7 @@ def _stub_python_bin(tmp: Path) -> Path:
 class TritonServer:
     def __init__(self, process: subprocess.Popen, http_port: int, grpc_port: int, log: Path):
         self.process = process
+        self.shm_prefix = ""
         self.http_url = f"127.0.0.1:{http_port}"
         self.grpc_url = f"127.0.0.1:{grpc_port}"
         self.log = log
@@ -471,8 +498,13 @@ class TritonServer:
             return ""
 
 
-@pytest.fixture(scope="module")
-def triton_server(tiny, tiny_cn, tmp_path_factory):
+SHM_DIR = Path("/dev/shm")
+STOP_SECONDS = 20  # how long a SIGTERM'd server may take to stop before the test gives up on it
+
+
+def start_server(repos: list[Path], tmp: Path) -> TritonServer:
+    """tritonserver on 127.0.0.1 serving ``repos``, with its own prefix for the python backend's
+    shared-memory regions (so that exactly its regions can be checked and removed)."""
     pytriton = pytest.importorskip("pytriton", reason="needs nvidia-pytriton (it bundles tritonserver)")
     glibc = _glibc()
     if glibc is None or glibc < (2, 35):
@@ -487,21 +519,16 @@ def triton_server(tiny, tiny_cn, tmp_path_factory):
         if not needed.is_file():
             pytest.skip(f"pytriton's server is incomplete here: {needed} is missing")
 
-    tmp = tmp_path_factory.mktemp("triton")
     backends = tmp / "backends"
     shutil.copytree(python_backend, backends / "python", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy2(stub, backends / "python" / "triton_python_backend_stub")
     python_bin = _stub_python_bin(tmp)
-    repos = [
-        tr.write_triton_repository(tiny.package, tmp / "repo-tiny", "python-cpu", max_image_pixels=MAX_IMAGE_PIXELS).path,
-        tr.write_triton_repository(tiny_cn.package, tmp / "repo-cn", "python-cpu", name_prefix="cn_",
-                                   max_image_pixels=MAX_IMAGE_PIXELS).path,
-    ]
     env = dict(os.environ)
     env["PATH"] = f"{python_bin}{os.pathsep}{env.get('PATH', '')}"
     ld = [sysconfig.get_config_var("LIBDIR") or "", str(libs), env.get("LD_LIBRARY_PATH", "")]
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in ld if p)
     http_port, grpc_port, metrics_port = _free_ports(3)
+    shm_prefix = f"blipdiffusion_trt_test_{os.getpid()}_{http_port}_"
     command = [str(binary)]
     for repo in repos:
         command += ["--model-repository", str(repo)]
@@ -509,12 +536,14 @@ def triton_server(tiny, tiny_cn, tmp_path_factory):
         "--backend-directory", str(backends), "--http-address", "127.0.0.1", "--grpc-address", "127.0.0.1",
         "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
         "--allow-metrics", "false", "--allow-gpu-metrics", "false", "--exit-timeout-secs", "10",
+        f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
     ]
     log = tmp / "tritonserver.log"
     with open(log, "wb") as log_file:
         process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=tmp,
                                    start_new_session=True)
     server = TritonServer(process, http_port, grpc_port, log)
+    server.shm_prefix = shm_prefix
     try:
         deadline = time.monotonic() + STARTUP_SECONDS
         while True:
@@ -529,16 +558,56 @@ def triton_server(tiny, tiny_cn, tmp_path_factory):
             if time.monotonic() > deadline:
                 pytest.fail(f"tritonserver not ready after {STARTUP_SECONDS} s:\n{server.log_tail()}")
             time.sleep(0.5)
-        yield server
-    finally:
-        server.close_clients()
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)  # its own session: the server and its stubs only
-                process.wait(timeout=10)
+    except BaseException:
+        stop_server(server)
+        raise
+    return server
+
+
+def shm_regions(server: TritonServer) -> list[Path]:
+    return sorted(SHM_DIR.glob(server.shm_prefix + "*")) if SHM_DIR.is_dir() else []
+
+
+def stop_server(server: TritonServer) -> dict:
+    """SIGTERM; after :data:`STOP_SECONDS` SIGKILL to its process group (the server and its stubs,
+    nothing else). Then its shared-memory regions are removed (a stub killed with SIGKILL cannot
+    remove its own). Returns what happened: seconds to stop, killed or not, regions left."""
+    server.close_clients()
+    process = server.process
+    result = {"seconds": 0.0, "killed": False, "regions_left": []}
+    if process.poll() is None:
+        start = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            result["killed"] = True
+            os.killpg(process.pid, signal.SIGKILL)  # its own session: the server and its stubs only
+            process.wait(timeout=10)
+        result["seconds"] = time.monotonic() - start
+    try:  # stubs in the server's session that outlived it
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    result["regions_left"] = [p.name for p in shm_regions(server)]
+    for region in shm_regions(server):
+        region.unlink(missing_ok=True)
+    return result
+
+
+@pytest.fixture(scope="module")
+def triton_server(tiny, tiny_cn, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("triton")
+    repos = [
+        tr.write_triton_repository(tiny.package, tmp / "repo-tiny", "python-cpu", max_image_pixels=MAX_IMAGE_PIXELS).path,
+        tr.write_triton_repository(tiny_cn.package, tmp / "repo-cn", "python-cpu", name_prefix="cn_",
+                                   max_image_pixels=MAX_IMAGE_PIXELS).path,
+    ]
+    server = start_server(repos, tmp)
+    yield server
+    stopped = stop_server(server)
+    # a clean shutdown: prompt, and the python backend removed every shared-memory region itself
+    assert not stopped["killed"] and not stopped["regions_left"], stopped
 
 
 _runtimes: dict[str, object] = {}
@@ -578,10 +647,12 @@ def triton_inputs(protocol: str, args: dict, *, drop: tuple[str, ...] = (), raw:
     arrays = {}
     for key, value in args.items():
         name = names.get(key, key)
-        if name in ("prompt", "source_subject", "target_subject", "negative_prompt", "scheduler"):
+        if name in ("prompt", "source_subject", "target_subject", "negative_prompt", "scheduler", "original_subject"):
             arrays[name] = np.array([value.encode() if isinstance(value, str) else value], dtype=np.object_)
-        elif name in ("reference_image", "condition_image"):
+        elif name in ("reference_image", "condition_image", "image"):
             arrays[name] = value
+        elif name == "local_blend":
+            arrays[name] = np.array([value], np.bool_)
         elif name in ("steps", "height", "width"):
             arrays[name] = np.array([value], np.int32)
         elif name == "seed":
@@ -590,7 +661,8 @@ def triton_inputs(protocol: str, args: dict, *, drop: tuple[str, ...] = (), raw:
             arrays[name] = np.array([value], np.float32)
     arrays.update(raw or {})
     datatypes = {np.dtype(np.uint8): "UINT8", np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64",
-                 np.dtype(np.float32): "FP32", np.dtype(np.float64): "FP64", np.dtype(np.object_): "BYTES"}
+                 np.dtype(np.float32): "FP32", np.dtype(np.float64): "FP64", np.dtype(np.object_): "BYTES",
+                 np.dtype(np.bool_): "BOOL"}
     inputs = []
     for name, array in arrays.items():
         if name in drop:
@@ -601,10 +673,12 @@ def triton_inputs(protocol: str, args: dict, *, drop: tuple[str, ...] = (), raw:
     return inputs
 
 
-def infer(client, protocol: str, model: str, inputs: list) -> np.ndarray:
+def infer(client, protocol: str, model: str, inputs: list, outputs: tuple[str, ...] = ("image",)):
+    """The image (or, for several ``outputs``, each of them)."""
     module = __import__(f"tritonclient.{protocol}", fromlist=["InferRequestedOutput"])
-    result = client.infer(model, inputs, outputs=[module.InferRequestedOutput("image")])
-    return result.as_numpy("image")
+    result = client.infer(model, inputs, outputs=[module.InferRequestedOutput(name) for name in outputs])
+    arrays = [result.as_numpy(name) for name in outputs]
+    return arrays[0] if len(outputs) == 1 else arrays
 
 
 CASES = [
@@ -670,12 +744,17 @@ BAD_REQUESTS = [
     ("steps too large", {"num_inference_steps": 1001}, (), None, "num_inference_steps must be an integer in [1, 1000], got 1001"),
     ("unknown scheduler", {"scheduler": "karras"}, (), None, "unknown scheduler 'karras'; allowed: pndm, ddim, euler, dpmpp-2m"),
     ("bad height", {"height": 30}, (), None, "height must be a multiple of 4"),
-    ("negative seed", {"seed": -3}, (), None, "seed must be a non-negative integer, got -3"),
+    ("negative seed", {"seed": -3}, (), None, "seed must be an integer in [0, 9223372036854775807], got -3"),
     ("empty prompt", {"prompt": "  "}, (), None, "prompt must be a non-empty string"),
     ("bad utf-8", {}, (), {"prompt": np.array([b"\xff\xfe"], dtype=np.object_)}, "prompt: not valid UTF-8"),
     ("two prompts", {}, (), {"prompt": np.array([b"a", b"b"], dtype=np.object_)}, "unexpected shape for input 'prompt'"),
     ("no controlnet", {"condition_image": CONDITION}, (), None, "this package has no ControlNet"),
     ("rgba image", {}, (), {"reference_image": np.zeros((8, 8, 4), np.uint8)}, "unexpected shape for input 'reference_image'"),
+    # issue 15: bounded work, one line, INVALID_ARGUMENT
+    ("1 MB prompt", {"prompt": "x" * 1_000_000}, (), None, "prompt has 1000000 characters, more than the limit of 2000"),
+    ("subject word too long", {"source_subject": "dog " * 50}, (), None, "52 Q-Former tokens, more than the 48"),
+    ("guidance 1e38", {"guidance_scale": 1e38}, (), None, "guidance_scale must be a finite number in [0, 100]"),
+    ("subject not utf-8", {}, (), {"source_subject": np.array([b"d\xffg"], dtype=np.object_)}, "source_subject: not valid UTF-8"),
 ]
 
 
@@ -691,6 +770,9 @@ def test_server_bad_requests(triton_server, tiny, tiny_cn, protocol):
         text = error.value.message()
         assert message in text, f"{name}: {text}"
         assert "\n" not in text and "Traceback" not in text, f"{name}: {text}"
+        if "Q-Former" in message or "characters" in message or "guidance" in message or "UTF-8" in message:
+            status = error.value.status()
+            assert status in ("400", "StatusCode.INVALID_ARGUMENT"), f"{name}: {status}"
     # the ControlNet package without its condition image
     with pytest.raises(InferenceServerException, match="pass condition_image or canny_image"):
         infer(client, protocol, "cn_blip_diffusion", triton_inputs(protocol, generation(tiny), drop=("condition_image",)))
@@ -702,3 +784,106 @@ def test_server_bad_requests(triton_server, tiny, tiny_cn, protocol):
         np.testing.assert_array_equal(infer(client, protocol, model, triton_inputs(protocol, args)),
                                       reference_image(fixture, **args))
     assert "not healthy" not in triton_server.log_tail(200_000)
+
+
+# --------------------------------------------------------------------------------------------
+# Edits
+# --------------------------------------------------------------------------------------------
+
+
+def reference_edit(fixture, args: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The Python API's edit (edited, source), quantised as the BLS model does."""
+    from blipdiffusion_trt.runtime.pipeline import BlipDiffusionRuntime
+
+    if fixture.name not in _runtimes:
+        _runtimes[fixture.name] = BlipDiffusionRuntime.from_package(fixture.package)
+    args = dict(args)
+    if args.pop("local_blend", True) is False:
+        args["blend_threshold"] = None
+    out = _runtimes[fixture.name].edit(args.pop("prompt"), args.pop("reference_image"), args.pop("source_subject"),
+                                       args.pop("target_subject"), args.pop("original_subject"), output_type="np", **args)
+    return tuple((image * 255).round().astype(np.uint8) for image in (out.edited, out.source))
+
+
+def test_server_edits(triton_server, tiny):
+    """original_subject makes a request an edit: of the generated image (http) and of a real UINT8
+    image (grpc); both images equal the Python API's. Bad edits are INVALID_ARGUMENT in one line."""
+    from tritonclient.utils import InferenceServerException
+
+    cases = [("http", {"original_subject": "cat", "local_blend": False, "cross_replace_steps": 0.5}),
+             ("grpc", {"original_subject": "cat", "image": REAL_IMAGE, "seed": 2, "height": 24, "width": 40})]
+    for protocol, case in cases:
+        client = triton_server.client(protocol)
+        args = generation(tiny, **case)
+        edited, source = infer(client, protocol, "blip_diffusion", triton_inputs(protocol, args), ("image", "source_image"))
+        expected = reference_edit(tiny, args)
+        np.testing.assert_array_equal(edited, expected[0], err_msg=f"{protocol} {case}")
+        np.testing.assert_array_equal(source, expected[1], err_msg=f"{protocol} {case}")
+    bad = [({"original_subject": "cat", "blend_threshold": 2.0}, "blend_threshold must be a number in [0, 1]"),
+           ({"original_subject": "cat", "image": REAL_IMAGE, "scheduler": "pndm"}, "must be edited with the ddim scheduler"),
+           ({"original_subject": " "}, "original_subject must be a non-empty string")]
+    for protocol, status in (("http", "400"), ("grpc", "StatusCode.INVALID_ARGUMENT")):
+        client = triton_server.client(protocol)
+        for overrides, message in bad:
+            with pytest.raises(InferenceServerException) as error:
+                infer(client, protocol, "blip_diffusion", triton_inputs(protocol, generation(tiny, **overrides)))
+            text = error.value.message()
+            assert message in text and "\n" not in text, (overrides, text)
+            assert str(error.value.status()) == status, (overrides, error.value.status())
+    # a repository of a package without the editing graphs declares no edit inputs
+    with pytest.raises(InferenceServerException, match="original_subject"):
+        infer(triton_server.client("http"), "http", "cn_blip_diffusion",
+              triton_inputs("http", generation(tiny, condition_image=CONDITION, original_subject="cat")))
+
+
+# --------------------------------------------------------------------------------------------
+# Liveness: a dead python-backend stub (issue 15.7)
+# --------------------------------------------------------------------------------------------
+
+
+def _stub_pid(server: TritonServer, model: str) -> int:
+    """The python-backend stub process serving ``model`` (a child of the server; its command line
+    names the model's file)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == server.process.pid and any(f"/{model}/1/model.py".encode() in part for part in cmdline):
+            found.append(int(entry.name))
+    assert len(found) == 1, f"stub of {model}: {found}"
+    return found[0]
+
+
+def test_liveness_probe_sees_a_dead_stub(tiny, tmp_path_factory):
+    """After ``kill -9`` of a stub, Triton still reports the server and every model ready (so the
+    README says to probe liveness with a real request); ``blipdiffusion-trt triton-probe``, one
+    tiny generation through every component, fails in one line. The server then stops within
+    :data:`STOP_SECONDS` of SIGTERM (or is killed), and none of its shared-memory regions is left."""
+    tmp = tmp_path_factory.mktemp("triton-liveness")
+    repo = tr.write_triton_repository(tiny.package, tmp / "repo", "python-cpu").path
+    server = start_server([repo], tmp)
+    try:
+        probe = run_cli("triton-probe", "--url", server.http_url, "--timeout", "120", timeout=300)
+        assert probe.returncode == 0 and probe.stdout.startswith("ok: blip_diffusion made an image"), probe
+        assert shm_regions(server), "the python backend did not use this server's shared-memory prefix"
+        for model in ("unet_plain", "blip_diffusion"):
+            pid = _stub_pid(server, model)
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            with urllib.request.urlopen(f"http://{server.http_url}/v2/health/ready", timeout=5) as response:
+                assert response.status == 200  # what Triton 2.51 reports: the reason for the probe
+            failed = run_cli("triton-probe", "--url", server.http_url, "--timeout", "120", timeout=300)
+            assert failed.returncode == 1, failed
+            lines = failed.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("unhealthy: ") and "not healthy" in lines[0], failed.stderr
+    finally:
+        stopped = stop_server(server)
+    assert not shm_regions(server), "shared-memory regions left behind"
+    assert not stopped["killed"], stopped

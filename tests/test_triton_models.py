@@ -23,7 +23,13 @@ from conftest import shared_runtime  # noqa: E402
 from fakes import triton_python_backend_utils as pb  # noqa: E402
 from fakes.triton_repository import load_python_models, request  # noqa: E402
 
-from blipdiffusion_trt.components import ComponentSpec, TensorSpec, generation_components  # noqa: E402
+from blipdiffusion_trt.components import (  # noqa: E402
+    Axis,
+    ComponentSpec,
+    TensorSpec,
+    editing_components,
+    generation_components,
+)
 from blipdiffusion_trt.errors import EngineError, PackageError  # noqa: E402
 from blipdiffusion_trt.package import read_pipeline_config  # noqa: E402
 from blipdiffusion_trt.serving.triton.bls import BlipDiffusionModel  # noqa: E402
@@ -99,6 +105,26 @@ def test_engine_sends_the_declared_inputs_and_returns_host_copies(fake_server, m
     np.testing.assert_array_equal(out["extra"], [7.5, 9.5])
 
 
+def test_engine_pads_rows_to_a_fixed_batch(fake_server):
+    """A model with a fixed batch (a static TensorRT engine) gets fewer rows of a batchable
+    component padded with the last row, and the answer is cut back to the rows asked for."""
+    rows = Axis("rows", 1, 2, 4)
+    spec = ComponentSpec("toy", inputs=(TensorSpec("sample", "float32", (rows, 3)), TensorSpec("timestep", "int64", (rows,))),
+                         outputs=(TensorSpec("out", "float32", (rows, 3)), TensorSpec("extra", "float32", (rows,))))
+    model = ScriptedModel(_echo)
+    fake_server.serve("toy_model", model)
+    engine = TritonEngine(spec, "toy_model", 0, fake_server, min_rows=3)
+    sample = np.arange(6, dtype=np.float32).reshape(2, 3)
+    out = engine.infer({"sample": sample, "timestep": np.array([7, 9])})
+    sent = {t.name(): t.as_numpy() for t in model.requests[-1].inputs()}
+    np.testing.assert_array_equal(sent["sample"], sample[[0, 1, 1]])
+    np.testing.assert_array_equal(sent["timestep"], [7, 9, 9])
+    np.testing.assert_array_equal(out["out"], sample * 2)
+    np.testing.assert_array_equal(out["extra"], [7.5, 9.5])
+    engine.infer({"sample": np.zeros((3, 3), np.float32), "timestep": np.zeros(3, np.int64)})  # enough rows: as they are
+    assert len(model.requests[-1].inputs()[0].as_numpy()) == 3
+
+
 def test_engine_errors_are_one_line_engine_errors(fake_server):
     engine = TritonEngine(SPEC, "toy_model", 0, fake_server)
     feed = {"sample": np.zeros((2, 3), np.float32), "timestep": np.zeros(2, np.int64)}
@@ -152,7 +178,9 @@ def bls_arrays(args: dict) -> dict[str, np.ndarray]:
     """The BLS model's input tensors for Python API arguments (as a client sends them)."""
     names = {"num_inference_steps": "steps", "neg_prompt": "negative_prompt"}
     dtypes = {"steps": np.int32, "height": np.int32, "width": np.int32, "seed": np.int64,
-              "guidance_scale": np.float32, "controlnet_conditioning_scale": np.float32}
+              "guidance_scale": np.float32, "controlnet_conditioning_scale": np.float32,
+              "cross_replace_steps": np.float32, "self_replace_steps": np.float32, "blend_threshold": np.float32,
+              "local_blend": np.bool_}
     arrays = {}
     for key, value in args.items():
         name = names.get(key, key)
@@ -176,10 +204,13 @@ def repositories(tiny, tiny_cn, tmp_path_factory):
 def test_bls_model_matches_the_python_api(fake_server, repositories, request, which):
     fixture = request.getfixturevalue(which)
     models = load_python_models(repositories[which], fake_server)
-    components = generation_components(read_pipeline_config(fixture.package))
-    assert sorted(models) == sorted(components + ["blip_diffusion"])
+    config = read_pipeline_config(fixture.package)
+    components = generation_components(config)
+    # a package with the editing graphs: their models too (loaded by the BLS model on the first edit)
+    editing = [c for c in editing_components(config) if c not in components]
+    assert sorted(models) == sorted(components + editing + ["blip_diffusion"])
     bls = models["blip_diffusion"].model
-    assert isinstance(bls, BlipDiffusionModel)
+    assert isinstance(bls, BlipDiffusionModel) and bls.editing == bool(editing)
     assert {c: (type(e), e.model_name) for c, e in bls.runtime.engines.items()} == {c: (TritonEngine, c) for c in components}
 
     cases = [{}, {"seed": 5, "guidance_scale": 1.0, "height": 24, "width": 40, "scheduler": "ddim"},
@@ -215,7 +246,7 @@ def test_bls_model_answers_every_bad_request_in_one_line(fake_server, repositori
     invalid = fake_server.TritonError.INVALID_ARG
     cases = [
         ({"num_inference_steps": 0}, {}, "num_inference_steps must be an integer in [1, 1000], got 0"),
-        ({"seed": -3}, {}, "seed must be a non-negative integer, got -3"),
+        ({"seed": -3}, {}, "seed must be an integer in [0, 9223372036854775807], got -3"),
         ({"scheduler": "karras"}, {}, "karras"),
         ({"prompt": "  "}, {}, "prompt must be a non-empty string"),
         ({}, {"prompt": np.array([b"\xff\xfe"], dtype=np.object_)}, "prompt: not valid UTF-8"),
@@ -254,6 +285,79 @@ def test_bls_model_answers_every_bad_request_in_one_line(fake_server, repositori
     (response,) = bls.execute([request_of(fake_server, generation(tiny, seed=11))])
     np.testing.assert_array_equal(fake_server.get_output_tensor_by_name(response, "image").as_numpy(),
                                   python_api_image(tiny, generation(tiny, seed=11)))
+
+
+# --------------------------------------------------------------------------------------------
+# Edits through the BLS model
+# --------------------------------------------------------------------------------------------
+
+REAL_IMAGE = np.random.default_rng(9).integers(0, 256, (30, 44, 3), dtype=np.uint8)
+EDIT_CASES = [
+    {"original_subject": "cat"},  # the generated image, guidance, local blend: 4 UNet rows
+    {"original_subject": "cat", "image": REAL_IMAGE, "seed": 2, "height": 24, "width": 40},  # a real image: 3 rows
+    {"original_subject": "cat", "guidance_scale": 1.0, "local_blend": False, "cross_replace_steps": 0.5,
+     "self_replace_steps": 0.0, "scheduler": "euler"},  # no guidance: 2 rows, no local blend
+]
+
+
+def python_api_edit(fixture, args: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The Python API's edit (edited, source), quantised as the BLS model does."""
+    args = dict(args)
+    if args.pop("local_blend", True) is False:
+        args["blend_threshold"] = None
+    out = shared_runtime(fixture).edit(args.pop("prompt"), args.pop("reference_image"), args.pop("source_subject"),
+                                       args.pop("target_subject"), args.pop("original_subject"), output_type="np", **args)
+    return tuple((image * 255).round().astype(np.uint8) for image in (out.edited, out.source))
+
+
+def test_bls_model_edits_match_the_python_api(fake_server, repositories, tiny):
+    """A request with original_subject is an edit: the edited image and the source image equal the
+    Python API's; the editing graphs' models are asked only then, unet_p2p once per step."""
+    models = load_python_models(repositories["tiny"], fake_server)
+    bls = models["blip_diffusion"]
+    for case in EDIT_CASES:
+        args = generation(tiny, **case)
+        fake_server.SENT.clear()
+        (response,) = bls.execute([request_of(fake_server, args)])
+        assert not response.has_error(), response.error().message()
+        edited, source = python_api_edit(tiny, args)
+        for name, expected in (("image", edited), ("source_image", source)):
+            got = fake_server.get_output_tensor_by_name(response, name).as_numpy()
+            np.testing.assert_array_equal(got, expected, err_msg=f"{name} {case}")
+        sent = [name for name, _ in fake_server.SENT]
+        assert "unet_p2p" in sent and sent.count("vae_encoder") == ("image" in case)
+        assert not np.array_equal(edited, source)
+    # generations still answer one image
+    (response,) = bls.execute([request_of(fake_server, generation(tiny))])
+    assert fake_server.get_output_tensor_by_name(response, "source_image") is None
+
+
+def test_bls_model_answers_bad_edits_in_one_line(fake_server, repositories, tiny, tiny_cn):
+    invalid = fake_server.TritonError.INVALID_ARG
+    models = load_python_models(repositories["tiny"], fake_server)
+    cases = [
+        ({"original_subject": "cat", "blend_threshold": 2.0}, "blend_threshold must be a number in [0, 1], got 2.0"),
+        ({"original_subject": "cat", "cross_replace_steps": 1.5}, "cross_replace_steps must be a number in [0, 1]"),
+        ({"original_subject": " "}, "original_subject must be a non-empty string"),
+        ({"original_subject": "cat", "image": REAL_IMAGE, "scheduler": "pndm"}, "must be edited with the ddim scheduler"),
+        ({"original_subject": "cat", "image": np.zeros((80, 60, 3), np.uint8)}, "image: the image array"),
+        ({"original_subject": "cat", "local_blend": False, "blend_threshold": 0.5}, "pass one of them"),
+        ({"original_subject": "cat", "condition_image": CONDITION}, "condition_image: not an input of edits"),
+        ({"image": REAL_IMAGE}, "image: an input of edits; pass original_subject to edit"),
+    ]
+    for overrides, message in cases:
+        args = generation(tiny, **overrides)
+        (response,) = models["blip_diffusion"].execute([request_of(fake_server, args)])
+        assert response.has_error(), overrides
+        text = response.error().message()
+        assert message in text and "\n" not in text, (overrides, text)
+        assert response.error().code() == invalid, (overrides, text)
+    # a repository of a package without the editing graphs
+    fake_server.reset()
+    models = load_python_models(repositories["tiny_cn"], fake_server)
+    (response,) = models["blip_diffusion"].execute([request_of(fake_server, generation(tiny_cn, original_subject="cat"))])
+    assert response.error().code() == invalid
+    assert "serves no editing graphs" in response.error().message()
 
 
 def test_component_model_bad_request_is_one_line(fake_server, repositories):

@@ -48,6 +48,10 @@ def _expected_static(cfg: PipelineConfig, batch: int, height: int, width: int) -
     if cfg.has_controlnet:
         expected["controlnet"] = {**unet, "controlnet_cond": (ub, cfg.controlnet_conditioning_channels, height, width),
                                   "conditioning_scale": (1,)}
+    if cfg.has_editing:
+        expected["vae_encoder"] = {"image": (batch, 3, height, width)}
+        tokens = cfg.text_max_length
+        expected["unet_p2p"] = {"cross_weights": (tokens,), "token_map": (tokens, tokens), "self_gate": (1,)}
     return expected
 
 
@@ -64,6 +68,14 @@ def _check_static(cfg: PipelineConfig, profiles, batch: int, height: int, width:
     assert (low[1], opt[1], high[1]) == (text_axis.min, text_axis.opt, text_axis.max)
     assert low[0] == opt[0] == high[0] == batch
     assert qformer["pixel_values"][0] == (batch, 3, *cfg.image_size)
+    # An edit's UNet rows: 2 (no guidance), 3 (a real image), 4 (a generated image with guidance),
+    # whatever the generation batch; the rest of its shapes are the generation size's.
+    if cfg.has_editing:
+        f = cfg.latent_scale_factor
+        rows = {"sample": (cfg.latent_channels, height // f, width // f), "timestep": (),
+                "encoder_hidden_states": (cfg.text_max_length, cfg.text_hidden_size)}
+        for name, rest in rows.items():
+            assert profiles["unet_p2p"][name] == ((2, *rest), (4, *rest), (4, *rest)), name
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny_cn", "odd"])

@@ -105,6 +105,62 @@ def test_runtime_engine_generation_with_stand_ins(tiny, tiny_cn, fake_runtime, r
         engine.close()
 
 
+def test_edits_on_static_engines_with_stand_ins(tiny, fake_runtime, tmp_path):
+    """The builder's default (static) engines run every edit: unet_p2p's rows (4: a generated image
+    with guidance, 3: a real image, 2: no guidance) keep their range in its profile, and the DDIM
+    inversion's single unet_plain row runs padded to the engine's two; the editing engines load on
+    first use with the runtime's backend, and the images equal the CPU runtime's."""
+    from PIL import Image
+
+    from blipdiffusion_trt.runtime.backends.tensorrt import DeviceTensor, TensorRTEngine
+    from blipdiffusion_trt.runtime.pipeline import BlipDiffusionRuntime
+
+    package_dir = copy_package(tiny, tmp_path)
+    build_engines(package_dir, progress=False)
+    runtime = BlipDiffusionRuntime.from_package(package_dir, "tensorrt", precision="fp16")
+    cpu = BlipDiffusionRuntime.from_package(package_dir, cpu_fused=False)  # the stand-ins run the plain graphs
+    assert "unet_p2p" not in runtime.engines
+    runtime.load_editing_engines()
+    p2p, plain = runtime.engines["unet_p2p"], runtime.engines["unet_plain"]
+    assert all(isinstance(runtime.engines[c], TensorRTEngine) for c in ("unet_p2p", "vae_encoder", "unet_plain"))
+    assert [shape[0] for shape in p2p.profiles["sample"]] == [2, 4, 4]
+    assert [shape[0] for shape in plain.profiles["sample"]] == [2, 2, 2]
+    fed, ran = [], []
+    p2p_infer, plain_run = p2p.infer, plain._infer
+
+    def spy_p2p(feed, keep=()):
+        fed.append(("unet_p2p", feed["sample"].shape[0]))
+        return p2p_infer(feed, keep)
+
+    def spy_plain(feed, keep=()):
+        ran.append(("unet_plain", feed["sample"].shape[0]))
+        return plain_run(feed, keep)
+
+    p2p.infer, plain._infer = spy_p2p, spy_plain
+    rng = np.random.default_rng(0)
+    common = dict(prompt="sitting on a sofa", reference_image=Image.fromarray(rng.integers(0, 256, (40, 50, 3), np.uint8)),
+                  source_subject_category="dog", target_subject_category="dog", original_subject="cat",
+                  num_inference_steps=2, output_type="np")
+    real = Image.fromarray(rng.integers(0, 256, (30, 44, 3), np.uint8))
+    cases = [(dict(seed=1), 4), (dict(image=real), 3), (dict(seed=2, guidance_scale=1.0, blend_threshold=None), 2)]
+    for case, rows in cases:
+        fed.clear()
+        ran.clear()
+        got = runtime.edit(**common, **case)
+        expected = cpu.edit(**common, **case)
+        np.testing.assert_allclose(got.images, expected.images, atol=1e-5, err_msg=str(case))
+        assert fed and set(fed) == {("unet_p2p", rows)}, (case, fed)
+        assert ran == ([("unet_plain", 2)] * 2 if "image" in case else []), (case, ran)  # the inversion, padded
+    # a kept output of a padded call is the device tensor of the rows asked for
+    feed = {"sample": rng.standard_normal((1, *plain.profiles["sample"][0][1:])).astype(np.float32),
+            "timestep": np.array([500.0], np.float32),
+            "encoder_hidden_states": rng.standard_normal((1, *plain.profiles["encoder_hidden_states"][0][1:])).astype(np.float32)}
+    kept = plain.infer(feed, keep=["noise_pred"])["noise_pred"]
+    assert isinstance(kept, DeviceTensor) and kept.shape[0] == 1
+    np.testing.assert_array_equal(kept.numpy(), plain.infer(feed)["noise_pred"])
+    runtime.close()
+
+
 def test_runtime_engine_device_tensors_and_errors(tiny_cn, fake_runtime, tmp_path):
     from blipdiffusion_trt.export.graphs import example_inputs
     from blipdiffusion_trt.package import ModelPackage

@@ -12,7 +12,10 @@ variant) on the same device with the same latents:
 - cold start in a fresh process: process start -> package (pipeline) loaded -> first image, with
   the peak host RSS of that process and its GPU memory on a GPU;
 - FLOPs of each component from its ONNX graph at the benchmark's shapes (Conv, ConvTranspose,
-  MatMul, Gemm, Einsum; 2 x MACs) and, where the device's peak is known, the fraction of it reached.
+  MatMul, Gemm, Einsum; 2 x MACs) and, where the device's peak is known, the fraction of it reached;
+- with ``--edit``, on our side: an edit of the generated image (prompt-to-prompt, ``unet_p2p`` on
+  [uncond, uncond, source, target] with guidance) against the generation, per denoising step and
+  per UNet call (``unet_p2p`` at 4 rows against ``unet_plain`` at 2, with guidance and batch 1).
 
 Every figure goes to ``bench.json`` (with the machine, library versions and settings), the p50s to a
 Markdown table (``bench.md``, printed at the end) with a diffusers/ours ratio per backend, and a
@@ -33,6 +36,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -40,18 +44,21 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..components import declare_components, generation_components
-from ..errors import BlipDiffusionTrtError, InputError, run_reporting_errors
-from ..package import read_pipeline_config
+from ..errors import BlipDiffusionTrtError, InputError, PackageError, run_reporting_errors
+from ..package import ModelPackage
+from ..package.manifest import read_manifest
 from ..runtime.backends import BACKENDS, get_backend
 from ..runtime.backends.onnxruntime import GRAPH_OPTIMIZATIONS, MEMORY_ARENAS
+from ..runtime.backends.openvino import INFERENCE_PRECISIONS
 from ..runtime.schedulers import SCHEDULERS
 from .cold_start import INDUCTOR_CACHE_ENV, cold_start, inductor_cache_dir
 from .diffusers_side import bench_diffusers
 from .flops import count_package_flops
-from .machine import installed_version, library_versions, machine_info, peak_rss_mb, peak_tflops
+from .machine import installed_version, library_versions, machine_info, native_bf16, peak_rss_mb, peak_tflops
 from .ours import bench_ours, runtime_options
 from .report import build_table, render_chart, render_markdown
-from .settings import DIFFUSERS, NEGATIVE_PROMPT, PROMPT, Settings
+from .settings import (DIFFUSERS, DIFFUSERS_PRECISIONS, NEGATIVE_PROMPT, ORIGINAL_SUBJECT, PROMPT, Settings,
+                       diffusers_key, is_diffusers)
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +93,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     gen.add_argument("--guidance", type=float, default=7.5)
     gen.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="our graphs (diffusers runs fp32, fp16 only on a GPU)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the latents and input images")
+    gen.add_argument("--edit", action="store_true",
+                     help="also time an edit of the generated image on our backends (prompt-to-prompt: one unet_p2p "
+                          "call per step on 4 rows with guidance) against the generation: cost per step and per "
+                          "UNet call; needs the package's editing graphs (exported by default)")
     run = p.add_argument_group("measurement")
     run.add_argument("--warmup", type=int, default=1, help="untimed runs before each measurement (default 1)")
     run.add_argument("--runs", type=int, default=3, help="timed runs of every measurement (default 3)")
@@ -93,7 +104,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--backends", type=_csv,
                      help=f"comma-separated runtime backends, of {', '.join(BACKENDS)} (default: every one available "
                           "here for --precision; one of those that fails to load is reported, not fatal)")
-    run.add_argument("--threads", type=int, help="intra-op threads for ONNX Runtime and torch (default: their own)")
+    run.add_argument("--threads", type=int,
+                     help="intra-op threads for ONNX Runtime, OpenVINO and torch (default: their own)")
     ours = p.add_argument_group("our runtime's start-up options (as in `blipdiffusion-trt generate`)")
     ours.add_argument("--graph-optimization", default="all", choices=GRAPH_OPTIMIZATIONS,
                       help="ONNX Runtime graph optimisation level (default all)")
@@ -102,7 +114,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="ONNX Runtime CPU sessions that keep a memory arena (default loop: UNet/ControlNet)")
     ours.add_argument("--no-cpu-fused", action="store_true",
                       help="cpu backend: the plain fp32 graphs even where the package has CPU-fused ones")
+    ours.add_argument("--inference-precision", default="auto", choices=INFERENCE_PRECISIONS,
+                      help="openvino backend: auto (default: bf16 where the CPU has it), f32 or bf16")
+    ours.add_argument("--openvino-cache", metavar="DIR",
+                      help="openvino backend: model cache directory (default: a fresh one under --workdir, removed at "
+                           "the end: the in-process load converts the graphs, the cold start reads the cache)")
+    ours.add_argument("--openvino-int8-weights", action="store_true",
+                      help="openvino backend: INT8 weight-only compression of the UNet, ControlNet and VAE decoder")
     run.add_argument("--no-diffusers", action="store_true", help="only our runtime")
+    run.add_argument("--diffusers-precisions", type=_csv,
+                     help=f"torch dtypes of the diffusers rows, of {', '.join(DIFFUSERS_PRECISIONS)}; the first is the "
+                          "reference of the ratios and image differences (default: on the CPU fp32, plus bf16 where the "
+                          "CPU computes bf16 natively; on a GPU --precision)")
     run.add_argument("--diffusers-device", default="auto", choices=["auto", "cpu", "cuda"],
                      help="device of the diffusers side (auto: cuda when torch sees a GPU)")
     run.add_argument("--torch-compile", action="store_true", help="torch.compile diffusers' UNet/ControlNet (GPU only)")
@@ -168,8 +191,14 @@ def prepare_inputs(args) -> Inputs:
             built.append("checkpoint")
         precisions = ["fp32"] + (["fp16"] if args.precision == "fp16" else [])
         manifest = package / "manifest.json"
-        have = json.loads(manifest.read_text()).get("precisions", []) if manifest.is_file() else []
-        if not all(p in have for p in precisions):
+        try:
+            have = read_manifest(package).get("precisions", []) if manifest.is_file() else []
+            # a package exported before editing existed lacks the editing graphs --edit runs
+            stale = args.edit and manifest.is_file() and not read_pipeline_config(package).has_editing
+        except PackageError as error:
+            logger.warning("%s; exporting it again", error)
+            have, stale = [], True
+        if not all(p in have for p in precisions) or stale:
             from ..export.exporter import export_package
 
             logger.info("exporting %s to %s (%s)%s", checkpoint.name, package, ",".join(precisions),
@@ -196,6 +225,20 @@ def default_backends(precision: str) -> list[str]:
     return chosen
 
 
+def diffusers_precisions(requested: list[str] | None, device: str, precision: str, cpu: dict[str, Any]) -> list[str]:
+    """The torch dtypes of the diffusers rows, the reference first."""
+    if not requested:
+        if device != "cpu":
+            return [precision]
+        return ["fp32"] + (["bf16"] if native_bf16(cpu) else [])
+    bad = [p for p in requested if p not in DIFFUSERS_PRECISIONS]
+    if bad:
+        raise InputError(f"--diffusers-precisions: unknown {', '.join(bad)} (known: {', '.join(DIFFUSERS_PRECISIONS)})")
+    if device == "cpu" and "fp16" in requested:
+        raise InputError("--diffusers-precisions: fp16 runs diffusers on a GPU only (on the CPU: fp32, bf16)")
+    return list(dict.fromkeys(requested))
+
+
 def resolve_settings(args, config, inputs: Inputs) -> Settings:
     height = args.height or config.default_height
     width = args.width or config.default_width
@@ -212,10 +255,13 @@ def resolve_settings(args, config, inputs: Inputs) -> Settings:
     if args.warmup < 0 or args.runs < 1 or (args.stage_runs is not None and args.stage_runs < 1):
         raise InputError("--warmup must be >= 0, --runs and --stage-runs >= 1")
     f = config.latent_scale_factor
+    if args.edit and not config.has_editing:
+        raise InputError(f"--edit: {inputs.package} has no editing graphs (exported without them or before editing "
+                         "existed); re-export it: blipdiffusion-trt export CHECKPOINT --out PACKAGE")
     return Settings(height=height, width=width, steps=steps, batch=args.batch, scheduler=args.scheduler,
                     guidance=args.guidance, precision=args.precision, seed=args.seed,
                     controlnet=config.has_controlnet,
-                    latent_shape=(args.batch, config.latent_channels, height // f, width // f))
+                    latent_shape=(args.batch, config.latent_channels, height // f, width // f), edit=args.edit)
 
 
 @contextmanager
@@ -233,7 +279,8 @@ def _progress(total: int, enabled: bool):
 
 def run_bench(args) -> int:
     inputs = prepare_inputs(args)
-    config = read_pipeline_config(inputs.package)
+    package = ModelPackage.open(inputs.package, verify=not args.no_verify)  # checked as `generate` checks it
+    config = package.config
     settings = resolve_settings(args, config, inputs)
     backends = args.backends or default_backends(settings.precision)
     unknown = [b for b in backends if b not in BACKENDS]
@@ -262,17 +309,38 @@ def run_bench(args) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
     specs = declare_components(config)
+    precisions = diffusers_precisions(args.diffusers_precisions, device, settings.precision, machine["cpu"]) \
+        if with_diffusers else []
+    diffusers_sides = {diffusers_key(p, i == 0): p for i, p in enumerate(precisions)}
+    scratch_cache = None
+    if "openvino" in backends and args.openvino_cache is None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        scratch_cache = Path(tempfile.mkdtemp(prefix="openvino-cache-", dir=args.workdir.resolve()))
+        args.openvino_cache = str(scratch_cache)
+    try:
+        return _run(args, inputs, config, settings, backends, diffusers_sides, device, out_dir, machine, specs,
+                    fresh_openvino_cache=scratch_cache is not None)
+    finally:
+        if scratch_cache is not None:
+            shutil.rmtree(scratch_cache, ignore_errors=True)
+            args.openvino_cache = None
+
+
+def _run(args, inputs: Inputs, config, settings: Settings, backends: list[str], diffusers_sides: dict[str, str],
+         device: str, out_dir: Path, machine: dict[str, Any], specs, *, fresh_openvino_cache: bool) -> int:
+    with_diffusers = bool(diffusers_sides)
 
     n_stages = len(generation_components(config)) + 1  # each component's call, and a scheduler step
     per_side = 1 + args.warmup + args.runs + n_stages
-    total = per_side * (len(backends) + with_diffusers) + (0 if args.no_cold_start else len(backends) + with_diffusers) \
-        + (0 if args.no_flops else 1)
+    sides = len(backends) + len(diffusers_sides)
+    edit_tasks = (args.warmup + args.runs + 1) * len(backends) if settings.edit else 0  # edits, a unet_p2p call
+    total = per_side * sides + (0 if args.no_cold_start else sides) + (0 if args.no_flops else 1) + edit_tasks
     implementations: dict[str, dict[str, Any]] = {}
     images: dict[str, Any] = {}
     logger.info("benchmark: %dx%d, %d steps (%s), guidance %g, batch %d, %s; warm-up %d, runs %d; backends %s%s",
                 settings.height, settings.width, settings.steps, settings.scheduler, settings.guidance,
                 settings.batch, settings.precision, args.warmup, args.runs, ",".join(backends) or "none",
-                f"; diffusers on {device}" if with_diffusers else "")
+                f"; diffusers on {device} ({', '.join(diffusers_sides.values())})" if with_diffusers else "")
     started = time.perf_counter()
     if args.torch_compile:  # one persistent kernel cache for this process and every cold-start child
         os.environ.setdefault(INDUCTOR_CACHE_ENV, inductor_cache_dir())
@@ -288,8 +356,9 @@ def run_bench(args) -> int:
         _write_json(out_dir / "bench.json", _results(implementations, {}, complete=False, **partial))
 
     with _progress(total, not args.no_progress) as bar:
-        if with_diffusers:
-            keep(DIFFUSERS, _guarded("diffusers", lambda: bench_diffusers(inputs.checkpoint, device, settings, args, bar)))
+        for key, precision in diffusers_sides.items():
+            implementations[key] = _guarded(
+                key, lambda p=precision: bench_diffusers(inputs.checkpoint, device, settings, args, bar, p))
         for backend in backends:
             # a backend the user named must work; one chosen by default may fail (e.g. no plans built)
             keep(backend, _guarded(f"ours {backend}", lambda b=backend: bench_ours(b, inputs.package, settings, args, bar),
@@ -300,11 +369,11 @@ def run_bench(args) -> int:
                     bar.update(1)
                     continue
                 bar.set_postfix_str(f"cold start: {key}")
-                spec = {"kind": "diffusers" if key == DIFFUSERS else "ours", "settings": settings.to_dict(),
+                spec = {"kind": "diffusers" if is_diffusers(key) else "ours", "settings": settings.to_dict(),
                         "package": str(inputs.package), "checkpoint": str(inputs.checkpoint), "backend": key,
-                        "device": device if key == DIFFUSERS else get_backend(key).device,
-                        "verify": not args.no_verify, "threads": args.threads, "torch_compile": args.torch_compile,
-                        "runtime_options": runtime_options(args),
+                        "device": device if is_diffusers(key) else get_backend(key).device,
+                        "precision": diffusers_sides.get(key), "verify": not args.no_verify, "threads": args.threads,
+                        "torch_compile": args.torch_compile, "runtime_options": runtime_options(args),
                         "inductor_cache": os.environ.get(INDUCTOR_CACHE_ENV) if args.torch_compile else None}
                 try:
                     implementations[key]["cold_start"] = cold_start(spec)
@@ -316,12 +385,14 @@ def run_bench(args) -> int:
         flops: dict[str, Any] = {}
         if not args.no_flops:
             bar.set_postfix_str("FLOPs")
-            flops = count_package_flops(inputs.package, config, specs, settings, implementations)
+            flops = count_package_flops(package, config, specs, settings, implementations)
             bar.update(1)
-    if with_diffusers and DIFFUSERS in images:
-        for key in backends:
-            if key in images and key in implementations:
-                implementations[key]["max_abs_image_diff_vs_diffusers"] = float(abs(images[key] - images[DIFFUSERS]).max())
+    if DIFFUSERS in images:  # every other row against diffusers' reference row (fp32 on the CPU)
+        for key, image in images.items():
+            if key != DIFFUSERS:
+                difference = abs(image.astype("float64") - images[DIFFUSERS].astype("float64"))
+                implementations[key]["max_abs_image_diff_vs_diffusers"] = float(difference.max())
+                implementations[key]["mean_abs_image_diff_vs_diffusers"] = float(difference.mean())
 
     results = _results(implementations, flops, complete=True, **partial)
     results["table"] = build_table(results)
@@ -343,7 +414,8 @@ def _results(implementations: dict[str, Any], flops: dict[str, Any], *, complete
              args, config, inputs: Inputs, backends, with_diffusers: bool, device: str, started: float) -> dict[str, Any]:
     """bench.json's content: the figures so far (``complete`` False while sides are still running)."""
     gpu_name = machine["gpus"][0]["name"] if machine["gpus"] else None
-    peaks = {key: peak_tflops(impl.get("device", "cpu"), gpu_name, impl.get("precision", settings.precision),
+    peaks = {key: peak_tflops(impl.get("device", "cpu"), gpu_name,
+                              impl.get("compute_precision", impl.get("precision", settings.precision)),
                               machine["cpu"], args.threads, args.peak_tflops)
              for key, impl in implementations.items()}
     if complete:
@@ -362,9 +434,15 @@ def _results(implementations: dict[str, Any], flops: dict[str, Any], *, complete
                      "stage_runs": args.stage_runs or args.runs, "threads": args.threads,
                      "runtime_options": runtime_options(args),
                      "backends": backends, "diffusers": with_diffusers,
-                     "diffusers_device": device if with_diffusers else None, "torch_compile": args.torch_compile,
+                     "diffusers_device": device if with_diffusers else None,
+                     "diffusers_precisions": list(diffusers_sides.values()),
+                     "image_reference": DIFFUSERS if with_diffusers else None,
+                     "openvino_cache": ("fresh for this run (in-process load: conversion; cold start: from the cache)"
+                                        if fresh_openvino_cache else args.openvino_cache) if "openvino" in backends else None,
+                     "torch_compile": args.torch_compile,
                      "inductor_cache": os.environ.get(INDUCTOR_CACHE_ENV) if args.torch_compile else None,
                      "verify_package": not args.no_verify, "prompt": PROMPT, "negative_prompt": NEGATIVE_PROMPT,
+                     **({"edit_original_subject": ORIGINAL_SUBJECT} if settings.edit else {}),
                      "caches": "disabled: subject and negative prompt encoded every generation, as diffusers does",
                      "units": "seconds unless the key says otherwise"},
         "package": {"path": str(inputs.package), "checkpoint": str(inputs.checkpoint) if inputs.checkpoint else None,

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..package import layout
-from .machine import GpuMemorySampler, peak_rss_mb
+from .machine import GpuMemorySampler, peak_rss_mb, rss_breakdown_mb
 from .settings import Settings, bench_inputs
 
 CHILD_MARK = "BENCH_CHILD_RESULT "
@@ -58,8 +58,10 @@ def cold_start(spec: dict[str, Any], timeout: float = 7200.0) -> dict[str, Any]:
         "first_image": child["t_first_image"] - start,
         "first_generation": child["t_first_image"] - child["t_loaded"],
         "peak_rss_mb": child["peak_rss_mb"],
+        **{key: value for key, value in child.items() if key.endswith("_after_first_image")},
         "gpu_memory_mb": child.get("gpu_memory_mb"),
         "gpu_memory_method": child.get("gpu_memory_method"),
+        **({"engines": child["engines"]} if child.get("engines") else {}),
     }
 
 
@@ -81,6 +83,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         reference, condition, latents = bench_inputs(settings)
         run_ours(runtime, settings, reference, condition, latents)
         out["t_first_image"] = time.time()
+        out["engines"] = runtime.engine_details()
     else:
         import diffusers  # noqa: F401
         import torch
@@ -92,7 +95,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         if device != "cpu":
             memory = GpuMemorySampler().start()
         pipe, dtype = load_diffusers(Path(spec["checkpoint"]), device, settings, torch_compile=spec["torch_compile"],
-                                     threads=spec.get("threads"))
+                                     threads=spec.get("threads"), precision=spec.get("precision", "fp32"))
         if device != "cpu":
             torch.cuda.synchronize()
         out["t_loaded"] = time.time()
@@ -105,6 +108,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         figure = memory.stop()
         out["gpu_memory_mb"], out["gpu_memory_method"] = figure["mb"], figure["method"]
     out["peak_rss_mb"] = peak_rss_mb()
+    out.update({f"{key}_after_first_image": value for key, value in rss_breakdown_mb().items()})
     return out
 
 

@@ -38,12 +38,21 @@ def run_diffusers(pipe, settings: Settings, reference, condition, latents, devic
         args += (condition,)
     args += ([SUBJECT] * b, [SUBJECT] * b)
     with torch.no_grad():
-        return pipe(*args, latents=torch.from_numpy(latents).to(device=device, dtype=dtype),
-                    guidance_scale=settings.guidance, height=settings.height, width=settings.width,
-                    num_inference_steps=settings.steps, neg_prompt=NEGATIVE_PROMPT, output_type="np").images
+        images = pipe(*args, latents=torch.from_numpy(latents).to(device=device, dtype=dtype),
+                      guidance_scale=settings.guidance, height=settings.height, width=settings.width,
+                      num_inference_steps=settings.steps, neg_prompt=NEGATIVE_PROMPT, output_type="pt").images
+    # what output_type="np" does, in float32: diffusers' BLIP image processor converts a bf16 tensor
+    # to numpy as it is, which numpy cannot hold
+    return images.float().permute(0, 2, 3, 1).cpu().numpy()
 
 
-def load_diffusers(checkpoint: Path, device: str, settings: Settings, *, torch_compile: bool, threads: int | None):
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def load_diffusers(checkpoint: Path, device: str, settings: Settings, *, torch_compile: bool, threads: int | None,
+                   precision: str = "fp32"):
+    """diffusers' pipeline on ``device`` in ``precision`` (a torch dtype: "fp32", "bf16", "fp16"),
+    as a user would set ``torch_dtype``."""
     import torch
 
     from ..export.exporter import load_pipeline
@@ -51,7 +60,7 @@ def load_diffusers(checkpoint: Path, device: str, settings: Settings, *, torch_c
     if threads:
         torch.set_num_threads(threads)
     pipe = load_pipeline(checkpoint)
-    dtype = torch.float16 if settings.precision == "fp16" and device != "cpu" else torch.float32
+    dtype = getattr(torch, TORCH_DTYPES[precision])
     pipe.to(device=device, dtype=dtype)
     import diffusers
 
@@ -174,36 +183,41 @@ class _DiffusersProbe:
         self.pipe.scheduler.step = self._orig_step
 
 
-def bench_diffusers(checkpoint: Path, device: str, settings: Settings, args, bar) -> dict[str, Any]:
-    """Load, generations, each module's call and a scheduler step of diffusers on ``device``."""
+def bench_diffusers(checkpoint: Path, device: str, settings: Settings, args, bar, precision: str = "fp32") -> dict[str, Any]:
+    """Load, generations, each module's call and a scheduler step of diffusers on ``device`` in ``precision``."""
     import torch
 
     sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
-    result: dict[str, Any] = {"label": f"diffusers torch {device}", "device": "cpu" if device == "cpu" else "gpu",
+    result: dict[str, Any] = {"label": f"diffusers torch {device} {precision}", "device": "cpu" if device == "cpu" else "gpu",
                               "torch_device": device}
     reference, condition, latents = bench_inputs(settings)
-    bar.set_postfix_str("diffusers: load")
+    side = f"diffusers {precision}"
+    bar.set_postfix_str(f"{side}: load")
     import diffusers.pipelines  # noqa: F401  (imports are the cold start's; this times the loading)
     import transformers  # noqa: F401
 
     t0 = time.perf_counter()
-    pipe, dtype = load_diffusers(checkpoint, device, settings, torch_compile=args.torch_compile, threads=args.threads)
+    pipe, dtype = load_diffusers(checkpoint, device, settings, torch_compile=args.torch_compile, threads=args.threads,
+                                 precision=precision)
     sync()
     result["load_warm"] = summarize([time.perf_counter() - t0])
-    result["precision"] = "fp16" if dtype == torch.float16 else "fp32"
+    result["precision"] = precision
     result["torch_compile"] = bool(args.torch_compile)
     result["torch_threads"] = torch.get_num_threads()
     bar.update(1)
 
     totals, image = [], None
     for i in range(args.warmup + args.runs):  # as a user runs it: nothing hooked in
-        bar.set_postfix_str(f"diffusers: generation {i + 1}/{args.warmup + args.runs}")
+        bar.set_postfix_str(f"{side}: generation {i + 1}/{args.warmup + args.runs}")
         sync()
         start = time.perf_counter()
         image = run_diffusers(pipe, settings, reference, condition, latents, device, dtype)
         sync()
+        total = time.perf_counter() - start
+        if i == 0:
+            result["first_generation"] = summarize([total])
         if i >= args.warmup:
-            totals.append(time.perf_counter() - start)
+            totals.append(total)
         bar.update(1)
     probe = _DiffusersProbe(pipe, _Clock(gpu=device != "cpu"))
     try:
@@ -222,11 +236,11 @@ def bench_diffusers(checkpoint: Path, device: str, settings: Settings, args, bar
     stages: dict[str, Any] = {}
     stage_runs = args.stage_runs or args.runs
     for stage, (fn, a, kw) in probe.recorded.items():
-        bar.set_postfix_str(f"diffusers: {stage}")
+        bar.set_postfix_str(f"{side}: {stage}")
         with torch.no_grad():
             stages[stage] = summarize(time_calls(lambda: fn(*a, **kw), args.warmup, stage_runs, sync))
         bar.update(1)
-    bar.set_postfix_str("diffusers: scheduler")
+    bar.set_postfix_str(f"{side}: scheduler")
     stages["scheduler_step"] = summarize(_scheduler_samples_torch(pipe, settings, device, dtype, args.warmup, stage_runs, sync))
     bar.update(1)
     result["stages"] = stages

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ..components import generation_components
-from ..package import PackageLayout
+from ..package import ModelPackage
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ def component_input_shapes(spec, config, *, batch: int, height: int, width: int)
     return {t.name: t.shape_at(point) for t in spec.inputs}
 
 
-def count_package_flops(package: Path, config, specs, settings: Settings, implementations) -> dict[str, Any]:
+def count_package_flops(package: ModelPackage, config, specs, settings: Settings, implementations) -> dict[str, Any]:
     """FLOPs of every component a generation runs, at the shapes the benchmark fed it (else at
     the setting's shapes)."""
     recorded: dict[str, dict[str, list[int]]] = {}
@@ -202,9 +202,8 @@ def count_package_flops(package: Path, config, specs, settings: Settings, implem
     for name in names:
         shapes = recorded.get(name) or component_input_shapes(specs[name], config, batch=settings.batch,
                                                               height=settings.height, width=settings.width)
-        path = PackageLayout(package).graph(name, settings.precision)
         try:
-            counted = count_flops(path, shapes)
+            counted = count_flops(package.onnx_path(name, settings.precision), shapes)
         except Exception as error:  # noqa: BLE001 -- a figure missing is better than no report
             logger.warning("FLOPs of %s: %s", name, error)
             out[name] = {"error": str(error)}

@@ -80,7 +80,8 @@ def cpu_info() -> dict[str, Any]:
         "logical_cores": os.cpu_count(),
         "usable_cores": usable,
         "physical_cores": len(cores) or None,
-        "simd": [f for f in ("avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "avx2", "fma", "neon", "asimd") if f in flags],
+        "simd": [f for f in ("avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "avx2", "fma", "neon", "asimd")
+                 if f in flags],
     }
 
 
@@ -148,6 +149,19 @@ def peak_rss_mb() -> float:
     return rss / 1024.0 if sys.platform != "darwin" else rss / 2**20  # Linux: KiB, macOS: bytes
 
 
+def rss_breakdown_mb() -> dict[str, float]:
+    """This process's resident memory now, by kind (Linux): ``rss_anon_mb`` (heap, private) and
+    ``rss_file_mb`` (memory-mapped files, e.g. weights mapped from a model file: page cache the
+    kernel can reclaim, yet counted in the RSS and its peak). Empty where /proc is not there."""
+    out = {}
+    for line in _read("/proc/self/status").splitlines():
+        key, _, value = line.partition(":")
+        if key in ("RssAnon", "RssFile"):
+            out[f"rss_{key[3:].lower()}_mb"] = int(value.split()[0]) / 1024.0
+    return out
+
+
+
 class GpuMemorySampler:
     """Peak GPU memory over a process's life, minus what the device held before it loaded anything:
     the same figure for every side of a benchmark, each measured in its own fresh process.
@@ -205,18 +219,24 @@ class GpuMemorySampler:
         return {"mb": round(self.peak - self.baseline, 1), "method": self.METHOD, "baseline_mb": round(self.baseline, 1)}
 
 
+def native_bf16(cpu: Mapping[str, Any]) -> bool:
+    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX): where torch's and OpenVINO's bf16 pay off."""
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu.get("simd", [])))
+
+
 def peak_tflops(device: str, gpu_name: str | None, precision: str, cpu: Mapping[str, Any],
                 threads: int | None, override: str | None) -> dict[str, Any] | None:
-    """Peak dense TFLOP/s of the device a row ran on, with where the number comes from."""
+    """Peak dense TFLOP/s of the device a row ran on, in the precision it computed in ("fp32",
+    "fp16", "bf16"), with where the number comes from."""
     kind = "gpu" if device != "cpu" else "cpu"
     if override:
         parts = [p.strip() for p in override.split(",") if p.strip()]
         if len(parts) == 1 and "=" not in parts[0]:
             return {"tflops": float(parts[0]), "source": "--peak-tflops"}
-        for part in parts:
-            key, _, value = part.partition("=")
-            if key.strip() == kind:
-                return {"tflops": float(value), "source": f"--peak-tflops {kind}"}
+        given = {key.strip(): value for key, _, value in (part.partition("=") for part in parts)}
+        for key in (f"{kind}-{precision}", kind):  # "cpu-bf16=Y" before "cpu=X"
+            if key in given:
+                return {"tflops": float(given[key]), "source": f"--peak-tflops {key}"}
     if kind == "gpu":
         for name, fp16, fp32 in GPU_PEAK_TFLOPS:
             if gpu_name and name.lower() in gpu_name.lower():
@@ -234,8 +254,14 @@ def peak_tflops(device: str, gpu_name: str | None, precision: str, cpu: Mapping[
             ghz = None
     simd = cpu.get("simd", [])
     per_cycle = 64 if "avx512f" in simd else 32 if "avx2" in simd and "fma" in simd else None
+    what = "fp32"
+    if precision == "bf16" and per_cycle:
+        if "amx_bf16" in simd:
+            return None  # AMX tiles: no simple per-core figure; pass --peak-tflops cpu-bf16=X
+        if "avx512_bf16" in simd:  # VDPBF16PS: a pair of bf16 products per fp32 lane
+            per_cycle, what = per_cycle * 2, "bf16 (AVX512-BF16)"
     cores = threads or cpu.get("physical_cores") or cpu.get("usable_cores")
     if ghz is None or per_cycle is None or not cores:
         return None
     return {"tflops": cores * ghz * per_cycle / 1000.0,
-            "source": f"estimate: {cores} cores x {ghz} GHz x {per_cycle} fp32 FLOP/cycle (nominal clock)"}
+            "source": f"estimate: {cores} cores x {ghz} GHz x {per_cycle} {what} FLOP/cycle (nominal clock)"}

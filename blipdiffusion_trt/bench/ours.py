@@ -10,6 +10,10 @@ values or are refused as overwritten (TensorRT's ``DeviceTensor``), so the repla
 ones: uploads are uploaded again from a host copy taken when the feed was recorded (in the first,
 warm-up, generation), and the residuals come from running the ControlNet on its recorded feed
 right before the UNet is timed.
+
+With ``Settings.edit``, an edit of the generated image (the first prompt's latents, the same
+scheduler, steps and guidance) is timed the same way: whole edits, and ``unet_p2p``'s first call
+replayed; :func:`edit_comparison` sets them against the generation per step and per UNet call.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..runtime.backends import get_backend
-from .settings import NEGATIVE_PROMPT, PROMPT, SUBJECT, Settings, bench_inputs
+from .settings import NEGATIVE_PROMPT, ORIGINAL_SUBJECT, PROMPT, SUBJECT, Settings, bench_inputs
 from .stats import generation_figures, summarize, time_calls
 
 # the engines whose time is the denoising loop's work; the rest of the loop is host overhead
@@ -37,10 +41,35 @@ def run_ours(runtime, settings: Settings, reference, condition, latents):
     )
 
 
+def run_edit(runtime, settings: Settings, reference, latents):
+    """An edit of the image the first prompt's latents generate: its subject replaced by the reference's."""
+    return runtime.edit(
+        PROMPT, reference, SUBJECT, SUBJECT, ORIGINAL_SUBJECT, latents=latents[:1], height=settings.height,
+        width=settings.width, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
+        neg_prompt=NEGATIVE_PROMPT, scheduler=settings.scheduler, output_type="np",
+    )
+
+
 def runtime_options(args) -> dict[str, Any]:
-    """The start-up options our runtime is loaded with (recorded in bench.json, passed to children)."""
+    """The start-up options our runtime is loaded with (recorded in bench.json, passed to children):
+    every backend's, each backend takes those it has."""
     return {"graph_optimization": args.graph_optimization, "optimized_cache": args.ort_cache,
-            "memory_arena": args.memory_arena, "cpu_fused": not args.no_cpu_fused}
+            "memory_arena": args.memory_arena, "cpu_fused": not args.no_cpu_fused,
+            "inference_precision": args.inference_precision, "cache_dir": args.openvino_cache,
+            "compress_weights": args.openvino_int8_weights}
+
+
+def summarize_details(details: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """What the backend chose, over the components: the precision it computed in (one value, or
+    per component where they differ) and the components with INT8 weights."""
+    out: dict[str, Any] = {}
+    ran = {name: d["inference_precision"] for name, d in details.items() if d.get("inference_precision")}
+    if ran:
+        out["inference_precision"] = next(iter(ran.values())) if len(set(ran.values())) == 1 else ran
+    compressed = [name for name, d in details.items() if d.get("int8_weights")]
+    if compressed:
+        out["int8_weights"] = compressed
+    return out
 
 
 def load_runtime(package: Path, backend: str, settings: Settings, *, verify: bool, threads: int | None,
@@ -128,6 +157,8 @@ def bench_ours(backend: str, package: Path, settings: Settings, args, bar) -> di
             out = run_ours(runtime, settings, reference, condition, latents)
         finally:
             runtime.engines.update(originals)
+        if i == 0:  # includes what a backend does on first use (OpenVINO compiles each shape then)
+            result["first_generation"] = summarize([out.timings["total"]])
         if i >= args.warmup:
             timings.append(out.timings)
         image = out.images
@@ -155,12 +186,65 @@ def bench_ours(backend: str, package: Path, settings: Settings, args, bar) -> di
     stages["scheduler_step"] = summarize(_scheduler_samples_numpy(
         scheduler_from_config, runtime.scheduler_config, settings, args.warmup, stage_runs))
     bar.update(1)
+    if settings.edit:
+        result["edit"] = bench_edit(runtime, settings, args, bar, sync, reference, latents, stages, feeds)
+        result["edit"]["comparison"] = edit_comparison(result, result["edit"], stages, feeds, settings)
     result["stages"] = stages
     result["feed_shapes"] = feeds
+    # what ran, as the backend reports it (e.g. OpenVINO's inference precision, INT8 weights)
+    result["engines"] = runtime.engine_details()
+    chosen = summarize_details(result["engines"])
+    result.update(chosen)
+    precision = chosen.get("inference_precision")
+    if isinstance(precision, str):
+        result["compute_precision"] = {"f32": "fp32", "f16": "fp16"}.get(precision, precision)
+        result["label"] = f"ours {backend} ({precision}{', int8 weights' if chosen.get('int8_weights') else ''})"
     runtime.close()
     del runtime, recorders, originals
     gc.collect()
     return result
+
+
+def bench_edit(runtime, settings: Settings, args, bar, sync, reference, latents, stages: dict[str, Any],
+               feeds: dict[str, Any]) -> dict[str, Any]:
+    """Whole edits (figures as a generation's) and one ``unet_p2p`` call replayed (into ``stages``)."""
+    engine = runtime.engine("unet_p2p")  # loaded before the timed runs
+    recorder = _RecordingEngine(engine)
+    timings = []
+    for i in range(args.warmup + args.runs):
+        bar.set_postfix_str(f"edit {i + 1}/{args.warmup + args.runs}")
+        if i == 0:
+            runtime.engines["unet_p2p"] = recorder
+        try:
+            out = run_edit(runtime, settings, reference, latents)
+        finally:
+            runtime.engines["unet_p2p"] = engine
+        if i >= args.warmup:
+            timings.append(out.timings)
+        bar.update(1)
+    bar.set_postfix_str("unet_p2p")
+    feed, keep = recorder.first
+    stages["unet_p2p"] = summarize(time_calls(lambda: engine.infer(feed, keep), args.warmup,
+                                              args.stage_runs or args.runs, sync))
+    feeds["unet_p2p"] = {k: _value_shape(v) for k, v in feed.items()}
+    bar.update(1)
+    return generation_figures(timings, LOOP_ENGINES)
+
+
+def edit_comparison(generation: Mapping[str, Any], edit: Mapping[str, Any], stages: Mapping[str, Any],
+                    feeds: Mapping[str, Any], settings: Settings) -> dict[str, Any]:
+    """The edit against the generation (p50s): the denoising loop per UNet call, and one UNet call
+    (``unet_p2p`` against the generation's UNet, with their rows)."""
+    unet = "unet" if settings.controlnet else "unet_plain"
+    per_step = {"generation": generation["denoise_loop"]["p50"] / generation["unet_calls"],
+                "edit": edit["denoise_loop"]["p50"] / edit["unet_calls"]}
+    call = {unet: stages[unet]["p50"], "unet_p2p": stages["unet_p2p"]["p50"]}
+    return {
+        "loop_per_step": {**per_step, "ratio": per_step["edit"] / per_step["generation"]},
+        "unet_call": {**call, "ratio": call["unet_p2p"] / call[unet], "generation_unet": unet,
+                      "rows": {unet: feeds[unet]["sample"][0], "unet_p2p": feeds["unet_p2p"]["sample"][0]}},
+        "whole": {"generation": generation["generation"]["p50"], "edit": edit["generation"]["p50"]},
+    }
 
 
 def device_sync(backend: str) -> Callable[[], None]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from .settings import DIFFUSERS
+from .settings import DIFFUSERS, is_diffusers
 
 # Table rows: key, label, unit, kind ("time": lower is better, "rate": higher is better, "memory").
 STAGE_ROWS: tuple[tuple[str, str, str], ...] = (
@@ -20,6 +20,7 @@ STAGE_ROWS: tuple[tuple[str, str, str], ...] = (
     ("controlnet", "ControlNet (1 call)", "time"),
     ("unet", "UNet with residuals (1 call)", "time"),
     ("unet_plain", "UNet (1 call)", "time"),
+    ("unet_p2p", "UNet with prompt-to-prompt control (1 edit call)", "time"),
     ("vae_decoder", "VAE decoder (1 call)", "time"),
     ("scheduler_step", "scheduler step (numpy / torch)", "time"),
     ("host_overhead_per_step", "host overhead per step", "time"),
@@ -27,21 +28,45 @@ STAGE_ROWS: tuple[tuple[str, str, str], ...] = (
     ("generation", "whole generation", "time"),
     ("loop_it_per_s", "denoising loop (it/s)", "rate"),
     ("load_warm", "load, in process", "time"),
+    ("first_generation", "first generation, in process (incl. lazy compilation)", "time"),
     ("cold_loaded", "cold start: process start -> loaded", "time"),
     ("cold_first_image", "cold start: process start -> first image", "time"),
     ("peak_rss_mb", "peak host RSS, cold process (MB)", "memory"),
+    ("rss_anon_after", "of the RSS after the first image: private (MB)", "memory"),
+    ("rss_file_after", "of the RSS after the first image: mapped files, reclaimable (MB)", "memory"),
     ("gpu_memory_mb", "GPU memory, cold process (MB)", "memory"),
 )
-COMPONENT_STAGES = ("qformer", "text_encoder", "text_encoder_plain", "controlnet", "unet", "unet_plain", "vae_decoder")
+COMPONENT_STAGES = ("qformer", "text_encoder", "text_encoder_plain", "controlnet", "unet", "unet_plain", "unet_p2p",
+                    "vae_decoder")
 
 
-def _runtime_options_text(options: Mapping[str, Any] | None) -> str:
+def _runtime_options_text(options: Mapping[str, Any] | None, backends: list[str]) -> str:
     if not options:
         return ""
-    cache = "an optimised-graph cache" if options.get("optimized_cache") else "no optimised-graph cache"
-    fused = "CPU-fused graphs where the package has them" if options.get("cpu_fused", True) else "plain fp32 graphs"
-    return (f" Our runtime: ONNX Runtime graph optimisation {options.get('graph_optimization')}, memory arena "
-            f"{options.get('memory_arena')}, {cache}, {fused}.")
+    text = ""
+    if any(b != "openvino" for b in backends):
+        cache = "an optimised-graph cache" if options.get("optimized_cache") else "no optimised-graph cache"
+        fused = "CPU-fused graphs where the package has them" if options.get("cpu_fused", True) else "plain fp32 graphs"
+        text += (f" ONNX Runtime: graph optimisation {options.get('graph_optimization')}, memory arena "
+                 f"{options.get('memory_arena')}, {cache}, {fused}.")
+    if "openvino" in backends:
+        text += (f" OpenVINO: inference precision {options.get('inference_precision') or 'auto'}"
+                 f"{', INT8 weights' if options.get('compress_weights') else ''}.")
+    return text
+
+
+def ours_keys(impls: Mapping[str, Any]) -> list[str]:
+    return [k for k in impls if not is_diffusers(k)]
+
+
+def diffusers_keys(impls: Mapping[str, Any]) -> list[str]:
+    """diffusers' rows, the reference (:data:`DIFFUSERS`) first."""
+    return sorted((k for k in impls if is_diffusers(k)), key=lambda k: k != DIFFUSERS)
+
+
+def _short(key: str) -> str:
+    """A diffusers row's name in a ratio column: "" for the reference, else its dtype."""
+    return "" if key == DIFFUSERS else key[len(DIFFUSERS) + 1:] + " "
 
 
 def _row_value(impl: Mapping[str, Any], key: str) -> float | None:
@@ -50,20 +75,22 @@ def _row_value(impl: Mapping[str, Any], key: str) -> float | None:
     if key in COMPONENT_STAGES or key == "scheduler_step":
         stat = impl.get("stages", {}).get(key)
         return stat["p50"] if stat else None
-    if key in ("host_overhead_per_step", "denoise_loop", "generation", "loop_it_per_s", "load_warm"):
+    if key in ("host_overhead_per_step", "denoise_loop", "generation", "loop_it_per_s", "load_warm", "first_generation"):
         stat = impl.get(key)
         return stat["p50"] if stat else None
     cold = impl.get("cold_start") or {}
     if "error" in cold:
         return None
     return {"cold_loaded": cold.get("loaded"), "cold_first_image": cold.get("first_image"),
-            "peak_rss_mb": cold.get("peak_rss_mb"), "gpu_memory_mb": cold.get("gpu_memory_mb")}.get(key)
+            "peak_rss_mb": cold.get("peak_rss_mb"), "gpu_memory_mb": cold.get("gpu_memory_mb"),
+            "rss_anon_after": cold.get("rss_anon_mb_after_first_image"),
+            "rss_file_after": cold.get("rss_file_mb_after_first_image")}.get(key)
 
 
 def build_table(results: Mapping[str, Any]) -> dict[str, Any]:
     """Rows x implementations (p50), ratio diffusers/ours per backend (>1: ours faster/smaller)."""
     impls = results["implementations"]
-    ours = [k for k in impls if k != DIFFUSERS]
+    ours, theirs_keys = ours_keys(impls), diffusers_keys(impls)
     flops = results.get("flops", {})
     peaks = results.get("peak_tflops", {})
     rows = []
@@ -71,12 +98,13 @@ def build_table(results: Mapping[str, Any]) -> dict[str, Any]:
         values = {k: _row_value(impls[k], key) for k in impls}
         if all(v is None for v in values.values()):
             continue
-        row: dict[str, Any] = {"key": key, "label": label, "kind": kind, "values": values, "ratio": {}}
-        theirs = values.get(DIFFUSERS)
-        for k in ours:
-            mine = values.get(k)
-            if theirs and mine:
-                row["ratio"][k] = mine / theirs if kind == "rate" else theirs / mine
+        row: dict[str, Any] = {"key": key, "label": label, "kind": kind, "values": values, "ratios": {}}
+        for d in theirs_keys:
+            theirs = values.get(d)
+            others = [k for k in impls if k != d and (k in ours or d == DIFFUSERS)]
+            row["ratios"][d] = {k: (values[k] / theirs if kind == "rate" else theirs / values[k])
+                                for k in others if theirs and values.get(k)}
+        row["ratio"] = row["ratios"].get(DIFFUSERS, {})
         count = flops.get(key, {}).get("flops")
         if count:
             row["gflop"] = count / 1e9
@@ -85,7 +113,9 @@ def build_table(results: Mapping[str, Any]) -> dict[str, Any]:
                                        for k in row["tflops_achieved"] if peaks.get(k)}
         rows.append(row)
     return {"columns": list(impls), "rows": rows,
-            "ratio": "diffusers / ours for times and memory, ours / diffusers for it/s: above 1, ours is better"}
+            "ratio": "diffusers / ours for times and memory, ours / diffusers for it/s: above 1, ours is better",
+            "ratios": "per diffusers row (ratios[diffusers key][row key]), the same ratio against that row; "
+                      "'ratio' is against the reference row"}
 
 
 def _fmt(value: float | None, kind: str) -> str:
@@ -122,30 +152,29 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         f"(single stages: {s['stage_runs']} calls); p90/p99/mean in bench.json. Threads: "
         f"{s['threads'] or 'library defaults'}"
         + (f" (torch {impls[DIFFUSERS]['torch_threads']})" if impls.get(DIFFUSERS, {}).get("torch_threads") else "") + "."
-        + _runtime_options_text(s.get("runtime_options")),
+        + _runtime_options_text(s.get("runtime_options"), s.get("backends", [])),
         "",
     ]
-    ours = [k for k in impls if k != DIFFUSERS]
-    header = ["stage", "GFLOP"]
-    if DIFFUSERS in impls:
-        header.append(impls[DIFFUSERS].get("label", DIFFUSERS))
+    ours, theirs = ours_keys(impls), diffusers_keys(impls)
+    columns = [(k, None) for k in theirs]  # (row key, diffusers row of a ratio column)
     for k in ours:
-        header.append(impls[k].get("label", k))
-        if DIFFUSERS in impls:
-            header.append(f"× ({k})")
+        columns.append((k, None))
+        columns += [(k, d) for d in theirs]
+    header = ["stage", "GFLOP"] + [impls[k].get("label", k) if d is None else f"× {_short(d)}({k})" for k, d in columns]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
     for row in table["rows"]:
         cells = [row["label"], f"{row['gflop']:.3g}" if row.get("gflop") else ""]
-        if DIFFUSERS in impls:
-            cells.append(_fmt(row["values"].get(DIFFUSERS), row["kind"]))
-        for k in ours:
-            cells.append(_fmt(row["values"].get(k), row["kind"]))
-            if DIFFUSERS in impls:
-                ratio = row["ratio"].get(k)
+        for k, d in columns:
+            if d is None:
+                cells.append(_fmt(row["values"].get(k), row["kind"]))
+            else:
+                ratio = row["ratios"].get(d, {}).get(k)
                 cells.append(f"{ratio:.2f}" if ratio else "–")
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"×: {table['ratio']}. Single calls replay the exact inputs of a generation (UNet and "
+    others = [d for d in theirs if d != DIFFUSERS]
+    lines += ["", f"×: {table['ratio']}" + (f" (× {', '.join(_short(d).strip() for d in others)}: against that diffusers row)"
+                                            if others else "") + ". Single calls replay the exact inputs of a generation (UNet and "
               "ControlNet at the guidance batch); host overhead per step = (denoising loop − UNet/ControlNet "
               "time) / UNet calls, so it includes the scheduler step; it/s counts UNet calls."]
 
@@ -168,11 +197,19 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         known = {k: v for k, v in peaks.items() if v}
         if known:
             lines += [""] + [f"- peak of {impls[k].get('label', k)}: {v['tflops']:g} TFLOP/s ({v['source']})" for k, v in known.items()]
+    lines += _edit_section(impls)
     notes = []
-    for k in ours:
+    reference = impls.get(DIFFUSERS, {}).get("label", DIFFUSERS)
+    for k in impls:
         diff = impls[k].get("max_abs_image_diff_vs_diffusers")
         if diff is not None:
-            notes.append(f"max |image difference| {impls[k].get('label', k)} vs diffusers: {diff:.2e} (image in [0, 1])")
+            notes.append(f"|image difference| {impls[k].get('label', k)} vs {reference}: max {diff:.2e}, mean "
+                         f"{impls[k].get('mean_abs_image_diff_vs_diffusers', float('nan')):.2e} (image in [0, 1])")
+    for k in ours:
+        chosen = impls[k].get("inference_precision")
+        if chosen is not None:
+            notes.append(f"{impls[k].get('label', k)}: inference precision that ran {chosen}"
+                         + (f"; INT8 weights: {', '.join(impls[k]['int8_weights'])}" if impls[k].get("int8_weights") else ""))
     for k, v in impls.items():
         if "error" in v:
             notes.append(f"{v.get('label', k)} failed: {v['error']}")
@@ -185,6 +222,35 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     if notes:
         lines += [""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def _edit_section(impls: Mapping[str, Any]) -> list[str]:
+    """``--edit``: the edit against the generation, per denoising step and per UNet call (p50s)."""
+    edits = {k: v["edit"]["comparison"] for k, v in impls.items() if "comparison" in v.get("edit", {})}
+    if not edits:
+        return []
+    first = next(iter(edits.values()))
+    unet = first["unet_call"]["generation_unet"]
+    rows = first["unet_call"]["rows"]
+    table = [
+        ("denoising step, generation", lambda c: c["loop_per_step"]["generation"], "time"),
+        ("denoising step, edit", lambda c: c["loop_per_step"]["edit"], "time"),
+        ("edit / generation, per step", lambda c: c["loop_per_step"]["ratio"], "ratio"),
+        (f"{unet} (1 call, {rows[unet]} rows)", lambda c: c["unet_call"][unet], "time"),
+        (f"unet_p2p (1 call, {rows['unet_p2p']} rows)", lambda c: c["unet_call"]["unet_p2p"], "time"),
+        (f"unet_p2p / {unet}, per call", lambda c: c["unet_call"]["ratio"], "ratio"),
+        ("whole generation", lambda c: c["whole"]["generation"], "time"),
+        ("whole edit (generated image)", lambda c: c["whole"]["edit"], "time"),
+    ]
+    lines = ["", "Editing (prompt-to-prompt on the generated image, the same latents, steps, scheduler and "
+             "guidance; p50s):", "", "| | " + " | ".join(impls[k].get("label", k) for k in edits) + " |",
+             "|---|" + "---:|" * len(edits)]
+    for label, value, kind in table:
+        cells = [f"{value(c):.2f}" if kind == "ratio" else _fmt(value(c), "time") for c in edits.values()]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "A denoising step is the loop's time over its UNet calls (the edit's includes the scheduler "
+              "step of both latents and the local blend)."]
+    return lines
 
 
 def render_chart(results: Mapping[str, Any], path: Path) -> None:

@@ -12,8 +12,22 @@ from typing import Any
 PROMPT = "swimming underwater"
 NEGATIVE_PROMPT = "low quality, blurry"
 SUBJECT = "dog"
-# the key of diffusers' side among the implementations (the others are backend names)
+# --edit: the subject the generated image shows, which the edit replaces by SUBJECT's
+ORIGINAL_SUBJECT = "cat"
+# The key of diffusers' reference row among the implementations (the others are backend names, and
+# diffusers in another torch dtype, "diffusers-bf16"): images and ratios are against this row.
 DIFFUSERS = "diffusers"
+# torch dtypes the diffusers side can run in
+DIFFUSERS_PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def diffusers_key(precision: str, reference: bool) -> str:
+    """``diffusers`` for the reference row, ``diffusers-<precision>`` for the others."""
+    return DIFFUSERS if reference else f"{DIFFUSERS}-{precision}"
+
+
+def is_diffusers(key: str) -> bool:
+    return key == DIFFUSERS or key.startswith(DIFFUSERS + "-")
 
 
 @dataclass
@@ -28,6 +42,7 @@ class Settings:
     seed: int
     controlnet: bool
     latent_shape: tuple[int, ...]
+    edit: bool = False  # also an edit of the generated image (our runtime only)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}

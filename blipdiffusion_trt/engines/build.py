@@ -132,7 +132,7 @@ class BuildReport:
 def fp16_graph(package: ModelPackage, component: str) -> Path:
     """The fp16 ONNX graph of ``component``; missing -> PackageError with the re-export command."""
     path = package.layout.graph(component, "fp16")
-    if "fp16" not in package.precisions or not package.has_graph(component, "fp16") or not path.is_file():
+    if "fp16" not in package.precisions or not package.has_graph(component, "fp16"):
         source = package.source
         controlnet = f" --controlnet {shlex.quote(str(source['controlnet']))}" if source.get("controlnet") else ""
         hint = f" (CHECKPOINT: the {source['checkpoint']} directory)" if source.get("checkpoint") else ""
@@ -141,7 +141,7 @@ def fp16_graph(package: ModelPackage, component: str) -> Path:
             f"`blipdiffusion-trt export CHECKPOINT{controlnet} --out {shlex.quote(str(package.root))} "
             f"--precision fp32,fp16 --force`{hint}"
         )
-    return path
+    return package.onnx_path(component, "fp16")  # confined, and checked against its sha256
 
 
 def build_engines(

@@ -26,12 +26,30 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..errors import EngineError, InputError
-from ..fsutil import write_atomic
+from ..fsutil import read_json, write_atomic
 from ..package import PackageLayout, layout
+from ..schema import Int, List, MapOf, Nullable, Number, Object, Str, check
 from .profiles import check_shapes_mode, format_range, parse_range, profile_to_json
 
 RECORD_NAME = layout.ENGINE_RECORD
 RECORD_FORMAT_VERSION = 1
+
+_SHA256 = Str(pattern="[0-9a-f]{64}", description="a sha256 (64 lowercase hex digits)")
+_DIMS = List(Int(0, 1 << 20), max_length=16)
+_RANGE = Nullable(Str(pattern=r"[0-9]+(:[0-9]+:[0-9]+)?", max_length=64, description="N or MIN:OPT:MAX"))
+# What one component's entry in engines.json must hold: the plan is a file name inside the engine
+# directory (never a path), the rest typed as the builder writes it.
+COMPONENT_RECORD_SHAPE = Object(optional={
+    "plan": Str(pattern=r"[A-Za-z0-9_][A-Za-z0-9_.\-]*", max_length=255, description="a plan file name (no path)"),
+    "sha256": _SHA256, "onnx_sha256": Nullable(_SHA256), "size_bytes": Int(0, 1 << 42),
+    "tensorrt_version": Str(max_length=64), "gpu_name": Str(max_length=256), "compute_capability": Str(max_length=16),
+    "profile": MapOf(Object(required={"min": _DIMS, "opt": _DIMS, "max": _DIMS}), max_length=256),
+    "options": Object(optional={"shapes": Str(max_length=16), "batch": _RANGE, "height": _RANGE, "width": _RANGE,
+                                "workspace_gb": Nullable(Number(above=0))}),
+    "build_seconds": Number(0), "onnx": Nullable(Str(max_length=1024)), "built": Str(max_length=64),
+    "component": Str(max_length=256),
+})
+RECORD_SHAPE = Object(required={"format_version": Int(), "components": MapOf(COMPONENT_RECORD_SHAPE, max_length=256)})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -214,15 +232,12 @@ def merge_record(existing: Mapping[str, Any] | None, component: str, entry: Mapp
 def read_record(directory: str | Path) -> dict[str, Any] | None:
     """``engines.json`` of an engine directory, or None when absent; unreadable -> EngineError."""
     path = Path(directory) / RECORD_NAME
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
+    if not path.exists():
         return None
-    except (OSError, ValueError) as error:
-        raise EngineError(f"{path}: unreadable ({error}); rebuild the engines") from None
+    data = read_json(path, EngineError, what="engines.json; rebuild the engines")
     if not isinstance(data, dict) or data.get("format_version") != RECORD_FORMAT_VERSION:
         raise EngineError(f"{path}: not an engines.json of format {RECORD_FORMAT_VERSION}; rebuild the engines")
-    return data
+    return check(data, RECORD_SHAPE, source=f"{path} (rebuild the engines)", error=EngineError)
 
 
 

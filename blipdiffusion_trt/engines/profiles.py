@@ -12,9 +12,18 @@ Two modes (``blipdiffusion-trt build --shapes``):
     and the text lengths the runtime always feeds (the context and plain text encoders are fed
     padded to their full lengths). Fastest engines; other sizes need a rebuild.
 
-    One exception: the Q-Former's text is padded to the longest category word, so its
-    ``qformer_text_length`` keeps the declared range in both modes (the Q-Former runs once per
-    subject, its cost does not matter).
+    Two exceptions, axes whose length a request decides at any one size
+    (:data:`DATA_DEPENDENT_AXES`), keep their declared range in both modes: the Q-Former's text is
+    padded to the longest category word (``qformer_text_length``; the Q-Former runs once per
+    subject, its cost does not matter), and an edit runs ``unet_p2p`` on 4 rows (a generated image
+    with guidance), 3 (a real image: its source reconstructs without guidance) or 2 (no guidance)
+    (``p2p_batch``). Kept dynamic, one engine serves every edit at the cost of every row it runs,
+    where padding to a fixed 4 rows would cost a real-image edit a third more UNet work per step
+    and an unguided one twice as much; the engine's kernels are tuned at 4 rows (the declared opt).
+
+    A batchable component (rows independent, ``ComponentSpec.batch_axis``) fed fewer rows than a
+    static engine's runs padded to them (``runtime/backends/tensorrt.py``): the DDIM inversion's
+    single ``unet_plain`` row in the engine built for a guided generation's two.
 
 ``dynamic``
     The declared min/opt/max of every axis, narrowed by ``--batch``, ``--height`` and ``--width``
@@ -40,8 +49,9 @@ Shape = tuple[int, ...]
 # component -> input name -> (min shape, opt shape, max shape)
 Profiles = dict[str, dict[str, tuple[Shape, Shape, Shape]]]
 
-# Axes whose length the runtime chooses per call even at one generation size (pad-to-longest).
-DATA_DEPENDENT_AXES = ("qformer_text_length",)
+# Axes whose length the runtime chooses per call even at one generation size: the Q-Former text
+# (pad-to-longest) and an edit's UNet rows (its kind and its guidance).
+DATA_DEPENDENT_AXES = ("qformer_text_length", "p2p_batch")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..components import ComponentSpec
-from ..errors import PackageError, ValidationError
+from ..errors import PackageError, ValidationError, describe
 from ..package import ModelPackage, PackageLayout, layout
 from ..package.manifest import replace_variant
 from .graphs import (example_inputs, export_point, import_contrib_opset, max_abs_diff, ort_session, run_onnx, save_onnx,
@@ -147,16 +147,14 @@ def fuse_graphs(root: Path, specs: dict[str, ComponentSpec], vocab: dict[str, in
     graphs go to a temporary sibling first and replace the CPU-fused folder as a whole. Returns the manifest
     entry per fused component: fused op counts and the comparison with the fp32 graph.
     """
-    import shutil
-    import tempfile
-
     from tqdm.auto import tqdm
 
-    from ..fsutil import replace_dir
+    from ..fsutil import StagingDir, replace_dir
 
     names = [name for name, spec in specs.items() if spec.cpu_fusion]
     files = PackageLayout(root)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{layout.CPU_FUSED}.partial-", dir=files.graphs_root))
+    staging = StagingDir(files.graphs_dir(layout.CPU_FUSED), PackageError)  # a killed run's leftovers are removed
+    scratch = staging.path
     report: dict[str, Any] = {}
     try:
         for name in tqdm(names, desc="cpu fusions", unit="component", disable=not progress):
@@ -174,11 +172,8 @@ def fuse_graphs(root: Path, specs: dict[str, ComponentSpec], vocab: dict[str, in
                             "validation": compare_graphs(spec, plain, fused, feeds)}
         if report:
             replace_dir(scratch, files.graphs_dir(layout.CPU_FUSED))
-        else:
-            shutil.rmtree(scratch)
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
+    finally:
+        staging.close()
     return report
 
 
@@ -197,12 +192,19 @@ def fuse_package(path: str | Path, *, progress: bool = True) -> dict[str, Any]:
     import os
     import shutil
 
-    package = ModelPackage.open(path, verify=False)
+    package = ModelPackage.open(path)
     files = package.layout
     if not os.access(files.graphs_root, os.W_OK):
         raise PackageError(f"{package.root}: package is not writable")
-    report = fuse_graphs(package.root, package.specs, package_vocab_sizes(package.root), progress=progress)
-    if not report:  # nothing fused: no CPU-fused folder, none listed
-        shutil.rmtree(files.graphs_dir(layout.CPU_FUSED), ignore_errors=True)
-    replace_variant(package.root, package.manifest, layout.CPU_FUSED, cpu_fused=report)
+    for name, spec in package.specs.items():  # the graphs fused from: confined, checked against their sha256
+        if spec.cpu_fusion:
+            package.onnx_path(name, "fp32")
+    vocab = package_vocab_sizes(package.root)  # tokenizers: checked when the package was opened
+    try:
+        report = fuse_graphs(package.root, package.specs, vocab, progress=progress)
+        if not report:  # nothing fused: no CPU-fused folder, none listed
+            shutil.rmtree(files.graphs_dir(layout.CPU_FUSED), ignore_errors=True)
+        replace_variant(package.root, package.manifest, layout.CPU_FUSED, cpu_fused=report)
+    except OSError as error:  # a full disk
+        raise PackageError(f"fuse {package.root} failed: {describe(error)}") from None
     return report

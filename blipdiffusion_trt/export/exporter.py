@@ -26,10 +26,11 @@ import numpy as np
 
 from .. import __version__
 from ..components import ComponentSpec, PipelineConfig, declare_components
-from ..errors import CheckpointError, InputError, ValidationError, describe
-from ..fsutil import read_json, replace_dir
+from ..errors import CheckpointError, InputError, PackageError, ValidationError, describe
+from ..fsutil import StagingDir, check_not_an_input, read_json, replace_dir
 from ..package import PackageLayout, layout, pipeline_config_json
 from ..package.manifest import digest_tree, write_manifest
+from ..schema import Object
 from .cpu_fusions import fuse_graphs, fusion_summary
 from .gpu_fusions import cuda_fusion_summary, fuse_graphs_for_cuda
 from .graphs import check_finite_constants, cosine, example_inputs, export_point, max_abs_diff, ort_session, run_onnx, save_onnx, second_point
@@ -46,7 +47,8 @@ WEIGHT_MODULES = ("text_encoder", "vae", "unet", "qformer", "controlnet")
 # --------------------------------------------------------------------------------------------
 
 def _read_json(path: Path, what: str) -> dict:
-    return read_json(path, CheckpointError, missing=f"not found ({what})", what=what)
+    """A checkpoint's JSON config: an object (its keys are read with ``.get``)."""
+    return read_json(path, CheckpointError, missing=f"not found ({what})", what=what, shape=Object())
 
 
 def check_checkpoint_dir(checkpoint: Path, allow_pickle: bool) -> dict:
@@ -147,8 +149,13 @@ def _check_controlnet_matches(controlnet: dict, unet: dict, where: Path) -> None
             )
 
 
-def pipeline_config_from(pipe, max_batch_size: int = 4) -> PipelineConfig:
-    """Everything the runtime needs, read from the loaded checkpoint's own configs."""
+def pipeline_config_from(pipe, max_batch_size: int = 4, editing: bool = True) -> PipelineConfig:
+    """Everything the runtime needs, read from the loaded checkpoint's own configs.
+
+    ``editing``: declare the editing graphs (``vae_encoder``, ``unet_p2p``; export/p2p.py).
+    """
+    from .p2p import edit_attention_downsample
+
     proc = pipe.image_processor
     unet, vae, text, qformer = pipe.unet.config, pipe.vae.config, pipe.text_encoder.config, pipe.qformer.config
     # diffusers' BLIP pipelines derive the latent size from the UNet; the VAE must agree.
@@ -187,11 +194,12 @@ def pipeline_config_from(pipe, max_batch_size: int = 4) -> PipelineConfig:
         has_controlnet=controlnet is not None,
         controlnet_conditioning_channels=int(controlnet.config.conditioning_channels) if controlnet is not None else 3,
         max_batch_size=max_batch_size,
+        edit_attention_downsample=edit_attention_downsample(pipe.unet) if editing else 0,
     )
 
 
 # --------------------------------------------------------------------------------------------
-# 2. Example inputs and the torch module of each component
+# 2. The torch module of each component (example inputs: .graphs)
 # --------------------------------------------------------------------------------------------
 
 
@@ -209,6 +217,11 @@ def component_modules(pipe, config: PipelineConfig) -> dict[str, Any]:
     }
     if config.has_controlnet:
         factories["controlnet"] = lambda: modules.ControlNetGraph(pipe.controlnet)
+    if config.has_editing:
+        from .p2p import UNetP2PGraph
+
+        factories["vae_encoder"] = lambda: modules.VaeEncoderGraph(pipe.vae)
+        factories["unet_p2p"] = lambda: UNetP2PGraph(pipe.unet)
     # A new wrapper is in training mode, and the exporter restores that mode on every child after
     # tracing: without eval() dropout would be live in the PyTorch reference afterwards.
     return {name: (lambda make=make: make().eval()) for name, make in factories.items()}
@@ -359,12 +372,15 @@ def export_package(
     validate: bool = True,
     max_batch_size: int = 4,
     cpu_fusions: bool = True,
+    editing: bool = True,
     gpu_fusions: bool = False,
     jobs: int = 1,
     progress: bool = True,
 ) -> ExportReport:
     """Export every component of a BLIP-Diffusion checkpoint into a self-contained package.
 
+    ``editing``: include the editing graphs (``vae_encoder``, ``unet_p2p``) that
+    ``BlipDiffusionRuntime.edit``/``invert`` run; without them the package only generates.
     ``jobs`` > 1 exports that many components at once, each in a worker process that loads the
     checkpoint itself (memory: up to ``jobs`` full-size UNet exports, ~17 GB each); CUDA fusions
     then run in the worker right after their component's graph.
@@ -382,14 +398,20 @@ def export_package(
     if not isinstance(jobs, int) or jobs < 1:
         raise InputError(f"--jobs must be an integer >= 1, got {jobs!r}")
     out = Path(out).resolve()
+    check_not_an_input(out, {"checkpoint": checkpoint, "ControlNet": controlnet}, InputError)
     _prepare_output(out, force)
     start = time.perf_counter()
     pipe = load_pipeline(checkpoint, controlnet, allow_pickle=allow_pickle)
-    config = pipeline_config_from(pipe, max_batch_size=max_batch_size)
+    config = pipeline_config_from(pipe, max_batch_size=max_batch_size, editing=editing)
+    # what the runtime will accept when it reads pipeline.json back: refused now, not after the export
+    PipelineConfig.from_dict(config.to_dict(), source=f"{checkpoint}: the pipeline config its configs give")
     specs = declare_components(config)
     report = ExportReport(out)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    # A locked temporary sibling: an export killed earlier left its own, removed now; a live one
+    # into the same place makes this one fail (two exports cannot both win).
+    staging = StagingDir(out, InputError)
+    tmp = staging.path
     files = PackageLayout(tmp)
     try:
         # Configs and tokenizers.
@@ -447,10 +469,12 @@ def export_package(
         }
         manifest["files"] = digest_tree(tmp)
         write_manifest(tmp, manifest)
+        _prepare_output(out, force)  # again: nothing else may have written it meanwhile
         replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except OSError as error:  # a full disk, a read-only or vanished directory
+        raise PackageError(f"export to {out} failed: {describe(error)}") from None
+    finally:
+        staging.close()  # whatever was not moved into place, and the lock
     report.seconds = round(time.perf_counter() - start, 2)
     return report
 

@@ -40,6 +40,8 @@ def second_point(spec: ComponentSpec) -> dict[str, int]:
     for name in ("qformer_text_length", "text_length", "plain_text_length"):
         if name in axes:
             point[name] = max(axes[name].min, axes[name].opt - 3)
+    if "p2p_batch" in axes:  # a real image's edit: no unconditional source row
+        point["p2p_batch"] = max(axes["p2p_batch"].min, axes["p2p_batch"].opt - 1)
     if "ctx_text_length" in axes and "text_length" in point:
         point["ctx_text_length"] = point["text_length"] + (axes["ctx_text_length"].opt - axes["text_length"].opt)
     return point
@@ -81,9 +83,22 @@ def example_inputs(spec: ComponentSpec, point: dict[str, int], *, vocab_sizes: d
             feed[tensor.name] = np.array([0.8], dtype=np.float32)
         elif tensor.name == "controlnet_cond":
             feed[tensor.name] = rng.uniform(0, 1, size=shape).astype(np.float32)
+        elif tensor.name == "image":
+            feed[tensor.name] = rng.uniform(-1, 1, size=shape).astype(np.float32)
+        elif tensor.name in P2P_CONTROL_EXAMPLES:
+            feed[tensor.name] = P2P_CONTROL_EXAMPLES[tensor.name](rng, shape)
         else:
             feed[tensor.name] = rng.standard_normal(shape).astype(np.float32)
     return feed
+
+
+# unet_p2p's control inputs with control on: 0/1 token weights, one aligned source token per target
+# token, the self-attention gate on
+P2P_CONTROL_EXAMPLES = {
+    "cross_weights": lambda rng, shape: rng.integers(0, 2, size=shape).astype(np.float32),
+    "token_map": lambda rng, shape: np.eye(shape[1], dtype=np.float32)[rng.integers(0, shape[1], size=shape[0])],
+    "self_gate": lambda rng, shape: np.ones(shape, dtype=np.float32),
+}
 
 
 def save_onnx(model, path: Path) -> None:

@@ -139,3 +139,15 @@ class VaeDecoderGraph(nn.Module):
 
     def forward(self, latents):
         return self.vae.decode(latents, return_dict=False)[0]
+
+
+class VaeEncoderGraph(nn.Module):
+    """image in [-1, 1] -> mean and log-variance (clamped as diffusers does) of the latent posterior."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image):
+        posterior = self.vae.encode(image, return_dict=False)[0]
+        return posterior.mean, posterior.logvar

@@ -72,8 +72,25 @@ CACHE_APP_DIR = "blipdiffusion-trt"
 ORT_TRT_CACHE = "ort-trt"
 ORT_TRT_TIMING_CACHE = "timing"
 
-# What a server running whole generations needs of a package besides its graphs.
-RUNTIME_FILES = (MANIFEST, PIPELINE_CONFIG, SCHEDULER_DIR, CLIP_TOKENIZER, QFORMER_TOKENIZER)
+
+def tokenizer_file(tokenizer: str) -> str:
+    """``<tokenizer>/tokenizer.json``: a tokenizer's name in the manifest."""
+    return f"{tokenizer}/{TOKENIZER_JSON}"
+
+
+def tokenizer_settings_file(tokenizer: str) -> str:
+    """``<tokenizer>/tokenizer_settings.json``: its settings' name in the manifest."""
+    return f"{tokenizer}/{TOKENIZER_SETTINGS}"
+
+
+# The files besides the graphs that a generation reads (each must be listed in the manifest):
+# with the manifest, what a server running whole generations needs of a package.
+CONFIG_FILES = (
+    PIPELINE_CONFIG,
+    SCHEDULER_CONFIG,
+    *(name for folder in (CLIP_TOKENIZER, QFORMER_TOKENIZER)
+      for name in (tokenizer_file(folder), tokenizer_settings_file(folder))),
+)
 
 
 def graph_variant(precision: str, *, cpu_fused: bool = False, cuda_fused: bool = False) -> str:

@@ -1,7 +1,7 @@
 """Torch-free runtime: ``from blipdiffusion_trt.runtime import BlipDiffusionRuntime``.
 
-Imports numpy, onnxruntime, tokenizers, Pillow (and OpenCV for canny edges) only; never torch,
-diffusers, transformers or the export code.
+Imports numpy, onnxruntime, tokenizers, Pillow (and OpenCV for canny edges; OpenVINO and NNCF for
+the openvino backend) only; never torch, diffusers, transformers or the export code.
 """
 
 _PIPELINE_NAMES = {"BlipDiffusionRuntime", "PipelineOutput", "SubjectEmbedding"}

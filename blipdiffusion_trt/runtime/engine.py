@@ -7,6 +7,12 @@ without a round trip through the host on a GPU. On the CPU everything is numpy.
 
 The pipeline picks the backend once, when the package is loaded (:mod:`.backends`); the
 denoising loop never asks which backend it drives.
+
+An engine built for a fixed batch (a static TensorRT plan, and the Triton model serving one) runs
+fewer rows of a batchable component padded (:func:`rows_to_pad`, :func:`pad_rows`): its rows are
+independent (``ComponentSpec.batch_axis``), so the last row repeated and the outputs cut back
+give what a smaller batch would. The DDIM inversion feeds the UNet one row, where a guided
+generation's static engine takes two.
 """
 
 from __future__ import annotations
@@ -37,6 +43,11 @@ class Engine(ABC):
     @abstractmethod
     def infer(self, feed: Mapping[str, Any], keep: Sequence[str] = ()) -> dict[str, Any]:
         """Run once. Outputs in ``keep`` may be backend-native (device) values, the rest numpy."""
+
+    def details(self) -> dict[str, Any]:
+        """What the backend chose for this engine beyond the graph itself (e.g. the precision it
+        computes in), for reports (``--timings``, ``bench.json``); empty where it chose nothing."""
+        return {}
 
     def upload(self, name: str, value: Any) -> Any:
         """``value`` for input ``name``, placed where this engine's calls read it: in device memory
@@ -73,3 +84,24 @@ class Engine(ABC):
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def rows_to_pad(spec: ComponentSpec, feed: Mapping[str, Any], min_rows: int | None) -> int:
+    """The rows ``feed`` holds when they are fewer than ``min_rows`` (an engine's smallest batch)
+    and can be padded: ``spec`` is batchable and every input is a host array of that many rows.
+    Else 0 (the engine's own shape check reports a feed it cannot take)."""
+    if not min_rows or min_rows <= 1 or spec.batch_axis is None:
+        return 0
+    values = [feed.get(name) for name in spec.input_names]
+    if not all(isinstance(v, np.ndarray) and v.ndim > 0 for v in values):
+        return 0
+    counts = {v.shape[0] for v in values}
+    if len(counts) != 1:
+        return 0
+    (rows,) = counts
+    return rows if 0 < rows < min_rows else 0
+
+
+def pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
+    """``array`` with its last row repeated up to ``rows`` rows."""
+    return np.concatenate([array, np.repeat(array[-1:], rows - len(array), axis=0)])

@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import numbers
 import os
+import re
 import secrets
 import struct
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -45,6 +47,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ..errors import BlipDiffusionTrtError, InputError, describe
+from .inputs import LIMITS
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -58,10 +61,11 @@ __all__ = [
     "canny_condition",
     "postprocess",
     "to_pil",
+    "check_output_path",
     "save_image",
 ]
 
-DEFAULT_MAX_PIXELS = 64_000_000
+DEFAULT_MAX_PIXELS = LIMITS.max_image_pixels
 BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, BlipImageProcessor's default
 # cv2.Canny (3x3 Sobel, L1 gradient) on 8-bit input can't produce a magnitude above
 # 2 * 4 * 255; above it no pixel can be an edge. cv2 itself accepts any double and silently
@@ -159,6 +163,8 @@ def _load_file(path: Path, *, field: str, max_pixels: int, exif_transpose: bool)
         raise InputError(f"{field}: image file '{path}' does not exist", field=field)
     if path.is_dir():
         raise InputError(f"{field}: '{path}' is a directory, not an image file", field=field)
+    if not path.is_file():  # a FIFO (opening it would wait for a writer), a device, a socket
+        raise InputError(f"{field}: '{path}' is not a regular file", field=field)
     image = None
     try:
         with warnings.catch_warnings():
@@ -231,8 +237,9 @@ def load_image(
         text = os.fspath(source)
         if isinstance(text, bytes):
             text = os.fsdecode(text)
-        if text.startswith(("http://", "https://")):
-            raise InputError(f"{field}: URLs are not supported ('{text}'); download the image and pass its path", field=field)
+        if re.match(r"[A-Za-z][A-Za-z0-9+.\-]*://", text):
+            raise InputError(f"{field}: URLs are not supported ('{text[:200]}'); download the image and pass its path",
+                             field=field)
         if not text:
             raise InputError(f"{field}: the image path is empty", field=field)
         return _load_file(Path(text), field=field, max_pixels=max_pixels, exif_transpose=exif_transpose)
@@ -414,6 +421,44 @@ def _image_for_saving(image: Any, field: str) -> Image.Image | np.ndarray:
     if not np.all(np.isfinite(array)) or array.min() < 0 or array.max() > 1:
         raise InputError(f"{field}: float image arrays must hold finite values in [0, 1]", field=field)
     return array
+
+
+def check_output_path(path: str | os.PathLike, *, field: str = "output",
+                      inputs: dict[str, Any] | None = None, suffixes: tuple[str, ...] = SAVE_SUFFIXES) -> Path:
+    """An output file ``path`` checked before any work: a supported suffix, not a directory or a
+    special file, in an existing directory this process can create files in (a read-only file
+    system fails here, not after the generation), and not one of the ``inputs`` (name -> path;
+    an input file is never overwritten). ``suffixes``: those allowed (default: what
+    :func:`save_image` writes)."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{field}: '{path}' is a directory; give a file name", field=field)
+    if path.suffix.lower() not in suffixes:
+        raise InputError(f"{field} must end in one of {', '.join(suffixes)}, got {path.name!r}", field=field)
+    if path.exists() and not path.is_file():
+        raise InputError(f"{field}: '{path}' exists and is not a regular file", field=field)
+    parent = path.parent
+    if not parent.is_dir():
+        raise InputError(f"{field}: directory '{parent}' does not exist", field=field)
+    for name, value in (inputs or {}).items():
+        if isinstance(value, (str, os.PathLike)) and value and _same_file(path, Path(value)):
+            raise InputError(f"{field}: '{path}' is the {name} input; give another output file", field=field)
+    try:  # what writing needs: creating a file in that directory
+        probe = tempfile.NamedTemporaryFile(dir=parent, prefix=f".{path.name}.", suffix=".probe")
+        probe.close()
+    except OSError as error:
+        raise InputError(f"{field}: cannot write to directory '{parent}': {error.strerror or describe(error)}",
+                         field=field) from None
+    return path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
 
 
 def save_image(

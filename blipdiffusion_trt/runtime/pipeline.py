@@ -16,7 +16,8 @@ subject (:meth:`encode_subject`, :meth:`encode_subjects`), the text (:meth:`enco
 :meth:`encode_plain_prompt`, :meth:`encode_text`), the latents and control map
 (:meth:`prepare_scheduler`, :meth:`prepare_latents`, :meth:`prepare_control`), the denoising loop
 (:meth:`denoise` over :meth:`guided_noise` over :meth:`predict_noise`, the raw UNet/ControlNet call
-on any batch) and :meth:`decode_latents`.
+on any batch) and :meth:`decode_latents`. Editing (:mod:`.editing`: ``invert``, ``edit``) is built
+on the same stages.
 """
 
 from __future__ import annotations
@@ -32,12 +33,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..components import generation_components
-from ..errors import InputError
+from ..errors import EngineError, InputError, PackageError
 from ..package import ModelPackage, layout
 from . import images as imgs
 from .backends import BackendOptions, get_backend
+from .editing import EditingMixin
 from .engine import Engine
 from .inputs import (
+    LIMITS,
     MAX_STEPS,
     OUTPUT_TYPES,
     GenerationInputs,
@@ -46,11 +49,14 @@ from .inputs import (
     check_float,
     check_int,
     check_latents,
+    check_prompt_repetition,
     check_prompts,
+    check_seed,
     check_size,
+    check_text,
 )
 from .schedulers import check_scheduler_name, scheduler_from_config
-from .text import ClipTextTokenizer, QFormerTokenizer, build_prompts
+from .text import ClipTextTokenizer, QFormerTokenizer, build_prompts, max_useful_reps
 from .timing import StageTimer
 
 logger = logging.getLogger(__name__)
@@ -59,6 +65,10 @@ logger = logging.getLogger(__name__)
 NoisePredictor = Callable[[np.ndarray, Any], np.ndarray]
 # callback(step_index, timestep, latents) after every scheduler step
 StepCallback = Callable[[int, float, np.ndarray], None]
+# after_step(step_index, latents) -> latents: changes the latents after a scheduler step (editing's local blend)
+AfterStep = Callable[[int, np.ndarray], np.ndarray]
+# component name -> its engine, made on first use (the editing graphs)
+EngineLoader = Callable[[str], Engine]
 
 __all__ = ["MAX_STEPS", "BlipDiffusionRuntime", "PipelineOutput", "SubjectEmbedding"]
 
@@ -94,19 +104,23 @@ class _LRU(OrderedDict):
         return value
 
 
-class BlipDiffusionRuntime:
-    """Subject-driven generation from a model package on ONNX Runtime (CPU, CUDA, TensorRT EP)."""
+class BlipDiffusionRuntime(EditingMixin):
+    """Subject-driven generation (and editing, :class:`~.editing.EditingMixin`) from a model package
+    on any backend of :mod:`.backends` (ONNX Runtime CPU/CUDA/TensorRT EP, TensorRT, OpenVINO) or Triton."""
 
-    def __init__(self, package: ModelPackage, engines: dict[str, Engine], *, cache_size: int = 32,
-                 negative_cache_size: int = 8):
+    def __init__(self, package: ModelPackage, engines: dict[str, Engine], *, load_engine: EngineLoader | None = None,
+                 cache_size: int = 32, negative_cache_size: int = 8):
         """``engines``: one per component of :func:`~blipdiffusion_trt.components.generation_components`.
 
-        ``cache_size``: subject embeddings kept (LRU; 0: none); ``negative_cache_size``: negative
-        prompt embeddings kept.
+        ``load_engine(component)``: makes the engine of a component the runtime needs later (the
+        editing graphs), on the same backend with the same options (:meth:`from_package` passes
+        its backend's); None: only ``engines`` can run. ``cache_size``: subject embeddings kept
+        (LRU; 0: none); ``negative_cache_size``: negative prompt embeddings kept.
         """
         self.package = package
         self.config = package.config
         self.engines = engines
+        self.load_engine = load_engine
         self.scheduler_config = package.scheduler_config()
         clip = package.tokenizer_settings(layout.CLIP_TOKENIZER)
         bert = package.tokenizer_settings(layout.QFORMER_TOKENIZER)
@@ -122,7 +136,7 @@ class BlipDiffusionRuntime:
         **option_values: Any,
     ) -> "BlipDiffusionRuntime":
         """Load a package's graphs on ``backend`` (``runtime.backends.BACKENDS``: "cpu", "cuda",
-        "ort-tensorrt", "tensorrt").
+        "ort-tensorrt", "tensorrt", "openvino").
 
         The backend's start-up options are ``options`` (its options class, e.g.
         :class:`~blipdiffusion_trt.runtime.backends.onnxruntime.OnnxRuntimeOptions`) and/or
@@ -134,13 +148,39 @@ class BlipDiffusionRuntime:
         ``use_tf32``, ``cudnn_conv_algo_search``, ``cuda_graph``, ``cuda_fused``, ``cache_dir`` and
         ``provider_options``
         (:class:`~blipdiffusion_trt.runtime.backends.onnxruntime_gpu.OnnxRuntimeGpuOptions`); for
-        ``tensorrt`` ``use_cuda_graph``. An option the backend does not have is an :class:`InputError`.
+        ``tensorrt`` ``use_cuda_graph``; for ``openvino`` ``inference_precision`` ("auto", "f32",
+        "bf16"), ``threads``, ``cache_dir``, ``model_cache``, ``compress_weights`` and
+        ``max_shapes`` (:class:`~.backends.openvino.OpenVINOOptions`). An option the backend does
+        not have is an :class:`InputError`.
         """
         chosen = get_backend(backend)
         backend_options = chosen.options(options, **option_values)
         package = ModelPackage.open(path, verify=verify)
         engines = chosen.load(package, generation_components(package.config), precision, backend_options)
-        return cls(package, engines, cache_size=cache_size, negative_cache_size=negative_cache_size)
+
+        def load_engine(component: str) -> Engine:
+            return chosen.make_engine(package, component, precision, backend_options)
+
+        return cls(package, engines, load_engine=load_engine, cache_size=cache_size,
+                   negative_cache_size=negative_cache_size)
+
+    def engine(self, component: str) -> Engine:
+        """The engine of ``component``; one not loaded yet is made by ``load_engine`` (on the
+        runtime's backend, with its options) and kept."""
+        engine = self.engines.get(component)
+        if engine is None:
+            if component not in self.package.specs:
+                raise PackageError(f"{self.package.root}: the package has no {component} graph")
+            if self.load_engine is None:
+                raise EngineError(f"no {component} engine: this runtime was made without a way to load engines "
+                                  "(BlipDiffusionRuntime.from_package loads them on its backend)")
+            engine = self.engines[component] = self.load_engine(component)
+        return engine
+
+    def engine_details(self) -> dict[str, dict[str, Any]]:
+        """Per component, what its backend chose beyond the graph (:meth:`Engine.details`: e.g. the
+        precision OpenVINO computes in); components whose backend chose nothing are left out."""
+        return {name: details for name, engine in self.engines.items() if (details := engine.details())}
 
     def close(self) -> None:
         """Close every engine (sessions, device memory); the runtime cannot generate afterwards."""
@@ -176,27 +216,34 @@ class BlipDiffusionRuntime:
         condition_image: Any = None,
         canny_image: Any = None,
         controlnet_conditioning_scale: Any = 1.0,
+        controlnet: bool = True,
+        seed: Any = None,
+        prompt_strength: Any = 1.0,
+        prompt_reps: Any = 20,
     ) -> GenerationInputs:
-        """Every argument of a call checked (one-line :class:`InputError` naming the field) and normalised.
+        """Every argument of a call checked (one-line :class:`InputError` naming the field and its
+        limit) and normalised, before any work: the package's declared ranges (sizes, batch, the
+        Q-Former's text length) and :data:`~.inputs.LIMITS` (text, steps, guidance, latents, seed).
 
         Images are not decoded here: a file that cannot be read is reported when its stage loads it.
+        ``controlnet``: whether the call runs the package's ControlNet (and so needs a control
+        map); editing does not.
         """
         cfg = self.config
         prompts = check_prompts(prompt, cfg.max_batch_size)
         batch = len(prompts)
-        height = cfg.default_height if height is None else height
-        width = cfg.default_width if width is None else width
-        for name, value in (("height", height), ("width", width)):
-            check_size(name, value, cfg.min_image_size, cfg.max_image_size, cfg.image_multiple)
-        check_int("num_inference_steps", num_inference_steps, 1, MAX_STEPS)
-        guidance_scale = check_float("guidance_scale", guidance_scale)
-        controlnet_conditioning_scale = check_float("controlnet_conditioning_scale", controlnet_conditioning_scale)
+        height, width = self.check_image_size(height, width)
+        check_int("num_inference_steps", num_inference_steps, 1, LIMITS.max_steps)
+        guidance_scale = check_float("guidance_scale", guidance_scale, *LIMITS.guidance_scale)
+        controlnet_conditioning_scale = check_float("controlnet_conditioning_scale", controlnet_conditioning_scale,
+                                                    *LIMITS.controlnet_conditioning_scale)
+        seed = check_seed(seed)
+        prompt_strength, prompt_reps = check_prompt_repetition(prompt_strength, prompt_reps)
         if output_type not in OUTPUT_TYPES:
             raise InputError(f"output_type must be 'pil' or 'np', got {output_type!r}", field="output_type")
-        if not isinstance(neg_prompt, str):
-            raise InputError("neg_prompt must be a string", field="neg_prompt")
+        check_text("neg_prompt", neg_prompt, LIMITS.max_text_characters, allow_empty=True)
         targets = broadcast("target_subject_category", target_subject_category, batch)
-        self._check_control(condition_image, canny_image)
+        self._check_control(condition_image, canny_image, controlnet)
         latent_shape = (batch, cfg.latent_channels, height // cfg.latent_scale_factor, width // cfg.latent_scale_factor)
         if latents is not None:
             latents = check_latents(latents, latent_shape)
@@ -206,25 +253,67 @@ class BlipDiffusionRuntime:
             if reference_image is not None:
                 raise InputError("subject and reference_image given: pass either subject or reference_image, not both",
                                  field="subject")
+            self.check_subject(subject)
         else:
             if reference_image is None:
                 raise InputError("reference_image is required (or a precomputed subject)", field="reference_image")
             sources = broadcast("source_subject_category", source_subject_category, batch)
+            for category in dict.fromkeys(sources):
+                self.subject_tokens(category)
             references = broadcast_images("reference_image", reference_image, batch)
         return GenerationInputs(
             prompts=prompts, targets=targets, sources=sources, references=references, height=height, width=width,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, latent_shape=latent_shape,
             latents=latents, neg_prompt=neg_prompt, scheduler=scheduler, output_type=output_type,
             condition_image=condition_image, canny_image=canny_image,
-            controlnet_conditioning_scale=controlnet_conditioning_scale,
+            controlnet_conditioning_scale=controlnet_conditioning_scale, seed=seed,
+            prompt_strength=prompt_strength, prompt_reps=prompt_reps,
         )
 
-    def _check_control(self, condition_image: Any, canny_image: Any) -> None:
+    def check_image_size(self, height: Any, width: Any) -> tuple[int, int]:
+        """The generated image's (height, width): the package's default size where None, else checked."""
+        cfg = self.config
+        height = cfg.default_height if height is None else height
+        width = cfg.default_width if width is None else width
+        for name, value in (("height", height), ("width", width)):
+            check_size(name, value, cfg.min_image_size, cfg.max_image_size, cfg.image_multiple)
+        return int(height), int(width)
+
+    def check_subject(self, subject: Any) -> SubjectEmbedding:
+        """A precomputed subject: a :class:`SubjectEmbedding` of [num_query_tokens, text_hidden_size]
+        finite float values."""
+        if not isinstance(subject, SubjectEmbedding):
+            raise InputError(f"subject must be a SubjectEmbedding (from encode_subject or mix_subjects), "
+                             f"got {type(subject).__name__}", field="subject")
+        embeddings = subject.embeddings
+        shape = (self.config.num_query_tokens, self.config.text_hidden_size)
+        if not isinstance(embeddings, np.ndarray) or embeddings.dtype.kind != "f" or embeddings.shape != shape:
+            got = (f"{embeddings.dtype} array of shape {list(embeddings.shape)}" if isinstance(embeddings, np.ndarray)
+                   else type(embeddings).__name__)
+            raise InputError(f"subject embeddings must be a float array of shape {list(shape)} for this package, "
+                             f"got {got}", field="subject")
+        if not np.isfinite(embeddings).all():
+            raise InputError("subject embeddings contain NaN or inf", field="subject")
+        return subject
+
+    def subject_tokens(self, category: str, *, field: str = "source_subject_category"):
+        """The Q-Former's tokens of a subject word; more than its declared text length is an
+        :class:`InputError` (the graph's position table would be overrun, or silently extended)."""
+        check_text(field, category, LIMITS.max_subject_characters)
+        tokens = self.qformer_tokenizer.encode([category], field=field)
+        limit = self.package.specs["qformer"].axes["qformer_text_length"].max
+        if tokens.input_ids.shape[1] > limit:
+            raise InputError(f"{field} {category[:40]!r} is {tokens.input_ids.shape[1]} Q-Former tokens, more than "
+                             f"the {limit} its graph is declared for", field=field)
+        return tokens
+
+    def _check_control(self, condition_image: Any, canny_image: Any, controlnet: bool = True) -> None:
         uses_control = condition_image is not None or canny_image is not None
-        if uses_control and not self.config.has_controlnet:
+        if uses_control and not (self.config.has_controlnet and controlnet):
             given = "canny_image" if canny_image is not None else "condition_image"
-            raise InputError(f"{given} given, but this package has no ControlNet", field=given)
-        if self.config.has_controlnet and not uses_control:
+            reason = "this package has no ControlNet" if controlnet else "this call does not run the ControlNet"
+            raise InputError(f"{given} given, but {reason}", field=given)
+        if self.config.has_controlnet and controlnet and not uses_control:
             raise InputError("condition_image: this package has a ControlNet: pass condition_image or canny_image",
                              field="condition_image")
         if condition_image is not None and canny_image is not None:
@@ -238,9 +327,9 @@ class BlipDiffusionRuntime:
     def encode_subject(self, image: Any, category: str) -> SubjectEmbedding:
         """Q-Former query embeddings of a subject image and its category word (LRU-cached)."""
         cfg = self.config
-        pil = imgs.load_image(image, field="reference_image")
+        tokens = self.subject_tokens(category)
+        pil = imgs.load_image(image, field="reference_image", max_pixels=LIMITS.max_image_pixels)
         pixels = imgs.preprocess_reference(pil, cfg.image_size, cfg.image_mean, cfg.image_std, cfg.image_resample)
-        tokens = self.qformer_tokenizer.encode([category], field="source_subject_category")
         key = (hashlib.sha256(pixels.tobytes()).hexdigest(), category)
 
         def run() -> SubjectEmbedding:
@@ -309,7 +398,10 @@ class BlipDiffusionRuntime:
                     neg_prompt: str = "") -> np.ndarray:
         """The UNet's ``encoder_hidden_states``: "a {target} {prompt}" x reps with the subject, preceded
         by the negative prompt's embeddings when guidance is on ([2B, ...]; else [B, ...])."""
-        texts = build_prompts(prompts, targets, prompt_strength=prompt_strength, prompt_reps=prompt_reps)
+        # No work past what the text encoder keeps: repetitions it would cut are not built.
+        budget = self.config.text_length - self.tokenizer.num_special_tokens
+        texts = build_prompts(prompts, targets, prompt_strength=prompt_strength, prompt_reps=prompt_reps,
+                              max_reps=max_useful_reps(budget))
         # The repetitions are meant to fill the text encoder and be cut; warn only when a single
         # "a {target} {prompt}" does not fit, i.e. when words the user wrote are lost.
         single = build_prompts(prompts, targets, prompt_strength=1.0, prompt_reps=1)
@@ -371,7 +463,8 @@ class BlipDiffusionRuntime:
             controlnet = self.engines["controlnet"]
             with timer("controlnet"):  # residuals may stay on the device until the UNet reads them
                 feed.update(controlnet.infer({**feed, **control}, keep=controlnet.output_names))
-        unet = self.engines["unet"] if control else self.engines["unet_plain"]
+        # a ControlNet package's generations load no unet_plain: its inversion loads it here
+        unet = self.engines["unet"] if control else self.engine("unet_plain")
         with timer("unet"):
             return unet.infer(feed)["noise_pred"]
 
@@ -392,14 +485,17 @@ class BlipDiffusionRuntime:
 
     def denoise(self, latents: np.ndarray, scheduler, text_embeddings: np.ndarray | None = None, *,
                 guidance_scale: float = 7.5, control: dict[str, np.ndarray] | None = None,
-                predict: NoisePredictor | None = None, callback: StepCallback | None = None,
-                progress: bool = False, timer: StageTimer | None = None) -> np.ndarray:
+                predict: NoisePredictor | None = None, after_step: AfterStep | None = None,
+                callback: StepCallback | None = None, progress: bool | str = False,
+                timer: StageTimer | None = None) -> np.ndarray:
         """The scheduler loop: every timestep, a noise prediction, then a scheduler step.
 
         The prediction is :meth:`guided_noise` (``text_embeddings``, ``guidance_scale``,
         ``control``) unless ``predict(latents, timestep)`` is given: another flow's own UNet feed
-        (built with :meth:`predict_noise`). ``callback(step_index, timestep, latents)`` runs after
-        every step. Records ``denoise_loop`` (and the engines' and scheduler's times) in ``timer``.
+        (editing's). ``after_step(step_index, latents)`` returns the latents the loop goes on with
+        (editing's local blend; prompt-to-prompt's ``step_callback``). ``callback(step_index,
+        timestep, latents)`` runs after every step. ``progress``: a progress bar (a string: its
+        label). Records ``denoise_loop`` (and the engines' and scheduler's times) in ``timer``.
 
         What every step feeds unchanged (the text embeddings, the control map and its scale) is
         uploaded once, before the loop (:meth:`Engine.upload`: device memory on a GPU backend, the
@@ -421,10 +517,17 @@ class BlipDiffusionRuntime:
                                          control=control, timer=timer)
 
         loop_start = time.perf_counter()
+        steps = len(scheduler.timesteps)
         for i, t in enumerate(_progress(scheduler.timesteps, progress)):
             noise_pred = predict(latents, t)
             with timer("scheduler"):
                 latents = scheduler.step(noise_pred, t, latents).astype(np.float32, copy=False)
+            if after_step is not None:
+                latents = after_step(i, latents)
+            if not np.isfinite(latents).all():  # cheap next to a UNet call; NaN would decode to a black image
+                raise InputError(f"the denoising loop overflowed at step {i + 1} of {steps} (non-finite latents): "
+                                 f"guidance_scale {guidance_scale:g} or the given latents are too large for this "
+                                 f"model", field=None)
             if callback is not None:
                 callback(i, float(t), latents)
         timer.timings["denoise_loop"] = time.perf_counter() - loop_start
@@ -439,6 +542,10 @@ class BlipDiffusionRuntime:
         timer = timer or StageTimer()
         with timer("vae_decoder"):
             decoded = self.engines["vae_decoder"].infer({"latents": latents / np.float32(self.config.vae_scaling_factor)})
+        if not np.isfinite(decoded["image"]).all():
+            raise InputError(f"the VAE decoder overflowed (non-finite pixels) on latents of magnitude up to "
+                             f"{float(np.abs(latents).max()):.3g}: the guidance scale or the given latents are too "
+                             f"large for this model", field=None)
         return imgs.postprocess(decoded["image"])
 
     # ------------------------------------------------------------------------------------------
@@ -485,7 +592,8 @@ class BlipDiffusionRuntime:
             guidance_scale=guidance_scale, height=height, width=width, num_inference_steps=num_inference_steps,
             latents=latents, neg_prompt=neg_prompt, scheduler=scheduler, output_type=output_type,
             condition_image=condition_image, canny_image=canny_image,
-            controlnet_conditioning_scale=controlnet_conditioning_scale,
+            controlnet_conditioning_scale=controlnet_conditioning_scale, seed=seed, prompt_strength=prompt_strength,
+            prompt_reps=prompt_reps,
         )
 
         # 2. Encode the subject (Q-Former), reusing cached embeddings
@@ -498,13 +606,13 @@ class BlipDiffusionRuntime:
         # 3. Encode the text: "a {target} {prompt}" x reps with the subject, and the negative prompt
         with timer("text_encoder"):
             text_embeddings = self.encode_text(
-                inputs.prompts, inputs.targets, subject_embeds, prompt_strength=prompt_strength,
-                prompt_reps=prompt_reps, guidance_scale=inputs.guidance_scale, neg_prompt=inputs.neg_prompt,
+                inputs.prompts, inputs.targets, subject_embeds, prompt_strength=inputs.prompt_strength,
+                prompt_reps=inputs.prompt_reps, guidance_scale=inputs.guidance_scale, neg_prompt=inputs.neg_prompt,
             )
 
         # 4. Prepare the timesteps, the latents and the control map
         sched = self.prepare_scheduler(inputs.scheduler, inputs.num_inference_steps)
-        latents = self.prepare_latents(inputs.latent_shape, sched, latents=inputs.latents, seed=seed)
+        latents = self.prepare_latents(inputs.latent_shape, sched, latents=inputs.latents, seed=inputs.seed)
         control = None
         if inputs.uses_control:
             with timer("condition_image"):
@@ -526,9 +634,9 @@ class BlipDiffusionRuntime:
                               timings=timer.timings)
 
 
-def _progress(steps, enabled: bool):
+def _progress(steps, enabled: bool | str):
     if not enabled:
         return steps
     from tqdm.auto import tqdm
 
-    return tqdm(steps, desc="denoise", unit="step")
+    return tqdm(steps, desc=enabled if isinstance(enabled, str) else "denoise", unit="step")

@@ -38,11 +38,27 @@ from blipdiffusion_trt.errors import InputError
 
 __all__ = [
     "build_prompts",
+    "max_useful_reps",
+    "text_problem",
     "TokenizedText",
     "QFormerTokens",
     "ClipTextTokenizer",
     "QFormerTokenizer",
 ]
+
+
+def text_problem(text: str) -> str | None:
+    """None when ``text`` is valid Unicode text, else what is wrong (one line). Python holds the
+    bytes of a command line that are not UTF-8 as lone surrogates ("surrogateescape"); the
+    tokenizers cannot take them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        char = text[error.start]
+        byte = ord(char) - 0xDC00 if 0xDC80 <= ord(char) <= 0xDCFF else None
+        what = f"the byte 0x{byte:02x}" if byte is not None else f"the lone surrogate U+{ord(char):04X}"
+        return f"is not valid UTF-8 text ({what} at character {error.start})"
+    return None
 
 
 def _as_text_list(texts: object, field: str, *, allow_empty: bool) -> list[str]:
@@ -59,6 +75,9 @@ def _as_text_list(texts: object, field: str, *, allow_empty: bool) -> list[str]:
         where = f" (item {i})" if len(items) > 1 else ""
         if not isinstance(item, str):
             raise InputError(f"{field} must be a string{where}, got {type(item).__name__}", field=field)
+        problem = text_problem(item)
+        if problem:
+            raise InputError(f"{field}{where} {problem}", field=field)
         if not allow_empty and not item.strip():
             raise InputError(f"{field} must be a non-empty string{where}", field=field)
     return items  # type: ignore[return-value]
@@ -69,10 +88,16 @@ def build_prompts(
     target_subjects: str | Sequence[str],
     prompt_strength: float = 1.0,
     prompt_reps: int = 20,
+    *,
+    max_reps: int | None = None,
 ) -> list[str]:
     """The prompts the CLIP text encoder sees, exactly as diffusers'
     ``BlipDiffusionPipeline._build_prompt``: ``f"a {tgt} {prompt.strip()}"`` repeated
     ``int(prompt_strength * prompt_reps)`` times, joined with ``", "``.
+
+    ``max_reps`` caps the repetitions: :func:`max_useful_reps` of the text encoder's length gives
+    the same tokens after truncation as any larger count, so no work (or memory) is spent on text
+    the encoder cuts off.
 
     A single string is taken as a batch of one (as ``BlipDiffusionPipeline.__call__`` does).
     Unlike diffusers (which ``zip``s silently), ``prompts`` and ``target_subjects`` must have the
@@ -96,12 +121,33 @@ def build_prompts(
         raise InputError(f"prompt_strength must be a finite number >= 0, got {prompt_strength!r}", field="prompt_strength")
     if isinstance(prompt_reps, bool) or not isinstance(prompt_reps, (int, np.integer)) or prompt_reps < 0:
         raise InputError(f"prompt_reps must be an integer >= 0, got {prompt_reps!r}", field="prompt_reps")
-    reps = int(prompt_strength * prompt_reps)
+    count = float(prompt_strength) * min(int(prompt_reps), 2**53)
+    if max_reps is not None and count >= max_reps:
+        reps = int(max_reps)
+    elif not math.isfinite(count) or count >= 2**31:
+        raise InputError(f"prompt_strength x prompt_reps = {count:g} repetitions: too many to build (pass max_reps)",
+                         field="prompt_reps")
+    else:
+        reps = int(count)
     out = []
     for prompt, tgt_subject in zip(prompt_list, subject_list):
         prompt = f"a {tgt_subject} {prompt.strip()}"
         out.append(", ".join([prompt] * reps))
     return out
+
+
+def max_useful_reps(token_budget: int) -> int:
+    """The repetitions of ``"a {tgt} {prompt}"`` (joined with ``", "``) past which the first
+    ``token_budget`` tokens never change, whatever the words.
+
+    Each repetition begins with at least two tokens that its neighbours cannot merge with: ``a``
+    (its own word, between spaces) and at least one of ``{tgt}`` (a non-blank word after a space).
+    Only a repetition's last piece can differ when another follows (a trailing ``.`` becomes
+    ``.,``). So with ``k`` repetitions the first ``2k`` tokens are those of any longer string, and
+    ``k = budget // 2 + 1`` fills the budget; ``tests/test_text.py`` checks it against the
+    tokenizers on hostile prompts.
+    """
+    return max(1, int(token_budget) // 2 + 1)
 
 
 def _load_tokenizer(tokenizer_json: str | os.PathLike[str]) -> tokenizers.Tokenizer:
@@ -202,6 +248,18 @@ class ClipTextTokenizer:
             ids[row, : len(full)] = full
             truncated.append(cut)
         return TokenizedText(ids, truncated)
+
+    def token_ids(self, text: str, max_length: int, *, field: str) -> list[int]:
+        """The ids :meth:`encode` gives one text, without the padding: bos, tokens (cut to fit
+        ``max_length`` as :meth:`encode` cuts them), eos. Prompt-to-prompt aligns these."""
+        row = self.encode([text], max_length, field=field).input_ids[0]
+        count = len(self._tok.encode(text, add_special_tokens=False).ids)
+        return [int(i) for i in row[: min(count + self.num_special_tokens, int(max_length))]]
+
+    def word_ids(self, text: str, *, field: str) -> list[int]:
+        """The tokens of ``text`` alone (no bos/eos, not cut); empty when the tokenizer keeps nothing."""
+        (item,) = _as_text_list(text, field, allow_empty=False)
+        return list(self._tok.encode(item, add_special_tokens=False).ids)
 
 
 class QFormerTokenizer:

@@ -7,12 +7,13 @@ name              module                     engines
 ``cuda``          :mod:`.onnxruntime_gpu`    ONNX Runtime, CUDA provider with IO binding (CUDA-fused graphs, CUDA graphs)
 ``ort-tensorrt``  :mod:`.onnxruntime_gpu`    ONNX Runtime, TensorRT execution provider
 ``tensorrt``      :mod:`.tensorrt`           TensorRT plans from ``blipdiffusion-trt build``
+``openvino``      :mod:`.openvino`           OpenVINO, CPU (the fp32 graphs in bf16 where the CPU has it)
 ================  =========================  ================================================
 
 A new backend is one module defining its options dataclass, its :class:`~..engine.Engine` and a
 :class:`~.base.Backend` object, plus one line in :data:`REGISTRY`. Modules are imported when
 their backend is first asked for, so naming the backends (the CLI's help) imports none of them,
-and a backend's libraries (onnxruntime, TensorRT, CUDA) are imported only when it makes an engine.
+and a backend's libraries (onnxruntime, TensorRT, CUDA, OpenVINO) are imported only when it makes an engine.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "cuda": ("onnxruntime_gpu", "CUDA"),
     "ort-tensorrt": ("onnxruntime_gpu", "ORT_TENSORRT"),
     "tensorrt": ("tensorrt", "TENSORRT"),
+    "openvino": ("openvino", "OPENVINO"),
 }
 BACKENDS: tuple[str, ...] = tuple(REGISTRY)
 

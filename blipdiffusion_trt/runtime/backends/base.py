@@ -10,6 +10,7 @@ loads. What a backend can do is declared in :class:`Capabilities`, never probed.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, Mapping, TypeVar
 
@@ -18,6 +19,16 @@ from ...errors import InputError
 if TYPE_CHECKING:
     from ...package import ModelPackage
     from ..engine import Engine
+
+
+# Intra-op threads of the CPU backends when their options leave ``threads`` unset.
+THREADS_ENV = "BLIPDIFFUSION_TRT_THREADS"
+
+
+def default_threads() -> int | None:
+    """Intra-op threads from ``BLIPDIFFUSION_TRT_THREADS`` (None: the library's default)."""
+    value = os.environ.get(THREADS_ENV)
+    return int(value) if value else None
 
 
 @dataclass(frozen=True)

@@ -7,26 +7,21 @@ it, :mod:`.onnxruntime_gpu`), one engine class per provider, one factory per bac
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import platform
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ...components import ComponentSpec
 from ...errors import EngineError, InputError, first_line
-from ...package import ModelPackage
+from ...package import ModelPackage, layout
 from ..engine import Engine
 from ..ort_install import require_onnxruntime
-from .base import Backend, BackendOptions, Capabilities
+from . import ort_cache
+from .base import Backend, BackendOptions, Capabilities, default_threads
 
 logger = logging.getLogger(__name__)
-
-THREADS_ENV = "BLIPDIFFUSION_TRT_THREADS"
 
 # ONNX Runtime graph optimisation. "all" adds the CPU layout transformations (NCHWc): measured on
 # the full-size UNet at 256x256 on 2 cores, session creation 18.9 s vs 2.1 s for "extended", one
@@ -44,13 +39,7 @@ _ORT_LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basi
 # from 12.1 to 11.8 GB: the UNet's attention buffers dominate, and the CPU-fused graphs are what
 # shrink those (export/cpu_fusions.py). Measurements: bench/results/cpu-speed.
 MEMORY_ARENAS = ("loop", "all", "none")
-LOOP_COMPONENTS = frozenset({"unet", "unet_plain", "controlnet"})
-
-
-def default_threads() -> int | None:
-    """Intra-op threads from ``BLIPDIFFUSION_TRT_THREADS`` (None: ONNX Runtime's default)."""
-    value = os.environ.get(THREADS_ENV)
-    return int(value) if value else None
+LOOP_COMPONENTS = frozenset({"unet", "unet_plain", "unet_p2p", "controlnet"})
 
 
 @dataclass(frozen=True)
@@ -103,28 +92,6 @@ class OnnxRuntimeOptions(BackendOptions):
         return options
 
 
-def _cpu_model_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def optimized_cache_path(cache_dir: Path, source: Path, graph_optimization: str) -> Path:
-    """Where the optimised copy of ``source`` lives: keyed by the graph file, ORT and the CPU.
-
-    "all"-level graphs hold CPU-specific layouts (NCHWc blocks sized to the SIMD width), so the
-    key includes the CPU model; a changed graph file (size, mtime) gets a new entry.
-    """
-    import onnxruntime as ort
-
-    stat = source.stat()
-    key = "|".join([str(source.resolve()), str(stat.st_size), str(stat.st_mtime_ns), ort.__version__,
-                    _cpu_model_name(), graph_optimization])
-    return cache_dir / f"{source.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.onnx"
 
 
 class OnnxRuntimeEngine(Engine):
@@ -138,7 +105,9 @@ class OnnxRuntimeEngine(Engine):
     default_providers: tuple = ("CPUExecutionProvider",)
 
     def __init__(self, spec: ComponentSpec, path: Path, options: OnnxRuntimeOptions, *,
-                 providers: Sequence | None = None, optimized_cache: bool = True):
+                 providers: Sequence | None = None, optimized_cache: bool = True, source_digest: str | None = None):
+        """``source_digest``: the graph's content as the package's manifest records it (the
+        optimised-graph cache's key; None: hashed from the file)."""
         providers = list(providers or self.default_providers)
         ort = require_onnxruntime(providers)  # one line naming the extra when it (or the provider) is missing
 
@@ -148,9 +117,11 @@ class OnnxRuntimeEngine(Engine):
         session_options = options.session_options(spec.name)
         source = Path(path)
         if optimized_cache and options.optimized_cache is not None:
-            source = self._cached_graph(Path(options.optimized_cache), source, session_options, providers,
-                                        options.graph_optimization)
-            session_options = options.session_options(spec.name, graph_optimization="disabled")
+            cached = self._cached_graph(Path(options.optimized_cache), source, session_options, providers,
+                                        options.graph_optimization, source_digest)
+            if cached is not None:
+                source = cached
+                session_options = options.session_options(spec.name, graph_optimization="disabled")
         self.loaded_from = source
         self.session = self._create_session(ort, source, session_options, providers)
         self._check_providers(providers)
@@ -179,34 +150,23 @@ class OnnxRuntimeEngine(Engine):
         super().close()
 
     @staticmethod
-    def _cached_graph(cache_dir: Path, source: Path, options, providers, graph_optimization: str) -> Path:
-        """The optimised graph from the cache, writing it first when missing (atomically)."""
+    def _cached_graph(cache_dir: Path, source: Path, options, providers, graph_optimization: str,
+                      source_digest: str | None) -> Path | None:
+        """The optimised graph from the cache (:mod:`.ort_cache`: keyed by content, verified),
+        written first when missing; None when another process is writing it right now."""
         import onnxruntime as ort
 
-        target = optimized_cache_path(cache_dir, source, graph_optimization)
-        if target.is_file():
-            return target
-        try:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            scratch = Path(tempfile.mkdtemp(prefix=".partial-", dir=cache_dir))
-        except OSError as error:
-            raise EngineError(f"optimized_cache {cache_dir}: not writable ({error.strerror})") from None
-        try:
-            options.optimized_model_filepath = str(scratch / target.name)
-            data_name = target.name + ".data"
+        def optimize(target: Path, data_name: str) -> None:
+            options.optimized_model_filepath = str(target)
             options.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_name)
             options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
             try:
                 ort.InferenceSession(str(source), options, providers=providers)
             except Exception as error:  # ORT raises its own exception types; the user needs one line
                 raise EngineError(f"{source}: ONNX Runtime cannot load it ({first_line(error)})") from None
-            # data first: the graph names its data file, so a visible graph always has its data
-            if (scratch / data_name).exists():
-                os.replace(scratch / data_name, cache_dir / data_name)
-            os.replace(scratch / target.name, target)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        return target
+
+        digest = source_digest or ort_cache.file_digest(source)
+        return ort_cache.cached_graph(cache_dir, source.stem, digest, graph_optimization, optimize)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -216,7 +176,8 @@ class OnnxRuntimeEngine(Engine):
 def make_cpu_engine(package: ModelPackage, component: str, precision: str, options: OnnxRuntimeOptions) -> Engine:
     fused = options.cpu_fused and precision == "fp32" and package.has_cpu_fused(component)
     path = package.onnx_path(component, precision, cpu_fused=fused)
-    return OnnxRuntimeEngine(package.specs[component], path, options)
+    digest = package.graph_digest(component, layout.graph_variant(precision, cpu_fused=fused))
+    return OnnxRuntimeEngine(package.specs[component], path, options, source_digest=digest)
 
 
 def provider_name(provider) -> str:
@@ -240,4 +201,4 @@ CPU = Backend("cpu", "ONNX Runtime, CPU", OnnxRuntimeOptions, make_cpu_engine,
               device="cpu", is_available=provider_available("CPUExecutionProvider"))
 
 __all__ = ["CPU", "GRAPH_OPTIMIZATIONS", "LOOP_COMPONENTS", "MEMORY_ARENAS", "OnnxRuntimeEngine", "OnnxRuntimeOptions",
-           "default_threads", "optimized_cache_path", "provider_available", "provider_name"]
+           "default_threads", "provider_available", "provider_name"]

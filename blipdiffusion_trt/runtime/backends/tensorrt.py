@@ -19,6 +19,10 @@ Loading checks the plan against its record in ``engines.json`` (GPU architecture
 version, sha256, source graph; :mod:`blipdiffusion_trt.engines.plans`): a mismatch is an :class:`EngineError` naming what the plan was
 built for, what is running, and the ``blipdiffusion-trt build`` command that fixes it.
 
+A batchable component fed fewer host rows than its plan's smallest batch runs them padded
+(:func:`~..engine.rows_to_pad`): the DDIM inversion feeds ``unet_plain`` one row, which a static
+engine built for a guided generation (two rows) runs as two.
+
 ``use_cuda_graph=True`` (:class:`TensorRTOptions`; default: ``BLIPDIFFUSION_TRT_CUDA_GRAPH=1``)
 captures ``execute_async_v3`` in a CUDA graph and replays it while shapes and buffer
 addresses stay the same; a new shape or address triggers one eager run and a new capture.
@@ -43,7 +47,7 @@ from ...engines.profiles import check_shape
 from ...errors import EngineError, InputError, first_line
 from ...package import ModelPackage
 from .. import ort_install
-from ..engine import Engine
+from ..engine import Engine, pad_rows, rows_to_pad
 from .base import Backend, BackendOptions, Capabilities
 
 logger = logging.getLogger(__name__)
@@ -247,6 +251,9 @@ class TensorRTEngine(Engine):
         self._buffers.update({name: _Buffer(cudart, host=True) for name in (*self._inputs, *self._outputs)})
         # Inputs without dynamic dimensions take no set_input_shape call.
         self._static_inputs = {n for n in self._inputs if self._profiles[n][0] == tuple(self._engine.get_tensor_shape(n))}
+        # The smallest batch of the plan: a batchable component's fewer rows are padded to it.
+        lowest = self._profiles[self._inputs[0]][0] if self._inputs else ()
+        self._min_batch = lowest[0] if lowest else None
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._addresses: dict[str, int] = {}
 
@@ -284,6 +291,13 @@ class TensorRTEngine(Engine):
 
     def infer(self, feed: Mapping[str, Any], keep: Sequence[str] = ()) -> dict[str, Any]:
         self.check_open()
+        rows = rows_to_pad(self.spec, feed, self._min_batch)
+        if not rows:
+            return self._infer(feed, keep)
+        padded = {name: pad_rows(feed[name], self._min_batch) for name in self._inputs}
+        return {name: _first_rows(value, rows) for name, value in self._infer(padded, keep).items()}
+
+    def _infer(self, feed: Mapping[str, Any], keep: Sequence[str]) -> dict[str, Any]:
         cudart, stream = self._cudart, self._stream
         context = self._context
         host_inputs: list[tuple[str, np.ndarray]] = []
@@ -426,6 +440,15 @@ class TensorRTEngine(Engine):
 
     def __del__(self) -> None:
         self.close()
+
+
+def _first_rows(value: Any, rows: int) -> Any:
+    """The first ``rows`` rows of an output: a view of a host array, or of a device tensor (rows are
+    contiguous from its start)."""
+    if isinstance(value, DeviceTensor):
+        return DeviceTensor(value.ptr, (rows, *value.shape[1:]), value.dtype, owner=value.owner,
+                            generation=value.generation)
+    return value[:rows]
 
 
 # ------------------------------------------------------------------------------------------------

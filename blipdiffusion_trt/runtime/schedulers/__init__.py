@@ -9,9 +9,10 @@ Four schedulers, with diffusers' class names, config field names, defaults and a
 * :class:`EulerDiscreteScheduler`  (:mod:`.euler`, ``scheduling_euler_discrete.py``)
 * :class:`DPMSolverMultistepScheduler` (:mod:`.dpm_solver`, ``scheduling_dpmsolver_multistep.py``; "DPM++ 2M" by default)
 
-one module each, over :mod:`.base` (float32 helpers, beta schedules, the base class); this module
-holds the registry: the names a generation accepts (:data:`SCHEDULER_NAMES`) and
-:func:`scheduler_from_config`.
+one module each, over :mod:`.base` (float32 helpers, beta schedules, the base class), and
+:class:`DDIMInverseScheduler` (:mod:`.ddim_inverse`, ``scheduling_ddim_inverse.py``: the DDIM
+inversion of real images for editing, not a sampler). This module holds the registry: the names
+a generation accepts (:data:`SCHEDULER_NAMES`) and :func:`scheduler_from_config`.
 
 Usage mirrors diffusers, except that ``step`` returns the previous sample itself (diffusers'
 ``.prev_sample``)::
@@ -45,6 +46,7 @@ from typing import Any, Dict, Mapping, Tuple, Type, Union
 from ...errors import InputError
 from .base import SchedulerBase
 from .ddim import DDIMScheduler, DDIMSchedulerConfig
+from .ddim_inverse import DDIMInverseScheduler, DDIMInverseSchedulerConfig
 from .dpm_solver import DPMSolverMultistepScheduler, DPMSolverMultistepSchedulerConfig
 from .euler import EulerDiscreteScheduler, EulerDiscreteSchedulerConfig
 from .pndm import PNDMScheduler, PNDMSchedulerConfig
@@ -54,6 +56,8 @@ __all__ = [
     "PNDMSchedulerConfig",
     "DDIMScheduler",
     "DDIMSchedulerConfig",
+    "DDIMInverseScheduler",
+    "DDIMInverseSchedulerConfig",
     "EulerDiscreteScheduler",
     "EulerDiscreteSchedulerConfig",
     "DPMSolverMultistepScheduler",

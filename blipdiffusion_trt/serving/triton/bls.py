@@ -1,13 +1,21 @@
-"""The ``blip_diffusion`` model's logic: whole generations over the component models.
+"""The ``blip_diffusion`` model's logic: whole generations (and edits) over the component models.
 
 :class:`BlipDiffusionModel` opens the repository's copy of the package (configs and tokenizers,
 checked against its manifest, no graphs) with :meth:`ModelPackage.open
 <blipdiffusion_trt.package.ModelPackage.open>`, and runs the runtime's own
 :class:`~blipdiffusion_trt.runtime.pipeline.BlipDiffusionRuntime` with a
 :class:`~.engine.TritonEngine` per component of
-:func:`~blipdiffusion_trt.components.generation_components`. It parses a request's tensors into
-the runtime's arguments and answers every request: an image, or one line (INVALID_ARG for a bad
-request, INTERNAL for the server side; a bug's traceback goes to the server's log).
+:func:`~blipdiffusion_trt.components.generation_components` (and, made on the first edit, of
+:func:`~blipdiffusion_trt.components.editing_components` where the repository serves them). It
+parses a request's tensors into the runtime's arguments and answers every request: an image, or
+one line (INVALID_ARG for a bad request, INTERNAL for the server side; a bug's traceback goes to
+the server's log).
+
+A request with ``original_subject`` is an edit (``BlipDiffusionRuntime.edit``): of the image
+generated from ``seed``, or of the real image ``image`` (UINT8 HxWx3); ``cross_replace_steps``,
+``self_replace_steps``, ``blend_threshold`` and ``local_blend`` (false: none) are optional. Its
+response holds ``image`` (the edited image) and ``source_image`` (the source, or the real image's
+reconstruction).
 
 The model file ``model_files/blip_diffusion.py`` creates it from the model's config
 (:mod:`.configs` writes the parameters it reads).
@@ -22,13 +30,17 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ...components import generation_components
+from ...components import editing_components, generation_components
 from ...errors import BlipDiffusionTrtError, InputError, PackageError, first_line
 from ...package import ModelPackage
 from ...runtime import images
 from ...runtime.pipeline import BlipDiffusionRuntime
+from ...schema import Int, MapOf, Str, check
 from .engine import TritonEngine
 from .python_backend import error_response, log_error, model_parameters, resolve
+
+# inputs only an edit takes (``original_subject`` makes a request an edit)
+EDIT_ONLY_INPUTS = ("image", "cross_replace_steps", "self_replace_steps", "blend_threshold", "local_blend")
 
 
 class BlipDiffusionModel:
@@ -36,10 +48,12 @@ class BlipDiffusionModel:
     ``triton_python_backend_utils``; ``max_image_pixels``: the limit on input images."""
 
     def __init__(self, runtime: BlipDiffusionRuntime, backend_utils: Any, *,
-                 max_image_pixels: int = images.DEFAULT_MAX_PIXELS) -> None:
+                 max_image_pixels: int = images.DEFAULT_MAX_PIXELS, editing: bool = False) -> None:
+        """``editing``: the repository serves the editing graphs (the runtime loads them on first use)."""
         self.runtime = runtime
         self._pb = backend_utils
         self.max_image_pixels = max_image_pixels
+        self.editing = editing
 
     @classmethod
     def from_model_config(cls, model_config: Mapping[str, Any], version_dir: str | Path,
@@ -49,17 +63,32 @@ class BlipDiffusionModel:
         name = model_config.get("name", "blip_diffusion")
         package = ModelPackage.open(resolve(version_dir, params.get("package_dir") or "package"), graphs=False)
         try:
-            models = json.loads(params["components"])
-            batch_sizes = json.loads(params.get("component_max_batch_sizes") or "{}")
+            models = check(json.loads(params["components"]), MapOf(Str(max_length=256)),
+                           source=f"model {name}: parameter components", error=PackageError)
+            batch_sizes = check(json.loads(params.get("component_max_batch_sizes") or "{}"), MapOf(Int(0, 1 << 16)),
+                                source=f"model {name}: parameter component_max_batch_sizes", error=PackageError)
+            min_rows = check(json.loads(params.get("component_min_rows") or "{}"), MapOf(Int(0, 1 << 16)),
+                             source=f"model {name}: parameter component_min_rows", error=PackageError)
+            max_pixels = check(int(params.get("max_image_pixels") or images.DEFAULT_MAX_PIXELS), Int(1, 1 << 40),
+                               source=f"model {name}: parameter max_image_pixels", error=PackageError)
         except (KeyError, ValueError) as error:
-            raise PackageError(f"model {name}: parameter components / component_max_batch_sizes: {error}") from None
+            raise PackageError(f"model {name}: parameter components / component_max_batch_sizes / "
+                               f"component_min_rows / max_image_pixels: {first_line(error)}") from None
         needed = generation_components(package.config)
         missing = [c for c in needed if c not in models]
         if missing:
             raise PackageError(f"model {name}: parameter components names no model for {', '.join(missing)}")
-        engines = {c: TritonEngine(package.specs[c], models[c], int(batch_sizes.get(c, 0)), backend_utils) for c in needed}
-        max_pixels = int(params.get("max_image_pixels") or images.DEFAULT_MAX_PIXELS)
-        return cls(BlipDiffusionRuntime(package, engines), backend_utils, max_image_pixels=max_pixels)
+
+        def engine(component: str) -> TritonEngine:
+            if component not in models:
+                raise PackageError(f"model {name}: this repository serves no {component} model")
+            return TritonEngine(package.specs[component], models[component], int(batch_sizes.get(component, 0)),
+                                backend_utils, int(min_rows.get(component, 0)))
+
+        engines = {c: engine(c) for c in needed}
+        editing = package.config.has_editing and all(c in models for c in editing_components(package.config))
+        return cls(BlipDiffusionRuntime(package, engines, load_engine=engine), backend_utils,
+                   max_image_pixels=max_pixels, editing=editing)
 
     # -- request parsing ------------------------------------------------------------------------
 
@@ -96,11 +125,19 @@ class BlipDiffusionModel:
             return None
         return images.load_image(value, field=name, max_pixels=self.max_image_pixels)
 
+    def _given(self, request: Any, names: tuple[str, ...]) -> list[str]:
+        return [n for n in names if self._pb.get_input_tensor_by_name(request, n) is not None]
+
+    def is_edit(self, request: Any) -> bool:
+        """Whether the request is an edit (it has ``original_subject``)."""
+        return self._pb.get_input_tensor_by_name(request, "original_subject") is not None
+
     def arguments(self, request: Any) -> dict[str, Any]:
-        """The runtime's keyword arguments for a request's tensors."""
-        seed = int(self._scalar(request, "seed"))
-        if seed < 0:
-            raise InputError(f"seed must be a non-negative integer, got {seed}", field="seed")
+        """The runtime's keyword arguments for a request's tensors (a generation's, or an edit's)."""
+        edit_only = self._given(request, EDIT_ONLY_INPUTS)
+        if edit_only and not self.is_edit(request):
+            raise InputError(f"{edit_only[0]}: an input of edits; pass original_subject to edit", field=edit_only[0])
+        seed = int(self._scalar(request, "seed"))  # checked with the rest by the runtime's check_inputs
         kwargs: dict[str, Any] = dict(
             prompt=self._string(request, "prompt"),
             reference_image=self._image(request, "reference_image"),
@@ -125,23 +162,57 @@ class BlipDiffusionModel:
         scale = self._scalar(request, "controlnet_conditioning_scale", required=False)
         if scale is not None:
             kwargs["controlnet_conditioning_scale"] = float(scale)
+        if self.is_edit(request):
+            kwargs = self._edit_arguments(request, kwargs)
+        return kwargs
+
+    def _edit_arguments(self, request: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """An edit's keyword arguments: the generation's (checked as such) and the edit's own."""
+        if not self.editing:
+            raise InputError("original_subject: this repository serves no editing graphs (its package was "
+                             "exported without them)", field="original_subject")
+        generation_only = [k for k in ("condition_image", "controlnet_conditioning_scale") if k in kwargs]
+        if generation_only:
+            raise InputError(f"{generation_only[0]}: not an input of edits (an edit runs no ControlNet)",
+                             field=generation_only[0])
+        kwargs["original_subject"] = self._string(request, "original_subject")
+        image = self._image(request, "image", required=False)
+        if image is not None:
+            kwargs["image"] = image
+        for name in ("cross_replace_steps", "self_replace_steps", "blend_threshold"):
+            value = self._scalar(request, name, required=False)
+            if value is not None:
+                kwargs[name] = float(value)
+        local_blend = self._scalar(request, "local_blend", required=False)
+        if local_blend is not None and not bool(local_blend):
+            if "blend_threshold" in kwargs:
+                raise InputError("blend_threshold and local_blend=false given: pass one of them",
+                                 field="blend_threshold")
+            kwargs["blend_threshold"] = None
         return kwargs
 
     # -- serving ----------------------------------------------------------------------------------
 
     def generate(self, request: Any) -> Any:
-        """One request's response: the image, or an error in one line."""
+        """One request's response: the image (an edit's: and its source image), or an error in one line."""
         pb = self._pb
         try:
-            result = self.runtime(**self.arguments(request))
+            kwargs = self.arguments(request)
+            if "original_subject" in kwargs:
+                result = self.runtime.edit(**kwargs)
+                outputs = {"image": result.edited, "source_image": result.source}
+            else:
+                outputs = {"image": self.runtime(**kwargs).images[0]}
         except BlipDiffusionTrtError as error:  # InputError: the request; others (EngineError): the server side
             return error_response(pb, first_line(error), invalid_argument=isinstance(error, InputError))
         except Exception as error:  # a bug: keep serving, log the traceback, answer one line
             log_error(pb, traceback.format_exc())
             return error_response(pb, f"internal error: {type(error).__name__}: {first_line(error)}",
                                   invalid_argument=False)
-        image = (result.images[0] * 255).round().astype(np.uint8)  # as runtime.images.to_pil quantises
-        return pb.InferenceResponse(output_tensors=[pb.Tensor("image", np.ascontiguousarray(image))])
+        # quantised as runtime.images.to_pil does
+        tensors = [pb.Tensor(name, np.ascontiguousarray((image * 255).round().astype(np.uint8)))
+                   for name, image in outputs.items()]
+        return pb.InferenceResponse(output_tensors=tensors)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return [self.generate(request) for request in requests]

@@ -40,13 +40,7 @@ Range = tuple[int, int, int]
 
 def batch_axis(spec: ComponentSpec) -> Axis | None:
     """The axis Triton may batch along, or None: every tensor must start with the same axis."""
-    if not spec.batchable:
-        return None
-    firsts = {t.shape[0] if t.shape and isinstance(t.shape[0], Axis) else None for t in (*spec.inputs, *spec.outputs)}
-    if len(firsts) != 1:
-        return None
-    (axis,) = firsts
-    return axis
+    return spec.batch_axis
 
 
 def _range(axis: Axis, ranges: dict[str, Range] | None) -> Range:
@@ -149,7 +143,7 @@ def component_config(
 
     ``ranges``: the axis ranges a TensorRT engine was built for (default: the declared ones).
     ``code_dir``: python-cpu only, the model's path to the repository's copy of this package's
-    code (:data:`~.repository.RUNTIME_FILES`), relative to its version directory.
+    code (:data:`~.repository.CODE_FILES`), relative to its version directory.
     """
     mbs = triton_max_batch_size(spec, config, max_batch_size, ranges)
     batching = mbs > 0
@@ -202,9 +196,21 @@ def component_config(
 # --------------------------------------------------------------------------------------------
 
 
-def bls_inputs(config: PipelineConfig) -> list[tuple[str, str, list[int], bool]]:
-    """(name, Triton dtype, dims, optional) of the BLS model's inputs."""
-    return [
+# The BLS model's inputs that make a request an edit (:mod:`.bls`): ``original_subject`` selects
+# editing; ``image`` is a real image to edit (else the generated one is).
+EDIT_INPUTS: tuple[tuple[str, str, list[int], bool], ...] = (
+    ("original_subject", "TYPE_STRING", [1], True),
+    ("image", "TYPE_UINT8", [-1, -1, 3], True),
+    ("cross_replace_steps", "TYPE_FP32", [1], True),
+    ("self_replace_steps", "TYPE_FP32", [1], True),
+    ("blend_threshold", "TYPE_FP32", [1], True),
+    ("local_blend", "TYPE_BOOL", [1], True),
+)
+
+
+def bls_inputs(config: PipelineConfig, editing: bool = False) -> list[tuple[str, str, list[int], bool]]:
+    """(name, Triton dtype, dims, optional) of the BLS model's inputs (``editing``: with the edit's)."""
+    inputs = [
         ("prompt", "TYPE_STRING", [1], False),
         ("reference_image", "TYPE_UINT8", [-1, -1, 3], False),
         ("source_subject", "TYPE_STRING", [1], False),
@@ -219,20 +225,36 @@ def bls_inputs(config: PipelineConfig) -> list[tuple[str, str, list[int], bool]]
         ("condition_image", "TYPE_UINT8", [-1, -1, 3], True),
         ("controlnet_conditioning_scale", "TYPE_FP32", [1], True),
     ]
+    return inputs + list(EDIT_INPUTS) if editing else inputs
+
+
+def bls_outputs(editing: bool = False) -> list[tuple[str, str, list[int]]]:
+    """(name, Triton dtype, dims) of the BLS model's outputs: the image (an edit's edited image) and,
+    for an edit, its source image (a real image's reconstruction)."""
+    outputs = [("image", "TYPE_UINT8", [-1, -1, 3])]
+    return outputs + [("source_image", "TYPE_UINT8", [-1, -1, 3])] if editing else outputs
 
 
 def bls_config(config: PipelineConfig, *, name: str, instances: int, components: dict[str, str],
-               batch_sizes: dict[str, int], max_image_pixels: int, package_dir: str, code_dir: str) -> str:
-    """config.pbtxt text of the BLS model; its parameters are what :mod:`.bls` reads."""
+               batch_sizes: dict[str, int], max_image_pixels: int, package_dir: str, code_dir: str,
+               editing: bool = False, min_rows: dict[str, int] | None = None) -> str:
+    """config.pbtxt text of the BLS model; its parameters are what :mod:`.bls` reads. ``editing``:
+    the repository serves the editing graphs, so the model takes edits too. ``min_rows``: the
+    fixed batch of the component models that take one (static TensorRT engines)."""
     text = f"name: {_q(name)}\nbackend: \"python\"\nmax_batch_size: 0\n"
-    text += _io_section("input", [_tensor_block(n, d, dims, optional=opt) for n, d, dims, opt in bls_inputs(config)])
-    text += _io_section("output", [_tensor_block("image", "TYPE_UINT8", [-1, -1, 3])])
+    text += _io_section("input", [_tensor_block(n, d, dims, optional=opt)
+                                  for n, d, dims, opt in bls_inputs(config, editing)])
+    text += _io_section("output", [_tensor_block(n, d, dims) for n, d, dims in bls_outputs(editing)])
     text += _instance_group(instances, "KIND_CPU")
     text += _parameters({
         "package_dir": package_dir,
         "code_dir": code_dir,
         "components": json.dumps(components, sort_keys=True),
         "component_max_batch_sizes": json.dumps(batch_sizes, sort_keys=True),
+        "component_min_rows": json.dumps(min_rows or {}, sort_keys=True),
         "max_image_pixels": str(max_image_pixels),
+        # what a liveness probe needs to send a valid tiny request (serving/triton/probe.py)
+        "min_image_size": str(config.min_image_size),
+        "has_controlnet": "true" if config.has_controlnet else "false",
     })
     return text

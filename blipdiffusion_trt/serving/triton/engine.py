@@ -4,7 +4,9 @@ component model of the same Triton server through BLS (business logic scripting)
 The BLS model (:mod:`.bls`) builds the runtime's own
 :class:`~blipdiffusion_trt.runtime.pipeline.BlipDiffusionRuntime` with one of these per
 component, so the pipeline logic exists once. Outputs come back as numpy arrays in CPU memory
-(``keep`` cannot keep anything on a device here).
+(``keep`` cannot keep anything on a device here). A model that takes a fixed batch (a static
+TensorRT engine) gets fewer rows of a batchable component padded to it
+(:func:`~blipdiffusion_trt.runtime.engine.rows_to_pad`), as the runtime's TensorRT engine does.
 """
 
 from __future__ import annotations
@@ -15,19 +17,22 @@ import numpy as np
 
 from ...components import ComponentSpec
 from ...errors import EngineError, first_line
-from ...runtime.engine import Engine
+from ...runtime.engine import Engine, pad_rows, rows_to_pad
 
 
 class TritonEngine(Engine):
     """Component ``spec`` served by the model ``model_name``; ``max_batch_size`` is that model's.
 
-    ``backend_utils``: the ``triton_python_backend_utils`` module of the python stub.
+    ``backend_utils``: the ``triton_python_backend_utils`` module of the python stub. ``min_rows``:
+    the model's fixed batch when above 1 (fewer rows are sent padded to it), else 0.
     """
 
-    def __init__(self, spec: ComponentSpec, model_name: str, max_batch_size: int, backend_utils: Any) -> None:
+    def __init__(self, spec: ComponentSpec, model_name: str, max_batch_size: int, backend_utils: Any,
+                 min_rows: int = 0) -> None:
         self.spec = spec
         self.model_name = model_name
         self.max_batch_size = max_batch_size
+        self.min_rows = min_rows
         self._pb = backend_utils
         self._dtypes = {t.name: t.dtype for t in spec.inputs}
         # a batched model declares a tensor that is only the batch axis as dims [1] + reshape []
@@ -43,6 +48,9 @@ class TritonEngine(Engine):
         missing = [name for name in self.input_names if name not in feed]
         if missing:
             raise EngineError(f"model {self.model_name}: no value for {', '.join(missing)}")
+        rows = rows_to_pad(self.spec, feed, self.min_rows)
+        if rows:
+            feed = {name: pad_rows(feed[name], self.min_rows) for name in self.input_names}
         inputs = []
         for name in self.input_names:
             value = np.ascontiguousarray(feed[name], dtype=self._dtypes[name])
@@ -61,5 +69,5 @@ class TritonEngine(Engine):
                 raise EngineError(f"model {self.model_name} returned no {name!r}")
             if not tensor.is_cpu():
                 raise EngineError(f"model {self.model_name}: {name!r} came back in GPU memory")
-            outputs[name] = np.array(tensor.as_numpy(), copy=True)
+            outputs[name] = np.array(tensor.as_numpy()[:rows] if rows else tensor.as_numpy(), copy=True)
         return outputs

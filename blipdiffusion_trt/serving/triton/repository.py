@@ -2,7 +2,7 @@
 
 ``write_triton_repository(package, out, flavor)`` writes::
 
-    OUT/<component>/config.pbtxt        one model per component a generation runs
+    OUT/<component>/config.pbtxt        one model per component a generation (or an edit) runs
     OUT/<component>/1/model.plan        flavor "tensorrt"     (platform tensorrt_plan, KIND_GPU)
     OUT/<component>/1/model.onnx        flavor "onnxruntime"  (platform onnxruntime_onnx, TensorRT EP FP16)
     OUT/<component>/1/model.py+.onnx    flavor "python-cpu"   (python backend, ONNX Runtime on the CPU;
@@ -13,8 +13,10 @@
     OUT/blip_diffusion/1/blipdiffusion_trt/   the code the python models import (CODE_FILES)
 
 The components are :func:`~blipdiffusion_trt.components.generation_components` (``unet_plain``
-for a plain package, ``unet`` + ``controlnet`` for a ControlNet package); their configs come from
-:mod:`.configs`. For the ``tensorrt`` flavor the dims are those the engines were built for: the
+for a plain package, ``unet`` + ``controlnet`` for a ControlNet package) and, when the package has
+them, :func:`~blipdiffusion_trt.components.editing_components` (``vae_encoder``, ``unet_plain``,
+``unet_p2p``): then the BLS model takes edits too (for the ``tensorrt`` flavor, when their plans
+were built); their configs come from :mod:`.configs`. For the ``tensorrt`` flavor the dims are those the engines were built for: the
 axis ranges are recomputed from the build options in each engine directory's ``engines.json``
 (the builder's default, ``--shapes static``, fixes every axis but the Q-Former's text length, so
 those models are unbatched, with fixed dims and CUDA graphs). Plans come from
@@ -35,17 +37,16 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ...components import ComponentSpec, PipelineConfig, generation_components
+from ...components import ComponentSpec, PipelineConfig, editing_components, generation_components
 from ...engines.plans import BuildOptions, parse_engine_dir_name, read_record, version_key
 from ...engines.profiles import axis_ranges, profile_from_json, spec_profile
-from ...errors import InputError, PackageError
-from ...fsutil import replace_dir
-from ...package import ModelPackage, layout
+from ...errors import InputError, PackageError, describe
+from ...fsutil import StagingDir, check_not_an_input, replace_dir
+from ...package import ModelPackage, layout, sha256_file
 from .configs import FLAVORS, Range, bls_config, component_config
 
 logger = logging.getLogger(__name__)
@@ -71,18 +72,22 @@ CODE_FILES: tuple[str, ...] = (
     "components.py",
     "errors.py",
     "fsutil.py",
+    "schema.py",
     "package/__init__.py",
     "package/layout.py",
     "package/manifest.py",
     "package/model_package.py",
     "runtime/__init__.py",
+    "runtime/editing.py",
     "runtime/engine.py",
     "runtime/images.py",
     "runtime/inputs.py",
+    "runtime/p2p.py",
     "runtime/pipeline.py",
     "runtime/schedulers/__init__.py",
     "runtime/schedulers/base.py",
     "runtime/schedulers/ddim.py",
+    "runtime/schedulers/ddim_inverse.py",
     "runtime/schedulers/dpm_solver.py",
     "runtime/schedulers/euler.py",
     "runtime/schedulers/pndm.py",
@@ -192,16 +197,31 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _copy_graph(package: ModelPackage, variant: str, component: str, version_dir: Path) -> list[str]:
-    """model.onnx (+ its external data file, under the name the graph refers to)."""
-    src = package.layout.graph(component, variant)
+def _copy_graph(package: ModelPackage, precision: str, cpu_fused: bool, component: str, version_dir: Path) -> list[str]:
+    """model.onnx (+ its external data file, under the name the graph refers to), checked against
+    the manifest (confined, size, sha256 unless the package was opened without ``verify``) before
+    it is linked or copied."""
+    src = package.onnx_path(component, precision, cpu_fused=cpu_fused)
     _link_or_copy(src, version_dir / "model.onnx")
     written = ["model.onnx"]
-    data = package.layout.graph_data(component, variant)
-    if data.is_file():
+    variant = layout.graph_variant(precision, cpu_fused=cpu_fused)
+    data_name = layout.graph_data_file(component, variant)
+    if package.lists(data_name):
+        data = package.file(data_name)
         _link_or_copy(data, version_dir / data.name)
         written.append(data.name)
     return written
+
+
+def _checked_plan(package: ModelPackage, folder: Path, component: str) -> Path:
+    """A plan to copy, checked against the sha256 its ``engines.json`` records (where it records one)."""
+    plan = package.layout.plan(folder.name, component)
+    entry = ((read_record(folder) or {}).get("components") or {}).get(component) or {}
+    expected = entry.get("sha256")
+    if expected and sha256_file(plan, entry.get("size_bytes")) != expected:
+        raise PackageError(f"{plan} does not match its sha256 in {folder / layout.ENGINE_RECORD}; rebuild it with "
+                           f"blipdiffusion-trt build")
+    return plan
 
 
 def _copy_plans(package: ModelPackage, plans: dict[str, Path], component: str,
@@ -209,12 +229,12 @@ def _copy_plans(package: ModelPackage, plans: dict[str, Path], component: str,
     """model.plan, or one plan per architecture (and their ``cc_model_filenames``)."""
     if len(plans) == 1:
         (folder,) = plans.values()
-        _link_or_copy(package.layout.plan(folder.name, component), version_dir / "model.plan")
+        _link_or_copy(_checked_plan(package, folder, component), version_dir / "model.plan")
         return ["model.plan"], None
     cc_files = {}
     for cc, folder in plans.items():
         file = f"model.sm_{cc.replace('.', '')}.plan"
-        _link_or_copy(package.layout.plan(folder.name, component), version_dir / file)
+        _link_or_copy(_checked_plan(package, folder, component), version_dir / file)
         cc_files[cc] = file
     return sorted(cc_files.values()), cc_files
 
@@ -228,15 +248,15 @@ def copy_code(dst: Path) -> None:
 
 
 def _copy_package_files(package: ModelPackage, dst: Path) -> None:
+    """The manifest and every listed file but the graphs (configs, tokenizers), each checked as
+    :meth:`ModelPackage.file` hands it out: what the BLS model opens with ``graphs=False``."""
     dst.mkdir(parents=True)
-    for name in layout.RUNTIME_FILES:
-        src = package.layout.path(name)
-        if src.is_dir():
-            shutil.copytree(src, dst / name)
-        elif src.is_file():
-            shutil.copy2(src, dst / name)
-        else:
-            raise PackageError(f"package incomplete: {src} is missing")
+    names = [name for name in package.manifest["files"] if not layout.is_graph_file(name)]
+    for name in (layout.MANIFEST, *names):
+        src = package.layout.manifest if name == layout.MANIFEST else package.file(name)
+        target = dst / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, target)  # not copy2: the copy gets this umask's permissions
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,21 +315,28 @@ def write_triton_repository(
         max_batch_size = config.max_batch_size
     _check_int("max batch size", max_batch_size, 0, config.max_batch_size)
     out = Path(out).absolute()
+    check_not_an_input(out, {"package": package_dir}, InputError)
     _check_output(out, force)
 
     components = generation_components(config)
+    plans = find_plans(package, components) if flavor == "tensorrt" else {}
+    editing = [c for c in editing_components(config) if c not in components]
+    if editing and flavor == "tensorrt" and not all(
+            package.layout.plan(folder.name, c).is_file() for folder in plans.values() for c in editing):
+        logger.warning("no TensorRT plans of the editing graphs (%s) beside the generation's: the repository "
+                       "serves generations only; build them with blipdiffusion-trt build", ", ".join(editing))
+        editing = []
+    serves_editing = bool(editing)
+    components = components + editing
     names = {c: f"{name_prefix}{c}" for c in components}
     bls_name = f"{name_prefix}{BLS_MODEL}"
-    plans = find_plans(package, components) if flavor == "tensorrt" else {}
     precision = "fp16" if flavor == "onnxruntime" and "fp16" in package.precisions else "fp32"
 
     models: dict[str, ModelEntry] = {}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging = StagingDir(out, InputError)  # a normal directory's permissions: a non-root server reads it
+    tmp = staging.path
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the repository from a non-root server
-        batch_sizes = {}
+        batch_sizes, min_rows = {}, {}
         for component in components:
             spec = package.specs[component]
             model_dir = tmp / names[component]
@@ -322,7 +349,7 @@ def write_triton_repository(
             else:
                 # the CPU flavor serves what the cpu runtime loads: the CPU-fused graph where there is one
                 cpu_fused = flavor == "python-cpu" and package.has_cpu_fused(component)
-                files = _copy_graph(package, layout.graph_variant(precision, cpu_fused=cpu_fused), component, version_dir)
+                files = _copy_graph(package, precision, cpu_fused, component, version_dir)
                 if flavor == "python-cpu":
                     shutil.copy2(COMPONENT_MODEL_FILE, version_dir / "model.py")
                     files.append("model.py")
@@ -333,6 +360,9 @@ def write_triton_repository(
             )
             (model_dir / "config.pbtxt").write_text(text)
             batch_sizes[component] = mbs
+            axis = spec.batch_axis
+            if ranges is not None and axis is not None and mbs == 0 and ranges[axis.name][0] > 1:
+                min_rows[component] = ranges[axis.name][0]  # a static engine: the BLS model pads fewer rows
             models[names[component]] = ModelEntry(names[component], component, mbs, text, files)
 
         version_dir = tmp / bls_name / "1"
@@ -341,11 +371,14 @@ def write_triton_repository(
         copy_code(version_dir / CODE_DIR)
         _copy_package_files(package, version_dir / PACKAGE_COPY)
         text = bls_config(config, name=bls_name, instances=instances, components=names, batch_sizes=batch_sizes,
-                          max_image_pixels=max_image_pixels, package_dir=PACKAGE_COPY, code_dir=CODE_DIR)
+                          max_image_pixels=max_image_pixels, package_dir=PACKAGE_COPY, code_dir=CODE_DIR,
+                          editing=serves_editing, min_rows=min_rows)
         (tmp / bls_name / "config.pbtxt").write_text(text)
         models[bls_name] = ModelEntry(bls_name, None, 0, text, ["model.py", "blipdiffusion_trt/", f"{PACKAGE_COPY}/"])
+        _check_output(out, force)  # again: nothing else may have written it meanwhile
         replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except OSError as error:  # a full disk, a read-only or vanished directory
+        raise PackageError(f"writing the repository {out} failed: {describe(error)}") from None
+    finally:
+        staging.close()
     return TritonRepository(out, flavor, models)

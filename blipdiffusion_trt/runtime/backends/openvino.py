@@ -1,0 +1,465 @@
+"""OpenVINO backend (``openvino``): the package's fp32 ONNX graphs on OpenVINO's CPU plugin, in bf16
+where the CPU has it.
+
+Graphs: the plain fp32 ones (``onnx/fp32``), read as they are with ``Core.read_model``; the user
+runs no conversion step. Not the CPU-fused copies (``onnx/fp32-fused``): those hold ONNX Runtime
+contrib ops (``com.microsoft`` Attention, MultiHeadAttention, SkipLayerNormalization) shaped for
+ONNX Runtime's kernels, which OpenVINO's ONNX reader supports only in part and would unpack again
+before its own attention fusion (scaled dot-product attention), which it does on the plain graph
+too; and the plain graph is the one export validated against PyTorch.
+
+Precision (``inference_precision``): "f32" computes in fp32 (the exact mode: within the
+components' tolerance of PyTorch, tests/test_openvino.py); "bf16" runs OpenVINO's bf16 kernels
+and keeps activations in bf16 (inputs and outputs stay float32), except the timestep embedding's
+sinusoids, kept in f32 as diffusers' bf16 does (:func:`keep_sinusoid_inputs_in_f32`); "auto" is
+bf16 where OpenVINO's CPU plugin lists BF16 in ``OPTIMIZATION_CAPABILITIES`` (AVX512-BF16, AMX or
+AVX2-VNNI-2 CPUs) and f32 elsewhere. "bf16" on a CPU without it is an error naming the CPU, not a
+silent fallback: "auto" is the fallback. :attr:`OpenVINOEngine.inference_precision` says what the
+compiled model runs.
+
+Shapes: OpenVINO runs static shapes fastest. Each engine reshapes its model to the input shapes
+of a call and compiles it on first use; compiled models are kept per input-shape signature in a
+small LRU (``max_shapes``), so a generation compiles each component once.
+
+Model cache (``cache_dir``, default ``$XDG_CACHE_HOME/blipdiffusion-trt/openvino``, i.e.
+``~/.cache/...``; ``model_cache=False`` turns it off): one directory per graph, named after the
+graph's sha256 in the package manifest (graph and external data; plus ``-int8`` with compressed
+weights). A changed graph has another sha256, hence another directory: nothing stale can be
+served even if OpenVINO's own model hash missed the change. Each directory holds
+
+- the converted graph as OpenVINO IR (``model.xml``/``model.bin``, after INT8 compression where
+  asked), written once (temporary folder, then renamed) and read memory-mapped afterwards: reading
+  the ONNX graph and compressing weights cost every process seconds (minutes for INT8 at full
+  size), reading the IR a fraction of a second; an IR that cannot be read is converted again;
+- OpenVINO's compiled blobs (its ``CACHE_DIR``), one per input shape and precision, "weightless"
+  (``CACHE_MODE=OPTIMIZE_SIZE``, weights taken from the IR's ``model.bin``): a blob costs about 2%
+  of the weights instead of another copy of them, so the disk used is about one copy of the
+  graphs plus a few MB per generation size. Measurements: ``bench/openvino_load.py`` and README.
+
+Once compiled from the IR, the engine drops its ``openvino.Model``: a compiled model loaded from
+a blob holds its own weights, and keeping the model too held them twice (the process's peak
+memory); another shape reads the memory-mapped IR again. Without the cache, the model read from
+ONNX is kept for later shapes.
+
+Weight compression (``compress_weights``, off by default): NNCF's data-free INT8 weight-only
+compression (asymmetric, per output channel) of the UNet, ControlNet and VAE decoder graphs, done
+on the OpenVINO model after reading ONNX and cached in the IR; activations stay in the inference
+precision. For machines
+short of memory; its effect on memory, speed and images is measured, not assumed.
+
+Threads: ``threads`` is OpenVINO's ``INFERENCE_NUM_THREADS`` (unset: ``BLIPDIFFUSION_TRT_THREADS``, as
+for the ONNX Runtime backends, else all cores).
+
+Imports: ``openvino`` (and ``nncf``) only when an engine is made; never torch. Registered in
+:data:`~blipdiffusion_trt.runtime.backends.REGISTRY` as ``openvino`` (:data:`OPENVINO`).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ...components import ComponentSpec
+from ...errors import EngineError, InputError, first_line
+from ...package import ModelPackage
+from ..engine import Engine
+from .base import Backend, BackendOptions, Capabilities, default_threads
+
+logger = logging.getLogger(__name__)
+
+INFERENCE_PRECISIONS = ("auto", "f32", "bf16")
+# The large convolutional graphs: weights dominate their memory. The encoders run once per image
+# and feed every step, so they keep their fp32 weights.
+WEIGHT_COMPRESSED_COMPONENTS = frozenset({"unet", "unet_plain", "unet_p2p", "controlnet", "vae_decoder"})
+DEVICE = "CPU"
+# The converted (and, with compress_weights, compressed) graph in a cache entry: OpenVINO IR.
+IR_XML, IR_BIN = "model.xml", "model.bin"
+INSTALL_HINT = "pip install 'blipdiffusion-trt[openvino]'"
+
+
+@dataclass(frozen=True)
+class OpenVINOOptions(BackendOptions):
+    """How the openvino backend compiles and runs the graphs.
+
+    ``inference_precision``: "auto" (bf16 where the CPU has it, else f32), "f32" (exact) or "bf16".
+    ``threads``: OpenVINO's ``INFERENCE_NUM_THREADS`` (None: ``BLIPDIFFUSION_TRT_THREADS``, else
+    all cores; 0: all cores). ``cache_dir``: root of the model cache (None: :func:`default_cache_dir`);
+    ``model_cache=False`` turns the cache off. ``compress_weights``: INT8 weight-only compression
+    of the UNet, ControlNet and VAE decoder (needs NNCF). ``max_shapes``: compiled models kept per
+    component (one per distinct input-shape signature, LRU).
+    """
+
+    inference_precision: str = "auto"
+    threads: int | None = None
+    cache_dir: str | Path | None = None
+    model_cache: bool = True
+    compress_weights: bool = False
+    max_shapes: int = 4
+
+    def __post_init__(self) -> None:
+        if self.inference_precision not in INFERENCE_PRECISIONS:
+            raise InputError(f"inference_precision must be one of {', '.join(INFERENCE_PRECISIONS)}, "
+                             f"got {self.inference_precision!r}", field="inference_precision")
+        if self.threads is None:
+            object.__setattr__(self, "threads", default_threads())
+        elif isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
+            raise InputError(f"threads must be an integer >= 0, got {self.threads!r}", field="threads")
+        if isinstance(self.max_shapes, bool) or not isinstance(self.max_shapes, int) or self.max_shapes < 1:
+            raise InputError(f"max_shapes must be an integer >= 1, got {self.max_shapes!r}", field="max_shapes")
+        if self.cache_dir is not None and not isinstance(self.cache_dir, (str, os.PathLike)):
+            raise InputError(f"cache_dir must be a directory path, got {type(self.cache_dir).__name__}",
+                             field="cache_dir")
+        for name in ("model_cache", "compress_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}", field=name)
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/blipdiffusion-trt/openvino`` (``~/.cache/blipdiffusion-trt/openvino``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "blipdiffusion-trt" / "openvino"
+
+
+def openvino_installed() -> bool:
+    """Whether OpenVINO's Python package is installed (found, not imported)."""
+    return importlib.util.find_spec("openvino") is not None
+
+
+def import_openvino():
+    try:
+        import openvino
+    except ImportError as error:
+        raise EngineError(f"the openvino backend needs OpenVINO: {INSTALL_HINT} ({first_line(error)})") from None
+    return openvino
+
+
+@functools.lru_cache(maxsize=1)
+def openvino_core():
+    """One OpenVINO Core per process (it holds the loaded device plugins)."""
+    return import_openvino().Core()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_capabilities() -> tuple[str, ...]:
+    """OpenVINO's ``OPTIMIZATION_CAPABILITIES`` of the CPU device (e.g. BF16, FP32, INT8)."""
+    return tuple(openvino_core().get_property(DEVICE, "OPTIMIZATION_CAPABILITIES"))
+
+
+def cpu_name() -> str:
+    try:
+        return str(openvino_core().get_property(DEVICE, "FULL_DEVICE_NAME"))
+    except Exception:  # a name for a message only
+        return "this CPU"
+
+
+def resolve_inference_precision(requested: str) -> str:
+    """"auto" -> "bf16" where the CPU runs it natively, else "f32"; "bf16" without it is an error."""
+    if requested not in INFERENCE_PRECISIONS:
+        raise InputError(f"inference_precision must be one of {', '.join(INFERENCE_PRECISIONS)}, got {requested!r}",
+                         field="inference_precision")
+    native_bf16 = "BF16" in cpu_capabilities()
+    if requested == "auto":
+        if not native_bf16:
+            _log_auto_fallback()
+        return "bf16" if native_bf16 else "f32"
+    if requested == "bf16" and not native_bf16:
+        raise InputError(
+            f"inference_precision bf16: {cpu_name()} has no native bf16 (OpenVINO CPU capabilities: "
+            f"{', '.join(cpu_capabilities())}); use auto or f32", field="inference_precision"
+        )
+    return requested
+
+
+@functools.lru_cache(maxsize=1)
+def _log_auto_fallback() -> None:
+    logger.info("openvino: inference precision auto -> f32: %s has no native bf16", cpu_name())
+
+
+@contextmanager
+def _torch_hidden():
+    """Hide torch from NNCF, which imports it when installed (to register its tensor functions).
+
+    The OpenVINO path of NNCF never needs torch, and the runtime never imports it.
+    """
+    if "torch" in sys.modules:
+        yield
+        return
+    sys.modules["torch"] = None  # type: ignore[assignment]  # importing it now raises ImportError
+    try:
+        yield
+    finally:
+        if "torch" in sys.modules and sys.modules["torch"] is None:
+            del sys.modules["torch"]
+
+
+def compress_weights(model):
+    """NNCF's data-free INT8 weight-only compression (int8_asym, per channel) of an OpenVINO model."""
+    with _torch_hidden():
+        try:
+            import nncf
+        except ImportError as error:
+            raise EngineError(f"compress_weights needs NNCF: {INSTALL_HINT} ({first_line(error)})") from None
+        nncf_logger = logging.getLogger("nncf")
+        level = nncf_logger.level
+        nncf_logger.setLevel(logging.ERROR)  # its per-model statistics table
+        try:
+            return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+        finally:
+            nncf_logger.setLevel(level)
+
+
+def keep_sinusoid_inputs_in_f32(model) -> int:
+    """Keep the arguments of the graph's Sin/Cos nodes (the timestep embedding) in f32 under bf16.
+
+    OpenVINO's bf16 mode stores activations in bf16 except in the graph's tail: the nodes between
+    an output and the last matmul/convolution before it. The timestep embedding's sin(t * f) and
+    cos(t * f) then take t and t * f rounded to 8 significant bits: t = 981 becomes 980 and the
+    high-frequency phases are lost (the UNet's output moves as far as cosine 0.99 from f32 where
+    the rest of bf16 costs 0.9999). diffusers' bf16 computes these sinusoids in fp32. Making the
+    Sin/Cos outputs extra model outputs (ignored by ``infer``) puts their input chain in the tail,
+    which OpenVINO keeps in f32. Returns how many nodes it marked.
+    """
+    sinusoids = [op.output(0) for op in model.get_ops() if op.get_type_name() in ("Sin", "Cos")]
+    if sinusoids:
+        model.add_outputs(sinusoids)
+    return len(sinusoids)
+
+
+def _precision_name(value: Any) -> str:
+    """OpenVINO's element type (``<Type: 'bfloat16'>``) -> "bf16" / "f32" (its short names)."""
+    name = value.get_type_name() if hasattr(value, "get_type_name") else str(value)
+    return {"bfloat16": "bf16", "float32": "f32", "float16": "f16"}.get(name, name)
+
+
+class OpenVINOEngine(Engine):
+    """One component's fp32 ONNX graph on OpenVINO's CPU plugin, compiled per input shape.
+
+    ``graph_sha256`` (the package manifest's digest of the graph and its data) names the model-cache
+    directory. Thread-safe: calls on one engine are serialised (an OpenVINO infer request runs one
+    call at a time, and each call already uses all the threads it is given).
+    """
+
+    def __init__(self, spec: ComponentSpec, path: str | Path, graph_sha256: str, options: OpenVINOOptions):
+        self.spec = spec
+        self.path = Path(path)
+        self.options = options
+        self.requested_precision = resolve_inference_precision(options.inference_precision)
+        # What the compiled model runs, read back from it after compiling (see ``_compile``).
+        self.inference_precision = self.requested_precision
+        self.weights_compressed = options.compress_weights and spec.name in WEIGHT_COMPRESSED_COMPONENTS
+        self.f32_sinusoids = 0  # Sin/Cos nodes whose inputs bf16 mode keeps in f32 (keep_sinusoid_inputs_in_f32)
+        self.cache_dir = self._cache_directory(graph_sha256)
+        self.ir_path = self.cache_dir / IR_XML if self.cache_dir is not None else None
+        # where the latest model came from: "ir cache", "onnx, cached as ir" (converted now) or "onnx" (no IR cache)
+        self.model_source: str | None = None
+        self._compiled: OrderedDict[tuple, Any] = OrderedDict()  # shape signature -> infer request
+        self._lock = threading.Lock()
+        self.compilations = 0
+        self.compile_seconds = 0.0
+        self.loaded_from_cache: bool | None = None  # of the latest compilation
+        self.model = self._load_model()  # read now, so a broken graph fails the load, not the first call
+
+    # -- the model --------------------------------------------------------------------------------
+
+    def _load_model(self):
+        """The graph as an ``openvino.Model``: from the IR cache, else from ONNX (then cached as IR)."""
+        model = self._read_cached_ir()
+        self.model_source = "ir cache"
+        if model is None:
+            model = self._read_graph(self.path, "OpenVINO cannot read it")
+            if self.weights_compressed:
+                start = time.perf_counter()
+                model = compress_weights(model)
+                logger.info("openvino: %s weights compressed to int8 in %.1f s", self.spec.name,
+                            time.perf_counter() - start)
+            self.model_source = "onnx"
+            if self.ir_path is not None and self._write_ir(model):
+                # The memory-mapped IR replaces the copy read from ONNX, and every process then
+                # compiles the same model (OpenVINO's blob key is a hash of the model).
+                cached = self._read_cached_ir()
+                if cached is not None:
+                    model, self.model_source = cached, "onnx, cached as ir"
+        if self.requested_precision == "bf16":
+            self.f32_sinusoids = keep_sinusoid_inputs_in_f32(model)
+        return model
+
+    def _read_graph(self, path: Path, failure: str):
+        try:
+            model = openvino_core().read_model(str(path))
+        except Exception as error:  # OpenVINO raises RuntimeError subclasses with multi-line text
+            raise EngineError(f"{path}: {failure} ({first_line(error)})") from None
+        names = {port.get_any_name() for port in model.inputs}
+        if names != set(self.spec.input_names):
+            raise EngineError(f"{path}: graph inputs {sorted(names)} are not {self.spec.name}'s {self.spec.input_names}")
+        return model
+
+    def _read_cached_ir(self):
+        """The cached IR (weights memory-mapped), or None when there is none or it cannot be read."""
+        if self.ir_path is None or not self.ir_path.is_file():
+            return None
+        try:
+            model = self._read_graph(self.ir_path, "cached OpenVINO IR unreadable")
+        except EngineError as error:
+            logger.warning("openvino: %s; converting %s again", error, self.path.name)
+            return None
+        return model
+
+    def _write_ir(self, model) -> bool:
+        """Save ``model`` as the cache entry's IR: into a scratch folder, then renamed into place,
+        weights first (a visible ``model.xml`` always has its ``model.bin``). False if it cannot."""
+        assert self.ir_path is not None and self.cache_dir is not None
+        scratch = None
+        try:
+            scratch = Path(tempfile.mkdtemp(prefix=".partial-", dir=self.cache_dir))
+            import_openvino().save_model(model, str(scratch / IR_XML), compress_to_fp16=False)
+            os.replace(scratch / IR_BIN, self.cache_dir / IR_BIN)
+            os.replace(scratch / IR_XML, self.ir_path)
+        except Exception as error:  # a full disk, a read-only cache: run without the IR cache
+            logger.warning("openvino: %s not cached as IR (%s)", self.spec.name, first_line(error))
+            return False
+        finally:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+        return True
+
+    @property
+    def model_from_ir(self) -> bool:
+        """Whether the model is the cache entry's IR (weights memory-mapped from its ``model.bin``)."""
+        return self.model_source in ("ir cache", "onnx, cached as ir")
+
+    # -- cache ----------------------------------------------------------------------------------
+
+    def _cache_directory(self, graph_sha256: str) -> Path | None:
+        options = self.options
+        if not options.model_cache:
+            return None
+        root = Path(options.cache_dir) if options.cache_dir is not None else default_cache_dir()
+        directory = root / f"{self.spec.name}-{graph_sha256[:16]}{'-int8' if self.weights_compressed else ''}"
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            if options.cache_dir is not None:
+                raise EngineError(f"openvino cache_dir {root}: not writable ({error.strerror or error})") from None
+            logger.warning("openvino: model cache off, %s is not writable (%s)", root, error.strerror or error)
+            return None
+        return directory
+
+    def _config(self) -> dict[str, Any]:
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": self.requested_precision, "PERFORMANCE_HINT": "LATENCY"}
+        if self.options.threads:
+            config["INFERENCE_NUM_THREADS"] = self.options.threads
+        if self.cache_dir is not None:
+            config["CACHE_DIR"] = str(self.cache_dir)
+            if self.model_from_ir:
+                # weightless blobs: the compiled model takes its weights from the cached IR, so a
+                # blob per shape and precision costs its graph, not another copy of the weights
+                config["CACHE_MODE"] = "OPTIMIZE_SIZE"
+                config["WEIGHTS_PATH"] = str(self.cache_dir / IR_BIN)
+        return config
+
+    # -- running ----------------------------------------------------------------------------------
+
+    @property
+    def compiled_shapes(self) -> list[tuple]:
+        """Shape signatures with a compiled model, least recently used first."""
+        return list(self._compiled)
+
+    def details(self) -> dict[str, Any]:
+        return {"inference_precision": self.inference_precision, "int8_weights": self.weights_compressed,
+                "threads": self.options.threads or None, "model_source": self.model_source,
+                "compilations": self.compilations, "compile_seconds": round(self.compile_seconds, 3),
+                "loaded_from_cache": self.loaded_from_cache}
+
+    def infer(self, feed: Mapping[str, Any], keep: Sequence[str] = ()) -> dict[str, Any]:
+        self.check_open()
+        arrays = {t.name: np.ascontiguousarray(feed[t.name], dtype=t.dtype) for t in self.spec.inputs}
+        key = tuple(a.shape for a in arrays.values())
+        with self._lock:
+            self.check_open()
+            request = self._compiled.get(key)
+            if request is None:
+                request = self._compile(key, arrays)
+            else:
+                self._compiled.move_to_end(key)
+            try:
+                results = request.infer(arrays)
+            except Exception as error:  # OpenVINO's messages are multi-line
+                raise EngineError(f"{self.spec.name}: OpenVINO inference failed ({first_line(error)})") from None
+            # ``infer`` returns copies of the output tensors (the request's own are reused next call)
+            return {name: results[name] for name in self.output_names}
+
+    def _compile(self, key: tuple, arrays: Mapping[str, np.ndarray]):
+        shapes = {name: list(a.shape) for name, a in arrays.items()}
+        if self.model is None:  # dropped after the previous compilation: the IR is cached
+            self.model = self._load_model()
+        start = time.perf_counter()
+        try:
+            self.model.reshape(shapes)
+            compiled = openvino_core().compile_model(self.model, DEVICE, self._config())
+        except Exception as error:  # OpenVINO's messages are multi-line
+            raise EngineError(f"{self.path}: OpenVINO cannot compile it for input shapes {shapes} "
+                              f"({first_line(error)})") from None
+        seconds = time.perf_counter() - start
+        self.compilations += 1
+        self.compile_seconds += seconds
+        self.inference_precision = _precision_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
+        self.loaded_from_cache = bool(compiled.get_property("LOADED_FROM_CACHE")) if self.cache_dir is not None else False
+        logger.info("openvino: %s %s for %s in %.2f s (%s)", "loaded" if self.loaded_from_cache else "compiled",
+                    self.spec.name, shapes, seconds, self.inference_precision)
+        if self.model_from_ir:
+            # A compiled model loaded from a blob holds its own weights: keeping the model too
+            # would hold them twice. Another shape reads the memory-mapped IR again (cheap).
+            self.model = None
+        request = compiled.create_infer_request()
+        self._compiled[key] = request
+        while len(self._compiled) > self.options.max_shapes:
+            self._compiled.popitem(last=False)
+        return request
+
+    def close(self) -> None:
+        """Drop the compiled models and the graph (idempotent)."""
+        with self._lock:
+            self._compiled.clear()
+            self.model = None
+            super().close()
+
+
+# ------------------------------------------------------------------------------------------------
+# Factory: (package, component, precision, options) -> Engine
+# ------------------------------------------------------------------------------------------------
+
+def make_openvino_engine(package: ModelPackage, component: str, precision: str,
+                         options: OpenVINOOptions) -> OpenVINOEngine:
+    """The package's fp32 graph of ``component`` on OpenVINO (checked against its sha256 when the
+    package verifies); what it computes in is ``options.inference_precision``."""
+    if precision != "fp32":
+        raise InputError(
+            "precision: the openvino backend reads the package's fp32 graphs (precision='fp32', the default); "
+            f"choose how it computes with inference_precision ({', '.join(INFERENCE_PRECISIONS)}), got {precision!r}",
+            field="precision",
+        )
+    path = package.onnx_path(component, precision)
+    return OpenVINOEngine(package.specs[component], path, package.graph_content_sha256(component, precision), options)
+
+
+OPENVINO = Backend("openvino", "OpenVINO, CPU: the fp32 graphs, in bf16 where the CPU has it (inference_precision)",
+                   OpenVINOOptions, make_openvino_engine, Capabilities(optimized_cache=True, precisions=("fp32",)),
+                   device="cpu", is_available=openvino_installed)
+
+__all__ = ["DEVICE", "INFERENCE_PRECISIONS", "OPENVINO", "OpenVINOEngine", "OpenVINOOptions",
+           "WEIGHT_COMPRESSED_COMPONENTS", "cpu_capabilities", "default_cache_dir", "make_openvino_engine",
+           "resolve_inference_precision"]
