@@ -435,7 +435,7 @@ def export_package(
             gc.collect()
             report.components, report.gpu_fused = _export_in_parallel(
                 order, jobs, tmp, dict(checkpoint=checkpoint, controlnet=controlnet, allow_pickle=allow_pickle,
-                                       max_batch_size=max_batch_size),
+                                       max_batch_size=max_batch_size, editing=editing),
                 dict(precisions=precisions, opset=opset, validate=validate), gpu_fusions, progress)
             report.components = {name: report.components[name] for name in specs}
             report.gpu_fused = {name: report.gpu_fused[name] for name in specs if name in report.gpu_fused}
@@ -510,7 +510,7 @@ def _init_export_worker(load_args: dict[str, Any], threads: int) -> None:
 
     torch.set_num_threads(threads)
     pipe = load_pipeline(load_args["checkpoint"], load_args["controlnet"], allow_pickle=load_args["allow_pickle"])
-    config = pipeline_config_from(pipe, max_batch_size=load_args["max_batch_size"])
+    config = pipeline_config_from(pipe, max_batch_size=load_args["max_batch_size"], editing=load_args["editing"])
     _WORKER.update(factories=component_modules(pipe, config), specs=declare_components(config), vocab=vocab_sizes(pipe))
 
 
