@@ -257,11 +257,12 @@ class _Bar:
 
 
 def _bench_args(**overrides):
-    import argparse
-
-    values = dict(warmup=1, runs=2, stage_runs=1, threads=1, no_verify=True, graph_optimization="extended",
-                  ort_cache=None, memory_arena="loop", no_cpu_fused=False, torch_compile=False)
-    return argparse.Namespace(**{**values, **overrides})
+    """The benchmark's arguments as its parser makes them (every option at its default), then ``overrides``."""
+    args = bench_cli.build_parser().parse_args(["--warmup", "1", "--runs", "2", "--stage-runs", "1", "--threads", "1",
+                                                "--no-verify", "--graph-optimization", "extended"])
+    for name, value in overrides.items():
+        setattr(args, name, value)
+    return args
 
 
 def _settings(package, steps=2):

@@ -55,11 +55,12 @@ def _cli(*args, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def cuda_package(tiny_cn, tmp_path_factory) -> Path:
-    """The ControlNet fixture exported again with ``--gpu-fusions`` (fp32 only, no CPU fusions: faster),
-    by two worker processes (``--jobs 2``: the fusions then run in the workers)."""
+    """The ControlNet fixture exported again with ``--gpu-fusions`` (fp32 only, no CPU fusions: faster;
+    no editing graphs, as the fixture), by two worker processes (``--jobs 2``: the fusions then run
+    in the workers)."""
     out = tmp_path_factory.mktemp("gpu-fusions") / "pkg"
-    result = _cli("export", tiny_cn.checkpoint, "--out", out, "--no-validate", "--no-cpu-fusions", "--gpu-fusions",
-                  "--jobs", "2", cwd=out.parent)
+    result = _cli("export", tiny_cn.checkpoint, "--out", out, "--no-validate", "--no-cpu-fusions", "--no-editing",
+                  "--gpu-fusions", "--jobs", "2", cwd=out.parent)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "fp16-cuda" in result.stdout
     return out

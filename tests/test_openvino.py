@@ -647,10 +647,11 @@ def test_wrong_precision_options_and_backend(tiny):
 
 
 def _rewrite(copy: Path, rel: str, data: bytes) -> None:
-    """Replace a package file and record its sha256, as a (broken) export would have."""
+    """Replace a package file and record its sha256 and size, as a (broken) export would have."""
     (copy / rel).write_bytes(data)
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["files"][rel] = sha256_file(copy / rel)
+    manifest["sizes"][rel] = len(data)
     (copy / "manifest.json").write_text(json.dumps(manifest))
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 import subprocess
 import sys
 import textwrap

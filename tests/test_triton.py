@@ -44,7 +44,6 @@ from blipdiffusion_trt.components import (  # noqa: E402
     generation_components,
 )
 from blipdiffusion_trt.package import read_pipeline_config  # noqa: E402
-from blipdiffusion_trt.serving.triton import cli as triton_cli  # noqa: E402
 from blipdiffusion_trt.serving.triton import configs  # noqa: E402
 from blipdiffusion_trt.serving.triton import repository as tr  # noqa: E402
 from blipdiffusion_trt.errors import InputError, PackageError  # noqa: E402

@@ -406,7 +406,6 @@ def test_bench_replays_each_stage_with_fresh_device_inputs(tiny_cn, fake_runtime
     """On tensorrt with a ControlNet, the UNet feed recorded in a generation holds the ControlNet's
     residuals and the uploaded text embeddings as DeviceTensors, overwritten long before the UNet
     is replayed: the benchmark re-runs the ControlNet and uploads again right before timing it."""
-    import argparse
 
     from blipdiffusion_trt.bench import ours
     from blipdiffusion_trt.bench.settings import Settings
@@ -419,8 +418,9 @@ def test_bench_replays_each_stage_with_fresh_device_inputs(tiny_cn, fake_runtime
     settings = Settings(height=config.default_height, width=config.default_width, steps=2, batch=1, scheduler="pndm",
                         guidance=7.5, precision="fp16", seed=0, controlnet=True,
                         latent_shape=(1, config.latent_channels, config.default_height // f, config.default_width // f))
-    args = argparse.Namespace(warmup=1, runs=1, stage_runs=2, threads=None, no_verify=True, graph_optimization="all",
-                              ort_cache=None, memory_arena="loop", no_cpu_fused=False)
+    from blipdiffusion_trt.bench.cli import build_parser
+
+    args = build_parser().parse_args(["--warmup", "1", "--runs", "1", "--stage-runs", "2", "--no-verify"])
     bar = type("Bar", (), {"set_postfix_str": lambda self, text: None, "update": lambda self, n=1: None})()
     result = ours.bench_ours("tensorrt", package_dir, settings, args, bar)
     assert {"controlnet", "unet", "vae_decoder"} <= set(result["stages"])

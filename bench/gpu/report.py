@@ -88,7 +88,7 @@ def markdown(data: dict[str, Any]) -> str:
 
     components = data.get("accuracy", {}).get("components", {})
     if components:
-        lines += ["", f"Per component, ours vs PyTorch fp32 on the same device (example inputs at the generation's shapes):",
+        lines += ["", "Per component, ours vs PyTorch fp32 on the same device (example inputs at the generation's shapes):",
                   "", "| component | graph | cosine | max abs | rel L2 | finite | criterion | pass |",
                   "|---|---|---:|---:|---:|---|---|---|"]
         for name, m in components.items():

@@ -206,8 +206,11 @@ def plain_view(package: Path, view: Path) -> Path:
             shutil.copy2(source.path(name), files_of_view.path(name))
     files_of_view.pipeline_config.unlink()  # a hard link: replaced, never written through
     files_of_view.pipeline_config.write_text(pipeline_config_json(dataclasses.replace(config, has_controlnet=False)))
-    files[files_of_view.name_of(files_of_view.pipeline_config)] = sha256_file(files_of_view.pipeline_config)
-    manifest.update(files=dict(sorted(files.items())),
+    rewritten = files_of_view.name_of(files_of_view.pipeline_config)
+    files[rewritten] = sha256_file(files_of_view.pipeline_config)
+    # write_manifest records the size of every file whose size is not given: the rewritten one's
+    sizes = {k: v for k, v in (manifest.get("sizes") or {}).items() if k in files and k != rewritten}
+    manifest.update(files=dict(sorted(files.items())), sizes=sizes,
                     components={k: v for k, v in manifest["components"].items() if k != "controlnet"},
                     gpu_fused={k: v for k, v in manifest.get("gpu_fused", {}).items() if k != "controlnet"},
                     source={**manifest["source"], "view_of": package.name})

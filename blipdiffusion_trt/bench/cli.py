@@ -45,7 +45,7 @@ from typing import Any, Callable, Sequence
 
 from ..components import declare_components, generation_components
 from ..errors import BlipDiffusionTrtError, InputError, PackageError, run_reporting_errors
-from ..package import ModelPackage
+from ..package import ModelPackage, read_pipeline_config
 from ..package.manifest import read_manifest
 from ..runtime.backends import BACKENDS, get_backend
 from ..runtime.backends.onnxruntime import GRAPH_OPTIMIZATIONS, MEMORY_ARENAS
@@ -318,7 +318,7 @@ def run_bench(args) -> int:
         scratch_cache = Path(tempfile.mkdtemp(prefix="openvino-cache-", dir=args.workdir.resolve()))
         args.openvino_cache = str(scratch_cache)
     try:
-        return _run(args, inputs, config, settings, backends, diffusers_sides, device, out_dir, machine, specs,
+        return _run(args, inputs, package, settings, backends, diffusers_sides, device, out_dir, machine, specs,
                     fresh_openvino_cache=scratch_cache is not None)
     finally:
         if scratch_cache is not None:
@@ -326,8 +326,10 @@ def run_bench(args) -> int:
             args.openvino_cache = None
 
 
-def _run(args, inputs: Inputs, config, settings: Settings, backends: list[str], diffusers_sides: dict[str, str],
-         device: str, out_dir: Path, machine: dict[str, Any], specs, *, fresh_openvino_cache: bool) -> int:
+def _run(args, inputs: Inputs, package: ModelPackage, settings: Settings, backends: list[str],
+         diffusers_sides: dict[str, str], device: str, out_dir: Path, machine: dict[str, Any], specs, *,
+         fresh_openvino_cache: bool) -> int:
+    config = package.config
     with_diffusers = bool(diffusers_sides)
 
     n_stages = len(generation_components(config)) + 1  # each component's call, and a scheduler step
@@ -345,7 +347,8 @@ def _run(args, inputs: Inputs, config, settings: Settings, backends: list[str], 
     if args.torch_compile:  # one persistent kernel cache for this process and every cold-start child
         os.environ.setdefault(INDUCTOR_CACHE_ENV, inductor_cache_dir())
     partial = dict(command=getattr(args, "argv", None), machine=machine, settings=settings, args=args, config=config,
-                   inputs=inputs, backends=backends, with_diffusers=with_diffusers, device=device, started=started)
+                   inputs=inputs, backends=backends, diffusers_sides=diffusers_sides, device=device, started=started,
+                   fresh_openvino_cache=fresh_openvino_cache)
 
     def keep(key: str, impl: dict[str, Any]) -> None:
         """One side's figures, written to bench.json at once: a later side failing or the run
@@ -357,8 +360,7 @@ def _run(args, inputs: Inputs, config, settings: Settings, backends: list[str], 
 
     with _progress(total, not args.no_progress) as bar:
         for key, precision in diffusers_sides.items():
-            implementations[key] = _guarded(
-                key, lambda p=precision: bench_diffusers(inputs.checkpoint, device, settings, args, bar, p))
+            keep(key, _guarded(key, lambda p=precision: bench_diffusers(inputs.checkpoint, device, settings, args, bar, p)))
         for backend in backends:
             # a backend the user named must work; one chosen by default may fail (e.g. no plans built)
             keep(backend, _guarded(f"ours {backend}", lambda b=backend: bench_ours(b, inputs.package, settings, args, bar),
@@ -411,8 +413,10 @@ def _run(args, inputs: Inputs, config, settings: Settings, backends: list[str], 
 
 
 def _results(implementations: dict[str, Any], flops: dict[str, Any], *, complete: bool, command, machine, settings,
-             args, config, inputs: Inputs, backends, with_diffusers: bool, device: str, started: float) -> dict[str, Any]:
+             args, config, inputs: Inputs, backends, diffusers_sides: dict[str, str], device: str,
+             started: float, fresh_openvino_cache: bool) -> dict[str, Any]:
     """bench.json's content: the figures so far (``complete`` False while sides are still running)."""
+    with_diffusers = bool(diffusers_sides)
     gpu_name = machine["gpus"][0]["name"] if machine["gpus"] else None
     peaks = {key: peak_tflops(impl.get("device", "cpu"), gpu_name,
                               impl.get("compute_precision", impl.get("precision", settings.precision)),

@@ -209,7 +209,7 @@ def bench_edit(runtime, settings: Settings, args, bar, sync, reference, latents,
                feeds: dict[str, Any]) -> dict[str, Any]:
     """Whole edits (figures as a generation's) and one ``unet_p2p`` call replayed (into ``stages``)."""
     engine = runtime.engine("unet_p2p")  # loaded before the timed runs
-    recorder = _RecordingEngine(engine)
+    recorder = RecordingEngine(engine)
     timings = []
     for i in range(args.warmup + args.runs):
         bar.set_postfix_str(f"edit {i + 1}/{args.warmup + args.runs}")
@@ -224,6 +224,8 @@ def bench_edit(runtime, settings: Settings, args, bar, sync, reference, latents,
         bar.update(1)
     bar.set_postfix_str("unet_p2p")
     feed, keep = recorder.first
+    # a device value recorded in the edit may hold other values by now: uploaded again from its host copy
+    feed = {**feed, **{k: engine.upload(k, host) for k, host in recorder.host_copies.items()}}
     stages["unet_p2p"] = summarize(time_calls(lambda: engine.infer(feed, keep), args.warmup,
                                               args.stage_runs or args.runs, sync))
     feeds["unet_p2p"] = {k: _value_shape(v) for k, v in feed.items()}

@@ -20,7 +20,7 @@ from ..errors import PackageError
 from ..fsutil import read_json
 from ..schema import Bool, Int, List, Nullable, Number, Object, Str
 from . import layout
-from .manifest import check_digest, check_files, check_listed, files_sha256, package_file, read_manifest
+from .manifest import check_files, check_listed, files_sha256, package_file, read_manifest
 
 logger = logging.getLogger(__name__)
 

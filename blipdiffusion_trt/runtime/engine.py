@@ -88,12 +88,13 @@ class Engine(ABC):
 
 def rows_to_pad(spec: ComponentSpec, feed: Mapping[str, Any], min_rows: int | None) -> int:
     """The rows ``feed`` holds when they are fewer than ``min_rows`` (an engine's smallest batch)
-    and can be padded: ``spec`` is batchable and every input is a host array of that many rows.
-    Else 0 (the engine's own shape check reports a feed it cannot take)."""
+    and can be padded: ``spec`` is batchable and every input (a host array, or an uploaded device
+    value with a ``shape``; the caller pads its host copy) has that many rows. Else 0 (the
+    engine's own shape check reports a feed it cannot take)."""
     if not min_rows or min_rows <= 1 or spec.batch_axis is None:
         return 0
     values = [feed.get(name) for name in spec.input_names]
-    if not all(isinstance(v, np.ndarray) and v.ndim > 0 for v in values):
+    if not all(len(getattr(v, "shape", ())) > 0 for v in values):
         return 0
     counts = {v.shape[0] for v in values}
     if len(counts) != 1:

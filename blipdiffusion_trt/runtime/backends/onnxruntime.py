@@ -8,7 +8,6 @@ it, :mod:`.onnxruntime_gpu`), one engine class per provider, one factory per bac
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence

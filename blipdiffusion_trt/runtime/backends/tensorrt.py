@@ -294,7 +294,8 @@ class TensorRTEngine(Engine):
         rows = rows_to_pad(self.spec, feed, self._min_batch)
         if not rows:
             return self._infer(feed, keep)
-        padded = {name: pad_rows(feed[name], self._min_batch) for name in self._inputs}
+        # rare (the DDIM inversion's one row): an uploaded input is padded from its host copy
+        padded = {name: pad_rows(self.to_host(feed[name]), self._min_batch) for name in self._inputs}
         return {name: _first_rows(value, rows) for name, value in self._infer(padded, keep).items()}
 
     def _infer(self, feed: Mapping[str, Any], keep: Sequence[str]) -> dict[str, Any]:
