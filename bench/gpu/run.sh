@@ -6,8 +6,8 @@
 #   bash bench/gpu/run.sh measure [ARGS..] run validate.py ARGS with the site unpacked by an earlier run
 #
 # Pieces are kept in $STASH (outside the working tree, which each call replaces) while the machine
-# stays warm between back-to-back calls. Results go to $OUT (the device tool's output folder) when
-# it is set, else to ./gpu-validation-out.
+# stays warm between back-to-back calls. Results go to $OUT (the folder whose files the remote run
+# sends back) when it is set, else to ./gpu-validation-out.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
