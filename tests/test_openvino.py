@@ -431,13 +431,22 @@ def test_cache_key_covers_the_external_data():
 
 
 def test_unreadable_cached_ir_is_converted_again(tiny, tmp_path, caplog):
-    """A damaged IR in the cache (a truncated weights file, a broken model.xml) is replaced from the graph."""
+    """A damaged IR in the cache (a broken model.xml, a truncated weights file, one changed weight
+    byte, a missing record) is replaced from the graph: the IR is checked against the sizes and
+    sha256 recorded when it was written, as the ONNX Runtime cache's entries are."""
     cache = tmp_path / "cache"
     feed = _vae_feed(tiny)
     expected = _fresh_engine(tiny.package, "vae_decoder", cache_dir=cache, inference_precision="f32").infer(feed)["image"]
     entry = next(cache.iterdir())
+    def flip_a_weight_byte():
+        data = bytearray((entry / ove.IR_BIN).read_bytes())
+        data[len(data) // 2] ^= 0x01  # same size, still a valid IR: only the record catches it
+        (entry / ove.IR_BIN).write_bytes(bytes(data))
+
     for damage in (lambda: (entry / ove.IR_XML).write_text("<net broken"),
-                   lambda: (entry / ove.IR_BIN).write_bytes((entry / ove.IR_BIN).read_bytes()[:100])):
+                   lambda: (entry / ove.IR_BIN).write_bytes((entry / ove.IR_BIN).read_bytes()[:100]),
+                   flip_a_weight_byte,
+                   lambda: (entry / ove.IR_RECORD).unlink()):
         damage()
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger=ove.__name__):

@@ -78,6 +78,7 @@ from ...errors import EngineError, InputError, first_line
 from ...package import ModelPackage
 from ..engine import Engine
 from .base import Backend, BackendOptions, Capabilities, default_threads
+from .cache_record import check_record, write_record
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ WEIGHT_COMPRESSED_COMPONENTS = frozenset({"unet", "unet_plain", "unet_p2p", "con
 DEVICE = "CPU"
 # The converted (and, with compress_weights, compressed) graph in a cache entry: OpenVINO IR.
 IR_XML, IR_BIN = "model.xml", "model.bin"
+# The sizes and sha256 of the IR, written after it: an IR that does not match is converted again.
+IR_RECORD = "model.json"
 INSTALL_HINT = "pip install 'blipdiffusion-trt[openvino]'"
 
 
@@ -308,11 +311,17 @@ class OpenVINOEngine(Engine):
         return model
 
     def _read_cached_ir(self):
-        """The cached IR (weights memory-mapped), or None when there is none or it cannot be read."""
+        """The cached IR (weights memory-mapped), or None when there is none, it does not match
+        its record (truncated, altered) or it cannot be read."""
         if self.ir_path is None or not self.ir_path.is_file():
             return None
         try:
+            check_record(self.cache_dir / IR_RECORD, allowed=(IR_XML, IR_BIN), required=(IR_XML, IR_BIN))
             model = self._read_graph(self.ir_path, "cached OpenVINO IR unreadable")
+        except FileNotFoundError as error:
+            logger.warning("openvino: cached IR of %s incomplete (%s missing); converting %s again",
+                           self.spec.name, Path(error.filename or "?").name, self.path.name)
+            return None
         except EngineError as error:
             logger.warning("openvino: %s; converting %s again", error, self.path.name)
             return None
@@ -326,8 +335,10 @@ class OpenVINOEngine(Engine):
         try:
             scratch = Path(tempfile.mkdtemp(prefix=".partial-", dir=self.cache_dir))
             import_openvino().save_model(model, str(scratch / IR_XML), compress_to_fp16=False)
+            (self.cache_dir / IR_RECORD).unlink(missing_ok=True)  # an old record never vouches for a new IR
             os.replace(scratch / IR_BIN, self.cache_dir / IR_BIN)
             os.replace(scratch / IR_XML, self.ir_path)
+            write_record(self.cache_dir / IR_RECORD, [self.ir_path, self.cache_dir / IR_BIN])
         except Exception as error:  # a full disk, a read-only cache: run without the IR cache
             logger.warning("openvino: %s not cached as IR (%s)", self.spec.name, first_line(error))
             return False

@@ -15,7 +15,6 @@ files per load (a few seconds for the full-size UNet, against ~20 s of optimisat
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import platform
@@ -23,18 +22,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ...errors import EngineError, PackageError
-from ...fsutil import OtherWriterError, StagingDir, read_json, write_atomic
+from ...fsutil import OtherWriterError, StagingDir
 from ...package import sha256_file
-from ...schema import Int, MapOf, Object, Str
+from .cache_record import check_record, write_record
 
 logger = logging.getLogger(__name__)
-
-RECORD_VERSION = 1
-_SHA256 = Str(pattern="[0-9a-f]{64}", description="a sha256")
-RECORD_SHAPE = Object(required={
-    "format_version": Int(RECORD_VERSION, RECORD_VERSION),
-    "files": MapOf(Object(required={"sha256": _SHA256, "size": Int(0, 1 << 42)}), min_length=1, max_length=2),
-})
 
 
 def cpu_model_name() -> str:
@@ -74,13 +66,7 @@ def _verified(cache_dir: Path, entry: str) -> Path | None:
     if not record_path.is_file():
         return None
     try:
-        record = read_json(record_path, EngineError, shape=RECORD_SHAPE)
-        files = record["files"]
-        if graph.name not in files or set(files) - {p.name for p in _entry_files(cache_dir, entry)}:
-            raise EngineError(f"{record_path}: lists other files than its entry's")
-        for name, expected in files.items():
-            if sha256_file(cache_dir / name, expected["size"]) != expected["sha256"]:
-                raise EngineError(f"{cache_dir / name} does not match its sha256 in {record_path.name}")
+        check_record(record_path, allowed=[p.name for p in _entry_files(cache_dir, entry)], required=[graph.name])
     except FileNotFoundError as error:
         logger.warning("optimized_cache: %s is incomplete (%s); rebuilding it", entry, error.filename)
         return None
@@ -113,14 +99,14 @@ def cached_graph(cache_dir: Path, name: str, source_digest: str, graph_optimizat
     graph, data = _entry_files(cache_dir, entry)
     try:
         optimize(staging.path / graph.name, data.name)
-        record = {"format_version": RECORD_VERSION, "files": {}}
         # data first, the record last: a visible graph has its data, and a visible record its files
+        moved = []
         for path in (data, graph):
             written = staging.path / path.name
             if written.exists():
-                record["files"][path.name] = {"sha256": sha256_file(written), "size": written.stat().st_size}
                 os.replace(written, path)
-        write_atomic(cache_dir / f"{entry}.json", json.dumps(record, indent=2).encode(), EngineError)
+                moved.append(path)
+        write_record(cache_dir / f"{entry}.json", moved)
     except OSError as error:
         raise EngineError(f"optimized_cache {cache_dir}: cannot write ({error.strerror or error})") from None
     finally:
