@@ -11,10 +11,8 @@ must never import torch (it would also take GPU memory for torch's CUDA context)
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -236,24 +234,11 @@ def _peak_rss_mb() -> float:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Atomically (temporary file, then rename): a run killed at its time limit leaves the last
+    """Atomically (the benchmark's writer): a run killed at its time limit leaves the last
     complete results, never half a file."""
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default, allow_nan=True))
-    os.replace(tmp, path)
+    from blipdiffusion_trt.bench.report import write_json as write_atomically
 
-
-def _json_default(value):
-    try:
-        import numpy as np
-
-        if isinstance(value, np.generic):
-            return value.item()
-        if isinstance(value, np.ndarray):
-            return value.tolist()
-    except ImportError:
-        pass
-    return str(value)
+    write_atomically(path, data)
 
 
 class Budget:

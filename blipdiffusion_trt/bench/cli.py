@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import logging
 import os
 import shutil
@@ -56,7 +55,7 @@ from .diffusers_side import bench_diffusers
 from .flops import count_package_flops
 from .machine import installed_version, library_versions, machine_info, native_bf16, peak_rss_mb, peak_tflops
 from .ours import bench_ours, runtime_options
-from .report import build_table, render_chart, render_markdown
+from .report import build_table, render_chart, render_markdown, write_json
 from .settings import (DIFFUSERS, DIFFUSERS_PRECISIONS, NEGATIVE_PROMPT, ORIGINAL_SUBJECT, PROMPT, Settings,
                        diffusers_key, is_diffusers)
 
@@ -356,7 +355,7 @@ def _run(args, inputs: Inputs, package: ModelPackage, settings: Settings, backen
         if "image" in impl:
             images[key] = impl.pop("image")
         implementations[key] = impl
-        _write_json(out_dir / "bench.json", _results(implementations, {}, complete=False, **partial))
+        write_json(out_dir / "bench.json", _results(implementations, {}, complete=False, **partial))
 
     with _progress(total, not args.no_progress) as bar:
         for key, precision in diffusers_sides.items():
@@ -382,7 +381,7 @@ def _run(args, inputs: Inputs, package: ModelPackage, settings: Settings, backen
                 except Exception as error:  # one failed side must not lose the others' figures
                     logger.error("cold start %s failed: %s", key, error)
                     implementations[key]["cold_start"] = {"error": str(error)}
-                _write_json(out_dir / "bench.json", _results(implementations, {}, complete=False, **partial))
+                write_json(out_dir / "bench.json", _results(implementations, {}, complete=False, **partial))
                 bar.update(1)
         flops: dict[str, Any] = {}
         if not args.no_flops:
@@ -399,7 +398,7 @@ def _run(args, inputs: Inputs, package: ModelPackage, settings: Settings, backen
     results = _results(implementations, flops, complete=True, **partial)
     results["table"] = build_table(results)
     json_path, md_path, png_path = out_dir / "bench.json", out_dir / "bench.md", out_dir / "bench.png"
-    _write_json(json_path, results)
+    write_json(json_path, results)
     markdown = render_markdown(results)
     md_path.write_text(markdown)
     try:
@@ -460,13 +459,6 @@ def _results(implementations: dict[str, Any], flops: dict[str, Any], *, complete
     }
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomically: a run stopped while writing leaves the previous complete file."""
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
-    os.replace(tmp, path)
-
-
 def _guarded(what: str, fn: Callable[[], dict[str, Any]], *, strict: bool = True) -> dict[str, Any]:
     """``fn()``, or its error as the side's result. A user error (bad package, missing plans)
     stops the benchmark when ``strict``."""
@@ -482,16 +474,3 @@ def _guarded(what: str, fn: Callable[[], dict[str, Any]], *, strict: bool = True
     except Exception as error:  # e.g. a GPU backend whose provider fails at load: keep the others
         logger.exception("%s failed", what)
         return {"label": what, "error": f"{type(error).__name__}: {error}"}
-
-
-def _json_default(value):
-    try:
-        import numpy as np
-
-        if isinstance(value, np.generic):
-            return value.item()
-        if isinstance(value, np.ndarray):
-            return value.tolist()
-    except ImportError:
-        pass
-    return str(value)

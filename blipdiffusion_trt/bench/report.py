@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -289,3 +291,25 @@ def render_chart(results: Mapping[str, Any], path: Path) -> None:
 def _p90(impl: Mapping[str, Any], key: str) -> float | None:
     stat = impl.get("stages", {}).get(key) if key in COMPONENT_STAGES or key == "scheduler_step" else impl.get(key)
     return stat.get("p90") if isinstance(stat, dict) else None
+
+
+def write_json(path: Path, data: Any) -> None:
+    """``data`` as JSON, atomically (temporary file, then rename): a run stopped while writing, or
+    killed at its time limit, leaves the previous complete file, never half of one. numpy values
+    are written as numbers and lists."""
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    try:
+        import numpy as np
+
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, np.ndarray):
+            return value.tolist()
+    except ImportError:
+        pass
+    return str(value)
