@@ -195,12 +195,6 @@ class ModelPackage:
                 self.file(name)
         return self.file(layout.graph_file(component, variant))
 
-    def graph_digest(self, component: str, variant: str) -> str:
-        """The content of a graph as the manifest records it: the sha256 of the graph and, where
-        it has one, of its external data (what caches of derived files are keyed by)."""
-        digests = [self.manifest["files"].get(name) or "" for name in layout.graph_files(component, variant)]
-        return digests[0] if not digests[1] else f"{digests[0]}+{digests[1]}"
-
     def tokenizer_json(self, tokenizer: str) -> Path:
         """``tokenizer``: :data:`layout.CLIP_TOKENIZER` or :data:`layout.QFORMER_TOKENIZER`."""
         return self.file(layout.tokenizer_file(tokenizer))

@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ...components import ComponentSpec
 from ...errors import EngineError, InputError, first_line
-from ...package import ModelPackage, layout
+from ...package import ModelPackage
 from ..engine import Engine
 from ..ort_install import require_onnxruntime
 from . import ort_cache
@@ -175,7 +175,7 @@ class OnnxRuntimeEngine(Engine):
 def make_cpu_engine(package: ModelPackage, component: str, precision: str, options: OnnxRuntimeOptions) -> Engine:
     fused = options.cpu_fused and precision == "fp32" and package.has_cpu_fused(component)
     path = package.onnx_path(component, precision, cpu_fused=fused)
-    digest = package.graph_digest(component, layout.graph_variant(precision, cpu_fused=fused))
+    digest = package.graph_content_sha256(component, precision, cpu_fused=fused)
     return OnnxRuntimeEngine(package.specs[component], path, options, source_digest=digest)
 
 

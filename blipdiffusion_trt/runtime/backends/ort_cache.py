@@ -2,8 +2,8 @@
 ``--ort-cache``): keyed by content, verified when read.
 
 An entry is keyed by what determines it: the source graph's content (the manifest's sha256 of the
-graph and of its external data, :meth:`ModelPackage.graph_digest
-<blipdiffusion_trt.package.ModelPackage.graph_digest>`), ONNX Runtime's version, the CPU model
+graph and of its external data, :meth:`ModelPackage.graph_content_sha256
+<blipdiffusion_trt.package.ModelPackage.graph_content_sha256>`), ONNX Runtime's version, the CPU model
 ("all"-level graphs hold CPU-specific layouts: NCHWc blocks sized to the SIMD width) and the
 optimisation level; never by a path, a size or an mtime. An entry is ``<name>-<key>.onnx`` (its
 weights in ``<name>-<key>.onnx.data``) and a record ``<name>-<key>.json`` of their sizes and
