@@ -193,6 +193,16 @@ class SchedulerBase:
         """Like diffusers' ``Cls.from_config``: foreign keys ignored, missing keys get this class's defaults."""
         return cls(cls.config_class.from_dict(config, **kwargs))
 
+    def _init_noise_schedule(self) -> None:
+        """``betas`` (rescaled for zero terminal SNR where the config asks), ``alphas`` and
+        ``alphas_cumprod``: the diffusers attributes every scheduler here starts from."""
+        cfg = self.config
+        self.betas = make_betas(cfg)
+        if getattr(cfg, "rescale_betas_zero_snr", False):
+            self.betas = rescale_zero_terminal_snr(self.betas)
+        self.alphas = f32(1.0) - self.betas
+        self.alphas_cumprod = cumprod_f32(self.alphas)
+
     def __len__(self) -> int:
         return self.config.num_train_timesteps
 

@@ -11,11 +11,8 @@ from ...errors import InputError
 from .base import (
     ConfigMixin,
     SchedulerBase,
-    cumprod_f32,
     f32,
     leading_or_trailing_timesteps,
-    make_betas,
-    rescale_zero_terminal_snr,
     sqrt_f32,
 )
 
@@ -56,12 +53,7 @@ class DDIMScheduler(SchedulerBase):
         cfg = self.config
         if cfg.thresholding:
             self._not_ported("thresholding", cfg.thresholding)
-        self.betas = make_betas(cfg)
-        # Rescale for zero SNR
-        if cfg.rescale_betas_zero_snr:
-            self.betas = rescale_zero_terminal_snr(self.betas)
-        self.alphas = f32(1.0) - self.betas
-        self.alphas_cumprod = cumprod_f32(self.alphas)
+        self._init_noise_schedule()
         # At every step in ddim, we are looking into the previous alphas_cumprod
         # For the final step, there is no previous alphas_cumprod because we are already at 0
         # `set_alpha_to_one` decides whether we set this parameter simply to one or

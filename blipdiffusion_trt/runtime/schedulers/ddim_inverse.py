@@ -23,7 +23,7 @@ from typing import Any, Optional, Tuple
 import numpy as np
 
 from ...errors import InputError
-from .base import ConfigMixin, SchedulerBase, cumprod_f32, f32, make_betas, rescale_zero_terminal_snr, sqrt_f32
+from .base import ConfigMixin, SchedulerBase, f32, sqrt_f32
 
 INVERSE_TIMESTEP_SPACINGS = ("leading", "trailing")
 
@@ -58,11 +58,7 @@ class DDIMInverseScheduler(SchedulerBase):
         if cfg.timestep_spacing not in INVERSE_TIMESTEP_SPACINGS:
             raise InputError(f"DDIMInverseScheduler: timestep_spacing must be one of "
                              f"{', '.join(INVERSE_TIMESTEP_SPACINGS)}, got {cfg.timestep_spacing!r}")
-        self.betas = make_betas(cfg)
-        if cfg.rescale_betas_zero_snr:
-            self.betas = rescale_zero_terminal_snr(self.betas)
-        self.alphas = f32(1.0) - self.betas
-        self.alphas_cumprod = cumprod_f32(self.alphas)
+        self._init_noise_schedule()
         # The first step starts from x_0: there is no alphas_cumprod before timestep 0;
         # `set_alpha_to_one` decides whether that is 1 or alphas_cumprod[0].
         self.initial_alpha_cumprod = f32(1.0) if cfg.set_alpha_to_one else self.alphas_cumprod[0]

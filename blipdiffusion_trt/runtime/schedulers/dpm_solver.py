@@ -13,12 +13,9 @@ from .base import (
     ConfigMixin,
     SchedulerBase,
     StepIndexMixin,
-    cumprod_f32,
     exp_f32,
     f32,
     log_f32,
-    make_betas,
-    rescale_zero_terminal_snr,
     sqrt_f32,
 )
 
@@ -103,11 +100,7 @@ class DPMSolverMultistepScheduler(StepIndexMixin, SchedulerBase):
                 f"{given_algorithm_type!r}; choose 'sigma_min' instead"
             )
 
-        self.betas = make_betas(cfg)
-        if cfg.rescale_betas_zero_snr:
-            self.betas = rescale_zero_terminal_snr(self.betas)
-        self.alphas = f32(1.0) - self.betas
-        self.alphas_cumprod = cumprod_f32(self.alphas)
+        self._init_noise_schedule()
         if cfg.rescale_betas_zero_snr:
             # Close to 0 without being 0 so first sigma is not inf
             # FP16 smallest positive subnormal works well here

@@ -13,10 +13,7 @@ from .base import (
     ConfigMixin,
     SchedulerBase,
     StepIndexMixin,
-    cumprod_f32,
     f32,
-    make_betas,
-    rescale_zero_terminal_snr,
     sqrt_f32,
 )
 
@@ -71,11 +68,7 @@ class EulerDiscreteScheduler(StepIndexMixin, SchedulerBase):
         if cfg.final_sigmas_type not in ("zero", "sigma_min"):
             raise InputError(f"EulerDiscreteScheduler: final_sigmas_type must be 'zero' or 'sigma_min', got {cfg.final_sigmas_type!r}")
 
-        self.betas = make_betas(cfg)
-        if cfg.rescale_betas_zero_snr:
-            self.betas = rescale_zero_terminal_snr(self.betas)
-        self.alphas = f32(1.0) - self.betas
-        self.alphas_cumprod = cumprod_f32(self.alphas)
+        self._init_noise_schedule()
         if cfg.rescale_betas_zero_snr:
             # Close to 0 without being 0 so first sigma is not inf
             # FP16 smallest positive subnormal works well here

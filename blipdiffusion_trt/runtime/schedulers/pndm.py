@@ -11,10 +11,8 @@ from ...errors import InputError
 from .base import (
     ConfigMixin,
     SchedulerBase,
-    cumprod_f32,
     f32,
     leading_or_trailing_timesteps,
-    make_betas,
     sqrt_f32,
 )
 
@@ -51,9 +49,7 @@ class PNDMScheduler(SchedulerBase):
     def __init__(self, config: Optional[PNDMSchedulerConfig] = None, **kwargs: Any):
         super().__init__(config, **kwargs)
         cfg = self.config
-        self.betas = make_betas(cfg)
-        self.alphas = f32(1.0) - self.betas
-        self.alphas_cumprod = cumprod_f32(self.alphas)
+        self._init_noise_schedule()
         self.final_alpha_cumprod = f32(1.0) if cfg.set_alpha_to_one else self.alphas_cumprod[0]
         # standard deviation of the initial noise distribution
         self.init_noise_sigma = 1.0
