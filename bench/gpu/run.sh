@@ -11,9 +11,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-STASH="${STASH:-/tmp/blipdiffusion-trt-carry}"
-SITE="${SITE:-/tmp/blipdiffusion-trt-site}"
-WORK="${WORK:-/tmp/blipdiffusion-trt-work}"  # checkpoint and package: ~30 GB at full size, never in $OUT
+# the project's per-user cache folder (as the runtime's: $BLIPDIFFUSION_TRT_CACHE, else ~/.cache/...)
+BASE="${BLIPDIFFUSION_TRT_CACHE:-$HOME/.cache/blipdiffusion-trt}/gpu-validation"
+STASH="${STASH:-$BASE/carry}"
+SITE="${SITE:-$BASE/site}"
+WORK="${WORK:-$BASE/work}"  # checkpoint and package: ~30 GB at full size, never in $OUT
 RESULTS="${OUT:-$PWD/gpu-validation-out}"
 mkdir -p "$STASH" "$RESULTS"
 
