@@ -282,9 +282,7 @@ def run_edit(args) -> int:
     out = check_output_path(args.out, field="out", inputs=inputs)
     source_out = None
     if args.source_out is not None:
-        source_out = check_output_path(args.source_out, field="source_out", inputs=inputs)
-        if source_out.resolve() == out.resolve():
-            raise InputError("--source-out and --out name the same file")
+        source_out = check_output_path(args.source_out, field="source_out", inputs={**inputs, "--out": args.out})
     if args.scheduler is not None:
         check_scheduler_name(args.scheduler)
     latents = load_latents(args.latents, read_pipeline_config(args.package)) if args.latents else None

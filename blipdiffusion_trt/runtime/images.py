@@ -427,9 +427,9 @@ def check_output_path(path: str | os.PathLike, *, field: str = "output",
                       inputs: dict[str, Any] | None = None, suffixes: tuple[str, ...] = SAVE_SUFFIXES) -> Path:
     """An output file ``path`` checked before any work: a supported suffix, not a directory or a
     special file, in an existing directory this process can create files in (a read-only file
-    system fails here, not after the generation), and not one of the ``inputs`` (name -> path;
-    an input file is never overwritten). ``suffixes``: those allowed (default: what
-    :func:`save_image` writes)."""
+    system fails here, not after the generation), and not one of the ``inputs`` (name -> path:
+    the command's input files, which are never overwritten, or another of its outputs).
+    ``suffixes``: those allowed (default: what :func:`save_image` writes)."""
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{field}: '{path}' is a directory; give a file name", field=field)
@@ -442,7 +442,7 @@ def check_output_path(path: str | os.PathLike, *, field: str = "output",
         raise InputError(f"{field}: directory '{parent}' does not exist", field=field)
     for name, value in (inputs or {}).items():
         if isinstance(value, (str, os.PathLike)) and value and _same_file(path, Path(value)):
-            raise InputError(f"{field}: '{path}' is the {name} input; give another output file", field=field)
+            raise InputError(f"{field}: '{path}' is the same file as {name}; give another output file", field=field)
     try:  # what writing needs: creating a file in that directory
         probe = tempfile.NamedTemporaryFile(dir=parent, prefix=f".{path.name}.", suffix=".probe")
         probe.close()
