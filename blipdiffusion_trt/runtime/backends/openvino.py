@@ -293,7 +293,7 @@ class OpenVINOEngine(Engine):
             if self.ir_path is not None and self._write_ir(model):
                 # The memory-mapped IR replaces the copy read from ONNX, and every process then
                 # compiles the same model (OpenVINO's blob key is a hash of the model).
-                cached = self._read_cached_ir()
+                cached = self._read_cached_ir(verify=False)  # just written and recorded: not hashed twice
                 if cached is not None:
                     model, self.model_source = cached, "onnx, cached as ir"
         if self.requested_precision == "bf16":
@@ -310,13 +310,14 @@ class OpenVINOEngine(Engine):
             raise EngineError(f"{path}: graph inputs {sorted(names)} are not {self.spec.name}'s {self.spec.input_names}")
         return model
 
-    def _read_cached_ir(self):
+    def _read_cached_ir(self, verify: bool = True):
         """The cached IR (weights memory-mapped), or None when there is none, it does not match
-        its record (truncated, altered) or it cannot be read."""
+        its record (truncated, altered; checked with ``verify``) or it cannot be read."""
         if self.ir_path is None or not self.ir_path.is_file():
             return None
         try:
-            check_record(self.cache_dir / IR_RECORD, allowed=(IR_XML, IR_BIN), required=(IR_XML, IR_BIN))
+            if verify:
+                check_record(self.cache_dir / IR_RECORD, allowed=(IR_XML, IR_BIN), required=(IR_XML, IR_BIN))
             model = self._read_graph(self.ir_path, "cached OpenVINO IR unreadable")
         except FileNotFoundError as error:
             logger.warning("openvino: cached IR of %s incomplete (%s missing); converting %s again",
