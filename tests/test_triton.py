@@ -860,7 +860,7 @@ def _stub_pid(server: TritonServer, model: str) -> int:
 
 def test_liveness_probe_sees_a_dead_stub(tiny, tmp_path_factory):
     """After ``kill -9`` of a stub, Triton still reports the server and every model ready (so the
-    README says to probe liveness with a real request); ``blipdiffusion-trt triton-probe``, one
+    docs say to probe liveness with a real request); ``blipdiffusion-trt triton-probe``, one
     tiny generation through every component, fails in one line. The server then stops within
     :data:`STOP_SECONDS` of SIGTERM (or is killed), and none of its shared-memory regions is left."""
     tmp = tmp_path_factory.mktemp("triton-liveness")

@@ -25,7 +25,7 @@ own is here: the edit's checks, the control, the UNet rows and their guidance, t
 after each step, the VAE encoder and the inversion. The editing graphs (``vae_encoder``,
 ``unet_plain``, ``unet_p2p``) load on first use through ``runtime.engine(name)``, on the
 runtime's backend with its options. Deviations from LAVIS are listed in runtime/p2p.py, on the
-methods and in the README.
+methods and in docs/deviations-from-lavis.md.
 """
 
 from __future__ import annotations
