@@ -12,7 +12,7 @@ For one component of a package (default: the UNet) at a generation's shapes (the
 
 Each row gives seconds per step, the process's peak RSS and its RSS after compiling with the model
 kept and after dropping it (what holding the ``openvino.Model`` for a later reshape costs).
-Used to decide the openvino backend's converted-model cache (README, "OpenVINO on the CPU").
+Used to decide the openvino backend's converted-model cache (docs/backends.md, "OpenVINO options").
 
     python bench/openvino_load.py PACKAGE [--component unet_plain] [--int8] [--precision bf16] [--json out.json]
 """

@@ -10,7 +10,7 @@ is what the tests compare.
 
 The ``lavis_*`` functions re-implement LAVIS's helpers with LAVIS's semantics (including where the
 runtime deliberately differs) for the unit tests. The edit itself uses them with these fixes,
-which the runtime makes too (see README, "Deviations from LAVIS"):
+which the runtime makes too (see docs/deviations-from-lavis.md):
 
 1. The target's token sequence for the alignment is the one the text encoder sees: the query
    embeddings at ``ctx_begin_pos`` (matching nothing), no literal "sks" placeholder tokens.

@@ -245,7 +245,7 @@ def test_session_options_script_runs(tiny, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# Measuring both sides the same way (issue 16, fix 6)
+# Measuring both sides the same way
 # ------------------------------------------------------------------------------------------------
 
 class _Bar:

@@ -28,6 +28,7 @@ from PIL import Image
 torch = pytest.importorskip("torch", reason="editing tests compare against torch (pip install .[export])")
 pytest.importorskip("diffusers", reason="editing tests compare against diffusers (pip install .[export])")
 
+from blipdiffusion_trt.components import editing_components  # noqa: E402
 from blipdiffusion_trt.errors import InputError, PackageError  # noqa: E402
 from blipdiffusion_trt.runtime import p2p  # noqa: E402
 from blipdiffusion_trt.runtime.editing import preprocess_edit_image  # noqa: E402
@@ -452,7 +453,8 @@ BAD_EDITS = {
 def tiny_edit_runtime(tiny):
     """A runtime of its own (its engines get patched), with the editing graphs loaded."""
     runtime = BlipDiffusionRuntime.from_package(tiny.package)
-    runtime.load_editing_engines()
+    for name in editing_components(runtime.config):
+        runtime.engine(name)
     return runtime
 
 

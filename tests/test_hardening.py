@@ -1,8 +1,6 @@
-"""Bad and hostile input (issue 15): bounded work per request, package files confined and
+"""Bad and hostile input: bounded work per request, package files confined and
 verified by every command, JSON files checked against their shapes, one-line errors, nothing
 left behind. The Triton server's side of these cases is in ``test_triton.py``.
-
-Each test names the issue's numbered case it covers (``# 15.N``).
 """
 
 from __future__ import annotations
@@ -88,7 +86,7 @@ def ref_file(tmp_path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
-# 15.1, 15.2: unbounded work from one input -- under a memory and a time limit
+# Unbounded work from one input -- under a memory and a time limit
 # --------------------------------------------------------------------------------------------
 
 BOUNDED_SCRIPT = textwrap.dedent("""
@@ -125,7 +123,7 @@ BOUNDED_SCRIPT = textwrap.dedent("""
 
 
 def test_prompt_and_prompt_reps_bounded_in_memory_and_time(tiny, ref_file, tmp_path):
-    """15.1, 15.2: a 1 MB prompt (or subject, or negative prompt) is refused at once, and 10^8
+    """A 1 MB prompt (or subject, or negative prompt) is refused at once, and 10^8
     repetitions of the prompt cost what 20 do and give the same image (API and CLI), under an
     address-space limit of the loaded process plus 1 GiB and a time limit."""
     probe = subprocess.run([sys.executable, "-c", textwrap.dedent("""
@@ -156,7 +154,7 @@ HOSTILE_SUBJECTS = ["dog", "x", "'s", ".", "😀", "東", "big dog", "-"]
 
 
 def test_prompt_repetitions_past_the_encoder_change_nothing(tiny, odd):
-    """15.2: the repetitions :func:`max_useful_reps` keeps give the very tokens of any larger count,
+    """The repetitions :func:`max_useful_reps` keeps give the very tokens of any larger count,
     on prompts that end in punctuation (which merges with the joining comma), contractions,
     emoji, CJK; checked for both text lengths of the fixtures (77 and 40 positions)."""
     for fixture in (tiny, odd):
@@ -174,7 +172,7 @@ def test_prompt_repetitions_past_the_encoder_change_nothing(tiny, odd):
 
 
 def test_twenty_repetitions_give_the_same_image_as_before(odd):
-    """15.2: the default 20 repetitions exceed the odd fixture's useful count (its text encoder
+    """The default 20 repetitions exceed the odd fixture's useful count (its text encoder
     takes 34 tokens): capped, the image is bit for bit what the uncapped prompt gives."""
     runtime = shared_runtime(odd)
     assert max_useful_reps(runtime.config.text_length - runtime.tokenizer.num_special_tokens) < 20
@@ -192,7 +190,7 @@ def test_twenty_repetitions_give_the_same_image_as_before(odd):
 
 
 # --------------------------------------------------------------------------------------------
-# 15.3, 15.5: package files confined and verified, by every command
+# Package files confined and verified, by every command
 # --------------------------------------------------------------------------------------------
 
 def _outside(tmp_path: Path) -> Path:
@@ -246,7 +244,7 @@ def _flip(path: Path, offset: int = -1) -> None:
 
 @pytest.mark.parametrize("case", list(HOSTILE_PACKAGES))
 def test_package_files_are_confined_and_checked(tiny, tmp_path, case, monkeypatch):
-    """15.3: names leaving the package, absolute names, symlinks out of it, FIFOs, files whose
+    """Names leaving the package, absolute names, symlinks out of it, FIFOs, files whose
     size differs from the manifest's (a 2 GiB sparse file is refused without hashing it)."""
     package = copy_package(tiny, tmp_path)
     make, fragment = HOSTILE_PACKAGES[case]
@@ -284,7 +282,7 @@ COMMANDS = {
 
 @pytest.mark.parametrize("case", ["dotdot-name", "altered-graph"])
 def test_every_command_checks_a_package_the_same_way(tiny, tmp_path, case):
-    """15.3, 15.5: generate, build, triton, fuse and bench refuse the same hostile or altered
+    """The commands generate, build, triton, fuse and bench refuse the same hostile or altered
     package with the same one line (one code path: ModelPackage), writing nothing."""
     package = copy_package(tiny, tmp_path)
     Image.fromarray(REFERENCE).save(tmp_path / "ref.png")
@@ -307,7 +305,7 @@ def test_every_command_checks_a_package_the_same_way(tiny, tmp_path, case):
 
 
 def test_triton_checks_graphs_before_copying(tiny, tmp_path):
-    """15.5: a flipped byte in the vae_decoder graph: no repository, one line; --no-verify skips
+    """A flipped byte in the vae_decoder graph: no repository, one line; --no-verify skips
     the sha256 (not the size and confinement checks)."""
     from blipdiffusion_trt.serving.triton.repository import write_triton_repository
 
@@ -351,7 +349,7 @@ def test_export_and_fuse_record_sizes(tiny, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# 15.4: the ONNX Runtime optimised-graph cache, keyed by content and verified
+# The ONNX Runtime optimised-graph cache, keyed by content and verified
 # --------------------------------------------------------------------------------------------
 
 def test_optimized_cache_is_keyed_by_content_and_verified(tiny, tmp_path, caplog):
@@ -389,7 +387,7 @@ def test_optimized_cache_is_keyed_by_content_and_verified(tiny, tmp_path, caplog
 
 
 # --------------------------------------------------------------------------------------------
-# 15.6: every JSON file checked against its shape
+# Every JSON file checked against its shape
 # --------------------------------------------------------------------------------------------
 
 def _pipeline(change):
@@ -445,7 +443,7 @@ JSON_CASES = {
 
 @pytest.mark.parametrize("case", list(JSON_CASES))
 def test_json_files_are_checked_against_their_shape(tiny, tmp_path, case):
-    """15.6: valid JSON of the wrong shape: one line naming the file, the key and what is expected
+    """Valid JSON of the wrong shape: one line naming the file, the key and what is expected
     (API: PackageError at load; the runtime's readers of the file included)."""
     package = copy_package(tiny, tmp_path)
     make, fragments = JSON_CASES[case]
@@ -491,7 +489,7 @@ def test_bls_parameters_are_checked(tiny, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# 15.8, 15.9, 15.13: one-line errors (Python API)
+# One-line errors (Python API)
 # --------------------------------------------------------------------------------------------
 
 def _api_cases(cfg):
@@ -549,7 +547,7 @@ def test_api_one_line_errors(tiny):
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy reports the overflow the test provokes
 def test_non_finite_results_are_errors_naming_the_cause(tiny, monkeypatch):
-    """15.9: when the loop overflows anyway (here: a UNet that returns huge values), the error
+    """When the loop overflows anyway (here: a UNet that returns huge values), the error
     names the step and the inputs that cause it, not the output; the same for the VAE."""
     runtime = BlipDiffusionRuntime.from_package(tiny.package)
     unet = runtime.engines["unet_plain"]
@@ -571,7 +569,7 @@ def test_non_finite_results_are_errors_naming_the_cause(tiny, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------
-# 15.8, 15.9, 15.11, 15.13: one-line errors through the CLI
+# One-line errors through the CLI
 # --------------------------------------------------------------------------------------------
 
 def _npy_header_only(path: Path, shape: tuple[int, ...]) -> Path:
@@ -621,7 +619,7 @@ def test_cli_one_line_errors(tiny, tmp_path, ref_file, capsys):
 
 
 def test_cli_bytes_that_are_not_utf8_and_fifos(tiny, tmp_path, ref_file):
-    """15.8, 15.11: prompt and subject bytes that are not UTF-8 (a shell passes them as they are);
+    """Prompt and subject bytes that are not UTF-8 (a shell passes them as they are);
     FIFOs as the reference image or the latents (in a subprocess with a time limit: a plain open
     would wait for a writer forever)."""
     os.mkfifo(tmp_path / "fifo.png")
@@ -660,7 +658,7 @@ def _refuse_loading(monkeypatch) -> list:
 
 
 def test_output_path_checked_before_any_work(tiny, tmp_path, ref_file, monkeypatch, capsys):
-    """15.11: --out a directory or equal to an input: refused before the package is even loaded;
+    """--out a directory or equal to an input: refused before the package is even loaded;
     the input is never overwritten."""
     from blipdiffusion_trt import cli
 
@@ -676,7 +674,7 @@ def test_output_path_checked_before_any_work(tiny, tmp_path, ref_file, monkeypat
 
 
 def test_output_on_a_read_only_file_system(tiny, tmp_path, ref_file, monkeypatch, capsys):
-    """15.11: a read-only file system (a real read-only tmpfs where this process may mount one,
+    """A read-only file system (a real read-only tmpfs where this process may mount one,
     else a 0555 directory) is refused before the package is loaded, not after the generation."""
     from blipdiffusion_trt import cli
 
@@ -695,7 +693,7 @@ def test_output_on_a_read_only_file_system(tiny, tmp_path, ref_file, monkeypatch
 
 
 def test_fifo_inputs_do_not_hang(tiny, tmp_path):
-    """15.11: FIFOs as reference image and latents, through the API: refused at once (a plain
+    """FIFOs as reference image and latents, through the API: refused at once (a plain
     open would wait forever for a writer; the test has a time limit as a hang guard)."""
     os.mkfifo(tmp_path / "ref.fifo")
     os.mkfifo(tmp_path / "lat.fifo")
@@ -718,7 +716,7 @@ def test_fifo_inputs_do_not_hang(tiny, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# 15.10, 15.12: export: signals, leftovers, concurrent writers, permissions, a full disk
+# Export: signals, leftovers, concurrent writers, permissions, a full disk
 # --------------------------------------------------------------------------------------------
 
 def _start_export(checkpoint: Path, out: Path) -> subprocess.Popen:
@@ -742,7 +740,7 @@ def _wait_for_partial(out: Path, process: subprocess.Popen, timeout: float = 240
 
 
 def test_export_killed_then_terminated_leaves_nothing(tiny, tmp_path):
-    """15.10: an export killed with SIGKILL leaves its partial directory; the next export into
+    """An export killed with SIGKILL leaves its partial directory; the next export into
     the same place removes it as soon as it starts; SIGTERM is handled like Ctrl-C: the export
     removes its own partial directory and exits 143 with one line."""
     out = tmp_path / "pkg"
@@ -762,7 +760,7 @@ def test_export_killed_then_terminated_leaves_nothing(tiny, tmp_path):
 
 
 def test_two_writers_of_one_target_cannot_both_win(tmp_path):
-    """15.10: a partial directory held by a live process makes a second writer fail at once;
+    """A partial directory held by a live process makes a second writer fail at once;
     one nobody holds (a killed writer's) is removed."""
     target = tmp_path / "pkg"
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
@@ -791,7 +789,7 @@ def test_two_writers_of_one_target_cannot_both_win(tmp_path):
 
 
 def test_export_refuses_a_live_export_into_the_same_place(tiny, tmp_path):
-    """15.10 through the CLI: a second export while another one writes ``--out`` fails in one line."""
+    """Through the CLI: a second export while another one writes ``--out`` fails in one line."""
     out = tmp_path / "pkg"
     holder = _start_export(tiny.checkpoint, out)
     try:
@@ -807,7 +805,7 @@ def test_export_refuses_a_live_export_into_the_same_place(tiny, tmp_path):
 
 
 def test_packages_are_readable_by_other_users(tiny):
-    """15.12: the exported package's directories and files have the permissions of ``mkdir`` and
+    """The exported package's directories and files have the permissions of ``mkdir`` and
     ``open`` under the umask (0755/0644 under the usual 022), not mkdtemp's or mkstemp's 0700/0600."""
     umask = fsutil.current_umask()
     for path in [tiny.package, *tiny.package.rglob("*")]:
@@ -839,7 +837,7 @@ def _full_disk(tmp_path: Path, monkeypatch):
 
 
 def test_export_onto_a_full_disk(tiny, tmp_path, monkeypatch, capsys):
-    """15.8: ENOSPC while exporting: one line naming the cause, nothing left on the disk."""
+    """ENOSPC while exporting: one line naming the cause, nothing left on the disk."""
     from blipdiffusion_trt import cli
 
     small, kind, undo = _full_disk(tmp_path, monkeypatch)

@@ -3,8 +3,8 @@ against f32, the compiled-model cache, shapes, and bad input.
 
 - ``inference_precision="f32"``: every component against the ORIGINAL diffusers modules (as
   tests/test_export.py calls them) within the component's declared ``atol``, at the export point and
-  a second point (other batch, other non-square size, shorter text); whole generations against
-  diffusers with identical latents (tests/test_parity.py's machinery and tolerance).
+  a second point (other batch, other non-square size, shorter text). Whole generations against
+  diffusers with identical latents are tests/test_parity.py's, parametrised over backends.
 - bf16 (where the CPU runs it natively; skipped with the reason elsewhere): every component
   finite with cosine >= ``BF16_MIN_COSINE`` against f32; and bf16 moves the UNet past the f32
   tolerance, so the f32 tests would catch OpenVINO silently computing in bf16 (its CPU default
@@ -43,11 +43,10 @@ from blipdiffusion_trt.runtime.backends.openvino import (  # noqa: E402
     make_openvino_engine,
 )
 from blipdiffusion_trt.runtime.pipeline import BlipDiffusionRuntime  # noqa: E402
-from blipdiffusion_trt.runtime.text import build_prompts  # noqa: E402
 
 from conftest import CHECKPOINTS, Fixture, load_diffusers  # noqa: E402
 from helpers import REPO, cosine, fixture_config, run_cli  # noqa: E402
-from test_parity import NEGATIVE, PARITY_ATOL, PROMPT, STEPS, diffusers_run, inputs_for  # noqa: E402
+from test_parity import PARITY_ATOL  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -313,55 +312,7 @@ def test_int8_weights(tiny_cn, ov_cache, record_property):
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Whole generations against diffusers (identical latents)
-# ---------------------------------------------------------------------------------------------
-
-_runtimes: dict[str, BlipDiffusionRuntime] = {}
-
-
-def _runtime(fixture: Fixture, cache: Path) -> BlipDiffusionRuntime:
-    if fixture.name not in _runtimes:
-        _runtimes[fixture.name] = BlipDiffusionRuntime.from_package(
-            fixture.package, "openvino", options=OpenVINOOptions(inference_precision="f32", cache_dir=cache))
-    return _runtimes[fixture.name]
-
-
-@pytest.mark.parametrize("scheduler", ["pndm", "ddim"])
-@pytest.mark.parametrize("name", list(CHECKPOINTS))
-def test_parity_with_diffusers(name, scheduler, request, ov_cache):
-    fixture = request.getfixturevalue(name)
-    runtime = _runtime(fixture, ov_cache)
-    height, width, latents, reference, condition = inputs_for(runtime.config)
-    condition = condition if fixture.controlnet else None
-    expected, record = diffusers_run(load_diffusers(fixture), scheduler, height, width, latents, reference, condition)
-
-    subject = runtime.encode_subject(reference, "dog")
-    np.testing.assert_allclose(subject.embeddings, record["query"][0][0], atol=PARITY_ATOL, rtol=0)
-    text = runtime.encode_prompt(build_prompts([PROMPT], ["dog"]), subject.embeddings[None])
-    np.testing.assert_allclose(text, record["text"][0], atol=PARITY_ATOL, rtol=0)
-
-    steps: list[np.ndarray] = []
-    kwargs = {"condition_image": condition} if fixture.controlnet else {}
-    out = runtime(
-        PROMPT, reference, "dog", "dog", latents=latents, guidance_scale=7.5, height=height, width=width,
-        num_inference_steps=STEPS, neg_prompt=NEGATIVE, scheduler=scheduler, output_type="np",
-        callback=lambda i, t, x: steps.append(x.copy()), **kwargs,
-    )
-    assert len(steps) == len(record["latents"])
-    for i, (ours, theirs) in enumerate(zip(steps, record["latents"])):
-        diff = float(np.abs(ours - theirs).max())
-        assert diff <= PARITY_ATOL, f"step {i}: latents differ by {diff:.2e}"
-    assert out.images.shape == expected.shape == (1, height, width, 3)
-    diff = float(np.abs(out.images - expected).max())
-    assert diff <= PARITY_ATOL, f"final image differs by {diff:.2e}"
-    # one size, one batch: each component compiled once, whatever ran before on this runtime
-    for engine in runtime.engines.values():
-        assert engine.inference_precision == "f32"
-        assert engine.compilations == 1, (engine.spec.name, engine.compiled_shapes)
-
-
-# ---------------------------------------------------------------------------------------------
-# 4. Compiled-model cache, shapes, threads, close
+# 3. Compiled-model cache, shapes, threads, close
 # ---------------------------------------------------------------------------------------------
 
 def _vae_feed(fixture: Fixture, seed: int = 0) -> dict[str, np.ndarray]:
@@ -606,7 +557,7 @@ def test_auto_precision_follows_the_cpu(tiny, ov_cache, monkeypatch, caplog):
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Bad input: one line, no traceback
+# 4. Bad input: one line, no traceback
 # ---------------------------------------------------------------------------------------------
 
 def _assert_one_line(excinfo, *fragments: str) -> str:
@@ -717,7 +668,7 @@ def test_missing_openvino_or_nncf(tiny, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. CLI and no torch at run time
+# 5. CLI and no torch at run time
 # ---------------------------------------------------------------------------------------------
 
 def _cli(package: Path, ref: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -57,7 +57,7 @@ def cpu_images(tiny, tiny_cn):
 
 
 # ------------------------------------------------------------------------------------------------
-# Fix 1: CUDA libraries before the first session; the silent CPU fallback is an error
+# CUDA libraries before the first session; the silent CPU fallback is an error
 # ------------------------------------------------------------------------------------------------
 
 def test_cuda_libraries_are_loaded_once_before_the_first_session(fake_ort_gpu, tiny):
@@ -122,7 +122,7 @@ def test_cuda_device_count_asks_the_driver():
 
 
 # ------------------------------------------------------------------------------------------------
-# Fix 2: CUDA provider options
+# CUDA provider options
 # ------------------------------------------------------------------------------------------------
 
 def test_cuda_provider_options_come_from_the_options_as_strings(fake_ort_gpu, tiny):
@@ -157,7 +157,7 @@ def test_bad_gpu_options_are_one_line_naming_the_field(field, value):
 
 
 # ------------------------------------------------------------------------------------------------
-# Fix 3 / item 4: one binding, uploads once per generation, one copy per call, CUDA graphs
+# One binding, uploads once per generation, one copy per call, CUDA graphs
 # ------------------------------------------------------------------------------------------------
 
 def _calls_per_generation(package, steps: int) -> int:
@@ -300,7 +300,7 @@ def test_upload_is_the_identity_on_the_cpu(tiny):
 
 
 # ------------------------------------------------------------------------------------------------
-# Fix 4: the TensorRT execution provider
+# The TensorRT execution provider
 # ------------------------------------------------------------------------------------------------
 
 def test_ort_tensorrt_options_profiles_and_caches_outside_the_package(fake_ort_gpu, tiny, tmp_path, monkeypatch):

@@ -1,7 +1,8 @@
 """Parity with diffusers' BLIP-Diffusion pipelines, and proof that the fixtures can catch mistakes.
 
 Same checkpoint, same initial latents, guidance 7.5: query embeddings, text embeddings, every
-step's latents and the final image must match diffusers within ``PARITY_ATOL`` (image in [0, 1]).
+step's latents and the final image must match diffusers within ``PARITY_ATOL`` (image in [0, 1]),
+on every backend that runs on the CPU in an exact mode (``cpu``; ``openvino`` in f32).
 Random weights are weak witnesses, so ``test_mistakes_move_the_image`` shows that each common
 mistake moves the final image by at least ``SENSITIVITY_FACTOR`` times that tolerance.
 """
@@ -14,11 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import load_diffusers, shared_runtime
+from conftest import CHECKPOINTS, load_diffusers, shared_runtime
 
 torch = pytest.importorskip("torch", reason="parity tests compare against diffusers on torch (pip install .[export])")
 
 from blipdiffusion_trt.runtime.pipeline import BlipDiffusionRuntime  # noqa: E402
+from blipdiffusion_trt.runtime.text import build_prompts  # noqa: E402
 
 PARITY_ATOL = 1e-3
 SENSITIVITY_FACTOR = 10
@@ -77,11 +79,53 @@ def diffusers_run(pipe, scheduler: str, height, width, latents, reference, condi
     return image, record
 
 
+# ------------------------------------------------------------------------------------------------
+# Whole generations against diffusers, on every backend that runs on this machine's CPU
+# ------------------------------------------------------------------------------------------------
+
+_openvino_runtimes: dict[str, BlipDiffusionRuntime] = {}
+
+
+def _cpu_runtime(fixture, tmp_path_factory) -> BlipDiffusionRuntime:
+    return shared_runtime(fixture)
+
+
+def _openvino_runtime(fixture, tmp_path_factory) -> BlipDiffusionRuntime:
+    """OpenVINO in its exact mode (f32), with a model cache of the test session's own."""
+    pytest.importorskip("openvino", reason="the openvino backend needs OpenVINO (pip install .[openvino])")
+    from blipdiffusion_trt.runtime.backends.openvino import OpenVINOOptions
+
+    if fixture.name not in _openvino_runtimes:
+        options = OpenVINOOptions(inference_precision="f32", cache_dir=tmp_path_factory.mktemp("openvino-cache"))
+        _openvino_runtimes[fixture.name] = BlipDiffusionRuntime.from_package(fixture.package, "openvino", options=options)
+    return _openvino_runtimes[fixture.name]
+
+
+def _compiled_once_in_f32(runtime: BlipDiffusionRuntime) -> None:
+    """One size, one batch: each component compiled once, whatever ran before on this runtime, and
+    in f32 (OpenVINO's CPU default is bf16 where the CPU has it, which would miss the tolerance)."""
+    for engine in runtime.engines.values():
+        assert engine.inference_precision == "f32"
+        assert engine.compilations == 1, (engine.spec.name, engine.compiled_shapes)
+
+
+# backend -> (its runtime for a fixture, what else must hold after a generation)
+PARITY_BACKENDS = {
+    "cpu": (_cpu_runtime, None),
+    "openvino": (_openvino_runtime, _compiled_once_in_f32),
+}
+
+
 @pytest.mark.parametrize("scheduler", ["pndm", "ddim"])
-@pytest.mark.parametrize("name", ["tiny", "tiny_cn", "odd", "odd_cn"])
-def test_parity_with_diffusers(name, scheduler, request):
+@pytest.mark.parametrize("name", list(CHECKPOINTS))
+@pytest.mark.parametrize("backend", [
+    "cpu",
+    pytest.param("openvino", marks=pytest.mark.slow),
+])
+def test_parity_with_diffusers(backend, name, scheduler, request, tmp_path_factory):
     fixture = request.getfixturevalue(name)
-    runtime = shared_runtime(fixture)
+    load_runtime, check_after = PARITY_BACKENDS[backend]
+    runtime = load_runtime(fixture, tmp_path_factory)
     config = runtime.config
     height, width, latents, reference, condition = inputs_for(config)
     condition = condition if fixture.controlnet else None
@@ -90,8 +134,6 @@ def test_parity_with_diffusers(name, scheduler, request):
     # query and text embeddings
     subject = runtime.encode_subject(reference, "dog")
     np.testing.assert_allclose(subject.embeddings, record["query"][0][0], atol=PARITY_ATOL, rtol=0)
-    from blipdiffusion_trt.runtime.text import build_prompts
-
     text = runtime.encode_prompt(build_prompts([PROMPT], ["dog"]), subject.embeddings[None])
     np.testing.assert_allclose(text, record["text"][0], atol=PARITY_ATOL, rtol=0)
 
@@ -110,6 +152,8 @@ def test_parity_with_diffusers(name, scheduler, request):
     assert out.images.shape == expected.shape == (1, height, width, 3)
     diff = float(np.abs(out.images - expected).max())
     assert diff <= PARITY_ATOL, f"final image differs by {diff:.2e}"
+    if check_after is not None:
+        check_after(runtime)
 
 
 def _mistakes(fixture, reference, condition, config):

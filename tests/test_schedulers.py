@@ -178,8 +178,12 @@ def run_loop(ours, ref, steps, *, seed=0, teacher_forced=False, denoiser=False, 
     loops (stock torch: ours is fed diffusers' current sample every step) must stay within the
     stock bound. Model outputs are seeded random float32 arrays, or (``denoiser``) the model input
     plus 10% noise, a stand-in for an ε-prediction that keeps samples at a realistic scale. If
-    diffusers raises, ours must raise the same exception type at the same call. Returns the last
-    samples.
+    diffusers raises, ours must raise the same exception type at the same call, and the loop stops
+    there. At least one whole step must be compared (a loop that both sides refuse at once compares
+    nothing and would pass for anything), unless both refuse the very first step because its
+    timestep lies outside the training schedule (``steps_offset=1`` with as many steps as training
+    timesteps: PNDM and DDIM index ``alphas_cumprod`` with it; Euler interpolates and runs).
+    Returns the last samples.
     """
     check = assert_close_to_stock if teacher_forced else assert_identical
     compare_setup(ours, ref, steps, check)
@@ -187,6 +191,7 @@ def run_loop(ours, ref, steps, *, seed=0, teacher_forced=False, denoiser=False, 
     latents = rng.standard_normal(shape, dtype=np.float32) * np.float32(float(ref.init_noise_sigma))
     ref_x = torch.from_numpy(latents.copy())
     our_x = latents.copy()
+    compared, refused = 0, None
     for i, t in enumerate(ref.timesteps):
         if teacher_forced:
             our_x = ref_x.numpy().copy()
@@ -204,7 +209,8 @@ def run_loop(ours, ref, steps, *, seed=0, teacher_forced=False, denoiser=False, 
             our_err = e
         if ref_err is not None or our_err is not None:
             assert ref_err is not None and isinstance(our_err, type(ref_err)), (i, ref_err, our_err)
-            return our_x, ref_x.numpy()
+            refused = i
+            break
         check(our_in, ref_in, f"scale_model_input at step {i} (t={our_t})")
 
         model_output = (ref_in.numpy() + np.float32(0.1) * noise) if denoiser else noise
@@ -218,8 +224,13 @@ def run_loop(ours, ref, steps, *, seed=0, teacher_forced=False, denoiser=False, 
             our_err = e
         if ref_err is not None or our_err is not None:
             assert ref_err is not None and isinstance(our_err, type(ref_err)), (i, ref_err, our_err)
-            return our_x, ref_x.numpy()
+            refused = i
+            break
         check(our_x, ref_x, f"prev_sample at step {i} (t={our_t})")
+        compared += 1
+    first, trained = int(ref.timesteps[0]), ref.config.num_train_timesteps
+    assert compared >= 1 or (refused == 0 and first >= trained), (
+        f"no step compared ({len(ref.timesteps)} timesteps from t={first}, refused at step {refused})")
     return our_x, ref_x.numpy()
 
 

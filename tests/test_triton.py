@@ -749,7 +749,7 @@ BAD_REQUESTS = [
     ("two prompts", {}, (), {"prompt": np.array([b"a", b"b"], dtype=np.object_)}, "unexpected shape for input 'prompt'"),
     ("no controlnet", {"condition_image": CONDITION}, (), None, "this package has no ControlNet"),
     ("rgba image", {}, (), {"reference_image": np.zeros((8, 8, 4), np.uint8)}, "unexpected shape for input 'reference_image'"),
-    # issue 15: bounded work, one line, INVALID_ARGUMENT
+    # bounded work, one line, INVALID_ARGUMENT
     ("1 MB prompt", {"prompt": "x" * 1_000_000}, (), None, "prompt has 1000000 characters, more than the limit of 2000"),
     ("subject word too long", {"source_subject": "dog " * 50}, (), None, "52 Q-Former tokens, more than the 48"),
     ("guidance 1e38", {"guidance_scale": 1e38}, (), None, "guidance_scale must be a finite number in [0, 100]"),
@@ -836,7 +836,7 @@ def test_server_edits(triton_server, tiny):
 
 
 # --------------------------------------------------------------------------------------------
-# Liveness: a dead python-backend stub (issue 15.7)
+# Liveness: a dead python-backend stub
 # --------------------------------------------------------------------------------------------
 
 
@@ -860,7 +860,7 @@ def _stub_pid(server: TritonServer, model: str) -> int:
 
 def test_liveness_probe_sees_a_dead_stub(tiny, tmp_path_factory):
     """After ``kill -9`` of a stub, Triton still reports the server and every model ready (so the
-    README says to probe liveness with a real request); ``blipdiffusion-trt triton-probe``, one
+    docs say to probe liveness with a real request); ``blipdiffusion-trt triton-probe``, one
     tiny generation through every component, fails in one line. The server then stops within
     :data:`STOP_SECONDS` of SIGTERM (or is killed), and none of its shared-memory regions is left."""
     tmp = tmp_path_factory.mktemp("triton-liveness")

@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from blipdiffusion_trt.components import generation_components
+from blipdiffusion_trt.components import editing_components, generation_components
 from blipdiffusion_trt.engines import environment as trt_environment
 from blipdiffusion_trt.engines.build import build_engines
 from blipdiffusion_trt.engines.profiles import axis_ranges
@@ -120,7 +120,8 @@ def test_edits_on_static_engines_with_stand_ins(tiny, fake_runtime, tmp_path):
     runtime = BlipDiffusionRuntime.from_package(package_dir, "tensorrt", precision="fp16")
     cpu = BlipDiffusionRuntime.from_package(package_dir, cpu_fused=False)  # the stand-ins run the plain graphs
     assert "unet_p2p" not in runtime.engines
-    runtime.load_editing_engines()
+    for name in editing_components(runtime.config):  # what edit/invert load on first use
+        runtime.engine(name)
     p2p, plain = runtime.engines["unet_p2p"], runtime.engines["unet_plain"]
     assert all(isinstance(runtime.engines[c], TensorRTEngine) for c in ("unet_p2p", "vae_encoder", "unet_plain"))
     assert [shape[0] for shape in p2p.profiles["sample"]] == [2, 4, 4]

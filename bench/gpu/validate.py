@@ -51,7 +51,7 @@ from common import DRY_RUN, GPU, Budget, Generation, Mode  # noqa: E402
 logger = logging.getLogger("bench.gpu")
 
 SCHEMA = "blipdiffusion-trt-gpu-validation/1"
-# Pins the export side needs (README, "Why these pins"); the GPU machine's own are newer.
+# Pins the export side needs (docs/install.md, "Why these pins"); the GPU machine's own are newer.
 PINNED = {"diffusers": "0.32.2", "transformers": "4.48.", "huggingface_hub": "0."}
 # Rough costs (s) on one H100/H200 machine, for deciding what still fits the budget.
 ESTIMATES = {"ours": 90.0, "diffusers": 60.0, "accuracy": 60.0, "compile": 150.0}

@@ -37,7 +37,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import shlex
-import shutil
 import tempfile
 import threading
 import time
@@ -47,7 +46,7 @@ from typing import Any, Iterable
 
 from ..errors import EngineError, InputError, PackageError, first_line
 from ..fsutil import write_atomic
-from ..package import ModelPackage, PackageLayout, layout
+from ..package import ModelPackage, layout
 from .environment import import_tensorrt, make_logger, running_environment
 from .plans import (
     RECORD_NAME,
@@ -322,9 +321,4 @@ def _write_timing_cache(path: Path, data: bytes) -> None:
     except OSError as error:
         raise EngineError(f"cannot write timing cache {path}: {error.strerror or error}") from None
     write_atomic(path, data, EngineError)
-
-
-def remove_engines(package_dir: str | Path) -> None:
-    """Delete every engine directory of a package (they are rebuilt per machine)."""
-    shutil.rmtree(PackageLayout(package_dir).engines_root, ignore_errors=True)
 

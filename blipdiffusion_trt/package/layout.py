@@ -215,9 +215,6 @@ class PackageLayout:
     def graph(self, component: str, variant: str) -> Path:
         return self.root / graph_file(component, variant)
 
-    def graph_data(self, component: str, variant: str) -> Path:
-        return self.root / graph_data_file(component, variant)
-
     # -- engines (per machine, not in the manifest) ----------------------------------------------
 
     @property
@@ -235,9 +232,6 @@ class PackageLayout:
 
     def plan(self, engine_dir: str, component: str) -> Path:
         return self.engine_dir(engine_dir) / plan_file(component)
-
-    def engine_record(self, engine_dir: str) -> Path:
-        return self.engine_dir(engine_dir) / ENGINE_RECORD
 
     def engine_dirs(self) -> list[Path]:
         """The engine directories present (sorted by name)."""

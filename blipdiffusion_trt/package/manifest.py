@@ -166,12 +166,6 @@ def check_listed(root: Path, manifest: Mapping[str, Any], name: str, *, verify: 
     return path
 
 
-def check_digest(root: Path, manifest: Mapping[str, Any], name: str) -> None:
-    """The file ``name`` must match its size and sha256 in the manifest (when listed)."""
-    if name in manifest["files"]:
-        check_listed(root, manifest, name, verify=True)
-
-
 def files_sha256(manifest: Mapping[str, Any], names: tuple[str, ...] | list[str], *, source: Path) -> str:
     """One sha256 over the listed digests of ``names`` (the first must be listed; the others are
     included where listed): the digest of the first alone when it is the only one listed."""

@@ -25,7 +25,7 @@ own is here: the edit's checks, the control, the UNet rows and their guidance, t
 after each step, the VAE encoder and the inversion. The editing graphs (``vae_encoder``,
 ``unet_plain``, ``unet_p2p``) load on first use through ``runtime.engine(name)``, on the
 runtime's backend with its options. Deviations from LAVIS are listed in runtime/p2p.py, on the
-methods and in the README.
+methods and in docs/deviations-from-lavis.md.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-from ..components import editing_components
 from ..errors import InputError, PackageError
 from . import images as imgs
 from .inputs import LIMITS, GenerationInputs, check_int, check_seed, check_text
@@ -184,12 +183,6 @@ class EditingMixin:
                 f"{self.package.root}: no editing graphs ({', '.join(missing)}): the package was exported before "
                 "editing existed or without it; re-export it: blipdiffusion-trt export CHECKPOINT --out PACKAGE"
             )
-
-    def load_editing_engines(self) -> None:
-        """Load the editing graphs now on the runtime's backend (``edit``/``invert`` load them on first use)."""
-        self.check_editing_package()
-        for name in editing_components(self.config):
-            self.engine(name)
 
     # ------------------------------------------------------------------------------------------
     # Inversion

@@ -25,7 +25,7 @@ OUTPUT_TYPES = ("pil", "np")
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """What one generation may ask for, besides the package's declared ranges (README, "Limits").
+    """What one generation may ask for, besides the package's declared ranges (docs/limits.md).
 
     ``max_text_characters``: the prompt and the negative prompt (tokens past the text encoder's
     length are cut, with a warning); ``max_subject_characters``: a subject category word (its

@@ -34,7 +34,7 @@ served even if OpenVINO's own model hash missed the change. Each directory holds
 - OpenVINO's compiled blobs (its ``CACHE_DIR``), one per input shape and precision, "weightless"
   (``CACHE_MODE=OPTIMIZE_SIZE``, weights taken from the IR's ``model.bin``): a blob costs about 2%
   of the weights instead of another copy of them, so the disk used is about one copy of the
-  graphs plus a few MB per generation size. Measurements: ``bench/openvino_load.py`` and README.
+  graphs plus a few MB per generation size. Measurements: ``bench/openvino_load.py`` and docs/backends.md.
 
 Once compiled from the IR, the engine drops its ``openvino.Model``: a compiled model loaded from
 a blob holds its own weights, and keeping the model too held them twice (the process's peak
