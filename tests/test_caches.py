@@ -1,0 +1,235 @@
+"""The caches a backend fills while it runs (docs/caches.md): OpenVINO's model cache (IR and compiled
+blobs) and ONNX Runtime's optimised-graph cache, used by several processes at once, killed writers,
+full disks, and entries that are files or symlinks leading out of the cache.
+
+The concurrency test runs real processes (no mocks): several generations started at the same
+moment on one empty cache, a few rounds, each bounded in time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from blipdiffusion_trt.package import ModelPackage, read_pipeline_config
+
+from helpers import REPO
+
+openvino = pytest.importorskip("openvino", reason="the OpenVINO cache tests need OpenVINO (pip install .[openvino])")
+
+from blipdiffusion_trt.runtime.backends import openvino as ove  # noqa: E402
+from blipdiffusion_trt.runtime.backends.openvino import OpenVINOOptions, make_openvino_engine  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+PROCESSES = 4
+ROUNDS = 3
+# one generation of the tiny fixture, compiles included, takes seconds; a hung or crashed
+# process must not hold the suite
+PROCESS_TIMEOUT_S = 240
+
+GENERATION = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    import numpy as np
+    from blipdiffusion_trt.runtime.backends.openvino import OpenVINOOptions
+    from blipdiffusion_trt.runtime.pipeline import BlipDiffusionRuntime
+
+    package, cache, inputs, out, start = sys.argv[1:6]
+    while not Path(start).exists():  # every process starts filling the cache at the same moment
+        time.sleep(0.002)
+    feed = np.load(inputs)
+    options = OpenVINOOptions(cache_dir=cache, inference_precision="f32", threads=1)
+    with BlipDiffusionRuntime.from_package(package, "openvino", options=options) as runtime:
+        image = runtime("on a sofa", feed["reference"], "dog", "dog", latents=feed["latents"],
+                        num_inference_steps=2, output_type="np").images
+    np.save(out, image)
+    """
+)
+
+
+def _generation_inputs(package: Path, path: Path) -> Path:
+    config = read_pipeline_config(package)
+    rng = np.random.default_rng(11)
+    latents = rng.standard_normal((1, config.latent_channels, config.default_height // config.latent_scale_factor,
+                                   config.default_width // config.latent_scale_factor)).astype(np.float32)
+    np.savez(path, latents=latents, reference=rng.integers(0, 256, (24, 20, 3), dtype=np.uint8))
+    return path
+
+
+def _start_generations(package: Path, cache: Path, inputs: Path, outputs: list[Path], start: Path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return [subprocess.Popen([sys.executable, "-c", GENERATION, str(package), str(cache), str(inputs), str(out),
+                              str(start)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for out in outputs]
+
+
+def _finish(proc: subprocess.Popen) -> tuple[int, str]:
+    try:
+        output, _ = proc.communicate(timeout=PROCESS_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+        return -signal.SIGKILL, f"timed out after {PROCESS_TIMEOUT_S} s\n{output}"
+    return proc.returncode, output
+
+
+def test_processes_filling_one_openvino_cache_all_succeed(tiny, tmp_path):
+    """Several generations on one empty cache at the same moment (two CLI runs, two servers
+    starting): every one succeeds with the image an uncached run gives, and the cache is left
+    complete (IR recorded, no partial folders) and serves the next process."""
+    inputs = _generation_inputs(tiny.package, tmp_path / "inputs.npz")
+    failures = []
+    images = []
+    for round_ in range(ROUNDS):
+        cache = tmp_path / f"cache-{round_}"
+        start = tmp_path / f"start-{round_}"
+        outputs = [tmp_path / f"image-{round_}-{i}.npy" for i in range(PROCESSES)]
+        procs = _start_generations(tiny.package, cache, inputs, outputs, start)
+        time.sleep(3)  # let them import; then all open the cache together
+        start.touch()
+        for i, proc in enumerate(procs):
+            code, output = _finish(proc)
+            if code != 0:
+                failures.append(f"round {round_} process {i}: exit {code}\n{output[-2000:]}")
+            else:
+                images.append(np.load(outputs[i]))
+        entries = [p for p in cache.iterdir() if not p.name.startswith(".")]
+        assert entries, "nothing was cached"
+        leftovers = sorted(str(p.relative_to(cache)) for p in cache.rglob("*partial*"))
+        assert not leftovers, leftovers
+        for entry in entries:
+            assert {ove.IR_XML, ove.IR_BIN, ove.IR_RECORD} <= {p.name for p in entry.iterdir()}, entry
+    assert not failures, "\n\n".join(failures)
+    assert len(images) == PROCESSES * ROUNDS
+    for image in images[1:]:
+        np.testing.assert_array_equal(image, images[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# A writer killed while it writes: its leftovers are removed by the next run
+# ---------------------------------------------------------------------------------------------
+
+KILLED_WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    import openvino
+    from blipdiffusion_trt.package import ModelPackage
+    from blipdiffusion_trt.runtime.backends.openvino import OpenVINOOptions, make_openvino_engine
+
+    package, cache, written = sys.argv[1:4]
+    save_model = openvino.save_model
+
+    def save_and_stall(model, path, **kwargs):  # the IR is on disk, not yet published: kill -9 comes here
+        save_model(model, path, **kwargs)
+        Path(written).write_text(path)
+        time.sleep(600)
+
+    openvino.save_model = save_and_stall
+    make_openvino_engine(ModelPackage.open(package), "vae_decoder", "fp32",
+                         OpenVINOOptions(cache_dir=cache, inference_precision="f32"))
+    """
+)
+
+
+def _vae_feed(package) -> dict[str, np.ndarray]:
+    spec = package.specs["vae_decoder"]
+    config = read_pipeline_config(package.root)
+    point = {"batch": 1, "latent_height": config.default_height // config.latent_scale_factor,
+             "latent_width": config.default_width // config.latent_scale_factor}
+    return {t.name: np.random.default_rng(5).standard_normal(t.shape_at(point)).astype(np.float32) for t in spec.inputs}
+
+
+def test_killed_ir_writer_leaves_nothing_behind(tiny, tmp_path, caplog):
+    """kill -9 while the IR is written (holding the entry's lock) leaves a staging folder with part
+    of an entry; the next process is not blocked by the dead writer's lock, removes its leftovers
+    and publishes a complete entry."""
+    cache, written = tmp_path / "cache", tmp_path / "written"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tiny.package), str(cache), str(written)],
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + PROCESS_TIMEOUT_S
+        while not written.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert written.exists(), proc.communicate(timeout=10)[0] if proc.poll() is not None else "never wrote the IR"
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert Path(written.read_text()).exists(), "the killed writer's IR is gone already"
+    leftovers = [p for p in cache.rglob("*partial*")]
+    assert leftovers, sorted(cache.rglob("*"))
+
+    package = ModelPackage.open(tiny.package)
+    with caplog.at_level(logging.INFO):
+        engine = make_openvino_engine(package, "vae_decoder", "fp32", OpenVINOOptions(cache_dir=cache, inference_precision="f32"))
+    assert engine.model_source == "onnx, cached as ir"
+    assert not [p for p in cache.rglob("*partial*")], sorted(cache.rglob("*"))
+    assert any("left by an interrupted run" in r.getMessage() for r in caplog.records), caplog.text
+    engine.infer(_vae_feed(package))
+    again = make_openvino_engine(package, "vae_decoder", "fp32", OpenVINOOptions(cache_dir=cache, inference_precision="f32"))
+    assert again.model_source == "ir cache"
+
+
+# ---------------------------------------------------------------------------------------------
+# Entries that are files, or symlinks leading out of the cache
+# ---------------------------------------------------------------------------------------------
+
+def _entry(package: ModelPackage, cache: Path, component: str = "vae_decoder") -> Path:
+    return cache / f"{component}-{package.graph_content_sha256(component, 'fp32')[:16]}"
+
+
+def test_openvino_entry_that_is_a_file_is_replaced(tiny, tmp_path, caplog):
+    package = ModelPackage.open(tiny.package)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    entry = _entry(package, cache)
+    entry.write_text("not a cache entry")
+    with caplog.at_level(logging.WARNING):
+        engine = make_openvino_engine(package, "vae_decoder", "fp32", OpenVINOOptions(cache_dir=cache, inference_precision="f32"))
+    assert f"cache entry {entry} is not a directory" in caplog.text, caplog.text
+    assert "File exists" not in caplog.text
+    assert engine.model_source == "onnx, cached as ir" and entry.is_dir()
+    engine.infer(_vae_feed(package))
+    assert any(p.suffix == ".blob" for p in entry.iterdir())
+
+
+def test_openvino_entry_symlinked_out_of_the_cache_is_not_written_through(tiny, tmp_path, caplog):
+    """An entry (or a blob in it) that is a symlink leading outside the cache folder is neither
+    read nor written through: the link is replaced by a real entry, the outside folder untouched."""
+    package = ModelPackage.open(tiny.package)
+    cache, outside = tmp_path / "cache", tmp_path / "outside"
+    cache.mkdir()
+    outside.mkdir()
+    (outside / "keep.txt").write_text("mine")
+    entry = _entry(package, cache)
+    entry.symlink_to(outside, target_is_directory=True)
+    with caplog.at_level(logging.WARNING):
+        engine = make_openvino_engine(package, "vae_decoder", "fp32", OpenVINOOptions(cache_dir=cache, inference_precision="f32"))
+    assert "leads outside the cache" in caplog.text and str(entry) in caplog.text, caplog.text
+    feed = _vae_feed(package)
+    expected = engine.infer(feed)["image"]
+    assert entry.is_dir() and not entry.is_symlink()
+    assert sorted(p.name for p in outside.iterdir()) == ["keep.txt"]
+
+    # a blob replaced by a symlink out of the cache: removed before OpenVINO opens the folder
+    blob = next(p for p in entry.iterdir() if p.suffix == ".blob")
+    (outside / blob.name).write_bytes(b"outside")
+    blob.unlink()
+    blob.symlink_to(outside / blob.name)
+    again = make_openvino_engine(package, "vae_decoder", "fp32", OpenVINOOptions(cache_dir=cache, inference_precision="f32"))
+    np.testing.assert_array_equal(again.infer(feed)["image"], expected)
+    assert (outside / blob.name).read_bytes() == b"outside"
+    assert blob.is_file() and not blob.is_symlink()
+
