@@ -233,3 +233,93 @@ def test_openvino_entry_symlinked_out_of_the_cache_is_not_written_through(tiny, 
     assert (outside / blob.name).read_bytes() == b"outside"
     assert blob.is_file() and not blob.is_symlink()
 
+
+# ---------------------------------------------------------------------------------------------
+# ONNX Runtime's optimised-graph cache: full disk, unwritable folder, symlinked entry files
+# ---------------------------------------------------------------------------------------------
+
+FULL_DISK = textwrap.dedent(
+    """
+    import resource, signal, sys
+    import numpy as np
+    from blipdiffusion_trt.runtime.pipeline import BlipDiffusionRuntime
+
+    package, cache, inputs, out, limit = sys.argv[1:6]
+    feed = np.load(inputs)
+    # Every file this process writes stops at `limit` bytes (EFBIG), as on a disk that is full:
+    # ONNX Runtime's optimised graphs are larger. Lifted again to write the image.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(limit), hard))
+    runtime = BlipDiffusionRuntime.from_package(package, optimized_cache=cache)
+    image = runtime("on a sofa", feed["reference"], "dog", "dog", latents=feed["latents"],
+                    num_inference_steps=2, output_type="np").images
+    resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+    np.save(out, image)
+    """
+)
+FULL_DISK_LIMIT = 64 << 10  # bytes; the tiny fixture's smallest graph is several times larger
+
+
+def _uncached_image(package: Path, inputs: Path) -> np.ndarray:
+    from blipdiffusion_trt.runtime.pipeline import BlipDiffusionRuntime
+
+    feed = np.load(inputs)
+    with BlipDiffusionRuntime.from_package(package) as runtime:
+        return runtime("on a sofa", feed["reference"], "dog", "dog", latents=feed["latents"],
+                       num_inference_steps=2, output_type="np").images
+
+
+def test_ort_cache_on_a_full_disk_warns_and_runs_uncached(tiny, tmp_path):
+    """Writes into the cache fail (EFBIG from a file-size limit, as ENOSPC from a full disk): the
+    generation succeeds with the uncached image, and the warning names the cache, not the graph."""
+    smallest = min(p.stat().st_size for p in (tiny.package / "onnx").rglob("*.onnx"))
+    assert smallest > 2 * FULL_DISK_LIMIT, f"a graph of {smallest} bytes fits under the limit"
+    inputs = _generation_inputs(tiny.package, tmp_path / "inputs.npz")
+    cache, out = tmp_path / "ort-cache", tmp_path / "image.npy"
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK, str(tiny.package), str(cache), str(inputs), str(out),
+                           str(FULL_DISK_LIMIT)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"optimized_cache {cache}" in proc.stderr and "not cached" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    np.testing.assert_array_equal(np.load(out), _uncached_image(tiny.package, inputs))
+    assert not list(cache.glob("*.json")), "a record vouches for a file the full disk cut short"
+    assert not list(cache.glob(".*partial*"))
+
+
+def test_ort_cache_that_cannot_be_written_warns_and_runs_uncached(tiny, tmp_path, caplog):
+    from blipdiffusion_trt.runtime.pipeline import BlipDiffusionRuntime
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    for cache in (blocker, blocker / "cache"):  # a file where the folder should be; a folder under a file
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            runtime = BlipDiffusionRuntime.from_package(tiny.package, optimized_cache=cache)
+        assert all(e.loaded_from.is_relative_to(tiny.package) for e in runtime.engines.values())
+        assert f"optimized_cache {cache}" in caplog.text and "not writable" in caplog.text, caplog.text
+        runtime.close()
+
+
+def test_ort_cache_entry_symlinked_out_of_the_cache_is_not_followed(tiny, tmp_path, caplog):
+    """An entry's file replaced by a symlink leading outside the cache is neither read nor written
+    through: the entry is rebuilt with plain files, and the file outside is untouched."""
+    from blipdiffusion_trt.runtime.pipeline import BlipDiffusionRuntime
+
+    cache, outside = tmp_path / "cache", tmp_path / "outside"
+    outside.mkdir()
+    with BlipDiffusionRuntime.from_package(tiny.package, optimized_cache=cache) as runtime:
+        graph = runtime.engines["vae_decoder"].loaded_from
+    record = graph.with_suffix(".json")
+    for path in (record, graph):
+        moved = outside / path.name
+        os.replace(path, moved)  # a valid file, so only the confinement can refuse it
+        path.symlink_to(moved)
+    before = {p.name: p.read_bytes() for p in outside.iterdir()}
+    with caplog.at_level(logging.WARNING):
+        with BlipDiffusionRuntime.from_package(tiny.package, optimized_cache=cache) as runtime:
+            assert runtime.engines["vae_decoder"].loaded_from == graph
+    assert "leads outside the cache" in caplog.text and "rebuilding" in caplog.text, caplog.text
+    assert not record.is_symlink() and not graph.is_symlink() and record.is_file() and graph.is_file()
+    assert {p.name: p.read_bytes() for p in outside.iterdir()} == before
