@@ -234,6 +234,73 @@ def test_openvino_entry_symlinked_out_of_the_cache_is_not_written_through(tiny, 
     assert blob.is_file() and not blob.is_symlink()
 
 
+
+# ---------------------------------------------------------------------------------------------
+# Waiting is bounded; a cache fault names the cache, not the graph
+# ---------------------------------------------------------------------------------------------
+
+def test_openvino_cache_held_too_long_runs_uncached(tiny, tmp_path, monkeypatch, caplog):
+    """Another holder of the entry's lock (here this process, through another descriptor) past
+    the bounded wait: a warning naming the cache, and the graph runs uncached."""
+    from blipdiffusion_trt.fsutil import locked
+
+    package = ModelPackage.open(tiny.package)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setattr(ove, "CACHE_LOCK_TIMEOUT_S", 0.5)
+    entry = _entry(package, cache)
+    with locked(entry.with_name(f".{entry.name}.lock")):
+        with caplog.at_level(logging.WARNING):
+            engine = make_openvino_engine(package, "vae_decoder", "fp32",
+                                          OpenVINOOptions(cache_dir=cache, inference_precision="f32"))
+            image = engine.infer(_vae_feed(package))["image"]
+    assert engine.model_source == "onnx" and engine.loaded_from_cache is False and not entry.exists()
+    assert f"without the model cache {cache}" in caplog.text and "more than 0.5 s" in caplog.text, caplog.text
+    uncached = make_openvino_engine(package, "vae_decoder", "fp32", OpenVINOOptions(model_cache=False, inference_precision="f32"))
+    np.testing.assert_array_equal(image, uncached.infer(_vae_feed(package))["image"])
+
+
+def test_truncated_blob_is_compiled_again(tiny, tmp_path):
+    """A blob cut short (its writer killed, a full disk) is not served: compiled and written again."""
+    package = ModelPackage.open(tiny.package)
+    cache = tmp_path / "cache"
+    options = OpenVINOOptions(cache_dir=cache, inference_precision="f32")
+    feed = _vae_feed(package)
+    expected = make_openvino_engine(package, "vae_decoder", "fp32", options).infer(feed)["image"]
+    blob = next(p for p in _entry(package, cache).iterdir() if p.suffix == ".blob")
+    size = blob.stat().st_size
+    blob.write_bytes(blob.read_bytes()[: size // 2])
+    engine = make_openvino_engine(package, "vae_decoder", "fp32", options)
+    np.testing.assert_array_equal(engine.infer(feed)["image"], expected)
+    assert engine.loaded_from_cache is False and blob.stat().st_size == size
+
+
+def test_compilation_failing_with_the_cache_names_the_cache(tiny, tmp_path, monkeypatch, caplog):
+    """A compilation that fails only with CACHE_DIR (stand-in: OpenVINO's Core raising when given
+    it, as on a blob it cannot write) is retried without the cache; the warning names the cache
+    entry, and no error blames the package's graph."""
+    core = ove.openvino_core()
+
+    class CacheFailingCore:
+        def __getattr__(self, name):
+            return getattr(core, name)
+
+        def compile_model(self, model, device, config):
+            if "CACHE_DIR" in config:
+                raise RuntimeError(f"Exception from core.cpp\ncannot set permissions {config['CACHE_DIR']}/x.blob")
+            return core.compile_model(model, device, config)
+
+    package = ModelPackage.open(tiny.package)
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(ove, "openvino_core", lambda: CacheFailingCore())
+    with caplog.at_level(logging.WARNING):
+        engine = make_openvino_engine(package, "vae_decoder", "fp32", OpenVINOOptions(cache_dir=cache, inference_precision="f32"))
+        image = engine.infer(_vae_feed(package))["image"]
+    entry = _entry(package, cache)
+    assert f"model cache {entry} failed for vae_decoder" in caplog.text, caplog.text
+    assert engine.loaded_from_cache is False and np.isfinite(image).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # ONNX Runtime's optimised-graph cache: full disk, unwritable folder, symlinked entry files
 # ---------------------------------------------------------------------------------------------
