@@ -1,5 +1,6 @@
 """Small file helpers: bounded reading of regular files, JSON reading with one-line errors (and a
-shape, :mod:`.schema`), atomic file writes and directory replacement."""
+shape, :mod:`.schema`), atomic file writes and directory replacement, paths confined to a root,
+and locks between processes."""
 
 from __future__ import annotations
 
@@ -9,13 +10,18 @@ import os
 import shutil
 import stat
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Iterator
 
 try:
     import fcntl
 except ImportError:  # not POSIX: no locks, hence no detection of other writers or stale directories
     fcntl = None  # type: ignore[assignment]
+
+# Whether this platform has the advisory locks :func:`locked` and :class:`StagingDir` use.
+LOCKS_AVAILABLE = fcntl is not None
 
 from .schema import Shape, check
 
@@ -180,14 +186,82 @@ class StagingDir:
 
 
 def replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished directory ``src`` to ``dst``, replacing what was there."""
-    if dst.exists():
+    """Move the finished directory ``src`` to ``dst``, replacing what was there (a directory, or a
+    file or symlink: the link itself, never what it points to)."""
+    if dst.exists() or dst.is_symlink():
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
         os.replace(dst, old)
         os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_entry(old)
     else:
         os.replace(src, dst)
+
+
+def remove_entry(path: Path) -> None:
+    """Remove ``path`` whatever it is: a directory tree, or a file or symlink (the link itself)."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def confined_path(root: Path, path: Path, error: type[Exception], *, what: str) -> Path:
+    """``path`` (under ``root``) unless, once symlinks are resolved, it leads outside ``root``:
+    then ``error`` naming both. ``what`` names the root in the message ("package", "cache")."""
+    try:
+        real_root = Path(root).resolve(strict=True)
+        real = Path(path).resolve(strict=False)
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise error(f"{path}: cannot resolve ({exc})") from None
+    if not real.is_relative_to(real_root):
+        raise error(f"{path}: leads outside the {what} (to {real}); {what} files must be inside it")
+    return Path(path)
+
+
+class LockTimeout(Exception):
+    """Another process held a lock (:func:`locked`) longer than the caller would wait."""
+
+
+@contextmanager
+def locked(path: Path, *, shared: bool = False, timeout: float | None = None) -> Iterator[bool]:
+    """Hold an advisory lock on the file ``path`` (created if missing, never through a symlink)
+    for the ``with`` block: exclusive, or ``shared`` with other shared holders. Waits for it (at
+    most ``timeout`` seconds: :class:`LockTimeout`). Yields whether it holds the lock: False where
+    locks do not exist or the lock file cannot be opened (a read-only folder), so readers go on.
+    The lock goes with the process: a killed holder's lock is free."""
+    if fcntl is None:
+        yield False
+        return
+    flags = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o666 & ~current_umask())
+    except OSError:
+        try:
+            fd = os.open(path, os.O_RDONLY | flags)
+        except OSError:
+            yield False
+            return
+    try:
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay, held = 0.01, False
+        while not held:
+            try:
+                fcntl.flock(fd, mode | (fcntl.LOCK_NB if deadline is not None else 0))
+                held = True
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise LockTimeout(f"another process held {path} for more than {timeout:g} s") from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+            except OSError:  # a file system without locks
+                break
+        yield held
+    finally:
+        os.close(fd)
 
 
 def write_atomic(path: Path, data: bytes | memoryview, error: type[Exception]) -> None:

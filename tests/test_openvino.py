@@ -77,6 +77,7 @@ def ov_cache(tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def _no_user_cache(monkeypatch, tmp_path):
     """Nothing here writes to the user's cache directory."""
+    monkeypatch.delenv("BLIPDIFFUSION_TRT_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
 
 
@@ -353,7 +354,7 @@ def test_second_process_loads_from_the_cache(tiny, tmp_path):
     assert (first.cache_dir / ove.IR_BIN).is_file() and first.model is None
     blobs = [f for f in first.cache_dir.iterdir() if f.name not in (ove.IR_XML, ove.IR_BIN)]
     assert blobs, "OpenVINO wrote no compiled model"
-    assert not [f for f in first.cache_dir.iterdir() if f.name.startswith(".partial-")]
+    assert not list(cache.rglob("*partial*"))
     np.save(tmp_path / "feed.npy", feed["latents"])
     proc = subprocess.run([sys.executable, "-c", SECOND_PROCESS, str(tiny.package), str(cache), str(tmp_path / "feed.npy"),
                            str(tmp_path / "out.npy")], capture_output=True, text=True, timeout=120, cwd=REPO)
@@ -387,8 +388,9 @@ def test_unreadable_cached_ir_is_converted_again(tiny, tmp_path, caplog):
     sha256 recorded when it was written, as the ONNX Runtime cache's entries are."""
     cache = tmp_path / "cache"
     feed = _vae_feed(tiny)
-    expected = _fresh_engine(tiny.package, "vae_decoder", cache_dir=cache, inference_precision="f32").infer(feed)["image"]
-    entry = next(cache.iterdir())
+    first = _fresh_engine(tiny.package, "vae_decoder", cache_dir=cache, inference_precision="f32")
+    expected = first.infer(feed)["image"]
+    entry = first.cache_dir
     def flip_a_weight_byte():
         data = bytearray((entry / ove.IR_BIN).read_bytes())
         data[len(data) // 2] ^= 0x01  # same size, still a valid IR: only the record catches it
@@ -419,11 +421,11 @@ def test_ir_cache_that_cannot_be_written(tiny, tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger=ove.__name__):
         engine = _fresh_engine(tiny.package, "vae_decoder", cache_dir=cache, inference_precision="f32")
     assert engine.model_source == "onnx" and not engine.ir_path.exists()
-    assert "not cached as IR" in caplog.text and "No space left" in caplog.text
-    assert "CACHE_MODE" not in engine._config()
+    assert "not cached as IR" in caplog.text and "No space left" in caplog.text and str(cache) in caplog.text
     out = engine.infer(_vae_feed(tiny))["image"]
     assert engine.model is not None  # kept: it cannot be read again cheaply
-    assert sorted(f.name for f in engine.cache_dir.iterdir() if f.name.startswith(".partial-")) == []
+    assert engine.loaded_from_cache is False and not engine.cache_dir.exists()  # no blobs without their IR
+    assert sorted(f.name for f in cache.rglob("*partial*")) == []
     np.testing.assert_array_equal(
         out, _fresh_engine(tiny.package, "vae_decoder", model_cache=False, inference_precision="f32").infer(_vae_feed(tiny))["image"])
 
@@ -476,6 +478,10 @@ def test_precision_is_not_served_from_the_cache(tiny, tmp_path):
 
 
 def test_default_cache_directory(tiny, tmp_path, monkeypatch):
+    """``openvino`` in the per-user cache folder: $BLIPDIFFUSION_TRT_CACHE, else $XDG_CACHE_HOME's."""
+    monkeypatch.setenv("BLIPDIFFUSION_TRT_CACHE", str(tmp_path / "user-cache"))
+    assert _fresh_engine(tiny.package, "text_encoder_plain").cache_dir.parent == tmp_path / "user-cache" / "openvino"
+    monkeypatch.delenv("BLIPDIFFUSION_TRT_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     engine = _fresh_engine(tiny.package, "text_encoder_plain")
     assert engine.cache_dir.parent == tmp_path / "xdg" / "blipdiffusion-trt" / "openvino"

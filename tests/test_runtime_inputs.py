@@ -850,10 +850,4 @@ def test_optimized_cache(tiny, tmp_path):
     assert float(np.abs(cached_first - plain).max()) <= 1e-6
     assert float(np.abs(cached_second - plain).max()) <= 1e-6
 
-    blocker = tmp_path / "not-a-dir"
-    blocker.write_text("x")
-    from blipdiffusion_trt.errors import EngineError
-
-    with pytest.raises(EngineError) as e:
-        BlipDiffusionRuntime.from_package(tiny.package, optimized_cache=blocker / "cache")
-    assert "optimized_cache" in str(e.value) and "\n" not in str(e.value)
+    # a cache that cannot be written costs the cache, not the run (tests/test_caches.py)

@@ -70,6 +70,8 @@ PLAN_SUFFIX = ".plan"
 CACHE_ENV = "BLIPDIFFUSION_TRT_CACHE"
 CACHE_APP_DIR = "blipdiffusion-trt"
 ORT_TRT_CACHE = "ort-trt"
+# The openvino backend's model cache (converted IR and compiled blobs), one folder per graph.
+OPENVINO_CACHE = "openvino"
 ORT_TRT_TIMING_CACHE = "timing"
 
 

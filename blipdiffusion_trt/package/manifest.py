@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import PackageError
-from ..fsutil import open_regular, read_json, write_atomic
+from ..fsutil import confined_path, open_regular, read_json, write_atomic
 from ..schema import AnyValue, Int, List, MapOf, Nullable, Object, SchemaViolation, Shape, Str
 from . import layout
 
@@ -127,15 +127,9 @@ def package_file(root: Path, name: str, *, missing: str | None = None) -> Path:
     path = root / name
     if not root.is_dir():
         raise PackageError(f"package directory {root} does not exist")
+    confined_path(root, path, PackageError, what="package")
     try:
-        real_root = root.resolve(strict=True)
-        real = path.resolve(strict=False)
-    except (OSError, RuntimeError) as error:  # a symlink loop
-        raise PackageError(f"{path}: cannot resolve ({error})") from None
-    if not real.is_relative_to(real_root):
-        raise PackageError(f"{path}: leads outside the package (to {real}); package files must be inside it")
-    try:
-        info = os.stat(real)
+        info = os.stat(path)
     except FileNotFoundError:
         if missing is not None:
             raise PackageError(f"{path}: {missing}") from None

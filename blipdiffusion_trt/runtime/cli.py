@@ -77,7 +77,8 @@ def add_backend_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--graph-optimization", default="all", choices=GRAPH_OPTIMIZATIONS,
                    help="ONNX Runtime graph optimisation: all (fastest steps) or extended (much faster start)")
     p.add_argument("--ort-cache", help="directory keeping ONNX Runtime's optimised CPU graphs between runs "
-                   "(fast start and fast steps; costs a copy of the weights on disk)")
+                   "(fast start and fast steps; costs a copy of the weights on disk; one that cannot be written is "
+                   "skipped with a warning)")
     p.add_argument("--memory-arena", default="loop", choices=MEMORY_ARENAS,
                    help="ONNX Runtime CPU sessions that keep a memory arena: loop (UNet/ControlNet, default), all, none")
     p.add_argument("--no-cpu-fused", action="store_true",

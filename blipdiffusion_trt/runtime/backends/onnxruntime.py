@@ -113,23 +113,29 @@ class OnnxRuntimeEngine(Engine):
         self._ort = ort
         self.spec = spec
         self.path = path
-        session_options = options.session_options(spec.name)
         source = Path(path)
+        self.session = None
         if optimized_cache and options.optimized_cache is not None:
-            cached = self._cached_graph(Path(options.optimized_cache), source, session_options, providers,
+            cache_dir = Path(options.optimized_cache)
+            cached = self._cached_graph(cache_dir, source, options.session_options(spec.name), providers,
                                         options.graph_optimization, source_digest)
             if cached is not None:
-                source = cached
-                session_options = options.session_options(spec.name, graph_optimization="disabled")
-        self.loaded_from = source
-        self.session = self._create_session(ort, source, session_options, providers)
+                try:
+                    self.session = self._create_session(
+                        ort, cached, options.session_options(spec.name, graph_optimization="disabled"), providers)
+                    self.loaded_from = cached
+                except EngineError as error:  # the cache's fault, not the package's
+                    logger.warning("optimized_cache %s: %s; loading %s without the cache", cache_dir, error, source)
+        if self.session is None:
+            self.session = self._create_session(ort, source, options.session_options(spec.name), providers)
+            self.loaded_from = source
         self._check_providers(providers)
 
     def _create_session(self, ort, source: Path, session_options, providers: list):
         try:
             return ort.InferenceSession(str(source), session_options, providers=providers)
         except Exception as error:  # ORT raises its own exception types; the user needs one line
-            raise EngineError(f"{self.path}: ONNX Runtime cannot load it ({first_line(error)})") from None
+            raise EngineError(f"{source}: ONNX Runtime cannot load it ({first_line(error)})") from None
 
     def _check_providers(self, providers: list) -> None:
         """The first provider asked for must be the one running the session: ONNX Runtime drops a

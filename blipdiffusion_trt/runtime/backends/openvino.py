@@ -21,20 +21,32 @@ Shapes: OpenVINO runs static shapes fastest. Each engine reshapes its model to t
 of a call and compiles it on first use; compiled models are kept per input-shape signature in a
 small LRU (``max_shapes``), so a generation compiles each component once.
 
-Model cache (``cache_dir``, default ``$XDG_CACHE_HOME/blipdiffusion-trt/openvino``, i.e.
-``~/.cache/...``; ``model_cache=False`` turns it off): one directory per graph, named after the
-graph's sha256 in the package manifest (graph and external data; plus ``-int8`` with compressed
-weights). A changed graph has another sha256, hence another directory: nothing stale can be
-served even if OpenVINO's own model hash missed the change. Each directory holds
+Model cache (``cache_dir``, default ``openvino`` in the per-user cache folder,
+:func:`~blipdiffusion_trt.package.layout.user_cache_dir`; ``model_cache=False`` turns it off): one
+directory (entry) per graph, named after the graph's sha256 in the package manifest (graph and
+external data; plus ``-int8`` with compressed weights). A changed graph has another sha256, hence
+another entry: nothing stale can be served even if OpenVINO's own model hash missed the change.
+Each entry holds
 
 - the converted graph as OpenVINO IR (``model.xml``/``model.bin``, after INT8 compression where
-  asked), written once (temporary folder, then renamed) and read memory-mapped afterwards: reading
-  the ONNX graph and compressing weights cost every process seconds (minutes for INT8 at full
-  size), reading the IR a fraction of a second; an IR that cannot be read is converted again;
+  asked) and its record (sizes, sha256), read memory-mapped: reading the ONNX graph and
+  compressing weights cost every process seconds (minutes for INT8 at full size), reading the IR
+  a fraction of a second. The entry is built in a staging folder beside it and published by one
+  rename, so a reader sees a whole entry or none; an entry that does not match its record (or is
+  a file, or a symlink leading out of the cache) is built again and replaced as a whole;
 - OpenVINO's compiled blobs (its ``CACHE_DIR``), one per input shape and precision, "weightless"
   (``CACHE_MODE=OPTIMIZE_SIZE``, weights taken from the IR's ``model.bin``): a blob costs about 2%
   of the weights instead of another copy of them, so the disk used is about one copy of the
   graphs plus a few MB per generation size. Measurements: ``bench/openvino_load.py`` and docs/backends.md.
+
+Processes sharing a cache (two CLI runs, two servers starting): OpenVINO writes a blob in place
+(truncating a file another process may have memory-mapped: SIGBUS) and a reader that finds a blob
+half-written deletes it under its writer. So each entry has a lock file beside it
+(``.<entry>.lock``): compiling with ``CACHE_DIR`` and building the IR hold it exclusively, reading
+the IR holds it shared. Waiting is bounded (:data:`CACHE_LOCK_TIMEOUT_S`), then the engine runs
+without the cache. A staging folder left by a killed writer is removed by the next writer
+(:class:`~blipdiffusion_trt.fsutil.StagingDir`). A cache that cannot be written or read costs the
+cache, with a warning naming its folder, never the run. docs/caches.md has the summary.
 
 Once compiled from the IR, the engine drops its ``openvino.Model``: a compiled model loaded from
 a blob holds its own weights, and keeping the model too held them twice (the process's peak
@@ -60,13 +72,11 @@ import functools
 import importlib.util
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from collections import OrderedDict
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -75,7 +85,8 @@ import numpy as np
 
 from ...components import ComponentSpec
 from ...errors import EngineError, InputError, first_line
-from ...package import ModelPackage
+from ...fsutil import LOCKS_AVAILABLE, LockTimeout, StagingDir, confined_path, locked, remove_entry, replace_dir
+from ...package import ModelPackage, layout
 from ..engine import Engine
 from .base import Backend, BackendOptions, Capabilities, default_threads
 from .cache_record import check_record, write_record
@@ -91,6 +102,11 @@ DEVICE = "CPU"
 IR_XML, IR_BIN = "model.xml", "model.bin"
 # The sizes and sha256 of the IR, written after it: an IR that does not match is converted again.
 IR_RECORD = "model.json"
+# The files of an entry besides OpenVINO's blobs.
+IR_FILES = (IR_XML, IR_BIN, IR_RECORD)
+# Longest wait for another process's hold on a cache entry (converting a full-size UNet to INT8
+# IR takes minutes); past it, the engine runs without the cache.
+CACHE_LOCK_TIMEOUT_S = 900.0
 INSTALL_HINT = "pip install 'blipdiffusion-trt[openvino]'"
 
 
@@ -132,9 +148,9 @@ class OpenVINOOptions(BackendOptions):
 
 
 def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/blipdiffusion-trt/openvino`` (``~/.cache/blipdiffusion-trt/openvino``)."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "blipdiffusion-trt" / "openvino"
+    """``openvino`` in the per-user cache folder (``$BLIPDIFFUSION_TRT_CACHE``, else
+    ``$XDG_CACHE_HOME/blipdiffusion-trt`` or ``~/.cache/blipdiffusion-trt``)."""
+    return layout.user_cache_dir() / layout.OPENVINO_CACHE
 
 
 def openvino_installed() -> bool:
@@ -265,7 +281,8 @@ class OpenVINOEngine(Engine):
         self.inference_precision = self.requested_precision
         self.weights_compressed = options.compress_weights and spec.name in WEIGHT_COMPRESSED_COMPONENTS
         self.f32_sinusoids = 0  # Sin/Cos nodes whose inputs bf16 mode keeps in f32 (keep_sinusoid_inputs_in_f32)
-        self.cache_dir = self._cache_directory(graph_sha256)
+        self.cache_root: Path | None = None
+        self.cache_dir = self._cache_directory(graph_sha256)  # the entry (made when first published)
         self.ir_path = self.cache_dir / IR_XML if self.cache_dir is not None else None
         # where the latest model came from: "ir cache", "onnx, cached as ir" (converted now) or "onnx" (no IR cache)
         self.model_source: str | None = None
@@ -280,25 +297,50 @@ class OpenVINOEngine(Engine):
 
     def _load_model(self):
         """The graph as an ``openvino.Model``: from the IR cache, else from ONNX (then cached as IR)."""
-        model = self._read_cached_ir()
-        self.model_source = "ir cache"
+        model = self._load_cached_or_convert() if self.cache_dir is not None else None
         if model is None:
-            model = self._read_graph(self.path, "OpenVINO cannot read it")
-            if self.weights_compressed:
-                start = time.perf_counter()
-                model = compress_weights(model)
-                logger.info("openvino: %s weights compressed to int8 in %.1f s", self.spec.name,
-                            time.perf_counter() - start)
+            model, self.model_source = self._convert(), "onnx"
+        if self.requested_precision == "bf16":
+            self.f32_sinusoids = keep_sinusoid_inputs_in_f32(model)
+        return model
+
+    def _convert(self):
+        """The package's ONNX graph as an ``openvino.Model`` (weights compressed where asked)."""
+        model = self._read_graph(self.path, "OpenVINO cannot read it")
+        if self.weights_compressed:
+            start = time.perf_counter()
+            model = compress_weights(model)
+            logger.info("openvino: %s weights compressed to int8 in %.1f s", self.spec.name,
+                        time.perf_counter() - start)
+        return model
+
+    def _load_cached_or_convert(self):
+        """The cached IR; else the graph converted, published as the entry and read back from it.
+        None when the cache cannot be used (warned): the caller converts without it."""
+        with self._entry_lock(shared=True) as held:
+            if held is None:
+                return None
+            model = self._read_cached_ir(quiet=True)  # a missing or damaged entry is rebuilt below
+        if model is not None:
+            self.model_source = "ir cache"
+            return model
+        # Exclusively: one process converts, the others wait and read what it published.
+        with self._entry_lock() as held:
+            if held is None:
+                return None
+            model = self._read_cached_ir()
+            if model is not None:
+                self.model_source = "ir cache"
+                return model
+            model = self._convert()
             self.model_source = "onnx"
-            if self.ir_path is not None and self._write_ir(model):
+            if self._publish_ir(model):
                 # The memory-mapped IR replaces the copy read from ONNX, and every process then
                 # compiles the same model (OpenVINO's blob key is a hash of the model).
                 cached = self._read_cached_ir(verify=False)  # just written and recorded: not hashed twice
                 if cached is not None:
                     model, self.model_source = cached, "onnx, cached as ir"
-        if self.requested_precision == "bf16":
-            self.f32_sinusoids = keep_sinusoid_inputs_in_f32(model)
-        return model
+            return model
 
     def _read_graph(self, path: Path, failure: str):
         try:
@@ -310,42 +352,51 @@ class OpenVINOEngine(Engine):
             raise EngineError(f"{path}: graph inputs {sorted(names)} are not {self.spec.name}'s {self.spec.input_names}")
         return model
 
-    def _read_cached_ir(self, verify: bool = True):
-        """The cached IR (weights memory-mapped), or None when there is none, it does not match
-        its record (truncated, altered; checked with ``verify``) or it cannot be read."""
-        if self.ir_path is None or not self.ir_path.is_file():
+    def _read_cached_ir(self, verify: bool = True, quiet: bool = False):
+        """The cached IR (weights memory-mapped), or None when there is no entry, it does not
+        match its record (truncated, altered; checked with ``verify``), it cannot be read, or it
+        is not a directory inside the cache (a file; a symlink leading out of it): said in a
+        warning unless ``quiet``."""
+        entry = self.cache_dir
+        assert entry is not None and self.cache_root is not None and self.ir_path is not None
+        if not entry.exists() and not entry.is_symlink():
             return None
         try:
+            for path in (entry, *(entry / name for name in IR_FILES)):
+                confined_path(self.cache_root, path, EngineError, what="cache")
+            if not entry.is_dir():
+                raise EngineError(f"cache entry {entry} is not a directory")
             if verify:
-                check_record(self.cache_dir / IR_RECORD, allowed=(IR_XML, IR_BIN), required=(IR_XML, IR_BIN))
-            model = self._read_graph(self.ir_path, "cached OpenVINO IR unreadable")
+                check_record(entry / IR_RECORD, allowed=(IR_XML, IR_BIN), required=(IR_XML, IR_BIN))
+            return self._read_graph(self.ir_path, "cached OpenVINO IR unreadable")
         except FileNotFoundError as error:
-            logger.warning("openvino: cached IR of %s incomplete (%s missing); converting %s again",
-                           self.spec.name, Path(error.filename or "?").name, self.path.name)
-            return None
+            reason = f"cached IR of {self.spec.name} incomplete ({Path(error.filename or '?').name} missing)"
         except EngineError as error:
-            logger.warning("openvino: %s; converting %s again", error, self.path.name)
-            return None
-        return model
+            reason = str(error)
+        if not quiet:
+            logger.warning("openvino: %s; converting %s again", reason, self.path.name)
+        return None
 
-    def _write_ir(self, model) -> bool:
-        """Save ``model`` as the cache entry's IR: into a scratch folder, then renamed into place,
-        weights first (a visible ``model.xml`` always has its ``model.bin``). False if it cannot."""
-        assert self.ir_path is not None and self.cache_dir is not None
-        scratch = None
+    def _publish_ir(self, model) -> bool:
+        """Save ``model`` as the cache entry's IR with its record: built in a staging folder beside
+        the entry (:class:`StagingDir`, which also removes those of killed writers), then renamed
+        into place as a whole, replacing a damaged entry. Call it holding the entry's lock. False
+        (with a warning naming the cache) if it cannot: a full disk, a read-only cache."""
+        assert self.cache_dir is not None
+        staging = None
         try:
-            scratch = Path(tempfile.mkdtemp(prefix=".partial-", dir=self.cache_dir))
-            import_openvino().save_model(model, str(scratch / IR_XML), compress_to_fp16=False)
-            (self.cache_dir / IR_RECORD).unlink(missing_ok=True)  # an old record never vouches for a new IR
-            os.replace(scratch / IR_BIN, self.cache_dir / IR_BIN)
-            os.replace(scratch / IR_XML, self.ir_path)
-            write_record(self.cache_dir / IR_RECORD, [self.ir_path, self.cache_dir / IR_BIN])
+            staging = StagingDir(self.cache_dir, EngineError)
+            xml, bin_ = staging.path / IR_XML, staging.path / IR_BIN
+            import_openvino().save_model(model, str(xml), compress_to_fp16=False)
+            write_record(staging.path / IR_RECORD, [xml, bin_])
+            replace_dir(staging.path, self.cache_dir)
         except Exception as error:  # a full disk, a read-only cache: run without the IR cache
-            logger.warning("openvino: %s not cached as IR (%s)", self.spec.name, first_line(error))
+            logger.warning("openvino: %s not cached as IR in %s (%s)", self.spec.name, self.cache_root,
+                           first_line(error))
             return False
         finally:
-            if scratch is not None:
-                shutil.rmtree(scratch, ignore_errors=True)
+            if staging is not None:
+                staging.close()
         return True
 
     @property
@@ -356,32 +407,88 @@ class OpenVINOEngine(Engine):
     # -- cache ----------------------------------------------------------------------------------
 
     def _cache_directory(self, graph_sha256: str) -> Path | None:
+        """The graph's cache entry (None: no cache); its folder, the cache root, is made now."""
         options = self.options
         if not options.model_cache:
             return None
         root = Path(options.cache_dir) if options.cache_dir is not None else default_cache_dir()
-        directory = root / f"{self.spec.name}-{graph_sha256[:16]}{'-int8' if self.weights_compressed else ''}"
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            root.mkdir(parents=True, exist_ok=True)
+            if not root.is_dir():
+                raise NotADirectoryError(20, "not a directory")
         except OSError as error:
             if options.cache_dir is not None:
                 raise EngineError(f"openvino cache_dir {root}: not writable ({error.strerror or error})") from None
             logger.warning("openvino: model cache off, %s is not writable (%s)", root, error.strerror or error)
             return None
-        return directory
+        self.cache_root = root
+        return root / f"{self.spec.name}-{graph_sha256[:16]}{'-int8' if self.weights_compressed else ''}"
 
-    def _config(self) -> dict[str, Any]:
+    @contextmanager
+    def _entry_lock(self, shared: bool = False):
+        """Hold the entry's lock file (``.<entry>.lock`` beside it): yields True, or False for a
+        shared hold where the lock file cannot be made (a read-only cache: reading goes on), or
+        None when waiting timed out or an exclusive hold is impossible (warned: the caller runs
+        without the cache)."""
+        assert self.cache_dir is not None
+        lock = self.cache_dir.with_name(f".{self.cache_dir.name}.lock")
+        with ExitStack() as stack:
+            try:
+                held = stack.enter_context(locked(lock, shared=shared, timeout=CACHE_LOCK_TIMEOUT_S))
+                if not held and not shared and LOCKS_AVAILABLE:
+                    raise EngineError(f"cannot lock {lock}")
+            except (LockTimeout, EngineError) as error:
+                logger.warning("openvino: %s without the model cache %s (%s)", self.spec.name, self.cache_root, error)
+                held = None
+            yield held
+
+    def _config(self, cache: bool) -> dict[str, Any]:
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": self.requested_precision, "PERFORMANCE_HINT": "LATENCY"}
         if self.options.threads:
             config["INFERENCE_NUM_THREADS"] = self.options.threads
-        if self.cache_dir is not None:
+        if cache:
+            assert self.cache_dir is not None and self.model_from_ir
             config["CACHE_DIR"] = str(self.cache_dir)
-            if self.model_from_ir:
-                # weightless blobs: the compiled model takes its weights from the cached IR, so a
-                # blob per shape and precision costs its graph, not another copy of the weights
-                config["CACHE_MODE"] = "OPTIMIZE_SIZE"
-                config["WEIGHTS_PATH"] = str(self.cache_dir / IR_BIN)
+            # weightless blobs: the compiled model takes its weights from the cached IR, so a
+            # blob per shape and precision costs its graph, not another copy of the weights
+            config["CACHE_MODE"] = "OPTIMIZE_SIZE"
+            config["WEIGHTS_PATH"] = str(self.cache_dir / IR_BIN)
         return config
+
+    def _entry_ready_for_blobs(self) -> bool:
+        """The entry is a directory inside the cache (OpenVINO writes its blobs there, following
+        symlinks): anything in it but the IR files and plain blob files (a symlink, a folder such as
+        a killed writer's scratch) is removed first. Call it holding the entry's lock."""
+        entry = self.cache_dir
+        assert entry is not None and self.cache_root is not None
+        try:
+            confined_path(self.cache_root, entry, EngineError, what="cache")
+            if entry.is_symlink() or not entry.is_dir():
+                return False
+            for child in entry.iterdir():
+                if child.name in IR_FILES:
+                    continue  # checked against the record when read
+                if child.is_symlink() or not child.is_file():
+                    logger.info("openvino: removing %s from the model cache (not a plain file)", child)
+                    remove_entry(child)
+        except (EngineError, OSError) as error:
+            logger.warning("openvino: %s compiled without the model cache (%s)", self.spec.name, first_line(error))
+            return False
+        return True
+
+    def _compile_with_cache(self):
+        """The model compiled with the entry as OpenVINO's ``CACHE_DIR`` (a blob loaded, or
+        compiled and written), holding the entry's lock; None when the cache cannot be used or
+        fails (warned, naming the cache): the caller compiles without it."""
+        with self._entry_lock() as held:
+            if held is None or not self._entry_ready_for_blobs():
+                return None
+            try:
+                return openvino_core().compile_model(self.model, DEVICE, self._config(cache=True))
+            except Exception as error:  # a blob that cannot be written or read; the graph is tried without it
+                logger.warning("openvino: model cache %s failed for %s (%s); compiling it without the cache",
+                               self.cache_dir, self.spec.name, first_line(error))
+                return None
 
     # -- running ----------------------------------------------------------------------------------
 
@@ -421,15 +528,22 @@ class OpenVINOEngine(Engine):
         start = time.perf_counter()
         try:
             self.model.reshape(shapes)
-            compiled = openvino_core().compile_model(self.model, DEVICE, self._config())
         except Exception as error:  # OpenVINO's messages are multi-line
-            raise EngineError(f"{self.path}: OpenVINO cannot compile it for input shapes {shapes} "
+            raise EngineError(f"{self.path}: OpenVINO cannot reshape it to input shapes {shapes} "
                               f"({first_line(error)})") from None
+        compiled = self._compile_with_cache() if self.cache_dir is not None and self.model_from_ir else None
+        cached = compiled is not None
+        if compiled is None:
+            try:
+                compiled = openvino_core().compile_model(self.model, DEVICE, self._config(cache=False))
+            except Exception as error:  # OpenVINO's messages are multi-line
+                raise EngineError(f"{self.path}: OpenVINO cannot compile it for input shapes {shapes} "
+                                  f"({first_line(error)})") from None
         seconds = time.perf_counter() - start
         self.compilations += 1
         self.compile_seconds += seconds
         self.inference_precision = _precision_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
-        self.loaded_from_cache = bool(compiled.get_property("LOADED_FROM_CACHE")) if self.cache_dir is not None else False
+        self.loaded_from_cache = bool(compiled.get_property("LOADED_FROM_CACHE")) if cached else False
         logger.info("openvino: %s %s for %s in %.2f s (%s)", "loaded" if self.loaded_from_cache else "compiled",
                     self.spec.name, shapes, seconds, self.inference_precision)
         if self.model_from_ir:

@@ -10,6 +10,13 @@ weights in ``<name>-<key>.onnx.data``) and a record ``<name>-<key>.json`` of the
 sha256, written last. An entry is served only when its files match its record: a truncated or
 altered copy is rebuilt (with a warning), never loaded. Checking costs one read of the cached
 files per load (a few seconds for the full-size UNet, against ~20 s of optimisation it saves).
+
+Entries are written in a staging folder (:class:`~blipdiffusion_trt.fsutil.StagingDir`: a killed
+writer's is removed by the next one; while another process writes an entry, this one loads the
+package's graph) and renamed into place, record last. An entry file that leads out of the cache
+folder (a symlink) is not read, and is replaced, not written through. A cache that cannot be
+written (a full disk, a read-only or missing folder) costs the cache, with a warning naming it,
+never the run. docs/caches.md has the summary.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ...errors import EngineError, PackageError
-from ...fsutil import OtherWriterError, StagingDir
+from ...fsutil import OtherWriterError, StagingDir, confined_path
 from ...package import sha256_file
 from .cache_record import check_record, write_record
 
@@ -63,9 +70,11 @@ def _verified(cache_dir: Path, entry: str) -> Path | None:
     """The entry's graph when its files match its record; None when it is absent or altered."""
     record_path = cache_dir / f"{entry}.json"
     graph = cache_dir / f"{entry}.onnx"
-    if not record_path.is_file():
+    if not record_path.exists() and not record_path.is_symlink():
         return None
     try:
+        for path in (record_path, *_entry_files(cache_dir, entry)):
+            confined_path(cache_dir, path, EngineError, what="cache")
         check_record(record_path, allowed=[p.name for p in _entry_files(cache_dir, entry)], required=[graph.name])
     except FileNotFoundError as error:
         logger.warning("optimized_cache: %s is incomplete (%s); rebuilding it", entry, error.filename)
@@ -81,7 +90,8 @@ def cached_graph(cache_dir: Path, name: str, source_digest: str, graph_optimizat
     """The cached optimised graph of ``name`` (content ``source_digest``), written first when it
     is missing or does not match its record. ``optimize(path, data_name)`` makes ONNX Runtime
     write the optimised graph to ``path`` with its weights in ``data_name`` beside it. None when
-    another process is writing the same entry right now (the caller loads the source graph)."""
+    the cache cannot give it, and the caller loads the package's graph: another process is writing
+    the same entry right now, or the cache cannot be written (warned, naming the cache)."""
     entry = entry_name(name, source_digest, graph_optimization)
     found = _verified(cache_dir, entry)
     if found is not None:
@@ -93,9 +103,9 @@ def cached_graph(cache_dir: Path, name: str, source_digest: str, graph_optimizat
         if isinstance(error.__cause__, OtherWriterError):
             logger.info("optimized_cache: %s; loading the package's graph", error)
             return None
-        raise EngineError(f"optimized_cache {cache_dir}: not writable ({error})") from None
+        return _not_cached(cache_dir, name, str(error))
     except OSError as error:
-        raise EngineError(f"optimized_cache {cache_dir}: not writable ({error.strerror})") from None
+        return _not_cached(cache_dir, name, f"not writable: {error.strerror or error}")
     graph, data = _entry_files(cache_dir, entry)
     try:
         optimize(staging.path / graph.name, data.name)
@@ -108,7 +118,15 @@ def cached_graph(cache_dir: Path, name: str, source_digest: str, graph_optimizat
                 moved.append(path)
         write_record(cache_dir / f"{entry}.json", moved)
     except OSError as error:
-        raise EngineError(f"optimized_cache {cache_dir}: cannot write ({error.strerror or error})") from None
+        return _not_cached(cache_dir, name, f"cannot write: {error.strerror or error}")
+    except EngineError as error:  # ONNX Runtime could not write the optimised graph (a broken graph fails again uncached)
+        return _not_cached(cache_dir, name, str(error))
     finally:
         staging.close()
     return graph
+
+
+def _not_cached(cache_dir: Path, name: str, reason: str) -> None:
+    logger.warning("optimized_cache %s: %s not cached (%s); loading the package's graph without the cache",
+                   cache_dir, name, reason)
+    return None
