@@ -120,7 +120,7 @@ def test_edits_on_static_engines_with_stand_ins(tiny, fake_runtime, tmp_path):
     runtime = BlipDiffusionRuntime.from_package(package_dir, "tensorrt", precision="fp16")
     cpu = BlipDiffusionRuntime.from_package(package_dir, cpu_fused=False)  # the stand-ins run the plain graphs
     assert "unet_p2p" not in runtime.engines
-    runtime.load_editing_engines()
+    runtime._editor.load_engines()
     p2p, plain = runtime.engines["unet_p2p"], runtime.engines["unet_plain"]
     assert all(isinstance(runtime.engines[c], TensorRTEngine) for c in ("unet_p2p", "vae_encoder", "unet_plain"))
     assert [shape[0] for shape in p2p.profiles["sample"]] == [2, 4, 4]

@@ -8,6 +8,7 @@ Registered by :mod:`blipdiffusion_trt.cli`. Errors about a call argument
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import io
 import logging
@@ -20,6 +21,7 @@ from ..components import PipelineConfig
 from ..errors import InputError
 from ..fsutil import write_atomic
 from ..package import read_pipeline_config
+from .editing import EditArguments
 from .backends import BACKENDS, REGISTRY, add_option_arguments, flag_names, given_flags, options_from_flags
 from .inputs import read_npy
 from .schedulers import SCHEDULER_NAMES, check_scheduler_name
@@ -42,6 +44,8 @@ CLI_OPTIONS = {
     "source_out": "--source-out",
 }
 LATENT_SUFFIXES = (".npy",)
+# The edit's defaults are EditArguments' (one home for the edit's arguments).
+EDIT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EditArguments)}
 
 
 def naming_options(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -209,20 +213,20 @@ def add_edit_arguments(p: argparse.ArgumentParser) -> None:
                        "generate and edit (e.g. from `invert`)")
     p.add_argument("--seed", type=int, default=0, help="starting noise without --latents (and the posterior "
                    "sample with --sample-posterior)")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, default=EDIT_DEFAULTS["num_inference_steps"])
     p.add_argument("--scheduler", help=f"one of {', '.join(SCHEDULER_NAMES)} (default: ddim with --image, "
                    "which needs it; else pndm)")
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--cross-replace-steps", type=float, default=0.8,
-                   help="fraction of the steps whose cross-attention the edit takes from the source (default 0.8)")
-    p.add_argument("--self-replace-steps", type=float, default=0.4,
+    p.add_argument("--guidance", type=float, default=EDIT_DEFAULTS["guidance_scale"])
+    p.add_argument("--negative-prompt", default=EDIT_DEFAULTS["neg_prompt"])
+    p.add_argument("--cross-replace-steps", type=float, default=EDIT_DEFAULTS["cross_replace_steps"],
+                   help="fraction of the steps whose cross-attention the edit takes from the source (default %(default)s)")
+    p.add_argument("--self-replace-steps", type=float, default=EDIT_DEFAULTS["self_replace_steps"],
                    help="fraction of the steps whose small-layer self-attention the edit takes from the source "
-                        "(default 0.4)")
+                        "(default %(default)s)")
     blend = p.add_mutually_exclusive_group()
-    blend.add_argument("--blend-threshold", type=float, default=0.3,
+    blend.add_argument("--blend-threshold", type=float, default=EDIT_DEFAULTS["blend_threshold"],
                        help="local blend: the edit changes only where the original subject's attention exceeds "
-                            "this fraction of its maximum (default 0.3)")
+                            "this fraction of its maximum (default %(default)s)")
     blend.add_argument("--no-local-blend", action="store_true", help="no local blend: the edit may change everything")
     p.add_argument("--sample-posterior", action="store_true",
                    help="with --image: sample the VAE posterior (seeded by --seed) instead of its mean")
