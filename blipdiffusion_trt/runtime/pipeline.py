@@ -141,19 +141,13 @@ class BlipDiffusionRuntime:
         """Load a package's graphs on ``backend`` (``runtime.backends.BACKENDS``: "cpu", "cuda",
         "ort-tensorrt", "tensorrt", "openvino").
 
-        The backend's start-up options are ``options`` (its options class, e.g.
-        :class:`~blipdiffusion_trt.runtime.backends.onnxruntime.OnnxRuntimeOptions`) and/or
-        keyword arguments naming its fields: for the ONNX Runtime backends ``threads``,
-        ``graph_optimization`` ("all" runs fastest, "extended" loads several times faster),
-        ``optimized_cache`` (a directory keeping ONNX Runtime's optimised CPU graphs between runs),
-        ``memory_arena`` ("loop", "all", "none") and ``cpu_fused`` (the package's CPU-fused fp32
-        graphs where it has them); for ``cuda`` and ``ort-tensorrt`` also ``device_id``,
-        ``use_tf32``, ``cudnn_conv_algo_search``, ``cuda_graph``, ``cuda_fused``, ``cache_dir`` and
-        ``provider_options``
-        (:class:`~blipdiffusion_trt.runtime.backends.onnxruntime_gpu.OnnxRuntimeGpuOptions`); for
-        ``tensorrt`` ``use_cuda_graph``; for ``openvino`` ``inference_precision`` ("auto", "f32",
-        "bf16"), ``threads``, ``cache_dir``, ``model_cache``, ``compress_weights`` and
-        ``max_shapes`` (:class:`~.backends.openvino.OpenVINOOptions`). An option the backend does
+        The backend's start-up options are ``options`` (its options class) and/or keyword
+        arguments naming its fields. Each options class declares its fields with their defaults
+        and help, which are also the command line's backend flags:
+        :class:`~.backends.onnxruntime.OnnxRuntimeOptions` (``cpu``),
+        :class:`~.backends.onnxruntime_gpu.OnnxRuntimeGpuOptions` (``cuda``, ``ort-tensorrt``),
+        :class:`~.backends.tensorrt.TensorRTOptions` (``tensorrt``) and
+        :class:`~.backends.openvino.OpenVINOOptions` (``openvino``). An option the backend does
         not have is an :class:`InputError`.
         """
         chosen = get_backend(backend)
