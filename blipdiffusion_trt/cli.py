@@ -39,9 +39,13 @@ def _precisions(text: str) -> list[str]:
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="diffusers-layout BLIP-Diffusion checkpoint directory")
+    p.add_argument("checkpoint", help="diffusers-layout BLIP-Diffusion checkpoint directory, or a Hugging Face Hub "
+                   "repository id (Salesforce/blipdiffusion: the files export reads are downloaded into the Hugging "
+                   "Face cache; HF_TOKEN, HF_HUB_OFFLINE and HF_HUB_CACHE apply)")
+    p.add_argument("--revision", help="with a Hub repository id: the branch, tag or commit (default main)")
     p.add_argument("--out", required=True, help="package directory to create")
-    p.add_argument("--controlnet", help="ControlNetModel directory (SD1.5 ControlNet) to export with it")
+    p.add_argument("--controlnet", help="ControlNetModel directory (SD1.5 ControlNet) to export with it, or its Hub "
+                   "repository id")
     p.add_argument("--precision", default="fp32", type=_precisions, help="fp32 or fp32,fp16 (default fp32)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (14-21, default 17)")
     p.add_argument("--max-batch-size", type=int, default=4, help="largest batch the declarations allow")
@@ -70,7 +74,7 @@ def run_export(args) -> int:
         args.checkpoint, args.out, controlnet=args.controlnet, precisions=args.precision, opset=args.opset,
         force=args.force, allow_pickle=args.allow_pickle, validate=not args.no_validate,
         max_batch_size=args.max_batch_size, cpu_fusions=not args.no_cpu_fusions, editing=not args.no_editing,
-        gpu_fusions=args.gpu_fusions, jobs=args.jobs,
+        gpu_fusions=args.gpu_fusions, jobs=args.jobs, revision=args.revision,
     )
     print(report.summary())
     return 0

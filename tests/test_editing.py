@@ -31,7 +31,7 @@ pytest.importorskip("diffusers", reason="editing tests compare against diffusers
 from blipdiffusion_trt.components import editing_components  # noqa: E402
 from blipdiffusion_trt.errors import InputError, PackageError  # noqa: E402
 from blipdiffusion_trt.runtime import p2p  # noqa: E402
-from blipdiffusion_trt.runtime.editing import preprocess_edit_image  # noqa: E402
+from blipdiffusion_trt.runtime.editing import EditArguments, preprocess_edit_image  # noqa: E402
 from blipdiffusion_trt.runtime.pipeline import BlipDiffusionRuntime  # noqa: E402
 from blipdiffusion_trt.runtime.text import build_prompts  # noqa: E402
 
@@ -227,7 +227,7 @@ def test_inversion_matches_diffusers_ddim_inverse(edit_fixture):
     for i, (ours, theirs) in enumerate(zip(steps, expected_steps)):
         assert _max_diff(ours, theirs) <= PARITY_ATOL, f"inversion step {i}: {_max_diff(ours, theirs):.2e}"
     # the inversion did something: the latent moved far from the encoded image
-    assert _max_diff(got, runtime.encode_image(real, height, width)) > SENSITIVITY_FACTOR * PARITY_ATOL
+    assert _max_diff(got, runtime._editor.encode_image(real, height, width)) > SENSITIVITY_FACTOR * PARITY_ATOL
 
 
 def _pick_threshold(normalised: list[np.ndarray]) -> float:
@@ -419,13 +419,14 @@ def _mistakes(runtime, request):
 def test_mistakes_move_the_edit(edit_fixture):
     runtime = _runtime(edit_fixture)
     height, width, latents, reference, _ = _inputs(runtime.config)
-    request = runtime.prepare_edit(PROMPT, reference, "dog", "dog", "cat", latents=latents, num_inference_steps=STEPS,
-                                   neg_prompt=NEGATIVE, blend_threshold=0.7, height=height, width=width, output_type="np")
-    base = runtime.run_edit(request).edited
+    request = runtime._editor.prepare(EditArguments(
+        PROMPT, reference, "dog", "dog", "cat", latents=latents, num_inference_steps=STEPS, neg_prompt=NEGATIVE,
+        blend_threshold=0.7, height=height, width=width, output_type="np"))
+    base = runtime._editor.run(request).edited
     moved = {}
     for label, change in _mistakes(runtime, request).items():
         wrong = dataclasses.replace(request, control=dataclasses.replace(request.control, **change))
-        moved[label] = _max_diff(runtime.run_edit(wrong).edited, base)
+        moved[label] = _max_diff(runtime._editor.run(wrong).edited, base)
     weak = {k: v for k, v in moved.items() if v < SENSITIVITY_FACTOR * PARITY_ATOL}
     assert not weak, f"mistakes that move the edit less than {SENSITIVITY_FACTOR}x the tolerance: {weak} (all: {moved})"
 

@@ -180,12 +180,12 @@ def test_twenty_repetitions_give_the_same_image_as_before(odd):
     image = runtime("a photo on the beach", REFERENCE, "dog", "dog", **args).images
     subject = runtime.encode_subject(REFERENCE, "dog").embeddings[None]
     uncapped = build_prompts(["a photo on the beach"], ["dog"], prompt_reps=20)
-    embeddings = np.concatenate([runtime.encode_negative_prompt(""), runtime.encode_prompt(uncapped, subject)])
-    sched = runtime.prepare_scheduler("pndm", STEPS)
-    latents = runtime.prepare_latents((1, runtime.config.latent_channels,
+    embeddings = np.concatenate([runtime._encode_negative_prompt(""), runtime._encode_prompt(uncapped, subject)])
+    sched = runtime._prepare_scheduler("pndm", STEPS)
+    latents = runtime._prepare_latents((1, runtime.config.latent_channels,
                                        runtime.config.default_height // runtime.config.latent_scale_factor,
                                        runtime.config.default_width // runtime.config.latent_scale_factor), sched, seed=1)
-    expected = runtime.decode_latents(runtime.denoise(latents, sched, embeddings, guidance_scale=7.5))
+    expected = runtime._decode_latents(runtime._denoise(latents, sched, embeddings, guidance_scale=7.5))
     np.testing.assert_array_equal(image, expected)
 
 
@@ -538,8 +538,8 @@ def test_api_one_line_errors(tiny):
                 failures.append(f"{name}: {failure}")
     assert not failures, "\n".join(failures)
     # the declared maximum passes, one token more does not
-    words = "dog " * (48 - runtime.subject_tokens("dog").input_ids.shape[1] + 1)
-    assert runtime.subject_tokens(words).input_ids.shape[1] == 48
+    words = "dog " * (48 - runtime._subject_tokens("dog").input_ids.shape[1] + 1)
+    assert runtime._subject_tokens(words).input_ids.shape[1] == 48
     runtime(**{**base, "source_subject_category": words})
     with pytest.raises(InputError, match="49 Q-Former tokens, more than the 48"):
         runtime(**{**base, "source_subject_category": words + "dog"})

@@ -134,7 +134,7 @@ def test_parity_with_diffusers(backend, name, scheduler, request, tmp_path_facto
     # query and text embeddings
     subject = runtime.encode_subject(reference, "dog")
     np.testing.assert_allclose(subject.embeddings, record["query"][0][0], atol=PARITY_ATOL, rtol=0)
-    text = runtime.encode_prompt(build_prompts([PROMPT], ["dog"]), subject.embeddings[None])
+    text = runtime._encode_prompt(build_prompts([PROMPT], ["dog"]), subject.embeddings[None])
     np.testing.assert_allclose(text, record["text"][0], atol=PARITY_ATOL, rtol=0)
 
     # every step's latents and the final image

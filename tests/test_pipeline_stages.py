@@ -34,49 +34,49 @@ def test_stages_composed_by_hand_are_the_call(request, name):
     kwargs = dict(num_inference_steps=3, guidance_scale=7.5, neg_prompt="blurry", scheduler="ddim", **control)
     expected = runtime("on a beach", reference, "dog", "dog", latents=latents, output_type="np", **kwargs).images
 
-    inputs = runtime.check_inputs("on a beach", reference, "dog", "dog", latents=latents, **kwargs)
+    inputs = runtime._check_inputs("on a beach", reference, "dog", "dog", latents=latents, **kwargs)
     assert isinstance(inputs, GenerationInputs) and inputs.prompts == ["on a beach"] and inputs.targets == ["dog"]
     assert (inputs.height, inputs.width) == (runtime.config.default_height, runtime.config.default_width)
-    subject = runtime.encode_subjects(inputs.references, inputs.sources)
-    text = runtime.encode_text(inputs.prompts, inputs.targets, subject, guidance_scale=inputs.guidance_scale,
+    subject = runtime._encode_subjects(inputs.references, inputs.sources)
+    text = runtime._encode_text(inputs.prompts, inputs.targets, subject, guidance_scale=inputs.guidance_scale,
                                neg_prompt=inputs.neg_prompt)
     assert text.shape[0] == 2  # [negative; positive]
-    scheduler = runtime.prepare_scheduler(inputs.scheduler, inputs.num_inference_steps)
-    start = runtime.prepare_latents(inputs.latent_shape, scheduler, latents=inputs.latents)
+    scheduler = runtime._prepare_scheduler(inputs.scheduler, inputs.num_inference_steps)
+    start = runtime._prepare_latents(inputs.latent_shape, scheduler, latents=inputs.latents)
     condition = None
     if fixture.controlnet:
-        condition = runtime.prepare_control(inputs.height, inputs.width, text.shape[0],
+        condition = runtime._prepare_control(inputs.height, inputs.width, text.shape[0],
                                             condition_image=inputs.condition_image)
-    final = runtime.denoise(start, scheduler, text, guidance_scale=inputs.guidance_scale, control=condition)
-    np.testing.assert_array_equal(runtime.decode_latents(final), expected)
+    final = runtime._denoise(start, scheduler, text, guidance_scale=inputs.guidance_scale, control=condition)
+    np.testing.assert_array_equal(runtime._decode_latents(final), expected)
 
     # the same loop with another flow's own UNet feed: [negative; positive] built by hand
-    scheduler = runtime.prepare_scheduler(inputs.scheduler, inputs.num_inference_steps)
-    start = runtime.prepare_latents(inputs.latent_shape, scheduler, latents=inputs.latents)
+    scheduler = runtime._prepare_scheduler(inputs.scheduler, inputs.num_inference_steps)
+    start = runtime._prepare_latents(inputs.latent_shape, scheduler, latents=inputs.latents)
 
     def predict(sample, t):
         doubled = scheduler.scale_model_input(np.concatenate([sample, sample]), t).astype(np.float32)
-        uncond, cond = np.split(runtime.predict_noise(doubled, t, text, condition), 2)
+        uncond, cond = np.split(runtime._predict_noise(doubled, t, text, condition), 2)
         return uncond + inputs.guidance_scale * (cond - uncond)
 
     steps = []
-    final = runtime.denoise(start, scheduler, predict=predict, callback=lambda i, t, x: steps.append(i))
+    final = runtime._denoise(start, scheduler, predict=predict, callback=lambda i, t, x: steps.append(i))
     assert steps == list(range(inputs.num_inference_steps))
-    np.testing.assert_allclose(runtime.decode_latents(final), expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(runtime._decode_latents(final), expected, rtol=0, atol=1e-6)
 
 
 def test_plain_prompt_encoding(tiny):
     runtime = shared_runtime(tiny)
     cfg = runtime.config
-    embeddings = runtime.encode_plain_prompt(["a dog", "a cat on a sofa"])
+    embeddings = runtime._encode_plain_prompt(["a dog", "a cat on a sofa"])
     assert embeddings.shape == (2, cfg.text_max_length, cfg.text_hidden_size)
     assert not np.allclose(embeddings[0], embeddings[1])
-    np.testing.assert_array_equal(runtime.encode_negative_prompt("a cat on a sofa")[0], embeddings[1])
+    np.testing.assert_array_equal(runtime._encode_negative_prompt("a cat on a sofa")[0], embeddings[1])
 
 
 def test_decode_latents_gives_images_in_unit_range(tiny):
     runtime = shared_runtime(tiny)
-    images = runtime.decode_latents(_latents(runtime, batch=2))
+    images = runtime._decode_latents(_latents(runtime, batch=2))
     cfg = runtime.config
     assert images.shape == (2, cfg.default_height, cfg.default_width, 3) and images.dtype == np.float32
     assert images.min() >= 0 and images.max() <= 1
@@ -98,7 +98,7 @@ def test_input_errors_carry_their_field(tiny, overrides, field):
                   target_subject_category="dog", num_inference_steps=2, output_type="np")
     kwargs.update(overrides)
     with pytest.raises(InputError) as e:
-        runtime.check_inputs(**{k: v for k, v in kwargs.items()})
+        runtime._check_inputs(**{k: v for k, v in kwargs.items()})
     assert e.value.field == field, str(e.value)
     renamed = e.value.renamed("--option")
     assert "--option" in str(renamed) and renamed.field == field and "\n" not in str(renamed)

@@ -46,9 +46,7 @@ from ..components import declare_components, generation_components
 from ..errors import BlipDiffusionTrtError, InputError, PackageError, run_reporting_errors
 from ..package import ModelPackage, read_pipeline_config
 from ..package.manifest import read_manifest
-from ..runtime.backends import BACKENDS, get_backend
-from ..runtime.backends.onnxruntime import GRAPH_OPTIMIZATIONS, MEMORY_ARENAS
-from ..runtime.backends.openvino import INFERENCE_PRECISIONS
+from ..runtime.backends import BACKENDS, add_option_arguments, get_backend, given_flags
 from ..runtime.schedulers import SCHEDULERS
 from .cold_start import INDUCTOR_CACHE_ENV, cold_start, inductor_cache_dir
 from .diffusers_side import bench_diffusers
@@ -103,23 +101,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--backends", type=_csv,
                      help=f"comma-separated runtime backends, of {', '.join(BACKENDS)} (default: every one available "
                           "here for --precision; one of those that fails to load is reported, not fatal)")
-    run.add_argument("--threads", type=int,
-                     help="intra-op threads for ONNX Runtime, OpenVINO and torch (default: their own)")
-    ours = p.add_argument_group("our runtime's start-up options (as in `blipdiffusion-trt generate`)")
-    ours.add_argument("--graph-optimization", default="all", choices=GRAPH_OPTIMIZATIONS,
-                      help="ONNX Runtime graph optimisation level (default all)")
-    ours.add_argument("--ort-cache", help="directory of ONNX Runtime's optimised CPU graphs (written on first load)")
-    ours.add_argument("--memory-arena", default="loop", choices=MEMORY_ARENAS,
-                      help="ONNX Runtime CPU sessions that keep a memory arena (default loop: UNet/ControlNet)")
-    ours.add_argument("--no-cpu-fused", action="store_true",
-                      help="cpu backend: the plain fp32 graphs even where the package has CPU-fused ones")
-    ours.add_argument("--inference-precision", default="auto", choices=INFERENCE_PRECISIONS,
-                      help="openvino backend: auto (default: bf16 where the CPU has it), f32 or bf16")
-    ours.add_argument("--openvino-cache", metavar="DIR",
-                      help="openvino backend: model cache directory (default: a fresh one under --workdir, removed at "
-                           "the end: the in-process load converts the graphs, the cold start reads the cache)")
-    ours.add_argument("--openvino-int8-weights", action="store_true",
-                      help="openvino backend: INT8 weight-only compression of the UNet, ControlNet and VAE decoder")
+    ours = p.add_argument_group(
+        "our runtime's start-up options (as in `blipdiffusion-trt generate`; each backend benchmarked takes "
+        "those it has)", "--threads also sets torch's threads on the diffusers side; --openvino-cache "
+        "defaults to a fresh folder under --workdir, removed at the end (the in-process load converts the "
+        "graphs, the cold start reads the cache)")
+    add_option_arguments(ours)
     run.add_argument("--no-diffusers", action="store_true", help="only our runtime")
     run.add_argument("--diffusers-precisions", type=_csv,
                      help=f"torch dtypes of the diffusers rows, of {', '.join(DIFFUSERS_PRECISIONS)}; the first is the "
@@ -374,7 +361,7 @@ def _run(args, inputs: Inputs, package: ModelPackage, settings: Settings, backen
                         "package": str(inputs.package), "checkpoint": str(inputs.checkpoint), "backend": key,
                         "device": device if is_diffusers(key) else get_backend(key).device,
                         "precision": diffusers_sides.get(key), "verify": not args.no_verify, "threads": args.threads,
-                        "torch_compile": args.torch_compile, "runtime_options": runtime_options(args),
+                        "torch_compile": args.torch_compile, "option_flags": given_flags(args),
                         "inductor_cache": os.environ.get(INDUCTOR_CACHE_ENV) if args.torch_compile else None}
                 try:
                     implementations[key]["cold_start"] = cold_start(spec)

@@ -78,7 +78,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         if spec["device"] != "cpu":
             memory = GpuMemorySampler().start()
         runtime = load_runtime(Path(spec["package"]), spec["backend"], settings, verify=spec["verify"],
-                               threads=spec.get("threads"), options=spec.get("runtime_options"))
+                               flags=spec.get("option_flags"))
         out["t_loaded"] = time.time()
         reference, condition, latents = bench_inputs(settings)
         run_ours(runtime, settings, reference, condition, latents)

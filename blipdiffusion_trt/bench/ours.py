@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from ..runtime.backends import get_backend
+from ..runtime.backends import get_backend, given_flags, option_flags, options_from_flags
 from .settings import NEGATIVE_PROMPT, ORIGINAL_SUBJECT, PROMPT, SUBJECT, Settings, bench_inputs
 from .stats import generation_figures, summarize, time_calls
 
@@ -51,12 +51,10 @@ def run_edit(runtime, settings: Settings, reference, latents):
 
 
 def runtime_options(args) -> dict[str, Any]:
-    """The start-up options our runtime is loaded with (recorded in bench.json, passed to children):
-    every backend's, each backend takes those it has."""
-    return {"graph_optimization": args.graph_optimization, "optimized_cache": args.ort_cache,
-            "memory_arena": args.memory_arena, "cpu_fused": not args.no_cpu_fused,
-            "inference_precision": args.inference_precision, "cache_dir": args.openvino_cache,
-            "compress_weights": args.openvino_int8_weights}
+    """Our runtime's start-up options as bench.json records them: every backend option with a flag,
+    as given or its default (field -> value)."""
+    given = given_flags(args)
+    return {flag.field: given.get(flag.flag, flag.default) for flag in option_flags().values()}
 
 
 def summarize_details(details: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -72,14 +70,15 @@ def summarize_details(details: Mapping[str, Mapping[str, Any]]) -> dict[str, Any
     return out
 
 
-def load_runtime(package: Path, backend: str, settings: Settings, *, verify: bool, threads: int | None,
-                 options: Mapping[str, Any] | None = None):
+def load_runtime(package: Path, backend: str, settings: Settings, *, verify: bool,
+                 flags: Mapping[str, Any] | None = None):
+    """Our runtime on ``backend``, with the backend flags given (:func:`given_flags`) it has."""
     from ..runtime.pipeline import BlipDiffusionRuntime
 
-    backend_options = get_backend(backend).options_from({"threads": threads, **(options or {})})
+    options = options_from_flags(backend, flags or {}, strict=False)
     # diffusers encodes the subject and the negative prompt every call; so do we here (no caches).
     return BlipDiffusionRuntime.from_package(package, backend, precision=settings.precision, verify=verify,
-                                             options=backend_options, cache_size=0, negative_cache_size=0)
+                                             options=options, cache_size=0, negative_cache_size=0)
 
 
 class RecordingEngine:
@@ -140,8 +139,7 @@ def bench_ours(backend: str, package: Path, settings: Settings, args, bar) -> di
     import onnxruntime  # noqa: F401  (imports are the cold start's; this times the loading)
 
     t0 = time.perf_counter()
-    runtime = load_runtime(package, backend, settings, verify=not args.no_verify, threads=args.threads,
-                           options=runtime_options(args))
+    runtime = load_runtime(package, backend, settings, verify=not args.no_verify, flags=given_flags(args))
     result["load_warm"] = summarize([time.perf_counter() - t0])
     bar.update(1)
 

@@ -33,6 +33,7 @@ from ..package.manifest import digest_tree, write_manifest
 from ..schema import Object
 from .cpu_fusions import fuse_graphs, fusion_summary
 from .gpu_fusions import cuda_fusion_summary, fuse_graphs_for_cuda
+from .hub import fetch_qformer_tokenizer, resolve_checkpoint
 from .graphs import check_finite_constants, cosine, example_inputs, export_point, max_abs_diff, ort_session, run_onnx, save_onnx, second_point
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ def load_pipeline(checkpoint: str | Path, controlnet: str | Path | None = None, 
     """Load a diffusers BLIP-Diffusion (ControlNet) pipeline in fp32 on the CPU, offline."""
     checkpoint = Path(checkpoint)
     index = check_checkpoint_dir(checkpoint, allow_pickle)  # before the slow imports: instant errors
+    fetch_qformer_tokenizer(checkpoint)  # a Hub id in qformer/config.json: into the cache the load reads
 
     import diffusers
     import torch
@@ -376,8 +378,12 @@ def export_package(
     gpu_fusions: bool = False,
     jobs: int = 1,
     progress: bool = True,
+    revision: str | None = None,
 ) -> ExportReport:
     """Export every component of a BLIP-Diffusion checkpoint into a self-contained package.
+
+    ``checkpoint`` (and ``controlnet``): a folder, or a Hugging Face Hub repository id whose files
+    export reads are downloaded into the Hugging Face cache first (at ``revision``; :mod:`.hub`).
 
     ``editing``: include the editing graphs (``vae_encoder``, ``unet_p2p``) that
     ``BlipDiffusionRuntime.edit``/``invert`` run; without them the package only generates.
@@ -401,6 +407,17 @@ def export_package(
     check_not_an_input(out, {"checkpoint": checkpoint, "ControlNet": controlnet}, InputError)
     _prepare_output(out, force)
     start = time.perf_counter()
+    # a Hub repository id: its snapshot in the Hugging Face cache, then exported as any folder
+    source = {"checkpoint": str(Path(checkpoint).resolve().name), "controlnet": str(controlnet) if controlnet else None}
+    local = resolve_checkpoint(checkpoint, revision=revision, allow_pickle=allow_pickle)
+    if local != Path(checkpoint).expanduser():
+        source["checkpoint"] = f"{checkpoint}@{local.name}"  # the repository and the commit exported
+    checkpoint = local
+    if controlnet is not None:
+        local = resolve_checkpoint(controlnet, allow_pickle=allow_pickle, what="ControlNet")
+        if local != Path(controlnet).expanduser():
+            source["controlnet"] = f"{controlnet}@{local.name}"
+        controlnet = local
     pipe = load_pipeline(checkpoint, controlnet, allow_pickle=allow_pickle)
     config = pipeline_config_from(pipe, max_batch_size=max_batch_size, editing=editing)
     # what the runtime will accept when it reads pipeline.json back: refused now, not after the export
@@ -459,7 +476,7 @@ def export_package(
         manifest = {
             "format_version": layout.FORMAT_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "source": {"checkpoint": str(Path(checkpoint).resolve().name), "controlnet": str(controlnet) if controlnet else None},
+            "source": source,
             "precisions": list(precisions),
             "opset": opset,
             "tools": tool_versions(),

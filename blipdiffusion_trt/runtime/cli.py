@@ -8,6 +8,7 @@ Registered by :mod:`blipdiffusion_trt.cli`. Errors about a call argument
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import io
 import logging
@@ -20,35 +21,31 @@ from ..components import PipelineConfig
 from ..errors import InputError
 from ..fsutil import write_atomic
 from ..package import read_pipeline_config
-from .backends import BACKENDS, get_backend
-from .backends.onnxruntime import GRAPH_OPTIMIZATIONS, MEMORY_ARENAS
-from .backends.onnxruntime_gpu import CUDA_GRAPH_POLICIES, CUDNN_CONV_ALGO_SEARCHES
-from .backends.openvino import INFERENCE_PRECISIONS, default_cache_dir
+from .editing import EditArguments
+from .backends import BACKENDS, REGISTRY, add_option_arguments, flag_names, given_flags, options_from_flags
 from .inputs import read_npy
 from .schedulers import SCHEDULER_NAMES, check_scheduler_name
 
 logger = logging.getLogger(__name__)
 
 # Python argument (an InputError's field) -> CLI option, so that errors name what the user typed.
+# The backend options' flags come from their declarations (backends.flag_names).
 CLI_OPTIONS = {
     "num_inference_steps": "--steps", "guidance_scale": "--guidance", "reference_image": "--reference-image",
     "source_subject_category": "--source-subject", "target_subject_category": "--target-subject",
     "neg_prompt": "--negative-prompt", "condition_image": "--condition-image", "canny_image": "--canny",
     "controlnet_conditioning_scale": "--controlnet-scale", "height": "--height", "width": "--width",
     "latents": "--latents", "prompt": "--prompt", "prompt_strength": "--prompt-strength", "prompt_reps": "--prompt-reps",
-    "scheduler": "--scheduler", "backend": "--backend", "graph_optimization": "--graph-optimization",
-    "optimized_cache": "--ort-cache", "memory_arena": "--memory-arena", "low_threshold": "--canny-low",
-    "high_threshold": "--canny-high", "device_id": "--device-id", "cuda_graph": "--cuda-graph",
-    "cudnn_conv_algo_search": "--cudnn-conv-algo-search",
-    "precision": "--precision", "threads": "--threads",
-    "inference_precision": "--inference-precision", "cache_dir": "--openvino-cache", "model_cache": "--no-openvino-cache",
-    "compress_weights": "--openvino-int8-weights", "seed": "--seed", "out": "--out",
+    "scheduler": "--scheduler", "backend": "--backend", "low_threshold": "--canny-low",
+    "high_threshold": "--canny-high", "precision": "--precision", "seed": "--seed", "out": "--out",
     # editing
     "original_subject": "--original-subject", "image": "--image", "cross_replace_steps": "--cross-replace-steps",
     "self_replace_steps": "--self-replace-steps", "blend_threshold": "--blend-threshold",
     "source_out": "--source-out",
 }
 LATENT_SUFFIXES = (".npy",)
+# The edit's defaults are EditArguments' (one home for the edit's arguments).
+EDIT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EditArguments)}
 
 
 def naming_options(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -59,7 +56,10 @@ def naming_options(run: Callable[[argparse.Namespace], int]) -> Callable[[argpar
         try:
             return run(args)
         except InputError as error:
-            option = CLI_OPTIONS.get(error.field or "")
+            names = dict(CLI_OPTIONS)
+            if getattr(args, "backend", None) in REGISTRY:
+                names.update(flag_names(args.backend))
+            option = names.get(error.field or "")
             if option is None:
                 raise
             raise error.renamed(option) from None
@@ -74,34 +74,9 @@ def naming_options(run: Callable[[argparse.Namespace], int]) -> Callable[[argpar
 def add_backend_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="cpu", help=f"one of {', '.join(BACKENDS)}")
     p.add_argument("--precision", default="fp32", help="fp32 or fp16 (the package must hold fp16 graphs)")
-    p.add_argument("--graph-optimization", default="all", choices=GRAPH_OPTIMIZATIONS,
-                   help="ONNX Runtime graph optimisation: all (fastest steps) or extended (much faster start)")
-    p.add_argument("--ort-cache", help="directory keeping ONNX Runtime's optimised CPU graphs between runs "
-                   "(fast start and fast steps; costs a copy of the weights on disk; one that cannot be written is "
-                   "skipped with a warning)")
-    p.add_argument("--memory-arena", default="loop", choices=MEMORY_ARENAS,
-                   help="ONNX Runtime CPU sessions that keep a memory arena: loop (UNet/ControlNet, default), all, none")
-    p.add_argument("--no-cpu-fused", action="store_true",
-                   help="cpu backend: load the plain fp32 graphs even where the package has CPU-fused ones")
-    p.add_argument("--device-id", type=int, default=0, help="cuda / ort-tensorrt backends: the GPU (default 0)")
-    p.add_argument("--cuda-graph", default="loop", choices=CUDA_GRAPH_POLICIES,
-                   help="cuda backend: run the UNet and ControlNet under CUDA graphs (loop, default) or not (none)")
-    p.add_argument("--cudnn-conv-algo-search", default="HEURISTIC", choices=CUDNN_CONV_ALGO_SEARCHES,
-                   help="cuda / ort-tensorrt backends: cuDNN's convolution algorithm search (EXHAUSTIVE: seconds "
-                        "on the first call of each size, for servers)")
-    # Backend options a backend may not have: None unless given, and then an error on a backend without them.
-    p.add_argument("--threads", type=int, help="cpu and openvino backends: intra-op threads "
-                   "(default: BLIPDIFFUSION_TRT_THREADS, else all cores)")
-    p.add_argument("--inference-precision", choices=INFERENCE_PRECISIONS,
-                   help="openvino backend: auto (default: bf16 where the CPU has it, else f32), f32 (exact), "
-                        "bf16 (an error on a CPU without it)")
-    p.add_argument("--openvino-cache", dest="cache_dir", metavar="DIR",
-                   help=f"openvino backend: model cache directory (default {default_cache_dir()})")
-    p.add_argument("--no-openvino-cache", dest="model_cache", action="store_const", const=False,
-                   help="openvino backend: no model cache")
-    p.add_argument("--openvino-int8-weights", dest="compress_weights", action="store_const", const=True,
-                   help="openvino backend: INT8 weight-only compression of the UNet, ControlNet and VAE decoder "
-                        "(needs NNCF; for machines short of memory)")
+    # Every backend's options (backends.add_option_arguments): None unless given, and then an error
+    # on a backend without them.
+    add_option_arguments(p)
     p.add_argument("--no-verify", action="store_true", help="skip checking the package files' sha256")
 
 
@@ -180,21 +155,9 @@ def run_generate(args) -> int:
     return 0
 
 
-# Options only some backends have, given on the command line or not (None): one given to a backend
-# without it is an error (InputError naming the flag), not silently ignored.
-STRICT_OPTIONS = ("threads", "inference_precision", "cache_dir", "model_cache", "compress_weights")
-
-
 def backend_options(args):
-    """The chosen backend's options from the command line: the ONNX Runtime flags (they have
-    defaults) where the backend has them, and every :data:`STRICT_OPTIONS` flag given."""
-    backend = get_backend(args.backend)
-    options = backend.options_from({"graph_optimization": args.graph_optimization, "optimized_cache": args.ort_cache,
-                                    "memory_arena": args.memory_arena, "cpu_fused": not args.no_cpu_fused,
-                                    "device_id": args.device_id, "cuda_graph": args.cuda_graph,
-                                    "cudnn_conv_algo_search": args.cudnn_conv_algo_search})
-    given = {name: getattr(args, name) for name in STRICT_OPTIONS if getattr(args, name) is not None}
-    return backend.options(options, **given)
+    """The chosen backend's options from the flags given (a flag the backend lacks is an error)."""
+    return options_from_flags(args.backend, given_flags(args))
 
 
 def print_timings(backend: str, timings: dict[str, float], details: dict[str, dict]) -> None:
@@ -250,20 +213,20 @@ def add_edit_arguments(p: argparse.ArgumentParser) -> None:
                        "generate and edit (e.g. from `invert`)")
     p.add_argument("--seed", type=int, default=0, help="starting noise without --latents (and the posterior "
                    "sample with --sample-posterior)")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, default=EDIT_DEFAULTS["num_inference_steps"])
     p.add_argument("--scheduler", help=f"one of {', '.join(SCHEDULER_NAMES)} (default: ddim with --image, "
                    "which needs it; else pndm)")
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--cross-replace-steps", type=float, default=0.8,
-                   help="fraction of the steps whose cross-attention the edit takes from the source (default 0.8)")
-    p.add_argument("--self-replace-steps", type=float, default=0.4,
+    p.add_argument("--guidance", type=float, default=EDIT_DEFAULTS["guidance_scale"])
+    p.add_argument("--negative-prompt", default=EDIT_DEFAULTS["neg_prompt"])
+    p.add_argument("--cross-replace-steps", type=float, default=EDIT_DEFAULTS["cross_replace_steps"],
+                   help="fraction of the steps whose cross-attention the edit takes from the source (default %(default)s)")
+    p.add_argument("--self-replace-steps", type=float, default=EDIT_DEFAULTS["self_replace_steps"],
                    help="fraction of the steps whose small-layer self-attention the edit takes from the source "
-                        "(default 0.4)")
+                        "(default %(default)s)")
     blend = p.add_mutually_exclusive_group()
-    blend.add_argument("--blend-threshold", type=float, default=0.3,
+    blend.add_argument("--blend-threshold", type=float, default=EDIT_DEFAULTS["blend_threshold"],
                        help="local blend: the edit changes only where the original subject's attention exceeds "
-                            "this fraction of its maximum (default 0.3)")
+                            "this fraction of its maximum (default %(default)s)")
     blend.add_argument("--no-local-blend", action="store_true", help="no local blend: the edit may change everything")
     p.add_argument("--sample-posterior", action="store_true",
                    help="with --image: sample the VAE posterior (seeded by --seed) instead of its mean")

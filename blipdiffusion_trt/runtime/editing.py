@@ -17,12 +17,12 @@ VAE encoder (posterior mean, x scaling factor) and inverted with DDIM (source pr
 1, ``unet_plain``); the edit then starts from the inverted latent with DDIM, the source row
 without guidance (it reconstructs the image) and the target with it (no ``uncond_src`` row).
 
-:class:`EditingMixin` gives :class:`~blipdiffusion_trt.runtime.pipeline.BlipDiffusionRuntime`
-``invert`` and ``edit``, written as numbered stages over the generation's stage methods
-(``check_inputs``, ``encode_subjects``, ``encode_text``, ``encode_plain_prompt``,
-``prepare_scheduler``, ``prepare_latents``, ``denoise``, ``decode_latents``); what is editing's
-own is here: the edit's checks, the control, the UNet rows and their guidance, the local blend
-after each step, the VAE encoder and the inversion. The editing graphs (``vae_encoder``,
+:class:`Editor` is the part of :class:`~blipdiffusion_trt.runtime.pipeline.BlipDiffusionRuntime`
+that ``runtime.edit`` and ``runtime.invert`` call: numbered stages over the runtime's generation
+stages, which :class:`GenerationStages` declares (checks, subject and text encoding, scheduler,
+latents, the denoising loop, decoding). An edit's arguments have one home, :class:`EditArguments`.
+What is editing's own is here: the edit's checks, the control, the UNet rows and their guidance,
+the local blend after each step, the VAE encoder and the inversion. The editing graphs (``vae_encoder``,
 ``unet_plain``, ``unet_p2p``) load on first use through ``runtime.engine(name)``, on the
 runtime's backend with its options. Deviations from LAVIS are listed in runtime/p2p.py, on the
 methods and in docs/deviations-from-lavis.md.
@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from functools import cached_property
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import numpy as np
 from PIL import Image
@@ -55,6 +55,12 @@ from .p2p import (
 from .schedulers import DDIMInverseScheduler
 from .text import build_prompts
 from .timing import StageTimer
+
+if TYPE_CHECKING:
+    from ..components import PipelineConfig
+    from ..package import ModelPackage
+    from .engine import Engine
+    from .text import ClipTextTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -95,9 +101,44 @@ class EditControl:
         }
 
 
+@dataclass(frozen=True, eq=False)  # may hold arrays: compared by identity
+class EditArguments:
+    """The arguments of an edit, as given (``BlipDiffusionRuntime.edit`` takes the same, by name).
+
+    ``image``: a real image to edit, inverted with DDIM first (``scheduler`` must be "ddim", the
+    default then); else the image generated from ``latents`` (or ``seed``) with the source prompt
+    ``"a {original_subject} {prompt}"`` is edited (any scheduler, "pndm" by default).
+    ``cross_replace_steps``, ``self_replace_steps``: fractions of the steps whose cross-/self-
+    attention the target takes from the source. ``blend_threshold``: the local blend's threshold
+    (None: no local blend). ``sample_posterior``: with ``image``, sample the VAE posterior (seeded
+    by ``seed``) instead of taking its mean. ``output_type``: "pil" or "np".
+    """
+
+    prompt: str
+    reference_image: Any
+    source_subject_category: str
+    target_subject_category: str
+    original_subject: str
+    _: KW_ONLY
+    image: Any = None
+    latents: np.ndarray | None = None
+    seed: int | None = None
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    neg_prompt: str = ""
+    cross_replace_steps: float = 0.8
+    self_replace_steps: float = 0.4
+    blend_threshold: float | None = 0.3
+    height: int | None = None
+    width: int | None = None
+    scheduler: str | None = None
+    sample_posterior: bool = False
+    output_type: str = "pil"
+
+
 @dataclass(frozen=True)
 class EditInputs:
-    """The checked arguments of an edit (:meth:`EditingMixin.check_edit_inputs`)."""
+    """The checked arguments of an edit (from :class:`EditArguments`)."""
 
     generation: GenerationInputs  # prompt, reference image, words, size, steps, guidance, latents, scheduler, ...
     original_subject: str
@@ -108,6 +149,7 @@ class EditInputs:
     cross_replace_steps: float
     self_replace_steps: float
     blend_threshold: float | None
+    sample_posterior: bool = False
 
     @property
     def real_image(self) -> bool:
@@ -116,7 +158,7 @@ class EditInputs:
 
 @dataclass
 class EditRequest:
-    """An edit ready to run (:meth:`EditingMixin.prepare_edit`): embeddings, control, start latents."""
+    """An edit ready to run (:meth:`Editor.prepare`): embeddings, control, start latents."""
 
     source_embeddings: np.ndarray  # [1, T, hidden], plain text encoder
     target_embeddings: np.ndarray  # [1, T, hidden], with the subject
@@ -167,20 +209,65 @@ def preprocess_edit_image(image: Image.Image, height: int, width: int) -> np.nda
 
 
 
-class EditingMixin:
-    """``invert`` and ``edit`` for :class:`~blipdiffusion_trt.runtime.pipeline.BlipDiffusionRuntime`,
-    over its stage methods (the module docstring lists them) and ``engine(name)``."""
+class GenerationStages(Protocol):
+    """What the :class:`Editor` uses of its runtime (:class:`~.pipeline.BlipDiffusionRuntime`): the
+    package, its engines (``engine`` loads the editing graphs on first use, on the runtime's
+    backend with its options) and the generation's stages, which are the runtime's own (private)."""
+
+    package: ModelPackage
+    config: PipelineConfig
+    scheduler_config: dict[str, Any]
+    tokenizer: ClipTextTokenizer
+
+    def engine(self, component: str) -> Engine: ...
+
+    def _check_inputs(self, prompt: Any, reference_image: Any = None, source_subject_category: Any = None,
+                      target_subject_category: Any = None, **arguments: Any) -> GenerationInputs: ...
+
+    def _check_image_size(self, height: Any, width: Any) -> tuple[int, int]: ...
+
+    def _encode_subjects(self, references: Sequence[Any], categories: Sequence[str]) -> np.ndarray: ...
+
+    def _encode_plain_prompt(self, prompts: list[str], *, field: str = "prompt",
+                             allow_empty: bool = False) -> np.ndarray: ...
+
+    def _encode_negative_prompt(self, neg_prompt: str) -> np.ndarray: ...
+
+    def _encode_text(self, prompts: list[str], targets: list[str], subject_embeddings: np.ndarray, *,
+                     prompt_reps: int = 20, guidance_scale: float = 7.5) -> np.ndarray: ...
+
+    def _prepare_scheduler(self, name: str, num_inference_steps: int) -> Any: ...
+
+    def _prepare_latents(self, shape: Sequence[int], scheduler: Any, *, latents: np.ndarray | None = None,
+                         seed: int | None = None) -> np.ndarray: ...
+
+    def _denoise(self, latents: np.ndarray, scheduler: Any, text_embeddings: np.ndarray | None = None, *,
+                 guidance_scale: float = 7.5, predict: Callable[[np.ndarray, Any], np.ndarray] | None = None,
+                 after_step: Callable[[int, np.ndarray], np.ndarray] | None = None,
+                 callback: EditCallback | None = None, progress: bool | str = False,
+                 timer: StageTimer | None = None) -> np.ndarray: ...
+
+    def _decode_latents(self, latents: np.ndarray, *, timer: StageTimer | None = None) -> np.ndarray: ...
+
+
+class Editor:
+    """``invert`` and ``edit`` of a runtime (``BlipDiffusionRuntime.edit``/``invert`` call these),
+    written as numbered stages over the runtime's generation stages (:class:`GenerationStages`)."""
+
+    def __init__(self, runtime: GenerationStages):
+        self.runtime = runtime
 
     # ------------------------------------------------------------------------------------------
     # Engines
     # ------------------------------------------------------------------------------------------
 
-    def check_editing_package(self) -> None:
+    def check_package(self) -> None:
         """A :class:`PackageError` saying how to re-export when the package has no editing graphs."""
-        missing = [name for name in ("vae_encoder", "unet_p2p") if name not in self.package.specs]
+        package = self.runtime.package
+        missing = [name for name in ("vae_encoder", "unet_p2p") if name not in package.specs]
         if missing:
             raise PackageError(
-                f"{self.package.root}: no editing graphs ({', '.join(missing)}): the package was exported before "
+                f"{package.root}: no editing graphs ({', '.join(missing)}): the package was exported before "
                 "editing existed or without it; re-export it: blipdiffusion-trt export CHECKPOINT --out PACKAGE"
             )
 
@@ -188,7 +275,8 @@ class EditingMixin:
     # Inversion
     # ------------------------------------------------------------------------------------------
 
-    def source_prompt(self, prompt: Any, original_subject: Any) -> str:
+    @staticmethod
+    def _source_prompt(prompt: Any, original_subject: Any) -> str:
         """The source prompt ``"a {original_subject} {prompt}"`` (what the image shows).
 
         LAVIS builds the inversion prompt from the subject string zipped character by character
@@ -205,142 +293,91 @@ class EditingMixin:
         timer = timer or StageTimer()
         pixels = preprocess_edit_image(imgs.load_image(image, field="image"), height, width)
         with timer("vae_encoder"):
-            out = self.engine("vae_encoder").infer({"image": pixels})
+            out = self.runtime.engine("vae_encoder").infer({"image": pixels})
         latent = out["latent_mean"]
         if sample_posterior:
             noise = np.random.default_rng(seed).standard_normal(latent.shape, dtype=np.float32)
             latent = latent + np.exp(np.float32(0.5) * out["latent_logvar"]) * noise
-        return (latent * np.float32(self.config.vae_scaling_factor)).astype(np.float32)
+        return (latent * np.float32(self.runtime.config.vae_scaling_factor)).astype(np.float32)
 
-    def invert_latents(self, latents: np.ndarray, text_embeddings: np.ndarray, num_inference_steps: int, *,
-                       callback: EditCallback | None = None, progress: bool = False,
-                       timer: StageTimer | None = None) -> np.ndarray:
-        """DDIM inversion: :meth:`denoise` with the inverse DDIM scheduler (from the package's
-        scheduler config, as diffusers' ``DDIMInverseScheduler.from_config``) at guidance 1."""
-        inverse = DDIMInverseScheduler.from_config(self.scheduler_config)
+    def _invert_latents(self, latents: np.ndarray, text_embeddings: np.ndarray, num_inference_steps: int, *,
+                        callback: EditCallback | None = None, progress: bool = False,
+                        timer: StageTimer | None = None) -> np.ndarray:
+        """DDIM inversion: the runtime's denoising loop with the inverse DDIM scheduler (from the
+        package's scheduler config, as diffusers' ``DDIMInverseScheduler.from_config``) at guidance 1."""
+        inverse = DDIMInverseScheduler.from_config(self.runtime.scheduler_config)
         inverse.set_timesteps(num_inference_steps)
-        return self.denoise(latents, inverse, text_embeddings, guidance_scale=1.0, callback=callback,
-                            progress="invert" if progress else False, timer=timer)
+        return self.runtime._denoise(latents, inverse, text_embeddings, guidance_scale=1.0, callback=callback,
+                                     progress="invert" if progress else False, timer=timer)
 
-    def invert(
-        self,
-        image: Any,
-        prompt: str,
-        original_subject: str,
-        num_inference_steps: int = 50,
-        height: int | None = None,
-        width: int | None = None,
-        *,
-        sample_posterior: bool = False,
-        seed: int | None = None,
-        callback: EditCallback | None = None,
-        progress: bool = False,
-    ) -> np.ndarray:
-        """DDIM inversion of a real image -> the latent [1, C, h, w] float32 that DDIM sampling with the
-        source prompt ``"a {original_subject} {prompt}"`` turns back into the image (usable as
-        ``latents=`` of a generation or an edit). Guidance 1, the VAE posterior's mean."""
+    def invert(self, image: Any, prompt: str, original_subject: str, num_inference_steps: int = 50,
+               height: int | None = None, width: int | None = None, *, sample_posterior: bool = False,
+               seed: int | None = None, callback: EditCallback | None = None, progress: bool = False) -> np.ndarray:
+        """``BlipDiffusionRuntime.invert``: DDIM inversion of a real image."""
+        runtime = self.runtime
+
         # 1. Check inputs
-        self.check_editing_package()
-        height, width = self.check_image_size(height, width)
+        self.check_package()
+        height, width = runtime._check_image_size(height, width)
         check_int("num_inference_steps", num_inference_steps, 1, LIMITS.max_steps)
         seed = check_seed(seed)
-        source_text = self.source_prompt(prompt, original_subject)
+        source_text = self._source_prompt(prompt, original_subject)
         pil = imgs.load_image(image, field="image")
 
         # 2. Encode the source prompt (plain text encoder)
-        text_embeddings = self.encode_plain_prompt([source_text])
+        text_embeddings = runtime._encode_plain_prompt([source_text])
 
         # 3. Encode the image (VAE encoder)
         latents = self.encode_image(pil, height, width, sample_posterior=sample_posterior, seed=seed)
 
         # 4. Invert
-        return self.invert_latents(latents, text_embeddings, num_inference_steps, callback=callback, progress=progress)
+        return self._invert_latents(latents, text_embeddings, num_inference_steps, callback=callback, progress=progress)
 
     # ------------------------------------------------------------------------------------------
     # Editing
     # ------------------------------------------------------------------------------------------
 
-    def edit(
-        self,
-        prompt: str,
-        reference_image: Any,
-        source_subject_category: str,
-        target_subject_category: str,
-        original_subject: str,
-        *,
-        image: Any = None,
-        latents: np.ndarray | None = None,
-        seed: int | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
-        neg_prompt: str = "",
-        cross_replace_steps: float = 0.8,
-        self_replace_steps: float = 0.4,
-        blend_threshold: float | None = 0.3,
-        height: int | None = None,
-        width: int | None = None,
-        scheduler: str | None = None,
-        sample_posterior: bool = False,
-        output_type: str = "pil",
-        callback: EditCallback | None = None,
-        progress: bool = False,
-    ) -> EditOutput:
-        """Replace ``original_subject`` in an image by the subject of ``reference_image``.
+    def edit(self, arguments: EditArguments, *, callback: EditCallback | None = None,
+             progress: bool = False) -> EditOutput:
+        """``BlipDiffusionRuntime.edit``: :meth:`prepare` (stages 1-5), then :meth:`run` (6-7)."""
+        return self.run(self.prepare(arguments, progress=progress), callback=callback, progress=progress)
 
-        ``image`` given: a real image, inverted with DDIM first (``scheduler`` must be "ddim", the
-        default then); else the image generated from ``latents`` (or ``seed``) with the source
-        prompt is edited (any scheduler, "pndm" by default). ``cross_replace_steps`` and
-        ``self_replace_steps``: fractions of the steps whose cross-/self-attention the target
-        takes from the source; ``blend_threshold``: the local blend's threshold (None: no local
-        blend). Returns the source image (a real image's reconstruction) and the edited image.
-        ``callback(step_index, timestep, latents [2, C, h, w])`` runs after every step.
-        """
-        request = self.prepare_edit(
-            prompt, reference_image, source_subject_category, target_subject_category, original_subject,
-            image=image, latents=latents, seed=seed, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, neg_prompt=neg_prompt, cross_replace_steps=cross_replace_steps,
-            self_replace_steps=self_replace_steps, blend_threshold=blend_threshold, height=height, width=width,
-            scheduler=scheduler, sample_posterior=sample_posterior, output_type=output_type, progress=progress,
-        )
-        return self.run_edit(request, callback=callback, progress=progress)
-
-    def check_edit_inputs(
-        self, prompt: Any, reference_image: Any, source_subject_category: Any, target_subject_category: Any,
-        original_subject: Any, *, image: Any = None, latents: Any = None, num_inference_steps: Any = 50,
-        guidance_scale: Any = 7.5, neg_prompt: Any = "", cross_replace_steps: Any = 0.8,
-        self_replace_steps: Any = 0.4, blend_threshold: Any = 0.3, height: Any = None, width: Any = None,
-        scheduler: Any = None, output_type: Any = "pil", seed: Any = None,
-    ) -> EditInputs:
+    def _check(self, arguments: EditArguments) -> EditInputs:
         """Every argument of an edit checked (one-line :class:`InputError` naming the field), the
-        generation's through :meth:`check_inputs`; the real image is loaded here."""
-        cfg = self.config
-        self.check_editing_package()
-        if not isinstance(prompt, str):
+        generation's through the runtime's checks; the real image is loaded here."""
+        runtime, a = self.runtime, arguments
+        cfg = runtime.config
+        self.check_package()
+        if not isinstance(a.prompt, str):
             raise InputError("prompt must be one non-empty string (an edit makes one image)", field="prompt")
-        real_image = image is not None
-        if real_image and latents is not None:
+        real_image = a.image is not None
+        if real_image and a.latents is not None:
             raise InputError("image and latents given: pass either image (a real image to edit) or latents "
                              "(the starting noise of an image to generate and edit), not both", field="image")
+        scheduler = a.scheduler
         if scheduler is None:
             scheduler = REAL_IMAGE_SCHEDULER if real_image else GENERATED_IMAGE_SCHEDULER
-        generation = self.check_inputs(
-            prompt, reference_image, source_subject_category, target_subject_category, guidance_scale=guidance_scale,
-            height=height, width=width, num_inference_steps=num_inference_steps, latents=latents,
-            neg_prompt=neg_prompt, scheduler=scheduler, output_type=output_type, controlnet=False, seed=seed,
+        generation = runtime._check_inputs(
+            a.prompt, a.reference_image, a.source_subject_category, a.target_subject_category,
+            guidance_scale=a.guidance_scale, height=a.height, width=a.width, num_inference_steps=a.num_inference_steps,
+            latents=a.latents, neg_prompt=a.neg_prompt, scheduler=scheduler, output_type=a.output_type,
+            controlnet=False, seed=a.seed,
         )
         if real_image and scheduler != REAL_IMAGE_SCHEDULER:
             raise InputError(f"scheduler: a real image is inverted with DDIM and must be edited with the "
                              f"{REAL_IMAGE_SCHEDULER} scheduler, got {scheduler!r}", field="scheduler")
-        cross_replace_steps = check_fraction("cross_replace_steps", cross_replace_steps)
-        self_replace_steps = check_fraction("self_replace_steps", self_replace_steps)
+        cross_replace_steps = check_fraction("cross_replace_steps", a.cross_replace_steps)
+        self_replace_steps = check_fraction("self_replace_steps", a.self_replace_steps)
+        blend_threshold = a.blend_threshold
         if blend_threshold is not None:
             blend_threshold = check_fraction("blend_threshold", blend_threshold)
-        source_text = self.source_prompt(prompt, original_subject)
-        subject_ids = self.tokenizer.word_ids(original_subject, field="original_subject")
+        original_subject = a.original_subject
+        source_text = self._source_prompt(a.prompt, original_subject)
+        subject_ids = runtime.tokenizer.word_ids(original_subject, field="original_subject")
         if not subject_ids:
             raise InputError(f"original_subject {original_subject!r}: the tokenizer keeps no token of it",
                              field="original_subject")
-        source_ids = self.tokenizer.token_ids(source_text, cfg.text_max_length, field="prompt")
+        source_ids = runtime.tokenizer.token_ids(source_text, cfg.text_max_length, field="prompt")
         blend_positions = subject_token_positions(source_ids, subject_ids)
         if not blend_positions:
             raise InputError(f"original_subject {original_subject!r}: its tokens do not fit the "
@@ -348,18 +385,19 @@ class EditingMixin:
                              field="original_subject")
         return EditInputs(
             generation=generation, original_subject=original_subject.strip(),
-            image=imgs.load_image(image, field="image") if real_image else None, source_text=source_text,
+            image=imgs.load_image(a.image, field="image") if real_image else None, source_text=source_text,
             source_ids=source_ids, blend_positions=blend_positions, cross_replace_steps=cross_replace_steps,
             self_replace_steps=self_replace_steps, blend_threshold=blend_threshold,
+            sample_posterior=a.sample_posterior,
         )
 
-    def prepare_edit_control(self, inputs: EditInputs) -> EditControl:
+    def _control(self, inputs: EditInputs) -> EditControl:
         """Prompt-to-prompt control: the target's tokens aligned with the source's, the replace
         schedules and the local blend's tokens."""
-        cfg = self.config
+        cfg, tokenizer = self.runtime.config, self.runtime.tokenizer
         generation = inputs.generation
         target_text = build_prompts(generation.prompts, generation.targets, prompt_strength=1.0, prompt_reps=1)[0]
-        target_ids = target_layout(self.tokenizer.token_ids(target_text, cfg.text_length, field="prompt"),
+        target_ids = target_layout(tokenizer.token_ids(target_text, cfg.text_length, field="prompt"),
                                    cfg.ctx_begin_pos, cfg.num_query_tokens, cfg.text_max_length)
         token_map, token_weights = refinement_mapping(inputs.source_ids, target_ids, cfg.text_max_length)
         steps = generation.num_inference_steps
@@ -371,70 +409,42 @@ class EditingMixin:
             blend_threshold=inputs.blend_threshold,
         )
 
-    def prepare_edit(
-        self,
-        prompt: str,
-        reference_image: Any,
-        source_subject_category: str,
-        target_subject_category: str,
-        original_subject: str,
-        *,
-        image: Any = None,
-        latents: np.ndarray | None = None,
-        seed: int | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
-        neg_prompt: str = "",
-        cross_replace_steps: float = 0.8,
-        self_replace_steps: float = 0.4,
-        blend_threshold: float | None = 0.3,
-        height: int | None = None,
-        width: int | None = None,
-        scheduler: str | None = None,
-        sample_posterior: bool = False,
-        output_type: str = "pil",
-        progress: bool = False,
-    ) -> EditRequest:
-        """Stages 1-5 of :meth:`edit`: checks, embeddings, control, starting latents (inversion)."""
+    def prepare(self, arguments: EditArguments, *, progress: bool = False) -> EditRequest:
+        """Stages 1-5 of an edit: checks, embeddings, control, starting latents (inversion)."""
+        runtime = self.runtime
         timer = StageTimer()
 
         # 1. Check inputs (before any graph runs)
-        inputs = self.check_edit_inputs(
-            prompt, reference_image, source_subject_category, target_subject_category, original_subject,
-            image=image, latents=latents, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-            neg_prompt=neg_prompt, cross_replace_steps=cross_replace_steps, self_replace_steps=self_replace_steps,
-            blend_threshold=blend_threshold, height=height, width=width, scheduler=scheduler, output_type=output_type,
-            seed=seed,
-        )
+        inputs = self._check(arguments)
         generation = inputs.generation
         seed = generation.seed
 
         # 2. Encode the subject (Q-Former)
         with timer("qformer"):
-            subject = self.encode_subjects(generation.references, generation.sources)
+            subject = runtime._encode_subjects(generation.references, generation.sources)
 
         # 3. Encode the texts: source (plain), target (with the subject, once), negative
         with timer("text_encoder"):
-            source_embeddings = self.encode_plain_prompt([inputs.source_text])
-            target_embeddings = self.encode_text(generation.prompts, generation.targets, subject, prompt_reps=1,
-                                                 guidance_scale=1.0)
-            negative = (self.encode_negative_prompt(generation.neg_prompt)
+            source_embeddings = runtime._encode_plain_prompt([inputs.source_text])
+            target_embeddings = runtime._encode_text(generation.prompts, generation.targets, subject, prompt_reps=1,
+                                                     guidance_scale=1.0)
+            negative = (runtime._encode_negative_prompt(generation.neg_prompt)
                         if generation.do_classifier_free_guidance else None)
 
         # 4. Prompt-to-prompt control: token alignment, schedules, local-blend tokens
-        control = self.prepare_edit_control(inputs)
+        control = self._control(inputs)
 
         # 5. Starting latent: the inverted real image, or noise (given or seeded)
         if inputs.real_image:
             start = self.encode_image(inputs.image, generation.height, generation.width,
-                                      sample_posterior=sample_posterior, seed=seed, timer=timer)
+                                      sample_posterior=inputs.sample_posterior, seed=seed, timer=timer)
             inversion = StageTimer()
-            start = self.invert_latents(start, source_embeddings, generation.num_inference_steps, progress=progress,
-                                        timer=inversion)
+            start = self._invert_latents(start, source_embeddings, generation.num_inference_steps, progress=progress,
+                                         timer=inversion)
             timer.add("inversion", inversion.timings["denoise_loop"])
         else:
-            scheduler_ = self.prepare_scheduler(generation.scheduler, generation.num_inference_steps)
-            start = self.prepare_latents(generation.latent_shape, scheduler_, latents=generation.latents, seed=seed)
+            scheduler_ = runtime._prepare_scheduler(generation.scheduler, generation.num_inference_steps)
+            start = runtime._prepare_latents(generation.latent_shape, scheduler_, latents=generation.latents, seed=seed)
         return EditRequest(
             source_embeddings=source_embeddings, target_embeddings=target_embeddings,
             negative_embeddings=negative, control=control, latents=np.concatenate([start, start]),
@@ -443,23 +453,24 @@ class EditingMixin:
             output_type=generation.output_type, timings=dict(timer.timings),
         )
 
-    def run_edit(self, request: EditRequest, *, callback: EditCallback | None = None,
-                 progress: bool = False) -> EditOutput:
-        """Stages 6-7 of :meth:`edit`: the controlled denoising loop of both prompts, decoding."""
+    def run(self, request: EditRequest, *, callback: EditCallback | None = None,
+            progress: bool = False) -> EditOutput:
+        """Stages 6-7 of an edit: the controlled denoising loop of both prompts, decoding."""
+        runtime = self.runtime
         timer = StageTimer()
         timer.timings.update(request.timings)
         start = time.perf_counter()
 
         # 6. Denoise [source, target], the target's attention controlled from the source's; the
         # local blend after every step
-        scheduler = self.prepare_scheduler(request.scheduler, request.num_inference_steps)
+        scheduler = runtime._prepare_scheduler(request.scheduler, request.num_inference_steps)
         control = request.control
         blend = LocalBlend(control.blend_positions, control.blend_threshold) if control.blend_positions else None
         calls: list[np.ndarray] = []  # each UNet call's source cross-attention maps
 
         def predict(latents: np.ndarray, timestep: Any) -> np.ndarray:
-            noise_pred, maps = self.predict_edit_noise(latents, timestep, request, scheduler, call=len(calls),
-                                                       timer=timer)
+            noise_pred, maps = self._predict_noise(latents, timestep, request, scheduler, call=len(calls),
+                                                   timer=timer)
             calls.append(maps)
             return noise_pred
 
@@ -467,13 +478,13 @@ class EditingMixin:
             blend.add(calls[-1])
             return blend(latents)
 
-        latents = self.denoise(request.latents, scheduler, predict=predict,
-                               after_step=local_blend if blend is not None else None, callback=callback,
-                               progress="edit" if progress else False, timer=timer)
+        latents = runtime._denoise(request.latents, scheduler, predict=predict,
+                                   after_step=local_blend if blend is not None else None, callback=callback,
+                                   progress="edit" if progress else False, timer=timer)
 
         # 7. Decode the source and the edited latent (one row per call: fits every VAE decoder engine,
         # a static TensorRT one built for batch 1 too)
-        images = np.concatenate([self.decode_latents(latents[i:i + 1], timer=timer) for i in range(len(latents))])
+        images = np.concatenate([runtime._decode_latents(latents[i:i + 1], timer=timer) for i in range(len(latents))])
         timer.add("total", time.perf_counter() - start)
         timer.timings["steps"] = float(len(scheduler.timesteps))
         return EditOutput(
@@ -481,8 +492,8 @@ class EditingMixin:
             latents=latents, mask=None if blend is None else blend.last_mask, timings=timer.timings,
         )
 
-    def predict_edit_noise(self, latents: np.ndarray, timestep: Any, request: EditRequest, scheduler, *, call: int,
-                           timer: StageTimer | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def _predict_noise(self, latents: np.ndarray, timestep: Any, request: EditRequest, scheduler, *, call: int,
+                       timer: StageTimer | None = None) -> tuple[np.ndarray, np.ndarray]:
         """One ``unet_p2p`` call for the latents [source, target]: their noise predictions (with
         classifier-free guidance where the rows have an unconditional half) and the source's
         cross-attention maps at the local-blend level. ``call``: the call's index (the control's
@@ -497,7 +508,7 @@ class EditingMixin:
             **request.control.feed(call),
         }
         with timer("unet"):
-            out = self.engine("unet_p2p").infer(feed)
+            out = self.runtime.engine("unet_p2p").infer(feed)
         return guided_edit_noise(out["noise_pred"], request), out["cross_attention_maps"]
 
 

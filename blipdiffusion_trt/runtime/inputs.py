@@ -1,6 +1,6 @@
 """Checked call arguments of a generation: one-line :class:`InputError` naming the field.
 
-:class:`GenerationInputs` is what ``BlipDiffusionRuntime.check_inputs`` returns: every argument
+:class:`GenerationInputs` is what ``BlipDiffusionRuntime._check_inputs`` returns: every argument
 of a call, normalised (lists per prompt, default sizes filled in, latents as float32).
 :data:`LIMITS` bounds every input that costs memory or time; the Python API, the CLI and the
 Triton pipeline model all check requests against it (the package's own declarations bound the

@@ -11,13 +11,14 @@ blocks. Differences, on purpose:
 - Random latents come from numpy's generator (``seed``), not torch's; pass ``latents`` to
   reproduce a diffusers run exactly.
 
-Each numbered stage of ``__call__`` is a method other flows reuse: :meth:`check_inputs`, the
-subject (:meth:`encode_subject`, :meth:`encode_subjects`), the text (:meth:`encode_prompt`,
-:meth:`encode_plain_prompt`, :meth:`encode_text`), the latents and control map
-(:meth:`prepare_scheduler`, :meth:`prepare_latents`, :meth:`prepare_control`), the denoising loop
-(:meth:`denoise` over :meth:`guided_noise` over :meth:`predict_noise`, the raw UNet/ControlNet call
-on any batch) and :meth:`decode_latents`. Editing (:mod:`.editing`: ``invert``, ``edit``) is built
-on the same stages.
+Each numbered stage of ``__call__`` is a method other flows reuse: :meth:`_check_inputs`, the
+subject (:meth:`encode_subject`, :meth:`_encode_subjects`), the text (:meth:`_encode_prompt`,
+:meth:`_encode_plain_prompt`, :meth:`_encode_text`), the latents and control map
+(:meth:`_prepare_scheduler`, :meth:`_prepare_latents`, :meth:`_prepare_control`), the denoising loop
+(:meth:`_denoise` over :meth:`_guided_noise` over :meth:`_predict_noise`, the raw UNet/ControlNet call
+on any batch) and :meth:`_decode_latents`. They are private: a user calls ``__call__``,
+:meth:`edit`, :meth:`invert`, :meth:`encode_subject` and :meth:`mix_subjects`. Editing
+(:mod:`.editing`, the runtime's :class:`~.editing.Editor`) is built on the same stages.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from ..errors import EngineError, InputError, PackageError
 from ..package import ModelPackage, layout
 from . import images as imgs
 from .backends import BackendOptions, get_backend
-from .editing import EditingMixin
+from .editing import EditArguments, EditCallback, Editor, EditOutput
 from .engine import Engine
 from .inputs import (
     LIMITS,
@@ -104,9 +105,10 @@ class _LRU(OrderedDict):
         return value
 
 
-class BlipDiffusionRuntime(EditingMixin):
-    """Subject-driven generation (and editing, :class:`~.editing.EditingMixin`) from a model package
-    on any backend of :mod:`.backends` (ONNX Runtime CPU/CUDA/TensorRT EP, TensorRT, OpenVINO) or Triton."""
+class BlipDiffusionRuntime:
+    """Subject-driven generation (``__call__``) and editing (:meth:`edit`, :meth:`invert`; its flow
+    is the runtime's :class:`~.editing.Editor`) from a model package on any backend of
+    :mod:`.backends` (ONNX Runtime CPU/CUDA/TensorRT EP, TensorRT, OpenVINO) or Triton."""
 
     def __init__(self, package: ModelPackage, engines: dict[str, Engine], *, load_engine: EngineLoader | None = None,
                  cache_size: int = 32, negative_cache_size: int = 8):
@@ -128,6 +130,7 @@ class BlipDiffusionRuntime(EditingMixin):
         self.qformer_tokenizer = QFormerTokenizer.from_file(package.tokenizer_json(layout.QFORMER_TOKENIZER), bert["pad_token_id"])
         self._subject_cache = _LRU(cache_size)
         self._negative_cache = _LRU(negative_cache_size)
+        self._editor = Editor(self)
 
     @classmethod
     def from_package(
@@ -138,19 +141,13 @@ class BlipDiffusionRuntime(EditingMixin):
         """Load a package's graphs on ``backend`` (``runtime.backends.BACKENDS``: "cpu", "cuda",
         "ort-tensorrt", "tensorrt", "openvino").
 
-        The backend's start-up options are ``options`` (its options class, e.g.
-        :class:`~blipdiffusion_trt.runtime.backends.onnxruntime.OnnxRuntimeOptions`) and/or
-        keyword arguments naming its fields: for the ONNX Runtime backends ``threads``,
-        ``graph_optimization`` ("all" runs fastest, "extended" loads several times faster),
-        ``optimized_cache`` (a directory keeping ONNX Runtime's optimised CPU graphs between runs),
-        ``memory_arena`` ("loop", "all", "none") and ``cpu_fused`` (the package's CPU-fused fp32
-        graphs where it has them); for ``cuda`` and ``ort-tensorrt`` also ``device_id``,
-        ``use_tf32``, ``cudnn_conv_algo_search``, ``cuda_graph``, ``cuda_fused``, ``cache_dir`` and
-        ``provider_options``
-        (:class:`~blipdiffusion_trt.runtime.backends.onnxruntime_gpu.OnnxRuntimeGpuOptions`); for
-        ``tensorrt`` ``use_cuda_graph``; for ``openvino`` ``inference_precision`` ("auto", "f32",
-        "bf16"), ``threads``, ``cache_dir``, ``model_cache``, ``compress_weights`` and
-        ``max_shapes`` (:class:`~.backends.openvino.OpenVINOOptions`). An option the backend does
+        The backend's start-up options are ``options`` (its options class) and/or keyword
+        arguments naming its fields. Each options class declares its fields with their defaults
+        and help, which are also the command line's backend flags:
+        :class:`~.backends.onnxruntime.OnnxRuntimeOptions` (``cpu``),
+        :class:`~.backends.onnxruntime_gpu.OnnxRuntimeGpuOptions` (``cuda``, ``ort-tensorrt``),
+        :class:`~.backends.tensorrt.TensorRTOptions` (``tensorrt``) and
+        :class:`~.backends.openvino.OpenVINOOptions` (``openvino``). An option the backend does
         not have is an :class:`InputError`.
         """
         chosen = get_backend(backend)
@@ -197,7 +194,7 @@ class BlipDiffusionRuntime(EditingMixin):
     # 1. Inputs
     # ------------------------------------------------------------------------------------------
 
-    def check_inputs(
+    def _check_inputs(
         self,
         prompt: Any,
         reference_image: Any = None,
@@ -232,7 +229,7 @@ class BlipDiffusionRuntime(EditingMixin):
         cfg = self.config
         prompts = check_prompts(prompt, cfg.max_batch_size)
         batch = len(prompts)
-        height, width = self.check_image_size(height, width)
+        height, width = self._check_image_size(height, width)
         check_int("num_inference_steps", num_inference_steps, 1, LIMITS.max_steps)
         guidance_scale = check_float("guidance_scale", guidance_scale, *LIMITS.guidance_scale)
         controlnet_conditioning_scale = check_float("controlnet_conditioning_scale", controlnet_conditioning_scale,
@@ -253,13 +250,13 @@ class BlipDiffusionRuntime(EditingMixin):
             if reference_image is not None:
                 raise InputError("subject and reference_image given: pass either subject or reference_image, not both",
                                  field="subject")
-            self.check_subject(subject)
+            self._check_subject(subject)
         else:
             if reference_image is None:
                 raise InputError("reference_image is required (or a precomputed subject)", field="reference_image")
             sources = broadcast("source_subject_category", source_subject_category, batch)
             for category in dict.fromkeys(sources):
-                self.subject_tokens(category)
+                self._subject_tokens(category)
             references = broadcast_images("reference_image", reference_image, batch)
         return GenerationInputs(
             prompts=prompts, targets=targets, sources=sources, references=references, height=height, width=width,
@@ -270,7 +267,7 @@ class BlipDiffusionRuntime(EditingMixin):
             prompt_strength=prompt_strength, prompt_reps=prompt_reps,
         )
 
-    def check_image_size(self, height: Any, width: Any) -> tuple[int, int]:
+    def _check_image_size(self, height: Any, width: Any) -> tuple[int, int]:
         """The generated image's (height, width): the package's default size where None, else checked."""
         cfg = self.config
         height = cfg.default_height if height is None else height
@@ -279,7 +276,7 @@ class BlipDiffusionRuntime(EditingMixin):
             check_size(name, value, cfg.min_image_size, cfg.max_image_size, cfg.image_multiple)
         return int(height), int(width)
 
-    def check_subject(self, subject: Any) -> SubjectEmbedding:
+    def _check_subject(self, subject: Any) -> SubjectEmbedding:
         """A precomputed subject: a :class:`SubjectEmbedding` of [num_query_tokens, text_hidden_size]
         finite float values."""
         if not isinstance(subject, SubjectEmbedding):
@@ -296,7 +293,7 @@ class BlipDiffusionRuntime(EditingMixin):
             raise InputError("subject embeddings contain NaN or inf", field="subject")
         return subject
 
-    def subject_tokens(self, category: str, *, field: str = "source_subject_category"):
+    def _subject_tokens(self, category: str, *, field: str = "source_subject_category"):
         """The Q-Former's tokens of a subject word; more than its declared text length is an
         :class:`InputError` (the graph's position table would be overrun, or silently extended)."""
         check_text(field, category, LIMITS.max_subject_characters)
@@ -327,7 +324,7 @@ class BlipDiffusionRuntime(EditingMixin):
     def encode_subject(self, image: Any, category: str) -> SubjectEmbedding:
         """Q-Former query embeddings of a subject image and its category word (LRU-cached)."""
         cfg = self.config
-        tokens = self.subject_tokens(category)
+        tokens = self._subject_tokens(category)
         pil = imgs.load_image(image, field="reference_image", max_pixels=LIMITS.max_image_pixels)
         pixels = imgs.preprocess_reference(pil, cfg.image_size, cfg.image_mean, cfg.image_std, cfg.image_resample)
         key = (hashlib.sha256(pixels.tobytes()).hexdigest(), category)
@@ -358,7 +355,7 @@ class BlipDiffusionRuntime(EditingMixin):
         label = "+".join(f"{w:g}*{s.label}" for s, w in subjects)
         return SubjectEmbedding(mixed.astype(np.float32), label=label)
 
-    def encode_subjects(self, references: Sequence[Any], categories: Sequence[str]) -> np.ndarray:
+    def _encode_subjects(self, references: Sequence[Any], categories: Sequence[str]) -> np.ndarray:
         """Query embeddings per prompt, [B, num_query_tokens, hidden]: one Q-Former call (and one
         image decode) per distinct reference image and word, not per prompt."""
         unique: dict[tuple[int, str], np.ndarray] = {}
@@ -371,13 +368,13 @@ class BlipDiffusionRuntime(EditingMixin):
     # 3. The text
     # ------------------------------------------------------------------------------------------
 
-    def encode_prompt(self, prompts: list[str], subject_embeddings: np.ndarray) -> np.ndarray:
+    def _encode_prompt(self, prompts: list[str], subject_embeddings: np.ndarray) -> np.ndarray:
         """Text embeddings with the subject spliced in: [B, text_max_length, hidden]."""
         tokens = self.tokenizer.encode(prompts, self.config.text_length, field="prompt")
         out = self.engines["text_encoder"].infer({"input_ids": tokens.input_ids, "ctx_embeddings": subject_embeddings})
         return out["text_embeddings"]
 
-    def encode_plain_prompt(self, prompts: list[str], *, field: str = "prompt", allow_empty: bool = False) -> np.ndarray:
+    def _encode_plain_prompt(self, prompts: list[str], *, field: str = "prompt", allow_empty: bool = False) -> np.ndarray:
         """Text embeddings without a subject (the plain CLIP text encoder): [B, text_max_length, hidden].
 
         Prompts longer than the text encoder are truncated (with a warning).
@@ -388,12 +385,12 @@ class BlipDiffusionRuntime(EditingMixin):
             logger.warning("%s truncated to %d tokens", "negative prompt" if field == "neg_prompt" else field, length)
         return self.engines["text_encoder_plain"].infer({"input_ids": tokens.input_ids})["text_embeddings"]
 
-    def encode_negative_prompt(self, neg_prompt: str) -> np.ndarray:
+    def _encode_negative_prompt(self, neg_prompt: str) -> np.ndarray:
         """Plain text embeddings of the negative prompt, [1, text_max_length, hidden] (cached)."""
         return self._negative_cache.get_or(
-            neg_prompt, lambda: self.encode_plain_prompt([neg_prompt], field="neg_prompt", allow_empty=True))
+            neg_prompt, lambda: self._encode_plain_prompt([neg_prompt], field="neg_prompt", allow_empty=True))
 
-    def encode_text(self, prompts: list[str], targets: list[str], subject_embeddings: np.ndarray, *,
+    def _encode_text(self, prompts: list[str], targets: list[str], subject_embeddings: np.ndarray, *,
                     prompt_strength: float = 1.0, prompt_reps: int = 20, guidance_scale: float = 7.5,
                     neg_prompt: str = "") -> np.ndarray:
         """The UNet's ``encoder_hidden_states``: "a {target} {prompt}" x reps with the subject, preceded
@@ -408,9 +405,9 @@ class BlipDiffusionRuntime(EditingMixin):
         if any(self.tokenizer.encode(single, self.config.text_length, field="prompt").truncated):
             logger.warning("prompt truncated to %d tokens (the text encoder's limit with the subject)",
                            self.config.text_length)
-        text_embeddings = self.encode_prompt(texts, subject_embeddings)
+        text_embeddings = self._encode_prompt(texts, subject_embeddings)
         if guidance_scale > 1.0:
-            negative = self.encode_negative_prompt(neg_prompt)
+            negative = self._encode_negative_prompt(neg_prompt)
             text_embeddings = np.concatenate([np.repeat(negative, len(prompts), axis=0), text_embeddings])
         return text_embeddings
 
@@ -418,14 +415,14 @@ class BlipDiffusionRuntime(EditingMixin):
     # 4. Scheduler, latents, control map
     # ------------------------------------------------------------------------------------------
 
-    def prepare_scheduler(self, name: str, num_inference_steps: int):
+    def _prepare_scheduler(self, name: str, num_inference_steps: int):
         """Scheduler ``name`` from the package's scheduler config, with its timesteps set."""
         scheduler = scheduler_from_config(name, self.scheduler_config)
         scheduler.set_timesteps(num_inference_steps)
         return scheduler
 
     @staticmethod
-    def prepare_latents(shape: Sequence[int], scheduler, *, latents: np.ndarray | None = None,
+    def _prepare_latents(shape: Sequence[int], scheduler, *, latents: np.ndarray | None = None,
                         seed: int | None = None) -> np.ndarray:
         """Initial latents: ``latents`` (or standard normal ones from ``seed``) times the scheduler's
         initial noise sigma."""
@@ -433,7 +430,7 @@ class BlipDiffusionRuntime(EditingMixin):
             latents = np.random.default_rng(seed).standard_normal(tuple(shape), dtype=np.float32)
         return (latents * np.float32(scheduler.init_noise_sigma)).astype(np.float32)
 
-    def prepare_control(self, height: int, width: int, unet_batch: int, *, condition_image: Any = None,
+    def _prepare_control(self, height: int, width: int, unet_batch: int, *, condition_image: Any = None,
                         canny_image: Any = None, canny_low_threshold: int = 100, canny_high_threshold: int = 200,
                         conditioning_scale: float = 1.0) -> dict[str, np.ndarray]:
         """The ControlNet's extra inputs for a UNet batch of ``unet_batch``: the control map (given,
@@ -450,7 +447,7 @@ class BlipDiffusionRuntime(EditingMixin):
     # 5. Denoising
     # ------------------------------------------------------------------------------------------
 
-    def predict_noise(self, sample: np.ndarray, timestep: Any, encoder_hidden_states: np.ndarray,
+    def _predict_noise(self, sample: np.ndarray, timestep: Any, encoder_hidden_states: np.ndarray,
                       control: dict[str, np.ndarray] | None = None, *, timer: StageTimer | None = None) -> np.ndarray:
         """One UNet call (after the ControlNet's, with ``control``) on whatever batch ``sample`` holds."""
         timer = timer or StageTimer()
@@ -468,7 +465,7 @@ class BlipDiffusionRuntime(EditingMixin):
         with timer("unet"):
             return unet.infer(feed)["noise_pred"]
 
-    def guided_noise(self, latents: np.ndarray, timestep: Any, text_embeddings: np.ndarray, scheduler, *,
+    def _guided_noise(self, latents: np.ndarray, timestep: Any, text_embeddings: np.ndarray, scheduler, *,
                      guidance_scale: float, control: dict[str, np.ndarray] | None = None,
                      timer: StageTimer | None = None) -> np.ndarray:
         """The noise prediction with classifier-free guidance (the UNet runs on [negative; positive]
@@ -476,21 +473,21 @@ class BlipDiffusionRuntime(EditingMixin):
         do_cfg = guidance_scale > 1.0
         model_input = np.concatenate([latents, latents]) if do_cfg else latents
         model_input = scheduler.scale_model_input(model_input, timestep).astype(np.float32, copy=False)
-        noise_pred = self.predict_noise(model_input, timestep, text_embeddings, control, timer=timer)
+        noise_pred = self._predict_noise(model_input, timestep, text_embeddings, control, timer=timer)
         if do_cfg:
             batch = latents.shape[0]
             noise_uncond, noise_text = noise_pred[:batch], noise_pred[batch:]
             noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
         return noise_pred
 
-    def denoise(self, latents: np.ndarray, scheduler, text_embeddings: np.ndarray | None = None, *,
+    def _denoise(self, latents: np.ndarray, scheduler, text_embeddings: np.ndarray | None = None, *,
                 guidance_scale: float = 7.5, control: dict[str, np.ndarray] | None = None,
                 predict: NoisePredictor | None = None, after_step: AfterStep | None = None,
                 callback: StepCallback | None = None, progress: bool | str = False,
                 timer: StageTimer | None = None) -> np.ndarray:
         """The scheduler loop: every timestep, a noise prediction, then a scheduler step.
 
-        The prediction is :meth:`guided_noise` (``text_embeddings``, ``guidance_scale``,
+        The prediction is :meth:`_guided_noise` (``text_embeddings``, ``guidance_scale``,
         ``control``) unless ``predict(latents, timestep)`` is given: another flow's own UNet feed
         (editing's). ``after_step(step_index, latents)`` returns the latents the loop goes on with
         (editing's local blend; prompt-to-prompt's ``step_callback``). ``callback(step_index,
@@ -513,7 +510,7 @@ class BlipDiffusionRuntime(EditingMixin):
                 control = {name: controlnet.upload(name, value) for name, value in control.items()}
 
             def predict(sample: np.ndarray, timestep: Any) -> np.ndarray:
-                return self.guided_noise(sample, timestep, text_embeddings, scheduler, guidance_scale=guidance_scale,
+                return self._guided_noise(sample, timestep, text_embeddings, scheduler, guidance_scale=guidance_scale,
                                          control=control, timer=timer)
 
         loop_start = time.perf_counter()
@@ -537,7 +534,7 @@ class BlipDiffusionRuntime(EditingMixin):
     # 6. Decoding
     # ------------------------------------------------------------------------------------------
 
-    def decode_latents(self, latents: np.ndarray, *, timer: StageTimer | None = None) -> np.ndarray:
+    def _decode_latents(self, latents: np.ndarray, *, timer: StageTimer | None = None) -> np.ndarray:
         """Images from latents: float32 [B, H, W, 3] in [0, 1]."""
         timer = timer or StageTimer()
         with timer("vae_decoder"):
@@ -587,7 +584,7 @@ class BlipDiffusionRuntime(EditingMixin):
         start = time.perf_counter()
 
         # 1. Check inputs
-        inputs = self.check_inputs(
+        inputs = self._check_inputs(
             prompt, reference_image, source_subject_category, target_subject_category, subject=subject,
             guidance_scale=guidance_scale, height=height, width=width, num_inference_steps=num_inference_steps,
             latents=latents, neg_prompt=neg_prompt, scheduler=scheduler, output_type=output_type,
@@ -601,37 +598,69 @@ class BlipDiffusionRuntime(EditingMixin):
             if subject is not None:
                 subject_embeds = np.repeat(subject.embeddings[None], inputs.batch, axis=0)
             else:
-                subject_embeds = self.encode_subjects(inputs.references, inputs.sources)
+                subject_embeds = self._encode_subjects(inputs.references, inputs.sources)
 
         # 3. Encode the text: "a {target} {prompt}" x reps with the subject, and the negative prompt
         with timer("text_encoder"):
-            text_embeddings = self.encode_text(
+            text_embeddings = self._encode_text(
                 inputs.prompts, inputs.targets, subject_embeds, prompt_strength=inputs.prompt_strength,
                 prompt_reps=inputs.prompt_reps, guidance_scale=inputs.guidance_scale, neg_prompt=inputs.neg_prompt,
             )
 
         # 4. Prepare the timesteps, the latents and the control map
-        sched = self.prepare_scheduler(inputs.scheduler, inputs.num_inference_steps)
-        latents = self.prepare_latents(inputs.latent_shape, sched, latents=inputs.latents, seed=inputs.seed)
+        sched = self._prepare_scheduler(inputs.scheduler, inputs.num_inference_steps)
+        latents = self._prepare_latents(inputs.latent_shape, sched, latents=inputs.latents, seed=inputs.seed)
         control = None
         if inputs.uses_control:
             with timer("condition_image"):
-                control = self.prepare_control(
+                control = self._prepare_control(
                     inputs.height, inputs.width, text_embeddings.shape[0], condition_image=inputs.condition_image,
                     canny_image=inputs.canny_image, canny_low_threshold=canny_low_threshold,
                     canny_high_threshold=canny_high_threshold, conditioning_scale=inputs.controlnet_conditioning_scale,
                 )
 
         # 5. Denoise
-        latents = self.denoise(latents, sched, text_embeddings, guidance_scale=inputs.guidance_scale, control=control,
+        latents = self._denoise(latents, sched, text_embeddings, guidance_scale=inputs.guidance_scale, control=control,
                                callback=callback, progress=progress, timer=timer)
 
         # 6. Decode
-        images = self.decode_latents(latents, timer=timer)
+        images = self._decode_latents(latents, timer=timer)
         timer.timings["total"] = time.perf_counter() - start
         timer.timings["steps"] = float(len(sched.timesteps))
         return PipelineOutput(images=imgs.to_pil(images) if inputs.output_type == "pil" else images,
                               timings=timer.timings)
+
+
+    # ------------------------------------------------------------------------------------------
+    # Editing (runtime/editing.py)
+    # ------------------------------------------------------------------------------------------
+
+    def edit(self, prompt: str, reference_image: Any, source_subject_category: str, target_subject_category: str,
+             original_subject: str, *, callback: EditCallback | None = None, progress: bool = False,
+             **arguments: Any) -> EditOutput:
+        """Replace ``original_subject`` in an image by the subject of ``reference_image``.
+
+        The other arguments are :class:`~.editing.EditArguments`' by name: ``image`` (a real
+        image, inverted with DDIM first) or ``latents``/``seed`` (the image generated with the
+        source prompt "a {original_subject} {prompt}"), ``num_inference_steps``, ``guidance_scale``,
+        ``neg_prompt``, ``cross_replace_steps``, ``self_replace_steps``, ``blend_threshold``,
+        ``height``, ``width``, ``scheduler``, ``sample_posterior``, ``output_type``. Returns the
+        source image (a real image's reconstruction) and the edited image.
+        ``callback(step_index, timestep, latents [2, C, h, w])`` runs after every step.
+        """
+        edit = EditArguments(prompt, reference_image, source_subject_category, target_subject_category,
+                             original_subject, **arguments)
+        return self._editor.edit(edit, callback=callback, progress=progress)
+
+    def invert(self, image: Any, prompt: str, original_subject: str, num_inference_steps: int = 50,
+               height: int | None = None, width: int | None = None, *, sample_posterior: bool = False,
+               seed: int | None = None, callback: EditCallback | None = None, progress: bool = False) -> np.ndarray:
+        """DDIM inversion of a real image -> the latent [1, C, h, w] float32 that DDIM sampling with the
+        source prompt ``"a {original_subject} {prompt}"`` turns back into the image (usable as
+        ``latents=`` of a generation or an edit). Guidance 1, the VAE posterior's mean (or a sample
+        seeded by ``seed`` with ``sample_posterior``)."""
+        return self._editor.invert(image, prompt, original_subject, num_inference_steps, height, width,
+                                   sample_posterior=sample_posterior, seed=seed, callback=callback, progress=progress)
 
 
 def _progress(steps, enabled: bool | str):

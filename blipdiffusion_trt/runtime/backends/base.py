@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, Mapping, Sequence, TypeVar
 
 from ...errors import InputError
 
@@ -32,12 +32,81 @@ def default_threads() -> int | None:
 
 
 @dataclass(frozen=True)
+class OptionInfo:
+    """What an options field declares besides its name and default: its help and, where the command
+    line has it, its flag (every command that runs a package gets the flag from the registry).
+
+    ``flag``: ``"--graph-optimization"`` (None: Python only). ``type``: what the flag's value is
+    parsed with (a bool option's flag takes no value and sets the opposite of its default).
+    ``choices``: the allowed values, shown and checked by the parser. ``metavar``: its placeholder.
+    """
+
+    help: str
+    flag: str | None = None
+    type: Callable[[str], Any] = str
+    choices: Sequence[str] | None = None
+    metavar: str | None = None
+
+    @property
+    def dest(self) -> str:
+        """The flag's attribute on the parsed arguments: ``--ort-cache`` -> ``ort_cache``."""
+        assert self.flag is not None
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+OPTION_INFO = "blipdiffusion_trt.option"  # the key of an option's OptionInfo in its field's metadata
+
+
+def option(default: Any = dataclasses.MISSING, *, help: str, flag: str | None = None,  # noqa: A002
+           type: Callable[[str], Any] = str, choices: Sequence[str] | None = None,  # noqa: A002
+           metavar: str | None = None, default_factory: Any = dataclasses.MISSING) -> Any:
+    """One backend option: a dataclass field carrying its :class:`OptionInfo`.
+
+    ``threads: int | None = option(None, flag="--threads", type=int, help="intra-op threads")`` is
+    all a new option needs: the command line's flag, its help, the parsing and the naming of the flag
+    in errors about it follow from it.
+    """
+    info = OptionInfo(help=help, flag=flag, type=type, choices=tuple(choices) if choices else None, metavar=metavar)
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={OPTION_INFO: info})
+
+
+def option_info(f: dataclasses.Field) -> OptionInfo:
+    """The :class:`OptionInfo` of an options field (every field of an options class declares one)."""
+    info = f.metadata.get(OPTION_INFO)
+    if info is None:
+        raise TypeError(f"option {f.name} is not declared with backends.base.option(...)")
+    return info
+
+
+def threads_option() -> Any:
+    """``threads``, which the CPU backends share: one declaration, one flag."""
+    return option(None, flag="--threads", type=int,
+                  help="intra-op threads (default: BLIPDIFFUSION_TRT_THREADS, else all cores)")
+
+
+@dataclass(frozen=True)
 class BackendOptions:
-    """Base of every backend's options (a frozen dataclass; fields validated in ``__post_init__``)."""
+    """Base of every backend's options (a frozen dataclass; fields validated in ``__post_init__``,
+    each declared with :func:`option`)."""
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def flags(cls) -> dict[str, tuple[str, OptionInfo]]:
+        """The fields that have a command-line flag: flag -> (field name, its :class:`OptionInfo`)."""
+        out = {}
+        for f in dataclasses.fields(cls):
+            info = option_info(f)
+            if info.flag is not None:
+                out[info.flag] = (f.name, info)
+        return out
+
+    @classmethod
+    def field_default(cls, name: str) -> Any:
+        f = next(f for f in dataclasses.fields(cls) if f.name == name)
+        return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 OptionsT = TypeVar("OptionsT", bound=BackendOptions)

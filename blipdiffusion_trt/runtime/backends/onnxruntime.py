@@ -18,7 +18,7 @@ from ...package import ModelPackage
 from ..engine import Engine
 from ..ort_install import require_onnxruntime
 from . import ort_cache
-from .base import Backend, BackendOptions, Capabilities, default_threads
+from .base import Backend, BackendOptions, Capabilities, default_threads, option, threads_option
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +56,21 @@ class OnnxRuntimeOptions(BackendOptions):
     the capability (:class:`Capabilities`) ignore ``optimized_cache`` and ``cpu_fused``.
     """
 
-    threads: int | None = None
-    graph_optimization: str = "all"
-    optimized_cache: str | Path | None = None
-    memory_arena: str = "loop"
-    cpu_fused: bool = True
+    threads: int | None = threads_option()
+    graph_optimization: str = option(
+        "all", flag="--graph-optimization", choices=GRAPH_OPTIMIZATIONS,
+        help="ONNX Runtime graph optimisation: all (fastest steps) or extended (much faster start)")
+    optimized_cache: str | Path | None = option(
+        None, flag="--ort-cache", metavar="DIR",
+        help="directory keeping ONNX Runtime's optimised CPU graphs between runs "
+             "(fast start and fast steps; costs a copy of the weights on disk; one that cannot be written is "
+             "skipped with a warning)")
+    memory_arena: str = option(
+        "loop", flag="--memory-arena", choices=MEMORY_ARENAS,
+        help="ONNX Runtime CPU sessions that keep a memory arena: loop (UNet/ControlNet), all, none")
+    cpu_fused: bool = option(
+        True, flag="--no-cpu-fused",
+        help="load the plain fp32 graphs even where the package has CPU-fused ones")
 
     def __post_init__(self) -> None:
         if self.threads is None:

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -55,7 +55,7 @@ from ...package import ModelPackage, layout
 from .. import ort_install
 from ..engine import Engine
 from ..ort_install import ensure_cuda_libraries, ensure_tensorrt_library, require_onnxruntime
-from .base import Backend, Capabilities
+from .base import Backend, Capabilities, option
 from .onnxruntime import LOOP_COMPONENTS, OnnxRuntimeEngine, OnnxRuntimeOptions, provider_available, provider_name
 
 logger = logging.getLogger(__name__)
@@ -88,14 +88,19 @@ class OnnxRuntimeGpuOptions(OnnxRuntimeOptions):
     option, as ONNX Runtime spells it, applied last (e.g. ``{"cudnn_conv_use_max_workspace": "0"}``).
     """
 
-    device_id: int = 0
-    use_tf32: bool = False
-    cudnn_conv_algo_search: str = "HEURISTIC"
-    prefer_nhwc: bool = False
-    cuda_graph: str = "loop"
-    cuda_fused: bool = True
-    cache_dir: str | Path | None = None
-    provider_options: Mapping[str, Any] = field(default_factory=dict)
+    device_id: int = option(0, flag="--device-id", type=int, help="the GPU")
+    use_tf32: bool = option(False, help="fp32 matrix products and convolutions in TF32")
+    cudnn_conv_algo_search: str = option(
+        "HEURISTIC", flag="--cudnn-conv-algo-search", choices=CUDNN_CONV_ALGO_SEARCHES,
+        help="cuDNN's convolution algorithm search (EXHAUSTIVE: seconds on the first call of each size, for servers)")
+    prefer_nhwc: bool = option(False, help="the CUDA provider's channels-last convolutions (plain graphs)")
+    cuda_graph: str = option(
+        "loop", flag="--cuda-graph", choices=CUDA_GRAPH_POLICIES,
+        help="run the UNet and ControlNet under CUDA graphs (loop) or not (none); cuda backend only")
+    cuda_fused: bool = option(True, help="load the package's CUDA-fused fp16 graphs where it has them")
+    cache_dir: str | Path | None = option(None, help="root of the TensorRT provider's engine and timing caches")
+    provider_options: Mapping[str, Any] = option(default_factory=dict,
+                                                 help="any other provider option, as ONNX Runtime spells it")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -88,7 +88,7 @@ from ...errors import EngineError, InputError, first_line
 from ...fsutil import LOCKS_AVAILABLE, LockTimeout, StagingDir, confined_path, locked, remove_entry, replace_dir
 from ...package import ModelPackage, layout
 from ..engine import Engine
-from .base import Backend, BackendOptions, Capabilities, default_threads
+from .base import Backend, BackendOptions, Capabilities, default_threads, option, threads_option
 from .cache_record import check_record, write_record
 
 logger = logging.getLogger(__name__)
@@ -122,12 +122,20 @@ class OpenVINOOptions(BackendOptions):
     component (one per distinct input-shape signature, LRU).
     """
 
-    inference_precision: str = "auto"
-    threads: int | None = None
-    cache_dir: str | Path | None = None
-    model_cache: bool = True
-    compress_weights: bool = False
-    max_shapes: int = 4
+    inference_precision: str = option(
+        "auto", flag="--inference-precision", choices=INFERENCE_PRECISIONS,
+        help="auto (bf16 where the CPU has it, else f32), f32 (exact), bf16 (an error on a CPU without it)")
+    threads: int | None = threads_option()
+    cache_dir: str | Path | None = option(
+        None, flag="--openvino-cache", metavar="DIR",
+        help="model cache directory (default: $XDG_CACHE_HOME/blipdiffusion-trt/openvino, "
+             "else ~/.cache/blipdiffusion-trt/openvino)")
+    model_cache: bool = option(True, flag="--no-openvino-cache", help="no model cache")
+    compress_weights: bool = option(
+        False, flag="--openvino-int8-weights",
+        help="INT8 weight-only compression of the UNet, ControlNet and VAE decoder "
+             "(needs NNCF; for machines short of memory)")
+    max_shapes: int = option(4, help="compiled models kept per component (one per input-shape signature, LRU)")
 
     def __post_init__(self) -> None:
         if self.inference_precision not in INFERENCE_PRECISIONS:

@@ -48,7 +48,7 @@ from ...errors import EngineError, InputError, first_line
 from ...package import ModelPackage
 from .. import ort_install
 from ..engine import Engine, pad_rows, rows_to_pad
-from .base import Backend, BackendOptions, Capabilities
+from .base import Backend, BackendOptions, Capabilities, option
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,8 @@ class TensorRTOptions(BackendOptions):
     """``use_cuda_graph``: capture each engine's execution in a CUDA graph and replay it while shapes
     and buffers stay the same (default: ``BLIPDIFFUSION_TRT_CUDA_GRAPH=1``)."""
 
-    use_cuda_graph: bool = field(default_factory=_cuda_graph_default)
+    use_cuda_graph: bool = option(default_factory=_cuda_graph_default,
+                                  help=f"capture each engine in a CUDA graph (default: {CUDA_GRAPH_ENV}=1)")
 
     def __post_init__(self) -> None:
         if not isinstance(self.use_cuda_graph, bool):

@@ -137,7 +137,7 @@ class BlipDiffusionModel:
         edit_only = self._given(request, EDIT_ONLY_INPUTS)
         if edit_only and not self.is_edit(request):
             raise InputError(f"{edit_only[0]}: an input of edits; pass original_subject to edit", field=edit_only[0])
-        seed = int(self._scalar(request, "seed"))  # checked with the rest by the runtime's check_inputs
+        seed = int(self._scalar(request, "seed"))  # checked with the rest by the runtime's checks
         kwargs: dict[str, Any] = dict(
             prompt=self._string(request, "prompt"),
             reference_image=self._image(request, "reference_image"),
