@@ -363,11 +363,80 @@ def test_bls_model_answers_bad_edits_in_one_line(fake_server, repositories, tiny
 def test_component_model_bad_request_is_one_line(fake_server, repositories):
     models = load_python_models(repositories["tiny"], fake_server)
     (response,) = models["vae_decoder"].execute([fake_server.InferenceRequest(inputs=[])])
-    assert response.error().message() == "vae_decoder: ValueError: missing input 'latents'"
+    assert response.error().message() == "vae_decoder: missing input 'latents'"
+    assert response.error().code() == pb.TritonError.INVALID_ARG
     latents = np.zeros((1, 1, 2, 2), np.float32)  # wrong channel count
     (response,) = models["vae_decoder"].execute([fake_server.InferenceRequest(inputs=[pb.Tensor("latents", latents)])])
     text = response.error().message()
     assert text.startswith("vae_decoder: ") and "\n" not in text
+
+
+def _declared_inputs(spec, point: str = "min") -> dict[str, np.ndarray]:
+    return {t.name: np.zeros(t.shape_at(point), t.dtype) for t in spec.inputs}
+
+
+@pytest.mark.parametrize("which", ["tiny", "tiny_cn"])
+def test_every_component_model_refuses_undeclared_inputs_before_any_work(fake_server, repositories, request, which):
+    """Issue 20.1: a request straight to a component model outside the package's declarations
+    (components.py) is refused in one line (INVALID_ARG) before its graph runs; inside them it runs."""
+    from blipdiffusion_trt.package import ModelPackage
+
+    fixture = request.getfixturevalue(which)
+    specs = ModelPackage.open(fixture.package, verify=False).specs
+    models = load_python_models(repositories[which], fake_server)
+    components = [name for name in models if name in specs]
+    assert set(generation_components(read_pipeline_config(fixture.package))) <= set(components)
+    for name in components:
+        model = models[name].model
+        spec = specs[name]
+        runs = []
+        real_run = model.session.run
+        model.session.run = lambda *a, **k: runs.append(a) or real_run(*a, **k)
+
+        def send(arrays):
+            tensors = [pb.Tensor(n, a) for n, a in arrays.items()]
+            (response,) = models[name].execute([fake_server.InferenceRequest(inputs=tensors)])
+            return response
+
+        # the declared minimum runs
+        response = send(_declared_inputs(spec, "min"))
+        assert not response.has_error(), (name, response.error() and response.error().message())
+        assert len(runs) == 1
+        bad_cases = []
+        for tensor in spec.inputs:
+            for index, dim in enumerate(tensor.shape):
+                if isinstance(dim, Axis):
+                    shape = list(tensor.shape_at("min"))
+                    shape[index] = dim.max + max(1, dim.multiple_of)  # past the declared range
+                    bad_cases.append((tensor.name, shape, tensor.dtype, f"outside [{dim.min}, {dim.max}]"))
+                else:
+                    shape = list(tensor.shape_at("min"))
+                    shape[index] = dim + 1
+                    bad_cases.append((tensor.name, shape, tensor.dtype, f"dim {index} is {dim + 1}, expected {dim}"))
+            other = "float64" if tensor.dtype != "float64" else "float32"
+            bad_cases.append((tensor.name, list(tensor.shape_at("min")), other, f"dtype {other}, expected {tensor.dtype}"))
+            bad_cases.append((tensor.name, list(tensor.shape_at("min")) + [2], tensor.dtype, "has rank"))
+        for tensor_name, shape, dtype, message in bad_cases:
+            arrays = _declared_inputs(spec, "min")
+            arrays[tensor_name] = np.zeros(shape, dtype)
+            response = send(arrays)
+            assert response.has_error(), (name, tensor_name, shape, dtype)
+            text = response.error().message()
+            assert text.startswith(f"{name}: input {tensor_name}: ") and message in text and "\n" not in text, text
+            assert response.error().code() == pb.TritonError.INVALID_ARG, text
+        extra = {**_declared_inputs(spec, "min"), "surprise": np.zeros(1, np.float32)}
+        assert "unexpected input 'surprise'" in send(extra).error().message()
+        assert len(runs) == 1, f"{name}: a refused request ran the graph"
+
+
+def test_vae_decoder_refuses_the_issue_20_request(fake_server, repositories):
+    """The request that grew the stub to 13.7 GB: latents [1, 4, 256, 256]."""
+    models = load_python_models(repositories["tiny"], fake_server)
+    (response,) = models["vae_decoder"].execute([fake_server.InferenceRequest(
+        inputs=[pb.Tensor("latents", np.zeros((1, 4, 256, 256), np.float32))])])
+    text = response.error().message()
+    assert response.error().code() == pb.TritonError.INVALID_ARG
+    assert text.startswith("vae_decoder: input latents: ") and "outside" in text, text
 
 
 def test_bls_model_needs_a_model_for_every_generation_component(fake_server, repositories, tiny):

@@ -137,13 +137,14 @@ def _instance_group(count: int, kind: str) -> str:
 def component_config(
     spec: ComponentSpec, config: PipelineConfig, *, name: str, flavor: str, max_batch_size: int, instances: int,
     cc_model_filenames: dict[str, str] | None = None, cpu_threads: int = 0, ranges: dict[str, Range] | None = None,
-    code_dir: str = "",
+    code_dir: str = "", package_dir: str = "",
 ) -> tuple[str, int]:
     """config.pbtxt text of one component model, and its max_batch_size.
 
     ``ranges``: the axis ranges a TensorRT engine was built for (default: the declared ones).
     ``code_dir``: python-cpu only, the model's path to the repository's copy of this package's
-    code (:data:`~.repository.CODE_FILES`), relative to its version directory.
+    code (:data:`~.repository.CODE_FILES`), relative to its version directory; ``package_dir``:
+    python-cpu only, its path to the package copy whose declarations bound its requests.
     """
     mbs = triton_max_batch_size(spec, config, max_batch_size, ranges)
     batching = mbs > 0
@@ -187,7 +188,8 @@ def component_config(
             "      }\n    ]\n  }\n}\n"
         )
     else:
-        text += _parameters({"component": spec.name, "intra_op_threads": str(cpu_threads), "code_dir": code_dir})
+        text += _parameters({"component": spec.name, "intra_op_threads": str(cpu_threads), "code_dir": code_dir,
+                             "package_dir": package_dir})
     return text, mbs
 
 

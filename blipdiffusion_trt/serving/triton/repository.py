@@ -357,6 +357,7 @@ def write_triton_repository(
                 spec, config, name=names[component], flavor=flavor, max_batch_size=max_batch_size,
                 instances=instances, cc_model_filenames=cc_files, cpu_threads=cpu_threads, ranges=ranges,
                 code_dir=f"../../{bls_name}/1",  # the code copied into the BLS model's version directory
+                package_dir=f"../../{bls_name}/1/{PACKAGE_COPY}",  # its declarations bound the requests
             )
             (model_dir / "config.pbtxt").write_text(text)
             batch_sizes[component] = mbs
