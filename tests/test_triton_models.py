@@ -483,3 +483,83 @@ def test_repository_code_runs_on_its_own(repositories, tiny, tmp_path):
                                          f"copied but not loaded: {sorted(set(CODE_FILES) - set(loaded))}"
     image = np.array(result["image"], dtype=np.uint8)
     np.testing.assert_array_equal(image, python_api_image(tiny, args))
+
+
+# --------------------------------------------------------------------------------------------
+# Under load (issue 23): cancellation, timeouts, progress, metrics
+# --------------------------------------------------------------------------------------------
+
+
+def _unet_calls(backend_utils) -> int:
+    return sum(1 for name, _ in backend_utils.SENT if name == "unet_plain")
+
+
+def test_bls_model_stops_a_cancelled_request_at_the_next_step(fake_server, repositories, tiny):
+    """A request cancelled during step k runs no UNet call after step k; its answer is CANCELLED in one
+    line; the model counts it and serves the next request normally."""
+    models = load_python_models(repositories["tiny"], fake_server)
+    bls = models["blip_diffusion"]
+    req = request_of(fake_server, generation(tiny, num_inference_steps=10, scheduler="ddim"))
+    req.cancel_after = 4  # the check before the loop, then steps 1-3 pass; cancelled during step 4
+    (response,) = bls.execute([req])
+    assert response.error().code() == pb.TritonError.CANCELLED
+    assert response.error().message() == "cancelled after 4 of 10 denoising steps"
+    assert _unet_calls(fake_server) == 4
+    assert pb.metric_value("blip_diffusion_requests_total", model="blip_diffusion", outcome="cancelled") == 1
+    assert pb.metric_value("blip_diffusion_denoising_steps_total", model="blip_diffusion") == 4
+    # cancelled while it waited: no work at all
+    req = request_of(fake_server, generation(tiny))
+    req.cancel_after = 0
+    (response,) = bls.execute([req])
+    assert response.error().message() == "cancelled after 0 of 2 denoising steps" and _unet_calls(fake_server) == 4
+    args = generation(tiny, seed=3)
+    (response,) = bls.execute([request_of(fake_server, args)])
+    np.testing.assert_array_equal(pb.get_output_tensor_by_name(response, "image").as_numpy(),
+                                  python_api_image(tiny, args))
+    assert pb.metric_value("blip_diffusion_requests_total", model="blip_diffusion", outcome="ok") == 1
+    assert pb.metric_value("blip_diffusion_requests_in_progress", model="blip_diffusion") == 0
+
+
+def test_bls_model_honours_a_requests_own_timeout(fake_server, repositories, tiny, monkeypatch):
+    import blipdiffusion_trt.serving.triton.bls as bls_module
+
+    models = load_python_models(repositories["tiny"], fake_server)
+    clock = [1000.0]
+    monkeypatch.setattr(bls_module, "monotonic", lambda: clock[0])
+    req = request_of(fake_server, generation(tiny, num_inference_steps=6, scheduler="euler"))
+    req.timeout_us = 2_500_000
+    real_infer = TritonEngine.infer
+
+    def slow_infer(self, feed, keep=()):  # every UNet call takes a second of the fake clock
+        if self.model_name == "unet_plain":
+            clock[0] += 1.0
+        return real_infer(self, feed, keep)
+
+    monkeypatch.setattr(TritonEngine, "infer", slow_infer)
+    (response,) = models["blip_diffusion"].execute([req])
+    assert response.error().code() == pb.TritonError.UNAVAILABLE
+    assert response.error().message() == "timed out: its timeout of 2500 ms passed after 3 of 6 denoising steps"
+    assert _unet_calls(fake_server) == 3
+    assert pb.metric_value("blip_diffusion_requests_total", model="blip_diffusion", outcome="timed_out") == 1
+
+
+def test_progress_model_streams_every_step_then_the_image(fake_server, tiny, tmp_path):
+    """The decoupled variant: one response per denoising step (step, steps; PNDM runs one more
+    step than asked), then the image, flagged final, equal to the Python API's."""
+    repo = write_triton_repository(tiny.package, tmp_path / "repo", "python-cpu", progress_model=True).path
+    models = load_python_models(repo, fake_server)
+    args = generation(tiny, num_inference_steps=3)
+    req = request_of(fake_server, args)
+    assert models["blip_diffusion_progress"].execute([req]) is None
+    *progress, (final, flags) = req.sent
+    assert [pb.get_output_tensor_by_name(r, "step").as_numpy().tolist() for r, _ in progress] == [[1], [2], [3], [4]]
+    assert {pb.get_output_tensor_by_name(r, "steps").as_numpy().tolist()[0] for r, _ in progress} == {4}
+    assert all(f == 0 for _, f in progress) and flags == pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+    np.testing.assert_array_equal(pb.get_output_tensor_by_name(final, "image").as_numpy(), python_api_image(tiny, args))
+    # a bad request: its error, final, and nothing else
+    req = request_of(fake_server, generation(tiny, num_inference_steps=0))
+    models["blip_diffusion_progress"].execute([req])
+    ((response, flags),) = req.sent
+    assert response.error().code() == pb.TritonError.INVALID_ARG and flags == pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+    assert pb.metric_value("blip_diffusion_requests_total", model="blip_diffusion_progress", outcome="invalid") == 1
+    assert pb.metric_value("blip_diffusion_requests_total", model="blip_diffusion_progress", outcome="ok") == 1
