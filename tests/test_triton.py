@@ -18,10 +18,6 @@ import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
-import sysconfig
 import time
 import urllib.request
 from pathlib import Path
@@ -49,6 +45,7 @@ from blipdiffusion_trt.serving.triton import repository as tr  # noqa: E402
 from blipdiffusion_trt.errors import InputError, PackageError  # noqa: E402
 
 from helpers import run_cli  # noqa: E402
+from triton_server import shm_regions, start_server, stop_server, stub_pid  # noqa: E402
 
 FLAVORS = ("python-cpu", "onnxruntime", "tensorrt")
 ONNX_TO_TRITON = {1: "TYPE_FP32", 10: "TYPE_FP16", 7: "TYPE_INT64", 6: "TYPE_INT32", 2: "TYPE_UINT8", 9: "TYPE_BOOL"}
@@ -256,6 +253,31 @@ def test_repository_configs(flavor, which, request, trt_packages, tmp_path):
     compile((version_dir / "model.py").read_text(), "model.py", "exec")
 
 
+def test_queue_policy_and_progress_model(tiny, tmp_path):
+    """The pipeline models' queue policy (issue 23.1) and the decoupled progress variant (23.4)."""
+    repo = tr.write_triton_repository(tiny.package, tmp_path / "repo", "python-cpu", max_queue_size=3,
+                                      queue_timeout_ms=1500, progress_model=True, instances=2)
+    for name, decoupled in (("blip_diffusion", False), ("blip_diffusion_progress", True)):
+        cfg = parse_config(repo.path / name / "config.pbtxt")
+        policy = cfg.dynamic_batching.default_queue_policy
+        assert cfg.max_batch_size == 0 and policy.max_queue_size == 3
+        assert policy.default_timeout_microseconds == 1_500_000 and policy.allow_timeout_override
+        assert policy.timeout_action == model_config_pb2.ModelQueuePolicy.REJECT
+        assert cfg.model_transaction_policy.decoupled == decoupled and cfg.instance_group[0].count == 2
+        outputs = [t.name for t in cfg.output]
+        assert outputs[-2:] == (["step", "steps"] if decoupled else ["image", "source_image"])
+    params = {k: v.string_value for k, v in parse_config(repo.path / "blip_diffusion_progress" / "config.pbtxt").parameters.items()}
+    version_dir = repo.path / "blip_diffusion_progress" / "1"
+    assert params["progress"] == "true" and (version_dir / params["package_dir"] / "pipeline.json").is_file()
+    assert (version_dir / params["code_dir"] / "blipdiffusion_trt" / "serving" / "triton" / "bls.py").is_file()
+    # the defaults; no progress model unless asked
+    repo = tr.write_triton_repository(tiny.package, tmp_path / "default", "python-cpu")
+    policy = parse_config(repo.path / "blip_diffusion" / "config.pbtxt").dynamic_batching.default_queue_policy
+    assert policy.max_queue_size == configs.DEFAULT_MAX_QUEUE_SIZE
+    assert policy.default_timeout_microseconds == configs.DEFAULT_QUEUE_TIMEOUT_MS * 1000
+    assert not (repo.path / "blip_diffusion_progress").exists()
+
+
 def test_tensorrt_several_architectures(tiny, tmp_path):
     package = fake_plans(tiny.package, tmp_path / "pkg", ("sm_89-trt10.8", "sm_90-trt10.8", "sm_90-trt10.3", "sm_86-trt10.8"))
     (package / "engines" / "sm_86-trt10.8" / "vae_decoder.plan").unlink()  # incomplete: skipped
@@ -359,6 +381,8 @@ def test_max_batch_size_option(tiny, tmp_path):
     ({"instances": 0}, "instances must be an integer in [1, 64], got 0"),
     ({"name_prefix": "a b/"}, "name prefix must be"),
     ({"max_image_pixels": 0}, "max_image_pixels must be an integer >= 1"),
+    ({"max_queue_size": 0}, "max_queue_size must be an integer in [1, 1048576], got 0"),
+    ({"queue_timeout_ms": -1}, "queue_timeout_ms must be an integer in [0, 86400000], got -1"),
 ])
 def test_bad_arguments(tiny, tmp_path, kwargs, message):
     with pytest.raises(InputError) as error:
@@ -407,191 +431,10 @@ def test_cli(tiny, tmp_path, capsys):
 # --------------------------------------------------------------------------------------------
 
 MAX_IMAGE_PIXELS = 64 * 64
-STARTUP_SECONDS = 180
 LOAD_TEST_HANG_SECONDS = 600
 REFERENCE = np.random.default_rng(7).integers(0, 256, (40, 50, 3), dtype=np.uint8)
 CONDITION = np.random.default_rng(8).integers(0, 256, (24, 28, 3), dtype=np.uint8)
 REAL_IMAGE = np.random.default_rng(9).integers(0, 256, (30, 44, 3), dtype=np.uint8)
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def _glibc() -> tuple[int, ...] | None:
-    try:
-        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
-    except (AttributeError, ValueError, OSError):
-        return None
-    return tuple(int(p) for p in version.split(".")[:2]) if name == "glibc" else None
-
-
-def _stub_python_bin(tmp: Path) -> Path:
-    """bin/ directory of the Python the stub runs: this environment, with numpy<2 in front if needed."""
-    if int(np.__version__.split(".")[0]) < 2:
-        return Path(sys.executable).parent
-    numpy1 = os.environ.get("BLIPDIFFUSION_TRT_STUB_NUMPY")
-    if not numpy1:
-        pytest.skip(
-            f"pytriton's python backend stub is built against numpy 1.x (pytriton requires numpy<2), this "
-            f"environment has numpy {np.__version__}: install the triton extra, or set BLIPDIFFUSION_TRT_STUB_NUMPY "
-            f"to a directory made with `pip install --target DIR 'numpy<2'`"
-        )
-    overlay = tmp / "stub-env"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(overlay)], check=True)
-    site_dir = Path(subprocess.run(
-        [str(overlay / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True, capture_output=True, text=True).stdout.strip())
-    for entry in Path(numpy1).iterdir():
-        if entry.name.startswith("numpy"):
-            (site_dir / entry.name).symlink_to(entry)
-    import site
-
-    lines = "".join(f"import site; site.addsitedir({p!r})\n" for p in site.getsitepackages())
-    (site_dir / "zz_blipdiffusion_trt_base.pth").write_text(lines)
-    check = subprocess.run([str(overlay / "bin" / "python"), "-c", "import numpy, onnxruntime, tokenizers; print(numpy.__version__)"],
-                           capture_output=True, text=True)
-    if check.returncode or not check.stdout.startswith("1."):
-        pytest.skip(f"BLIPDIFFUSION_TRT_STUB_NUMPY={numpy1}: no usable numpy<2 there ({check.stdout.strip() or check.stderr.strip()[-200:]})")
-    return overlay / "bin"
-
-
-class TritonServer:
-    def __init__(self, process: subprocess.Popen, http_port: int, grpc_port: int, log: Path):
-        self.process = process
-        self.shm_prefix = ""
-        self.http_url = f"127.0.0.1:{http_port}"
-        self.grpc_url = f"127.0.0.1:{grpc_port}"
-        self.log = log
-        self._clients = []
-
-    def client(self, protocol: str):
-        if protocol == "http":
-            import tritonclient.http as module
-
-            client = module.InferenceServerClient(self.http_url, network_timeout=120.0, connection_timeout=30.0)
-        else:
-            import tritonclient.grpc as module
-
-            client = module.InferenceServerClient(self.grpc_url)
-        self._clients.append(client)
-        return client
-
-    def close_clients(self) -> None:
-        while self._clients:
-            self._clients.pop().close()
-
-    def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-
-SHM_DIR = Path("/dev/shm")
-STOP_SECONDS = 20  # how long a SIGTERM'd server may take to stop before the test gives up on it
-
-
-def start_server(repos: list[Path], tmp: Path) -> TritonServer:
-    """tritonserver on 127.0.0.1 serving ``repos``, with its own prefix for the python backend's
-    shared-memory regions (so that exactly its regions can be checked and removed)."""
-    pytriton = pytest.importorskip("pytriton", reason="needs nvidia-pytriton (it bundles tritonserver)")
-    glibc = _glibc()
-    if glibc is None or glibc < (2, 35):
-        pytest.skip(f"pytriton's tritonserver needs glibc >= 2.35, this system has {glibc}")
-    dist = Path(pytriton.__file__).parent / "tritonserver"
-    binary = dist / "bin" / "tritonserver"
-    python_backend = dist / "backends" / "python"
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
-    libs = dist.parent.parent / "nvidia_pytriton.libs"
-    for needed in (binary, python_backend / "libtriton_python.so", stub):
-        if not needed.is_file():
-            pytest.skip(f"pytriton's server is incomplete here: {needed} is missing")
-
-    backends = tmp / "backends"
-    shutil.copytree(python_backend, backends / "python", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy2(stub, backends / "python" / "triton_python_backend_stub")
-    python_bin = _stub_python_bin(tmp)
-    env = dict(os.environ)
-    env["PATH"] = f"{python_bin}{os.pathsep}{env.get('PATH', '')}"
-    ld = [sysconfig.get_config_var("LIBDIR") or "", str(libs), env.get("LD_LIBRARY_PATH", "")]
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in ld if p)
-    http_port, grpc_port, metrics_port = _free_ports(3)
-    shm_prefix = f"blipdiffusion_trt_test_{os.getpid()}_{http_port}_"
-    command = [str(binary)]
-    for repo in repos:
-        command += ["--model-repository", str(repo)]
-    command += [
-        "--backend-directory", str(backends), "--http-address", "127.0.0.1", "--grpc-address", "127.0.0.1",
-        "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
-        "--allow-metrics", "false", "--allow-gpu-metrics", "false", "--exit-timeout-secs", "10",
-        f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
-    ]
-    log = tmp / "tritonserver.log"
-    with open(log, "wb") as log_file:
-        process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=tmp,
-                                   start_new_session=True)
-    server = TritonServer(process, http_port, grpc_port, log)
-    server.shm_prefix = shm_prefix
-    try:
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"tritonserver exited with {process.returncode}:\n{server.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"http://{server.http_url}/v2/health/ready", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"tritonserver not ready after {STARTUP_SECONDS} s:\n{server.log_tail()}")
-            time.sleep(0.5)
-    except BaseException:
-        stop_server(server)
-        raise
-    return server
-
-
-def shm_regions(server: TritonServer) -> list[Path]:
-    return sorted(SHM_DIR.glob(server.shm_prefix + "*")) if SHM_DIR.is_dir() else []
-
-
-def stop_server(server: TritonServer) -> dict:
-    """SIGTERM; after :data:`STOP_SECONDS` SIGKILL to its process group (the server and its stubs,
-    nothing else). Then its shared-memory regions are removed (a stub killed with SIGKILL cannot
-    remove its own). Returns what happened: seconds to stop, killed or not, regions left."""
-    server.close_clients()
-    process = server.process
-    result = {"seconds": 0.0, "killed": False, "regions_left": []}
-    if process.poll() is None:
-        start = time.monotonic()
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=STOP_SECONDS)
-        except subprocess.TimeoutExpired:
-            result["killed"] = True
-            os.killpg(process.pid, signal.SIGKILL)  # its own session: the server and its stubs only
-            process.wait(timeout=10)
-        result["seconds"] = time.monotonic() - start
-    try:  # stubs in the server's session that outlived it
-        os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    result["regions_left"] = [p.name for p in shm_regions(server)]
-    for region in shm_regions(server):
-        region.unlink(missing_ok=True)
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -785,6 +628,37 @@ def test_server_bad_requests(triton_server, tiny, tiny_cn, protocol):
     assert "not healthy" not in triton_server.log_tail(200_000)
 
 
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_server_component_models_refuse_undeclared_inputs(triton_server, tiny, protocol):
+    """Issue 20.1 on the real server: the request that once grew a vae_decoder stub to 13.7 GB
+    (latents [1, 4, 256, 256]) is refused before any work, in one line, INVALID_ARG; the stub's
+    memory stays within a bound far below that work (64 MB), and the pipeline still serves."""
+    from tritonclient.utils import InferenceServerException
+
+    module = __import__(f"tritonclient.{protocol}", fromlist=["InferInput"])
+    client = triton_server.client(protocol)
+    pid = stub_pid(triton_server, "vae_decoder")
+    before = _rss(pid)
+    latents = module.InferInput("latents", [1, 4, 256, 256], "FP32")
+    latents.set_data_from_numpy(np.zeros((1, 4, 256, 256), np.float32))
+    with pytest.raises(InferenceServerException) as error:
+        client.infer("vae_decoder", [latents])
+    text = error.value.message()
+    assert "vae_decoder: input latents: latent_height=256 outside" in text and "\n" not in text, text
+    assert str(error.value.status()) in ("400", "StatusCode.INVALID_ARGUMENT")
+    assert _rss(pid) - before < 64 << 20
+    args = generation(tiny, seed=12)
+    np.testing.assert_array_equal(infer(client, protocol, "blip_diffusion", triton_inputs(protocol, args)),
+                                  reference_image(tiny, **args))
+
+
 # --------------------------------------------------------------------------------------------
 # Edits
 # --------------------------------------------------------------------------------------------
@@ -840,24 +714,6 @@ def test_server_edits(triton_server, tiny):
 # --------------------------------------------------------------------------------------------
 
 
-def _stub_pid(server: TritonServer, model: str) -> int:
-    """The python-backend stub process serving ``model`` (a child of the server; its command line
-    names the model's file)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == server.process.pid and any(f"/{model}/1/model.py".encode() in part for part in cmdline):
-            found.append(int(entry.name))
-    assert len(found) == 1, f"stub of {model}: {found}"
-    return found[0]
-
-
 def test_liveness_probe_sees_a_dead_stub(tiny, tmp_path_factory):
     """After ``kill -9`` of a stub, Triton still reports the server and every model ready (so the
     docs say to probe liveness with a real request); ``blipdiffusion-trt triton-probe``, one
@@ -870,8 +726,12 @@ def test_liveness_probe_sees_a_dead_stub(tiny, tmp_path_factory):
         probe = run_cli("triton-probe", "--url", server.http_url, "--timeout", "120", timeout=300)
         assert probe.returncode == 0 and probe.stdout.startswith("ok: blip_diffusion made an image"), probe
         assert shm_regions(server), "the python backend did not use this server's shared-memory prefix"
-        for model in ("unet_plain", "blip_diffusion"):
-            pid = _stub_pid(server, model)
+        # a component's stub (issue 20.1: vae_decoder, the one an oversized request once got
+        # OOM-killed), then the pipeline's own; each failed probe waits for the dead stub, so two
+        killed = []
+        for model in ("vae_decoder", "blip_diffusion"):
+            pid = stub_pid(server, model)
+            killed.append(model)
             os.kill(pid, signal.SIGKILL)
             deadline = time.monotonic() + 30
             while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
@@ -882,6 +742,10 @@ def test_liveness_probe_sees_a_dead_stub(tiny, tmp_path_factory):
             assert failed.returncode == 1, failed
             lines = failed.stderr.strip().splitlines()
             assert len(lines) == 1 and lines[0].startswith("unhealthy: ") and "not healthy" in lines[0], failed.stderr
+            named = [m for m in killed if m in lines[0]]
+            assert named, (model, lines[0])
+            if len(killed) == 1:
+                assert named == [model], lines[0]
     finally:
         stopped = stop_server(server)
     assert not shm_regions(server), "shared-memory regions left behind"

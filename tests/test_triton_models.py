@@ -363,11 +363,80 @@ def test_bls_model_answers_bad_edits_in_one_line(fake_server, repositories, tiny
 def test_component_model_bad_request_is_one_line(fake_server, repositories):
     models = load_python_models(repositories["tiny"], fake_server)
     (response,) = models["vae_decoder"].execute([fake_server.InferenceRequest(inputs=[])])
-    assert response.error().message() == "vae_decoder: ValueError: missing input 'latents'"
+    assert response.error().message() == "vae_decoder: missing input 'latents'"
+    assert response.error().code() == pb.TritonError.INVALID_ARG
     latents = np.zeros((1, 1, 2, 2), np.float32)  # wrong channel count
     (response,) = models["vae_decoder"].execute([fake_server.InferenceRequest(inputs=[pb.Tensor("latents", latents)])])
     text = response.error().message()
     assert text.startswith("vae_decoder: ") and "\n" not in text
+
+
+def _declared_inputs(spec, point: str = "min") -> dict[str, np.ndarray]:
+    return {t.name: np.zeros(t.shape_at(point), t.dtype) for t in spec.inputs}
+
+
+@pytest.mark.parametrize("which", ["tiny", "tiny_cn"])
+def test_every_component_model_refuses_undeclared_inputs_before_any_work(fake_server, repositories, request, which):
+    """Issue 20.1: a request straight to a component model outside the package's declarations
+    (components.py) is refused in one line (INVALID_ARG) before its graph runs; inside them it runs."""
+    from blipdiffusion_trt.package import ModelPackage
+
+    fixture = request.getfixturevalue(which)
+    specs = ModelPackage.open(fixture.package, verify=False).specs
+    models = load_python_models(repositories[which], fake_server)
+    components = [name for name in models if name in specs]
+    assert set(generation_components(read_pipeline_config(fixture.package))) <= set(components)
+    for name in components:
+        model = models[name].model
+        spec = specs[name]
+        runs = []
+        real_run = model.session.run
+        model.session.run = lambda *a, **k: runs.append(a) or real_run(*a, **k)
+
+        def send(arrays):
+            tensors = [pb.Tensor(n, a) for n, a in arrays.items()]
+            (response,) = models[name].execute([fake_server.InferenceRequest(inputs=tensors)])
+            return response
+
+        # the declared minimum runs
+        response = send(_declared_inputs(spec, "min"))
+        assert not response.has_error(), (name, response.error() and response.error().message())
+        assert len(runs) == 1
+        bad_cases = []
+        for tensor in spec.inputs:
+            for index, dim in enumerate(tensor.shape):
+                if isinstance(dim, Axis):
+                    shape = list(tensor.shape_at("min"))
+                    shape[index] = dim.max + max(1, dim.multiple_of)  # past the declared range
+                    bad_cases.append((tensor.name, shape, tensor.dtype, f"outside [{dim.min}, {dim.max}]"))
+                else:
+                    shape = list(tensor.shape_at("min"))
+                    shape[index] = dim + 1
+                    bad_cases.append((tensor.name, shape, tensor.dtype, f"dim {index} is {dim + 1}, expected {dim}"))
+            other = "float64" if tensor.dtype != "float64" else "float32"
+            bad_cases.append((tensor.name, list(tensor.shape_at("min")), other, f"dtype {other}, expected {tensor.dtype}"))
+            bad_cases.append((tensor.name, list(tensor.shape_at("min")) + [2], tensor.dtype, "has rank"))
+        for tensor_name, shape, dtype, message in bad_cases:
+            arrays = _declared_inputs(spec, "min")
+            arrays[tensor_name] = np.zeros(shape, dtype)
+            response = send(arrays)
+            assert response.has_error(), (name, tensor_name, shape, dtype)
+            text = response.error().message()
+            assert text.startswith(f"{name}: input {tensor_name}: ") and message in text and "\n" not in text, text
+            assert response.error().code() == pb.TritonError.INVALID_ARG, text
+        extra = {**_declared_inputs(spec, "min"), "surprise": np.zeros(1, np.float32)}
+        assert "unexpected input 'surprise'" in send(extra).error().message()
+        assert len(runs) == 1, f"{name}: a refused request ran the graph"
+
+
+def test_vae_decoder_refuses_the_issue_20_request(fake_server, repositories):
+    """The request that grew the stub to 13.7 GB: latents [1, 4, 256, 256]."""
+    models = load_python_models(repositories["tiny"], fake_server)
+    (response,) = models["vae_decoder"].execute([fake_server.InferenceRequest(
+        inputs=[pb.Tensor("latents", np.zeros((1, 4, 256, 256), np.float32))])])
+    text = response.error().message()
+    assert response.error().code() == pb.TritonError.INVALID_ARG
+    assert text.startswith("vae_decoder: input latents: ") and "outside" in text, text
 
 
 def test_bls_model_needs_a_model_for_every_generation_component(fake_server, repositories, tiny):
@@ -414,3 +483,83 @@ def test_repository_code_runs_on_its_own(repositories, tiny, tmp_path):
                                          f"copied but not loaded: {sorted(set(CODE_FILES) - set(loaded))}"
     image = np.array(result["image"], dtype=np.uint8)
     np.testing.assert_array_equal(image, python_api_image(tiny, args))
+
+
+# --------------------------------------------------------------------------------------------
+# Under load (issue 23): cancellation, timeouts, progress, metrics
+# --------------------------------------------------------------------------------------------
+
+
+def _unet_calls(backend_utils) -> int:
+    return sum(1 for name, _ in backend_utils.SENT if name == "unet_plain")
+
+
+def test_bls_model_stops_a_cancelled_request_at_the_next_step(fake_server, repositories, tiny):
+    """A request cancelled during step k runs no UNet call after step k; its answer is CANCELLED in one
+    line; the model counts it and serves the next request normally."""
+    models = load_python_models(repositories["tiny"], fake_server)
+    bls = models["blip_diffusion"]
+    req = request_of(fake_server, generation(tiny, num_inference_steps=10, scheduler="ddim"))
+    req.cancel_after = 4  # the check before the loop, then steps 1-3 pass; cancelled during step 4
+    (response,) = bls.execute([req])
+    assert response.error().code() == pb.TritonError.CANCELLED
+    assert response.error().message() == "cancelled after 4 of 10 denoising steps"
+    assert _unet_calls(fake_server) == 4
+    assert pb.metric_value("blip_diffusion_requests_total", model="blip_diffusion", outcome="cancelled") == 1
+    assert pb.metric_value("blip_diffusion_denoising_steps_total", model="blip_diffusion") == 4
+    # cancelled while it waited: no work at all
+    req = request_of(fake_server, generation(tiny))
+    req.cancel_after = 0
+    (response,) = bls.execute([req])
+    assert response.error().message() == "cancelled after 0 of 2 denoising steps" and _unet_calls(fake_server) == 4
+    args = generation(tiny, seed=3)
+    (response,) = bls.execute([request_of(fake_server, args)])
+    np.testing.assert_array_equal(pb.get_output_tensor_by_name(response, "image").as_numpy(),
+                                  python_api_image(tiny, args))
+    assert pb.metric_value("blip_diffusion_requests_total", model="blip_diffusion", outcome="ok") == 1
+    assert pb.metric_value("blip_diffusion_requests_in_progress", model="blip_diffusion") == 0
+
+
+def test_bls_model_honours_a_requests_own_timeout(fake_server, repositories, tiny, monkeypatch):
+    import blipdiffusion_trt.serving.triton.bls as bls_module
+
+    models = load_python_models(repositories["tiny"], fake_server)
+    clock = [1000.0]
+    monkeypatch.setattr(bls_module, "monotonic", lambda: clock[0])
+    req = request_of(fake_server, generation(tiny, num_inference_steps=6, scheduler="euler"))
+    req.timeout_us = 2_500_000
+    real_infer = TritonEngine.infer
+
+    def slow_infer(self, feed, keep=()):  # every UNet call takes a second of the fake clock
+        if self.model_name == "unet_plain":
+            clock[0] += 1.0
+        return real_infer(self, feed, keep)
+
+    monkeypatch.setattr(TritonEngine, "infer", slow_infer)
+    (response,) = models["blip_diffusion"].execute([req])
+    assert response.error().code() == pb.TritonError.UNAVAILABLE
+    assert response.error().message() == "timed out: its timeout of 2500 ms passed after 3 of 6 denoising steps"
+    assert _unet_calls(fake_server) == 3
+    assert pb.metric_value("blip_diffusion_requests_total", model="blip_diffusion", outcome="timed_out") == 1
+
+
+def test_progress_model_streams_every_step_then_the_image(fake_server, tiny, tmp_path):
+    """The decoupled variant: one response per denoising step (step, steps; PNDM runs one more
+    step than asked), then the image, flagged final, equal to the Python API's."""
+    repo = write_triton_repository(tiny.package, tmp_path / "repo", "python-cpu", progress_model=True).path
+    models = load_python_models(repo, fake_server)
+    args = generation(tiny, num_inference_steps=3)
+    req = request_of(fake_server, args)
+    assert models["blip_diffusion_progress"].execute([req]) is None
+    *progress, (final, flags) = req.sent
+    assert [pb.get_output_tensor_by_name(r, "step").as_numpy().tolist() for r, _ in progress] == [[1], [2], [3], [4]]
+    assert {pb.get_output_tensor_by_name(r, "steps").as_numpy().tolist()[0] for r, _ in progress} == {4}
+    assert all(f == 0 for _, f in progress) and flags == pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+    np.testing.assert_array_equal(pb.get_output_tensor_by_name(final, "image").as_numpy(), python_api_image(tiny, args))
+    # a bad request: its error, final, and nothing else
+    req = request_of(fake_server, generation(tiny, num_inference_steps=0))
+    models["blip_diffusion_progress"].execute([req])
+    ((response, flags),) = req.sent
+    assert response.error().code() == pb.TritonError.INVALID_ARG and flags == pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+    assert pb.metric_value("blip_diffusion_requests_total", model="blip_diffusion_progress", outcome="invalid") == 1
+    assert pb.metric_value("blip_diffusion_requests_total", model="blip_diffusion_progress", outcome="ok") == 1

@@ -23,11 +23,14 @@ import numpy as np
 TRITONSERVER_MEMORY_CPU = 0
 TRITONSERVER_MEMORY_CPU_PINNED = 1
 TRITONSERVER_MEMORY_GPU = 2
+TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
 
 # model name -> an object with ``execute(requests) -> responses`` (a TritonPythonModel)
 MODELS: dict[str, Any] = {}
 # every request exec() sent: (model name, request)
 SENT: list[tuple[str, "InferenceRequest"]] = []
+# metric family name -> MetricFamily
+METRICS: dict[str, "MetricFamily"] = {}
 
 
 class TritonError(Exception):
@@ -109,6 +112,22 @@ class InferenceRequest:
         self._requested = list(requested_output_names or [])
         self.preferred_memory = preferred_memory
         self.options = options
+        # the fake's: how a test cancels a request (after that many is_cancelled() calls), its
+        # timeout (microseconds, 0: none), and what a decoupled model sent
+        self.cancel_after: int | None = None
+        self.cancel_checks = 0
+        self.timeout_us = 0
+        self.sent: list[tuple["InferenceResponse", int]] = []
+
+    def is_cancelled(self) -> bool:
+        self.cancel_checks += 1
+        return self.cancel_after is not None and self.cancel_checks > self.cancel_after
+
+    def timeout(self) -> int:
+        return self.timeout_us
+
+    def get_response_sender(self) -> "ResponseSender":
+        return ResponseSender(self)
 
     def model_name(self) -> str:
         return self._model_name
@@ -130,6 +149,74 @@ class InferenceRequest:
         if response.has_error() or not self._requested:
             return response
         return InferenceResponse([t for t in response.output_tensors() if t.name() in self._requested])
+
+
+class ResponseSender:
+    """A decoupled model's sender: records ``(response, flags)`` on its request; nothing after the final flag."""
+
+    def __init__(self, request: InferenceRequest) -> None:
+        self._request = request
+
+    def send(self, response: InferenceResponse | None = None, flags: int = 0) -> None:
+        if self._request.sent and self._request.sent[-1][1] & TRITONSERVER_RESPONSE_COMPLETE_FINAL:
+            raise TritonModelException("Unable to send response. Response sender has been closed.")
+        self._request.sent.append((response, flags))
+
+    def is_cancelled(self) -> bool:
+        return self._request.is_cancelled()
+
+
+class Metric:
+    def __init__(self, family: "MetricFamily", labels: dict[str, str], buckets: list[float] | None) -> None:
+        self.family = family
+        self.labels = dict(labels)
+        self.buckets = buckets
+        self.values: list[float] = []  # every increment / observation
+
+    def increment(self, value: float) -> None:
+        self.values.append(value)
+
+    def observe(self, value: float) -> None:
+        self.values.append(value)
+
+    def value(self) -> float:
+        return float(sum(self.values))
+
+
+class MetricFamily:
+    """Records its metrics in :data:`METRICS` (name -> family); a family of a name made twice is one."""
+
+    COUNTER, GAUGE, HISTOGRAM = 0, 1, 2
+
+    def __new__(cls, name: str, description: str, kind: int) -> "MetricFamily":
+        if name in METRICS:
+            return METRICS[name]
+        family = super().__new__(cls)
+        family.name, family.kind, family.metrics = name, kind, []
+        METRICS[name] = family
+        return family
+
+    def __init__(self, name: str, description: str, kind: int) -> None:
+        self.description = description
+
+    def Metric(self, labels: dict[str, str] | None = None, buckets: list[float] | None = None) -> Metric:  # noqa: N802
+        if (self.kind == self.HISTOGRAM) != (buckets is not None):
+            raise TritonModelException("buckets are for histograms, and histograms need them")
+        for metric in self.metrics:
+            if metric.labels == (labels or {}):
+                return metric
+        metric = Metric(self, labels or {}, buckets)
+        self.metrics.append(metric)
+        return metric
+
+
+def metric_value(name: str, **labels: str) -> float:
+    """The fake's: a metric's sum of increments (a histogram's: of observations), 0 if never made."""
+    family = METRICS.get(name)
+    for metric in family.metrics if family else []:
+        if metric.labels == labels:
+            return metric.value()
+    return 0.0
 
 
 class Logger:
@@ -178,4 +265,5 @@ def serve(name: str, model: Any) -> None:
 def reset() -> None:
     MODELS.clear()
     SENT.clear()
+    METRICS.clear()
     Logger.lines.clear()

@@ -26,7 +26,8 @@ from __future__ import annotations
 import json
 import traceback
 from pathlib import Path
-from typing import Any, Mapping
+from time import monotonic, perf_counter
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -37,10 +38,31 @@ from ...runtime import images
 from ...runtime.pipeline import BlipDiffusionRuntime
 from ...schema import Int, MapOf, Str, check
 from .engine import TritonEngine
+from .metrics import ModelMetrics
 from .python_backend import error_response, log_error, model_parameters, resolve
 
 # inputs only an edit takes (``original_subject`` makes a request an edit)
 EDIT_ONLY_INPUTS = ("image", "cross_replace_steps", "self_replace_steps", "blend_threshold", "local_blend")
+
+
+class RequestStopped(Exception):
+    """A request stopped between denoising steps; ``code``: the TritonError code of its response."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ServedRuntime(BlipDiffusionRuntime):
+    """The runtime, noting the step count of the denoising loop it is about to run (its
+    scheduler's timesteps: PNDM runs one more than asked), for progress and stop messages."""
+
+    loop_steps = 0
+
+    def prepare_scheduler(self, name: str, num_inference_steps: int):
+        scheduler = super().prepare_scheduler(name, num_inference_steps)
+        self.loop_steps = len(scheduler.timesteps)
+        return scheduler
 
 
 class BlipDiffusionModel:
@@ -48,12 +70,17 @@ class BlipDiffusionModel:
     ``triton_python_backend_utils``; ``max_image_pixels``: the limit on input images."""
 
     def __init__(self, runtime: BlipDiffusionRuntime, backend_utils: Any, *,
-                 max_image_pixels: int = images.DEFAULT_MAX_PIXELS, editing: bool = False) -> None:
-        """``editing``: the repository serves the editing graphs (the runtime loads them on first use)."""
+                 max_image_pixels: int = images.DEFAULT_MAX_PIXELS, editing: bool = False,
+                 name: str = "blip_diffusion", progress: bool = False) -> None:
+        """``editing``: the repository serves the editing graphs (the runtime loads them on first use);
+        ``name``: the model's (its metrics' label); ``progress``: the decoupled variant, which
+        streams a progress response per step before the image."""
         self.runtime = runtime
         self._pb = backend_utils
         self.max_image_pixels = max_image_pixels
         self.editing = editing
+        self.progress = progress
+        self.metrics = ModelMetrics(backend_utils, name)
 
     @classmethod
     def from_model_config(cls, model_config: Mapping[str, Any], version_dir: str | Path,
@@ -87,8 +114,9 @@ class BlipDiffusionModel:
 
         engines = {c: engine(c) for c in needed}
         editing = package.config.has_editing and all(c in models for c in editing_components(package.config))
-        return cls(BlipDiffusionRuntime(package, engines, load_engine=engine), backend_utils,
-                   max_image_pixels=max_pixels, editing=editing)
+        return cls(ServedRuntime(package, engines, load_engine=engine), backend_utils,
+                   max_image_pixels=max_pixels, editing=editing, name=name,
+                   progress=params.get("progress") == "true")
 
     # -- request parsing ------------------------------------------------------------------------
 
@@ -193,29 +221,92 @@ class BlipDiffusionModel:
 
     # -- serving ----------------------------------------------------------------------------------
 
-    def generate(self, request: Any) -> Any:
-        """One request's response: the image (an edit's: and its source image), or an error in one line."""
+    def _stop_check(self, request: Any) -> Callable[[int, int], None]:
+        """``check(done, steps)``: raises :class:`RequestStopped` when the request was cancelled (its gRPC
+        client cancelled it, or Triton did) or ran past its own ``timeout`` (microseconds, from the
+        start of its execution; its time in the queue is bounded by the queue policy)."""
+        is_cancelled = getattr(request, "is_cancelled", None)
+        timeout_us = getattr(request, "timeout", lambda: 0)() or 0
+        deadline = monotonic() + timeout_us / 1e6 if timeout_us > 0 else None
+
+        def check(done: int, steps: int) -> None:
+            if is_cancelled is not None and is_cancelled():
+                raise RequestStopped(f"cancelled after {done} of {steps} denoising steps", "CANCELLED")
+            if deadline is not None and monotonic() > deadline:
+                raise RequestStopped(f"timed out: its timeout of {timeout_us / 1000:g} ms passed after {done} of "
+                                     f"{steps} denoising steps", "UNAVAILABLE")
+
+        return check
+
+    def generate(self, request: Any, progress: Callable[[int, int], None] | None = None) -> Any:
+        """One request's response: the image (an edit's: and its source image), or an error in one line.
+
+        Between denoising steps the request is checked for cancellation and for its own timeout
+        (then it stops there: CANCELLED or UNAVAILABLE), and ``progress(done, steps)`` is called."""
         pb = self._pb
+        outcome = "failed"
+        self.metrics.started()
         try:
             kwargs = self.arguments(request)
+            check = self._stop_check(request)
+            check(0, int(kwargs["num_inference_steps"]))  # cancelled, or out of time, while it waited in the queue
+            last: list[Any] = [None, 0]  # the previous step's end, steps done
+
+            def after_step(*_: Any) -> None:
+                now = perf_counter()
+                last[1] += 1
+                steps = getattr(self.runtime, "loop_steps", 0) or int(kwargs["num_inference_steps"])
+                # the first step's time is not known (its start is inside the runtime)
+                self.metrics.step(None if last[0] is None else now - last[0])
+                last[0] = now
+                if progress is not None:
+                    progress(last[1], steps)
+                check(last[1], steps)
+
             if "original_subject" in kwargs:
-                result = self.runtime.edit(**kwargs)
+                result = self.runtime.edit(**kwargs, callback=after_step)
                 outputs = {"image": result.edited, "source_image": result.source}
             else:
-                outputs = {"image": self.runtime(**kwargs).images[0]}
+                result = self.runtime(**kwargs, callback=after_step)
+                outputs = {"image": result.images[0]}
+            self.metrics.stages(result.timings)
+            outcome = "ok"
+        except RequestStopped as stop:
+            outcome = "cancelled" if stop.code == "CANCELLED" else "timed_out"
+            return error_response(pb, str(stop), code=stop.code)
         except BlipDiffusionTrtError as error:  # InputError: the request; others (EngineError): the server side
+            outcome = "invalid" if isinstance(error, InputError) else "failed"
             return error_response(pb, first_line(error), invalid_argument=isinstance(error, InputError))
         except Exception as error:  # a bug: keep serving, log the traceback, answer one line
             log_error(pb, traceback.format_exc())
             return error_response(pb, f"internal error: {type(error).__name__}: {first_line(error)}",
                                   invalid_argument=False)
+        finally:
+            self.metrics.finished(outcome)
         # quantised as runtime.images.to_pil does
         tensors = [pb.Tensor(name, np.ascontiguousarray((image * 255).round().astype(np.uint8)))
                    for name, image in outputs.items()]
         return pb.InferenceResponse(output_tensors=tensors)
 
-    def execute(self, requests: list[Any]) -> list[Any]:
+    def stream(self, request: Any) -> None:
+        """The decoupled (streaming) variant: a response with ``step`` and ``steps`` after every
+        denoising step, then the final one (the image, or the error) flagged complete."""
+        pb = self._pb
+        sender = request.get_response_sender()
+
+        def progress(done: int, steps: int) -> None:
+            sender.send(pb.InferenceResponse(output_tensors=[
+                pb.Tensor("step", np.array([done], np.int32)), pb.Tensor("steps", np.array([steps], np.int32))]))
+
+        sender.send(self.generate(request, progress), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def execute(self, requests: list[Any]) -> list[Any] | None:
+        if self.progress:
+            for request in requests:
+                self.stream(request)
+            return None  # a decoupled model answers through each request's response sender
         return [self.generate(request) for request in requests]
 
     def close(self) -> None:
+        self.metrics.close()
         self.runtime.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from .configs import DEFAULT_MAX_QUEUE_SIZE, DEFAULT_QUEUE_TIMEOUT_MS
 from .repository import DEFAULT_MAX_IMAGE_PIXELS, write_triton_repository
 
 HELP = "write a Triton model repository (component models + BLS pipeline) for a package"
@@ -21,7 +22,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "python-cpu (python backend, ONNX Runtime on the CPU); default python-cpu")
     p.add_argument("--max-batch-size", type=int, default=None,
                    help="largest generation batch the component models accept (default: the package's; 0: no batching)")
-    p.add_argument("--instances", type=int, default=1, help="instances of every model (default 1)")
+    p.add_argument("--instances", type=int, default=1,
+                   help="instances of every model: generations run at once, and copies of each component (default 1)")
+    p.add_argument("--max-queue-size", type=int, default=DEFAULT_MAX_QUEUE_SIZE,
+                   help="requests that may wait for a pipeline instance; Triton rejects more at once "
+                        f"(default {DEFAULT_MAX_QUEUE_SIZE})")
+    p.add_argument("--queue-timeout-ms", type=int, default=DEFAULT_QUEUE_TIMEOUT_MS,
+                   help="milliseconds a request may wait in that queue before Triton rejects it; a request's "
+                        f"own shorter timeout overrides it (default {DEFAULT_QUEUE_TIMEOUT_MS}; 0: no limit)")
+    p.add_argument("--progress-model", action="store_true",
+                   help="also write blip_diffusion_progress: decoupled, a progress response per step, then the image")
     p.add_argument("--name-prefix", default="", help="prefix of every model name (several packages on one server)")
     p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                    help=f"largest input image the BLS model accepts, in pixels (default {DEFAULT_MAX_IMAGE_PIXELS})")
@@ -34,7 +44,8 @@ def run_triton(args: argparse.Namespace) -> int:
     repository = write_triton_repository(
         args.package, args.out, args.flavor, args.max_batch_size, args.instances, name_prefix=args.name_prefix,
         max_image_pixels=args.max_image_pixels, cpu_threads=args.cpu_threads, force=args.force,
-        verify=not args.no_verify,
+        verify=not args.no_verify, max_queue_size=args.max_queue_size, queue_timeout_ms=args.queue_timeout_ms,
+        progress_model=args.progress_model,
     )
     print(f"wrote {repository.path} ({repository.flavor})")
     for entry in repository.models.values():

@@ -137,13 +137,14 @@ def _instance_group(count: int, kind: str) -> str:
 def component_config(
     spec: ComponentSpec, config: PipelineConfig, *, name: str, flavor: str, max_batch_size: int, instances: int,
     cc_model_filenames: dict[str, str] | None = None, cpu_threads: int = 0, ranges: dict[str, Range] | None = None,
-    code_dir: str = "",
+    code_dir: str = "", package_dir: str = "",
 ) -> tuple[str, int]:
     """config.pbtxt text of one component model, and its max_batch_size.
 
     ``ranges``: the axis ranges a TensorRT engine was built for (default: the declared ones).
     ``code_dir``: python-cpu only, the model's path to the repository's copy of this package's
-    code (:data:`~.repository.CODE_FILES`), relative to its version directory.
+    code (:data:`~.repository.CODE_FILES`), relative to its version directory; ``package_dir``:
+    python-cpu only, its path to the package copy whose declarations bound its requests.
     """
     mbs = triton_max_batch_size(spec, config, max_batch_size, ranges)
     batching = mbs > 0
@@ -187,7 +188,8 @@ def component_config(
             "      }\n    ]\n  }\n}\n"
         )
     else:
-        text += _parameters({"component": spec.name, "intra_op_threads": str(cpu_threads), "code_dir": code_dir})
+        text += _parameters({"component": spec.name, "intra_op_threads": str(cpu_threads), "code_dir": code_dir,
+                             "package_dir": package_dir})
     return text, mbs
 
 
@@ -228,23 +230,60 @@ def bls_inputs(config: PipelineConfig, editing: bool = False) -> list[tuple[str,
     return inputs + list(EDIT_INPUTS) if editing else inputs
 
 
-def bls_outputs(editing: bool = False) -> list[tuple[str, str, list[int]]]:
+def bls_outputs(editing: bool = False, progress: bool = False) -> list[tuple[str, str, list[int]]]:
     """(name, Triton dtype, dims) of the BLS model's outputs: the image (an edit's edited image) and,
-    for an edit, its source image (a real image's reconstruction)."""
+    for an edit, its source image (a real image's reconstruction); ``progress`` (the streaming
+    variant): also ``step`` and ``steps``, the only outputs of its progress responses."""
     outputs = [("image", "TYPE_UINT8", [-1, -1, 3])]
-    return outputs + [("source_image", "TYPE_UINT8", [-1, -1, 3])] if editing else outputs
+    if editing:
+        outputs.append(("source_image", "TYPE_UINT8", [-1, -1, 3]))
+    if progress:
+        outputs += [("step", "TYPE_INT32", [1]), ("steps", "TYPE_INT32", [1])]
+    return outputs
+
+
+# A generation takes seconds (GPU) to minutes (CPU, full size): a handful of waiting requests is
+# already a long wait, and each one holds its input images in memory.
+DEFAULT_MAX_QUEUE_SIZE = 8
+# A request that waited this long in the queue is rejected rather than run for a client that has
+# likely given up; a client may ask for less with its own request timeout.
+DEFAULT_QUEUE_TIMEOUT_MS = 120_000
+
+
+def queue_policy(max_queue_size: int, queue_timeout_ms: int) -> str:
+    """The BLS model's ``dynamic_batching`` block: no batching (its max_batch_size is 0), only the
+    queue policy. Past ``max_queue_size`` waiting requests, or after ``queue_timeout_ms`` in the
+    queue (0: no limit; a request's own shorter ``timeout`` overrides it), Triton rejects a request
+    itself, before it reaches the model."""
+    return (
+        "dynamic_batching {\n"
+        "  default_queue_policy {\n"
+        "    timeout_action: REJECT\n"
+        f"    default_timeout_microseconds: {queue_timeout_ms * 1000}\n"
+        "    allow_timeout_override: true\n"
+        f"    max_queue_size: {max_queue_size}\n"
+        "  }\n"
+        "}\n"
+    )
 
 
 def bls_config(config: PipelineConfig, *, name: str, instances: int, components: dict[str, str],
                batch_sizes: dict[str, int], max_image_pixels: int, package_dir: str, code_dir: str,
-               editing: bool = False, min_rows: dict[str, int] | None = None) -> str:
+               editing: bool = False, min_rows: dict[str, int] | None = None,
+               max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE, queue_timeout_ms: int = DEFAULT_QUEUE_TIMEOUT_MS,
+               progress: bool = False) -> str:
     """config.pbtxt text of the BLS model; its parameters are what :mod:`.bls` reads. ``editing``:
     the repository serves the editing graphs, so the model takes edits too. ``min_rows``: the
-    fixed batch of the component models that take one (static TensorRT engines)."""
+    fixed batch of the component models that take one (static TensorRT engines).
+    ``max_queue_size``/``queue_timeout_ms``: its queue policy (:func:`queue_policy`).
+    ``progress``: the decoupled variant that streams a response per denoising step."""
     text = f"name: {_q(name)}\nbackend: \"python\"\nmax_batch_size: 0\n"
     text += _io_section("input", [_tensor_block(n, d, dims, optional=opt)
                                   for n, d, dims, opt in bls_inputs(config, editing)])
-    text += _io_section("output", [_tensor_block(n, d, dims) for n, d, dims in bls_outputs(editing)])
+    text += _io_section("output", [_tensor_block(n, d, dims) for n, d, dims in bls_outputs(editing, progress)])
+    text += queue_policy(max_queue_size, queue_timeout_ms)
+    if progress:
+        text += "model_transaction_policy {\n  decoupled: true\n}\n"
     text += _instance_group(instances, "KIND_CPU")
     text += _parameters({
         "package_dir": package_dir,
@@ -256,5 +295,6 @@ def bls_config(config: PipelineConfig, *, name: str, instances: int, components:
         # what a liveness probe needs to send a valid tiny request (serving/triton/probe.py)
         "min_image_size": str(config.min_image_size),
         "has_controlnet": "true" if config.has_controlnet else "false",
+        "progress": "true" if progress else "false",
     })
     return text

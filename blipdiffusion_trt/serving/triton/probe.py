@@ -21,6 +21,7 @@ protocol), so it runs in Triton's container from the repository's copy of this c
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import random
 import sys
@@ -33,8 +34,20 @@ DEFAULT_TIMEOUT = 60.0
 SUBJECT_IMAGE_SIDE = 16  # the model resizes the reference image to its own size anyway
 
 
+MAX_REASON_CHARS = 200
+
+
 class ProbeFailed(Exception):
     """The served model did not produce an image (one line: why)."""
+
+
+def printable(text: object) -> str:
+    """One line of printable text, at most :data:`MAX_REASON_CHARS`: what a server that is not
+    Triton's HTTP endpoint (a gRPC port's binary frames) answered, made safe for a log."""
+    line = " ".join("".join(c if c.isprintable() else " " for c in str(text)).split())
+    if len(line) > MAX_REASON_CHARS:
+        line = line[:MAX_REASON_CHARS] + "..."
+    return line
 
 
 def _base_url(url: str) -> str:
@@ -46,16 +59,22 @@ def _request(url: str, body: bytes | None, timeout: float) -> Any:
                                      method="POST" if body is not None else "GET")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read())
+            answer = json.loads(response.read())
+        if not isinstance(answer, dict):
+            raise ValueError(f"expected a JSON object, got {type(answer).__name__}")
+        return answer
     except urllib.error.HTTPError as error:
         try:
             message = json.loads(error.read()).get("error", "")
         except (ValueError, OSError):
             message = ""
-        raise ProbeFailed(f"HTTP {error.code}: {' '.join(str(message).split()) or error.reason}") from None
+        raise ProbeFailed(f"HTTP {error.code}: {printable(message) or printable(error.reason)}") from None
+    except http.client.HTTPException as error:  # not an HTTP/1.1 server (a gRPC port answers with binary frames)
+        raise ProbeFailed(f"no HTTP answer from {url} (is it Triton's HTTP port?): {type(error).__name__}: "
+                          f"{printable(error)}") from None
     except (urllib.error.URLError, OSError, ValueError) as error:
         reason = getattr(error, "reason", error)
-        raise ProbeFailed(f"no answer from {url}: {reason}") from None
+        raise ProbeFailed(f"no answer from {url}: {printable(reason)}") from None
 
 
 def _parameters(config: dict[str, Any]) -> dict[str, str]:
@@ -119,7 +138,7 @@ def run_probe(args: argparse.Namespace) -> int:
     try:
         seconds = probe(args.url, args.model, timeout=args.timeout)
     except ProbeFailed as error:
-        print(f"unhealthy: {error}", file=sys.stderr)
+        print(f"unhealthy: {printable(error)}", file=sys.stderr)
         return 1
     print(f"ok: {args.model} made an image in {seconds:.2f} s")
     return 0

@@ -24,17 +24,20 @@ def resolve(version_dir: str | Path, path: str) -> Path:
     return Path(path) if os.path.isabs(path) else Path(os.path.normpath(os.path.join(version_dir, path)))
 
 
-def triton_error(backend_utils: Any, message: str, *, invalid_argument: bool) -> Any:
-    """A ``TritonError``: INVALID_ARG for a bad request, INTERNAL for the server side."""
+def triton_error(backend_utils: Any, message: str, *, invalid_argument: bool = False, code: str | None = None) -> Any:
+    """A ``TritonError``: INVALID_ARG for a bad request, INTERNAL for the server side, or the
+    code named by ``code`` ("CANCELLED", "UNAVAILABLE")."""
     errors = backend_utils.TritonError
+    name = code or ("INVALID_ARG" if invalid_argument else "INTERNAL")
     try:
-        return errors(message, errors.INVALID_ARG if invalid_argument else errors.INTERNAL)
+        return errors(message, getattr(errors, name))
     except (AttributeError, TypeError):  # python backends before the error codes
         return errors(message)
 
 
-def error_response(backend_utils: Any, message: str, *, invalid_argument: bool) -> Any:
-    return backend_utils.InferenceResponse(error=triton_error(backend_utils, message, invalid_argument=invalid_argument))
+def error_response(backend_utils: Any, message: str, *, invalid_argument: bool = False, code: str | None = None) -> Any:
+    return backend_utils.InferenceResponse(
+        error=triton_error(backend_utils, message, invalid_argument=invalid_argument, code=code))
 
 
 def log_error(backend_utils: Any, message: str) -> None:

@@ -11,6 +11,9 @@
     OUT/blip_diffusion/1/model.py
     OUT/blip_diffusion/1/package/       the package's configs and tokenizers (no graphs)
     OUT/blip_diffusion/1/blipdiffusion_trt/   the code the python models import (CODE_FILES)
+    OUT/blip_diffusion/triton_probe.py  the liveness probe (``blipdiffusion-trt triton-probe``), for containers
+    OUT/blip_diffusion_progress/        with --progress-model: the same model, decoupled, streaming
+                                        a progress response per denoising step before the image
 
 The components are :func:`~blipdiffusion_trt.components.generation_components` (``unet_plain``
 for a plain package, ``unet`` + ``controlnet`` for a ControlNet package) and, when the package has
@@ -47,11 +50,19 @@ from ...engines.profiles import axis_ranges, profile_from_json, spec_profile
 from ...errors import InputError, PackageError, describe
 from ...fsutil import StagingDir, check_not_an_input, replace_dir
 from ...package import ModelPackage, layout, sha256_file
-from .configs import FLAVORS, Range, bls_config, component_config
+from .configs import (
+    DEFAULT_MAX_QUEUE_SIZE,
+    DEFAULT_QUEUE_TIMEOUT_MS,
+    FLAVORS,
+    Range,
+    bls_config,
+    component_config,
+)
 
 logger = logging.getLogger(__name__)
 
 BLS_MODEL = "blip_diffusion"
+PROGRESS_MODEL = "blip_diffusion_progress"  # the decoupled variant (--progress-model)
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
@@ -59,6 +70,10 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the blipdiffusion_trt dire
 MODEL_FILES = Path(__file__).resolve().parent / "model_files"
 BLS_MODEL_FILE = MODEL_FILES / "blip_diffusion.py"
 COMPONENT_MODEL_FILE = MODEL_FILES / "component.py"
+PROBE_FILE = Path(__file__).resolve().parent / "probe.py"
+# triton-probe (standard library only), beside the BLS model's version directory (Triton loads
+# numbered version directories only): a container runs it as a liveness probe from the repository
+PROBE_COPY = "triton_probe.py"
 CODE_DIR = "."  # the BLS model's code_dir: its version directory holds blipdiffusion_trt/ (CODE_FILES)
 PACKAGE_COPY = "package"
 
@@ -100,6 +115,7 @@ CODE_FILES: tuple[str, ...] = (
     "serving/triton/bls.py",
     "serving/triton/component.py",
     "serving/triton/engine.py",
+    "serving/triton/metrics.py",
     "serving/triton/python_backend.py",
 )
 
@@ -292,6 +308,9 @@ def write_triton_repository(
     cpu_threads: int = 0,
     force: bool = False,
     verify: bool = True,
+    max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
+    queue_timeout_ms: int = DEFAULT_QUEUE_TIMEOUT_MS,
+    progress_model: bool = False,
 ) -> TritonRepository:
     """Write a Triton model repository serving ``package_dir``; returns what was written.
 
@@ -300,12 +319,17 @@ def write_triton_repository(
     of every model. ``name_prefix``: prepended to every model name, so that several packages can
     share one server. ``max_image_pixels``: the BLS model's limit on input images.
     ``cpu_threads``: ONNX Runtime intra-op threads of the python-cpu models (0: its default).
+    ``max_queue_size``/``queue_timeout_ms``: the pipeline models' queue policy (a request past
+    them is rejected by Triton; :func:`~.configs.queue_policy`). ``progress_model``: also write
+    ``blip_diffusion_progress``, the decoupled variant that streams a progress response per step.
     """
     if flavor not in FLAVORS:
         raise InputError(f"flavor must be one of {', '.join(FLAVORS)}, got {flavor!r}", field="flavor")
     _check_int("instances", instances, 1, 64)
     _check_int("max_image_pixels", max_image_pixels, 1)
     _check_int("cpu_threads", cpu_threads, 0, 1024)
+    _check_int("max_queue_size", max_queue_size, 1, 1 << 20)
+    _check_int("queue_timeout_ms", queue_timeout_ms, 0, 24 * 3600 * 1000)
     if not isinstance(name_prefix, str) or (name_prefix and not MODEL_NAME_PATTERN.match(name_prefix)):
         raise InputError(f"name prefix must be letters, digits, '_', '-' or '.', got {name_prefix!r}",
                          field="name_prefix")
@@ -357,6 +381,7 @@ def write_triton_repository(
                 spec, config, name=names[component], flavor=flavor, max_batch_size=max_batch_size,
                 instances=instances, cc_model_filenames=cc_files, cpu_threads=cpu_threads, ranges=ranges,
                 code_dir=f"../../{bls_name}/1",  # the code copied into the BLS model's version directory
+                package_dir=f"../../{bls_name}/1/{PACKAGE_COPY}",  # its declarations bound the requests
             )
             (model_dir / "config.pbtxt").write_text(text)
             batch_sizes[component] = mbs
@@ -370,11 +395,22 @@ def write_triton_repository(
         shutil.copy2(BLS_MODEL_FILE, version_dir / "model.py")
         copy_code(version_dir / CODE_DIR)
         _copy_package_files(package, version_dir / PACKAGE_COPY)
-        text = bls_config(config, name=bls_name, instances=instances, components=names, batch_sizes=batch_sizes,
-                          max_image_pixels=max_image_pixels, package_dir=PACKAGE_COPY, code_dir=CODE_DIR,
-                          editing=serves_editing, min_rows=min_rows)
+        bls_options = dict(instances=instances, components=names, batch_sizes=batch_sizes,
+                           max_image_pixels=max_image_pixels, editing=serves_editing, min_rows=min_rows,
+                           max_queue_size=max_queue_size, queue_timeout_ms=queue_timeout_ms)
+        text = bls_config(config, name=bls_name, package_dir=PACKAGE_COPY, code_dir=CODE_DIR, **bls_options)
         (tmp / bls_name / "config.pbtxt").write_text(text)
+        shutil.copy2(PROBE_FILE, tmp / bls_name / PROBE_COPY)
         models[bls_name] = ModelEntry(bls_name, None, 0, text, ["model.py", "blipdiffusion_trt/", f"{PACKAGE_COPY}/"])
+        if progress_model:  # the same model file, code and package copy, decoupled
+            progress_name = f"{name_prefix}{PROGRESS_MODEL}"
+            (tmp / progress_name / "1").mkdir(parents=True)
+            shutil.copy2(BLS_MODEL_FILE, tmp / progress_name / "1" / "model.py")
+            shared = f"../../{bls_name}/1"
+            text = bls_config(config, name=progress_name, package_dir=f"{shared}/{PACKAGE_COPY}",
+                              code_dir=shared, progress=True, **bls_options)
+            (tmp / progress_name / "config.pbtxt").write_text(text)
+            models[progress_name] = ModelEntry(progress_name, None, 0, text, ["model.py"])
         _check_output(out, force)  # again: nothing else may have written it meanwhile
         replace_dir(tmp, out)
     except OSError as error:  # a full disk, a read-only or vanished directory
