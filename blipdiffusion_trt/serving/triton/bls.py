@@ -59,8 +59,8 @@ class ServedRuntime(BlipDiffusionRuntime):
 
     loop_steps = 0
 
-    def prepare_scheduler(self, name: str, num_inference_steps: int):
-        scheduler = super().prepare_scheduler(name, num_inference_steps)
+    def _prepare_scheduler(self, name: str, num_inference_steps: int):
+        scheduler = super()._prepare_scheduler(name, num_inference_steps)
         self.loop_steps = len(scheduler.timesteps)
         return scheduler
 
