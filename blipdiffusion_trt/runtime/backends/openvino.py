@@ -79,6 +79,7 @@ from ...package import ModelPackage
 from ..engine import Engine
 from .base import Backend, BackendOptions, Capabilities, default_threads
 from .cache_record import check_record, write_record
+from .mapped_files import release_mapped_file
 
 logger = logging.getLogger(__name__)
 
@@ -403,7 +404,8 @@ class OpenVINOEngine(Engine):
         with self._lock:
             self.check_open()
             request = self._compiled.get(key)
-            if request is None:
+            compiled_now = request is None
+            if compiled_now:
                 request = self._compile(key, arrays)
             else:
                 self._compiled.move_to_end(key)
@@ -411,6 +413,11 @@ class OpenVINOEngine(Engine):
                 results = request.infer(arrays)
             except Exception as error:  # OpenVINO's messages are multi-line
                 raise EngineError(f"{self.spec.name}: OpenVINO inference failed ({first_line(error)})") from None
+            if compiled_now and self.model_from_ir:
+                # A compiled model keeps the IR's weights mapped after it has copied (on compiling
+                # and on its first call) what it runs with: every page it read would stay resident,
+                # counted in the RSS and in a container's limit. A page it reads again comes back.
+                release_mapped_file(self.cache_dir / IR_BIN)
             # ``infer`` returns copies of the output tensors (the request's own are reused next call)
             return {name: results[name] for name in self.output_names}
 
