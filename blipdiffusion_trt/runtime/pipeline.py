@@ -143,7 +143,7 @@ class BlipDiffusionRuntime(EditingMixin):
         keyword arguments naming its fields: for the ONNX Runtime backends ``threads``,
         ``graph_optimization`` ("all" runs fastest, "extended" loads several times faster),
         ``optimized_cache`` (a directory keeping ONNX Runtime's optimised CPU graphs between runs),
-        ``memory_arena`` ("loop", "all", "none") and ``cpu_fused`` (the package's CPU-fused fp32
+        ``memory_arena`` ("loop", "all", "none", "loop-shrink") and ``cpu_fused`` (the package's CPU-fused fp32
         graphs where it has them); for ``cuda`` and ``ort-tensorrt`` also ``device_id``,
         ``use_tf32``, ``cudnn_conv_algo_search``, ``cuda_graph``, ``cuda_fused``, ``cache_dir`` and
         ``provider_options``
