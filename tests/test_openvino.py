@@ -856,3 +856,25 @@ def test_compiled_model_does_not_keep_the_ir_weights_resident(tiny, tmp_path):
     np.testing.assert_array_equal(outs[1], outs[0])
     uncached = _fresh_engine(tiny.package, "unet_plain", model_cache=False, inference_precision="bf16")
     np.testing.assert_array_equal(uncached.infer(feed)["noise_pred"], outs[0])
+
+
+def test_memory_arena_policies(tiny, ov_cache):
+    """Which compiled models hand their intermediate buffers back after each call (the ONNX Runtime
+    backends' memory_arena values); the outputs are the same under every policy, on every call."""
+    spec = _specs(tiny)["vae_decoder"]
+    feeds = [_vae_feed(tiny, seed) for seed in (0, 1)]
+    outs = {}
+    for policy in ("all", "loop", "none", "loop-shrink"):
+        engine = _fresh_engine(tiny.package, "vae_decoder", cache_dir=ov_cache, inference_precision="f32",
+                               memory_arena=policy)
+        assert engine.keeps_intermediate_memory() == (policy == "all")
+        outs[policy] = [engine.infer(feed)[spec.output_names[0]] for feed in feeds + feeds]
+        loop = _fresh_engine(tiny.package, "unet_plain", cache_dir=ov_cache, memory_arena=policy)
+        assert loop.keeps_intermediate_memory() == (policy in ("all", "loop"))
+    for policy, got in outs.items():
+        for a, b in zip(got, outs["all"]):
+            np.testing.assert_array_equal(a, b, err_msg=policy)
+        np.testing.assert_array_equal(got[2], got[0])  # a call after the buffers were handed back
+    with pytest.raises(InputError) as e:
+        OpenVINOOptions(memory_arena="some")
+    assert e.value.field == "memory_arena" and "\n" not in str(e.value)

@@ -110,7 +110,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="ONNX Runtime graph optimisation level (default all)")
     ours.add_argument("--ort-cache", help="directory of ONNX Runtime's optimised CPU graphs (written on first load)")
     ours.add_argument("--memory-arena", default="loop", choices=MEMORY_ARENAS,
-                      help="ONNX Runtime CPU sessions that keep a memory arena (default loop: UNet/ControlNet)")
+                      help="components that keep their intermediate memory between calls, ONNX Runtime CPU "
+                           "arena and OpenVINO buffers (default loop: UNet/ControlNet)")
     ours.add_argument("--no-cpu-fused", action="store_true",
                       help="cpu backend: the plain fp32 graphs even where the package has CPU-fused ones")
     ours.add_argument("--inference-precision", default="auto", choices=INFERENCE_PRECISIONS,

@@ -79,8 +79,9 @@ def add_backend_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ort-cache", help="directory keeping ONNX Runtime's optimised CPU graphs between runs "
                    "(fast start and fast steps; costs a copy of the weights on disk)")
     p.add_argument("--memory-arena", default="loop", choices=MEMORY_ARENAS,
-                   help="ONNX Runtime CPU sessions that keep a memory arena: loop (UNet/ControlNet, default), all, none, "
-                        "loop-shrink (as loop, the arena handed back after each call)")
+                   help="which components keep their intermediate memory between calls (ONNX Runtime CPU arena, "
+                        "OpenVINO buffers): loop (UNet/ControlNet, default), all, none, loop-shrink (as loop, "
+                        "handed back after each call)")
     p.add_argument("--no-cpu-fused", action="store_true",
                    help="cpu backend: load the plain fp32 graphs even where the package has CPU-fused ones")
     p.add_argument("--device-id", type=int, default=0, help="cuda / ort-tensorrt backends: the GPU (default 0)")
