@@ -9,7 +9,7 @@ component's first call:
 - ``peak_mb``: the highest RSS since the previous record (``VmHWM``, reset through
   ``/proc/self/clear_refs`` after each record), i.e. the transient a step adds on top.
 
-    python bench/memory_breakdown.py PACKAGE --backend openvino [--height 512 --width 512 --steps 3]
+    python bench/memory_breakdown.py PACKAGE --backend openvino [--height 512 --width 512 --steps 3 --images 2]
         [--option name=value ...] [--json out.json]
 
 The last line of the output is the JSON record; the table before it is for reading.
@@ -79,6 +79,7 @@ def main(argv=None) -> int:
     parser.add_argument("--height", type=int, default=512)
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--images", type=int, default=2, help="generations run one after another (default 2)")
     parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                         help="a backend option (e.g. inference_precision=f32)")
     parser.add_argument("--json", type=Path)
@@ -127,10 +128,9 @@ def main(argv=None) -> int:
                         latent_shape=(1, config.latent_channels, args.height // config.latent_scale_factor,
                                       args.width // config.latent_scale_factor))
     reference, condition, latents = bench_inputs(settings)
-    run_ours(runtime, settings, reference, condition, latents)
-    rec.record("after first image")
-    run_ours(runtime, settings, reference, condition, latents)
-    rec.record("after second image")
+    for image in range(1, args.images + 1):
+        run_ours(runtime, settings, reference, condition, latents)
+        rec.record(f"after image {image}")
 
     widths = max(len(r["what"]) for r in rec.rows)
     print(f"{'':{widths}}  {'t s':>7} {'anon':>6} {'file':>6} {'uss':>6} {'pss':>6} {'rss':>6} {'peak':>6}   (MB; peak since the row before)")
