@@ -785,3 +785,53 @@ def test_openvino_with_int8_weights_imports_no_torch(tiny, tmp_path):
     proc = subprocess.run([sys.executable, "-c", NO_TORCH_SCRIPT, str(tiny.package), str(ref), str(tmp_path / "cache")],
                           capture_output=True, text=True, timeout=180, cwd=REPO)
     assert proc.returncode == 0 and "NO-TORCH-OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+@needs_bf16
+def test_compiled_model_does_not_keep_the_ir_weights_resident(tiny, tmp_path):
+    """Compiling touches every page of the IR's mapped weights. A bf16 model loaded from its blob
+    (every process after the first) holds its own copies, so those pages leave the process after its
+    first call and stay out; a model compiled now reads some of them on each call, and those come
+    back. Outputs are the same either way, and the same as without the cache."""
+    from blipdiffusion_trt.runtime.backends.mapped_files import resident_mb
+
+    cache = tmp_path / "cache"
+    spec = _specs(tiny)["unet_plain"]
+    feed = _feed(tiny, spec, "resident", export_point(spec))
+    outs = []
+    for source in ("onnx, cached as ir", "ir cache"):
+        engine = _fresh_engine(tiny.package, "unet_plain", cache_dir=cache, inference_precision="bf16")
+        outs.append(engine.infer(feed)["noise_pred"])
+        assert engine.model_source == source and engine.inference_precision == "bf16"
+        weights = engine.cache_dir / ove.IR_BIN
+        assert resident_mb(weights) < 0.05 * weights.stat().st_size / 2**20, (source, resident_mb(weights))
+        np.testing.assert_array_equal(engine.infer(feed)["noise_pred"], outs[-1])
+        if engine.loaded_from_cache:
+            assert resident_mb(weights) < 0.25 * weights.stat().st_size / 2**20, resident_mb(weights)
+        engine.close()
+    assert engine.loaded_from_cache
+    np.testing.assert_array_equal(outs[1], outs[0])
+    uncached = _fresh_engine(tiny.package, "unet_plain", model_cache=False, inference_precision="bf16")
+    np.testing.assert_array_equal(uncached.infer(feed)["noise_pred"], outs[0])
+
+
+def test_memory_arena_policies(tiny, ov_cache):
+    """Which compiled models hand their intermediate buffers back after each call (the ONNX Runtime
+    backends' memory_arena values); the outputs are the same under every policy, on every call."""
+    spec = _specs(tiny)["vae_decoder"]
+    feeds = [_vae_feed(tiny, seed) for seed in (0, 1)]
+    outs = {}
+    for policy in ("all", "loop", "none", "loop-shrink"):
+        engine = _fresh_engine(tiny.package, "vae_decoder", cache_dir=ov_cache, inference_precision="f32",
+                               memory_arena=policy)
+        assert engine.keeps_intermediate_memory() == (policy == "all")
+        outs[policy] = [engine.infer(feed)[spec.output_names[0]] for feed in feeds + feeds]
+        loop = _fresh_engine(tiny.package, "unet_plain", cache_dir=ov_cache, memory_arena=policy)
+        assert loop.keeps_intermediate_memory() == (policy in ("all", "loop"))
+    for policy, got in outs.items():
+        for a, b in zip(got, outs["all"]):
+            np.testing.assert_array_equal(a, b, err_msg=policy)
+        np.testing.assert_array_equal(got[2], got[0])  # a call after the buffers were handed back
+    with pytest.raises(InputError) as e:
+        OpenVINOOptions(memory_arena="some")
+    assert e.value.field == "memory_arena" and "\n" not in str(e.value)

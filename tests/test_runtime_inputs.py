@@ -814,16 +814,22 @@ def test_memory_arena_policies(tiny):
     in the output, and an unknown policy is a one-line error."""
     latents, reference = _latents_and_reference(tiny, seed=4)
     images = {}
-    for policy in ("loop", "all", "none"):
+    loop = ("unet", "unet_plain", "controlnet")
+    for policy in ("loop", "all", "none", "loop-shrink"):
         runtime = BlipDiffusionRuntime.from_package(tiny.package, memory_arena=policy)
         arenas = {name: e.session.get_session_options().enable_cpu_mem_arena for name, e in runtime.engines.items()}
-        expected = {name: policy == "all" or (policy == "loop" and name in ("unet", "unet_plain", "controlnet"))
+        expected = {name: policy == "all" or (policy in ("loop", "loop-shrink") and name in loop)
                     for name in runtime.engines}
         assert arenas == expected, (policy, arenas)
+        # loop-shrink: the per-step sessions hand their arena back after each call
+        shrinking = {name for name, e in runtime.engines.items() if e._run_options is not None and
+                     e._run_options.get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"}
+        assert shrinking == ({name for name in runtime.engines if name in loop} if policy == "loop-shrink" else set())
         images[policy] = runtime("on a beach", reference, "dog", "dog", latents=latents, num_inference_steps=2,
                                  output_type="np").images
     assert float(np.abs(images["loop"] - images["all"]).max()) <= 1e-6
     assert float(np.abs(images["none"] - images["all"]).max()) <= 1e-6
+    assert float(np.abs(images["loop-shrink"] - images["all"]).max()) <= 1e-6
     with pytest.raises(InputError) as e:
         BlipDiffusionRuntime.from_package(tiny.package, memory_arena="some")
     assert "memory_arena" in str(e.value) and "\n" not in str(e.value)

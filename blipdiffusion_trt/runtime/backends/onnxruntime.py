@@ -37,8 +37,19 @@ _ORT_LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basi
 # 1.3 GB peak, 0.8% slower). In a full-size 512x512 generation this took the cold-process peak
 # from 12.1 to 11.8 GB: the UNet's attention buffers dominate, and the CPU-fused graphs are what
 # shrink those (export/cpu_fusions.py). Measurements: bench/results/cpu-speed.
-MEMORY_ARENAS = ("loop", "all", "none")
+# "loop-shrink": the per-step components keep their arena within a call (the 16% above) and hand
+# it back after each call (ONNX Runtime's arena shrinkage), so the UNet's activations are not held
+# while the VAE decoder runs. Measurements: bench/results/cpu-memory-512.
+MEMORY_ARENAS = ("loop", "all", "none", "loop-shrink")
 LOOP_COMPONENTS = frozenset({"unet", "unet_plain", "unet_p2p", "controlnet"})
+
+
+def memory_arena_option() -> Any:
+    """``memory_arena``, which the ONNX Runtime CPU and OpenVINO backends share: one declaration, one flag."""
+    return option("loop", flag="--memory-arena", choices=MEMORY_ARENAS,
+                  help="which components keep their intermediate memory between calls (ONNX Runtime CPU arena, "
+                       "OpenVINO buffers): loop (UNet/ControlNet), all, none, loop-shrink (as loop, handed "
+                       "back after each call)")
 
 
 @dataclass(frozen=True)
@@ -50,7 +61,8 @@ class OnnxRuntimeOptions(BackendOptions):
     several times faster. ``optimized_cache`` (a directory) keeps ONNX Runtime's optimised CPU
     graphs between runs: fast steps and a fast start after the first load (costs a copy of the
     weights). ``memory_arena`` (:data:`MEMORY_ARENAS`): which sessions keep a memory arena; "loop"
-    (UNet/ControlNet only) frees the once-per-image components' activations after each call.
+    (UNet/ControlNet only) frees the once-per-image components' activations after each call;
+    "loop-shrink" also hands the UNet/ControlNet arena back after each of their calls.
     ``cpu_fused``: load the package's CPU-fused fp32 graphs where it has them (fused attention in
     the UNet and ControlNet; ``blipdiffusion-trt fuse`` adds them to a package). Backends without
     the capability (:class:`Capabilities`) ignore ``optimized_cache`` and ``cpu_fused``.
@@ -65,9 +77,7 @@ class OnnxRuntimeOptions(BackendOptions):
         help="directory keeping ONNX Runtime's optimised CPU graphs between runs "
              "(fast start and fast steps; costs a copy of the weights on disk; one that cannot be written is "
              "skipped with a warning)")
-    memory_arena: str = option(
-        "loop", flag="--memory-arena", choices=MEMORY_ARENAS,
-        help="ONNX Runtime CPU sessions that keep a memory arena: loop (UNet/ControlNet), all, none")
+    memory_arena: str = memory_arena_option()
     cpu_fused: bool = option(
         True, flag="--no-cpu-fused",
         help="load the plain fp32 graphs even where the package has CPU-fused ones")
@@ -85,7 +95,11 @@ class OnnxRuntimeOptions(BackendOptions):
                              field="memory_arena")
 
     def uses_memory_arena(self, component: str) -> bool:
-        return self.memory_arena == "all" or (self.memory_arena == "loop" and component in LOOP_COMPONENTS)
+        return self.memory_arena == "all" or (self.memory_arena in ("loop", "loop-shrink") and component in LOOP_COMPONENTS)
+
+    def shrinks_memory_arena(self, component: str) -> bool:
+        """Whether the session's CPU arena is handed back after each call ("loop-shrink")."""
+        return self.memory_arena == "loop-shrink" and component in LOOP_COMPONENTS
 
     def session_options(self, component: str, *, graph_optimization: str | None = None):
         """``onnxruntime.SessionOptions`` for one component's session."""
@@ -140,6 +154,10 @@ class OnnxRuntimeEngine(Engine):
             self.session = self._create_session(ort, source, options.session_options(spec.name), providers)
             self.loaded_from = source
         self._check_providers(providers)
+        self._run_options = None
+        if options.shrinks_memory_arena(spec.name) and provider_name(providers[0]) == "CPUExecutionProvider":
+            self._run_options = ort.RunOptions()
+            self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
     def _create_session(self, ort, source: Path, session_options, providers: list):
         try:
@@ -157,7 +175,7 @@ class OnnxRuntimeEngine(Engine):
 
     def infer(self, feed: Mapping[str, Any], keep: Sequence[str] = ()) -> dict[str, Any]:
         self.check_open()
-        outputs = self.session.run(None, {name: feed[name] for name in self.input_names})
+        outputs = self.session.run(None, {name: feed[name] for name in self.input_names}, self._run_options)
         return dict(zip(self.output_names, outputs))
 
     def close(self) -> None:

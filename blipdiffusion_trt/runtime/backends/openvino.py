@@ -59,6 +59,14 @@ on the OpenVINO model after reading ONNX and cached in the IR; activations stay 
 precision. For machines
 short of memory; its effect on memory, speed and images is measured, not assumed.
 
+Intermediate memory (``memory_arena``, the ONNX Runtime backends' option and values): a compiled
+model keeps the buffers of its intermediate tensors between calls. "loop" (default) keeps them
+only for the components called every denoising step (UNet, ControlNet); the others hand them back
+after each call (``CompiledModel.release_memory``), so the VAE decoder's buffers, the largest at
+512x512, are not held from one image to the next, nor the Q-Former's while the UNet runs.
+"loop-shrink" and "none" hand every component's back after each call; "all" keeps every one.
+The values computed are the same under every policy.
+
 Threads: ``threads`` is OpenVINO's ``INFERENCE_NUM_THREADS`` (unset: ``BLIPDIFFUSION_TRT_THREADS``, as
 for the ONNX Runtime backends, else all cores).
 
@@ -90,6 +98,8 @@ from ...package import ModelPackage, layout
 from ..engine import Engine
 from .base import Backend, BackendOptions, Capabilities, default_threads, option, threads_option
 from .cache_record import check_record, write_record
+from .mapped_files import release_mapped_file
+from .onnxruntime import LOOP_COMPONENTS, MEMORY_ARENAS, memory_arena_option
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +129,9 @@ class OpenVINOOptions(BackendOptions):
     all cores; 0: all cores). ``cache_dir``: root of the model cache (None: :func:`default_cache_dir`);
     ``model_cache=False`` turns the cache off. ``compress_weights``: INT8 weight-only compression
     of the UNet, ControlNet and VAE decoder (needs NNCF). ``max_shapes``: compiled models kept per
-    component (one per distinct input-shape signature, LRU).
+    component (one per distinct input-shape signature, LRU). ``memory_arena`` (the ONNX Runtime
+    backends' values): "loop" keeps intermediate buffers between calls for the per-step components
+    only, "all" for every component, "none" / "loop-shrink" for none.
     """
 
     inference_precision: str = option(
@@ -128,16 +140,20 @@ class OpenVINOOptions(BackendOptions):
     threads: int | None = threads_option()
     cache_dir: str | Path | None = option(
         None, flag="--openvino-cache", metavar="DIR",
-        help="model cache directory (default: $XDG_CACHE_HOME/blipdiffusion-trt/openvino, "
-             "else ~/.cache/blipdiffusion-trt/openvino)")
+        help="model cache directory (default: openvino/ in the per-user cache folder, "
+             "$BLIPDIFFUSION_TRT_CACHE, else $XDG_CACHE_HOME/blipdiffusion-trt or ~/.cache/blipdiffusion-trt)")
     model_cache: bool = option(True, flag="--no-openvino-cache", help="no model cache")
     compress_weights: bool = option(
         False, flag="--openvino-int8-weights",
         help="INT8 weight-only compression of the UNet, ControlNet and VAE decoder "
              "(needs NNCF; for machines short of memory)")
     max_shapes: int = option(4, help="compiled models kept per component (one per input-shape signature, LRU)")
+    memory_arena: str = memory_arena_option()
 
     def __post_init__(self) -> None:
+        if self.memory_arena not in MEMORY_ARENAS:
+            raise InputError(f"memory_arena must be one of {', '.join(MEMORY_ARENAS)}, got {self.memory_arena!r}",
+                             field="memory_arena")
         if self.inference_precision not in INFERENCE_PRECISIONS:
             raise InputError(f"inference_precision must be one of {', '.join(INFERENCE_PRECISIONS)}, "
                              f"got {self.inference_precision!r}", field="inference_precision")
@@ -414,6 +430,11 @@ class OpenVINOEngine(Engine):
 
     # -- cache ----------------------------------------------------------------------------------
 
+    def keeps_intermediate_memory(self) -> bool:
+        """Whether the compiled model keeps its intermediate buffers between calls (``memory_arena``)."""
+        policy = self.options.memory_arena
+        return policy == "all" or (policy == "loop" and self.spec.name in LOOP_COMPONENTS)
+
     def _cache_directory(self, graph_sha256: str) -> Path | None:
         """The graph's cache entry (None: no cache); its folder, the cache root, is made now."""
         options = self.options
@@ -518,7 +539,8 @@ class OpenVINOEngine(Engine):
         with self._lock:
             self.check_open()
             request = self._compiled.get(key)
-            if request is None:
+            compiled_now = request is None
+            if compiled_now:
                 request = self._compile(key, arrays)
             else:
                 self._compiled.move_to_end(key)
@@ -526,6 +548,14 @@ class OpenVINOEngine(Engine):
                 results = request.infer(arrays)
             except Exception as error:  # OpenVINO's messages are multi-line
                 raise EngineError(f"{self.spec.name}: OpenVINO inference failed ({first_line(error)})") from None
+            if compiled_now and self.model_from_ir:
+                # A compiled model keeps the IR's weights mapped after it has copied (on compiling
+                # and on its first call) what it runs with: every page it read would stay resident,
+                # counted in the RSS and in a container's limit. A page it reads again comes back.
+                release_mapped_file(self.cache_dir / IR_BIN)
+            if not self.keeps_intermediate_memory():
+                # the outputs are copies (below), not views of the buffers handed back
+                request.get_compiled_model().release_memory()
             # ``infer`` returns copies of the output tensors (the request's own are reused next call)
             return {name: results[name] for name in self.output_names}
 
