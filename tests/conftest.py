@@ -123,14 +123,15 @@ def full_cfg():
 
 
 @pytest.fixture()
-def fake_trt(monkeypatch):
-    """The ``tensorrt`` stand-in (fakes/tensorrt.py) imported as ``tensorrt``, on a fake GPU."""
+def fake_trt(monkeypatch, request):
+    """The ``tensorrt`` stand-in (fakes/tensorrt.py) imported as ``tensorrt``, on a fake GPU: the
+    TensorRT 10 one, or the version a test asks for (``indirect`` parametrisation)."""
     from blipdiffusion_trt.engines import environment
     from blipdiffusion_trt.engines.environment import GpuInfo
 
-    from fakes.tensorrt import FAKE_GPU, make_fake_tensorrt
+    from fakes.tensorrt import FAKE_GPU, FAKE_VERSION, make_fake_tensorrt
 
-    trt = make_fake_tensorrt()
+    trt = make_fake_tensorrt(getattr(request, "param", FAKE_VERSION))
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setattr(environment, "gpu_info", lambda: GpuInfo(*FAKE_GPU))
     return trt
