@@ -123,14 +123,15 @@ def full_cfg():
 
 
 @pytest.fixture()
-def fake_trt(monkeypatch):
-    """The ``tensorrt`` stand-in (fakes/tensorrt.py) imported as ``tensorrt``, on a fake GPU."""
+def fake_trt(monkeypatch, request):
+    """The ``tensorrt`` stand-in (fakes/tensorrt.py) imported as ``tensorrt``, on a fake GPU: the
+    TensorRT 10 one, or the version a test asks for (``indirect`` parametrisation)."""
     from blipdiffusion_trt.engines import environment
     from blipdiffusion_trt.engines.environment import GpuInfo
 
-    from fakes.tensorrt import FAKE_GPU, make_fake_tensorrt
+    from fakes.tensorrt import FAKE_GPU, FAKE_VERSION, make_fake_tensorrt
 
-    trt = make_fake_tensorrt()
+    trt = make_fake_tensorrt(getattr(request, "param", FAKE_VERSION))
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setattr(environment, "gpu_info", lambda: GpuInfo(*FAKE_GPU))
     return trt
@@ -140,7 +141,7 @@ def fake_trt(monkeypatch):
 def fake_ort_gpu(monkeypatch):
     """The onnxruntime-gpu 1.31.1 stand-in (fakes/onnxruntime_gpu.py) imported as ``onnxruntime``,
     over the real CPU build; the once-per-process library loading starts afresh, and the libraries
-    the fake device has (``fake.gpu.cuda_libraries``, ``.tensorrt_library``) are what ctypes loads."""
+    the fake device has (``fake.gpu.cuda_libraries``, ``.tensorrt_libraries``) are what ctypes loads."""
     real = pytest.importorskip("onnxruntime")
     from blipdiffusion_trt.runtime import ort_install
 
@@ -150,9 +151,11 @@ def fake_ort_gpu(monkeypatch):
 
     def load(path: str):
         name = path.rsplit("/", 1)[-1]
-        have = fake.gpu.tensorrt_library if name.startswith("libnvinfer") else fake.gpu.cuda_libraries
+        tensorrt = name.startswith(("libnvinfer", "libnvonnxparser"))
+        have = name in fake.gpu.tensorrt_libraries if tensorrt else fake.gpu.cuda_libraries
         if not have:
             raise OSError(f"{path}: cannot open shared object file: No such file or directory")
+        fake.gpu.loaded_libraries.add(name)
         return object()
 
     monkeypatch.setitem(sys.modules, "onnxruntime", fake)

@@ -164,3 +164,16 @@ def test_accuracy_measures_catch_a_wrong_output(bench_modules):
     assert not common.compare([broken], [reference])["finite"]
     assert common.psnr(reference.clip(0, 1), reference.clip(0, 1)) == float("inf")
     assert 39 < common.psnr(np.zeros((8, 8)), np.full((8, 8), 0.01)) < 41  # MSE 1e-4: 40 dB
+
+
+def test_the_work_folder_keeps_a_prepared_checkpoint_and_package(bench_modules, tmp_path):
+    """After a measure call (--checkpoint/--package inside --work, as run.sh passes them), the
+    scratch goes but what prepare left stays, for a rerun of the measure phase on the same machine."""
+    work = tmp_path / "work"
+    for name in ("full-controlnet-checkpoint/unet", "full-controlnet-package/onnx", "plain-package-view/onnx"):
+        (work / name).mkdir(parents=True)
+    (work / "ours.result.json").write_text("{}")
+    bench_modules["validate"].clean_work(work, keep=[work / "full-controlnet-checkpoint", work / "full-controlnet-package"])
+    assert sorted(p.name for p in work.iterdir()) == ["full-controlnet-checkpoint", "full-controlnet-package"]
+    bench_modules["validate"].clean_work(work, keep=[])
+    assert not work.exists()

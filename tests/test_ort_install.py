@@ -129,9 +129,10 @@ def test_preload_loads_cuda13_libraries_from_another_site_directory(monkeypatch,
     loaded = ort_install.preload_cuda_libraries(ort, load=lambda path: calls.append(("load", Path(path).name)))
     assert calls[0] == ("preload_dlls", None)
     # dependency order: the runtime first, cublasLt before cublas; cuDNN's sub-libraries load on demand
+    # (libnvrtc: the provider dlopens it for its run-time compiled kernels, as preload_dlls() lists it)
     assert [c[1] for c in calls[1:]] == ["libcudart.so.13", "libcublasLt.so.13", "libcublas.so.13",
-                                          "libcurand.so.10", "libcufft.so.12", "libcudnn.so.9"]
-    assert [Path(p).parent.parent.name for p in loaded.loaded] == ["cu13"] * 5 + ["cudnn"]
+                                          "libcurand.so.10", "libcufft.so.12", "libcudnn.so.9", "libnvrtc.so.13"]
+    assert [Path(p).parent.parent.name for p in loaded.loaded] == ["cu13"] * 5 + ["cudnn", "cu13"]
     assert loaded.missing == [] and loaded.cuda_version == "13.0"
     assert capsys.readouterr().out == ""  # preload_dlls' prints are logged, not printed
     assert loaded.preload_dlls.startswith("Failed to load libcublasLt.so.13")
@@ -142,13 +143,14 @@ def test_preload_finds_cuda12_per_library_folders(monkeypatch, tmp_path):
     _touch(site, "nvidia/cuda_runtime/lib/libcudart.so.12", "nvidia/cublas/lib/libcublasLt.so.12",
            "nvidia/cublas/lib/libcublas.so.12", "nvidia/curand/lib/libcurand.so.10",
            "nvidia/cufft/lib/libcufft.so.11", "nvidia/cudnn/lib/libcudnn.so.9",
+           "nvidia/cuda_nvrtc/lib/libnvrtc.so.12",
            "nvidia/cublas/lib/libcublas.so.13")  # another major: never loaded
     monkeypatch.setattr(sys, "path", [str(site)])
     calls: list = []
     ort = _fake_onnxruntime(monkeypatch, "12.8", calls)
     loaded = ort_install.preload_cuda_libraries(ort, load=lambda path: None)
     assert [Path(p).name for p in loaded.loaded] == ["libcudart.so.12", "libcublasLt.so.12", "libcublas.so.12",
-                                              "libcurand.so.10", "libcufft.so.11", "libcudnn.so.9"]
+                                              "libcurand.so.10", "libcufft.so.11", "libcudnn.so.9", "libnvrtc.so.12"]
 
 
 def test_preload_with_a_cpu_build_loads_nothing(monkeypatch, tmp_path):
@@ -172,6 +174,7 @@ def test_a_library_found_nowhere_is_reported_missing(monkeypatch, tmp_path):
 
     report = ort_install.preload_cuda_libraries(ort, load=load)
     assert [Path(p).name for p in report.loaded] == ["libcudart.so.13"]
-    assert report.missing == ["libcublasLt.so.13", "libcublas.so.13", "libcurand.so.10", "libcufft.so.12", "libcudnn.so.9"]
+    assert report.missing == ["libcublasLt.so.13", "libcublas.so.13", "libcurand.so.10", "libcufft.so.12", "libcudnn.so.9",
+                              "libnvrtc.so.13"]
     assert report.folders == [str(site / "nvidia" / "cu13" / "lib")]
     assert report.describe().startswith("not found: libcublasLt.so.13") and str(site) in report.describe()

@@ -5,6 +5,9 @@ fp16 graphs (the CUDA-fused ones where the package has them), diffusers fp16 on 
 the same code on the CPU with a tiny checkpoint, our ``cpu`` backend on fp32 graphs and diffusers
 fp32, so that the script is known to work before a GPU is at hand.
 
+The workload is the benchmark's (:mod:`blipdiffusion_trt.bench.settings`: one ``Settings`` per
+pipeline, the same prompts and seeded inputs on every side), and so are the statistics
+(:mod:`blipdiffusion_trt.bench.stats`) and our runtime's call (:func:`blipdiffusion_trt.bench.ours.run_ours`).
 This module imports only the standard library at import time: the side that measures our runtime
 must never import torch (it would also take GPU memory for torch's CUDA context).
 """
@@ -20,10 +23,6 @@ from typing import Any
 
 logger = logging.getLogger("bench.gpu")
 
-PROMPT = "swimming underwater"
-NEGATIVE_PROMPT = "low quality, blurry"
-SUBJECT = "dog"
-
 
 @dataclass(frozen=True)
 class Mode:
@@ -32,7 +31,7 @@ class Mode:
     device: str  # torch device of the references and of diffusers: "cuda" or "cpu"
     backend: str  # our runtime's backend: "cuda" or "cpu"
     precision: str  # our graphs: "fp16" or "fp32"
-    diffusers_dtype: str  # "float16" or "float32"
+    diffusers_precision: str  # the benchmark's name of diffusers' torch dtype: "fp16" or "fp32"
     cudnn_conv_algo_search: str = "EXHAUSTIVE"  # our cuda backend's cuDNN convolution algorithm search
     cuda_graph: str = "loop"  # our cuda backend: the UNet and ControlNet under ONNX Runtime CUDA graphs
 
@@ -44,43 +43,23 @@ class Mode:
         return asdict(self)
 
 
-GPU = Mode("gpu", "full", "cuda", "cuda", "fp16", "float16")
-DRY_RUN = Mode("dry-run", "tiny", "cpu", "cpu", "fp32", "float32")
+GPU = Mode("gpu", "full", "cuda", "cuda", "fp16", "fp16")
+DRY_RUN = Mode("dry-run", "tiny", "cpu", "cpu", "fp32", "fp32")
+SCHEDULER = "pndm"
 
 
-@dataclass(frozen=True)
-class Generation:
-    """One generation's settings, the same on every side."""
+def settings_of(*, height: int, width: int, steps: int, controlnet: bool, latent_shape, precision: str):
+    """One pipeline's workload, as the benchmark declares it: batch 1, PNDM, guidance 7.5, seed 0."""
+    from blipdiffusion_trt.bench.settings import Settings
 
-    height: int
-    width: int
-    steps: int
-    guidance: float
-    seed: int
-    controlnet: bool
-    latent_shape: tuple[int, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "latent_shape": list(self.latent_shape)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Generation":
-        return cls(**{**data, "latent_shape": tuple(data["latent_shape"])})
+    return Settings(height=height, width=width, steps=steps, batch=1, scheduler=SCHEDULER, guidance=7.5,
+                    precision=precision, seed=0, controlnet=controlnet, latent_shape=tuple(latent_shape))
 
 
-def generation_inputs(gen: Generation):
-    """Reference image, condition image and latents from the seed (numpy; identical on every side)."""
-    import numpy as np
-    from PIL import Image
+def settings_from_dict(data: dict[str, Any]):
+    from blipdiffusion_trt.bench.settings import Settings
 
-    rng = np.random.default_rng(gen.seed)
-    reference = Image.fromarray(rng.integers(0, 256, (300, 260, 3), dtype=np.uint8))
-    # a condition image with structure (edges), not noise: ControlNet's typical input
-    yy, xx = np.mgrid[0:gen.height, 0:gen.width]
-    rings = ((np.hypot(yy - gen.height / 2, xx - gen.width / 2) // max(4, gen.height // 16)) % 2 * 255).astype(np.uint8)
-    condition = Image.fromarray(np.stack([rings] * 3, axis=-1)) if gen.controlnet else None
-    latents = rng.standard_normal(gen.latent_shape).astype(np.float32)
-    return reference, condition, latents
+    return Settings(**{**data, "latent_shape": tuple(data["latent_shape"])})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -131,27 +110,9 @@ def load_our_runtime(package_dir: Path, mode: Mode):
     return runtime, {name: graph_of(engine, package) for name, engine in engines.items()}
 
 
-def run_ours(runtime, gen: Generation, reference, condition, latents):
-    return runtime(PROMPT, reference, SUBJECT, SUBJECT, latents=latents, height=gen.height, width=gen.width,
-                   num_inference_steps=gen.steps, guidance_scale=gen.guidance, neg_prompt=NEGATIVE_PROMPT,
-                   scheduler="pndm", output_type="np", condition_image=condition)
-
-
 # ------------------------------------------------------------------------------------------------
 # Numbers
 # ------------------------------------------------------------------------------------------------
-
-def summarize(samples) -> dict[str, float]:
-    values = sorted(float(v) for v in samples)
-
-    def pct(q: float) -> float:
-        pos = (len(values) - 1) * q
-        lo, hi = math.floor(pos), math.ceil(pos)
-        return values[lo] + (values[hi] - values[lo]) * (pos - lo)
-
-    return {"p50": pct(0.5), "p90": pct(0.9), "min": values[0], "max": values[-1], "mean": sum(values) / len(values),
-            "n": len(values)}
-
 
 def compare(got, expected) -> dict[str, Any]:
     """Cosine, max abs, relative L2 (float64) and finiteness of ``got`` against ``expected`` (lists of arrays)."""

@@ -34,20 +34,36 @@ scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
 mkdir -p "$scratch/wheels" "$scratch/site"
 
+# each phase's wall time, printed at the end (the device plan in bench/gpu/README.md quotes them)
+timings=()
+phase_start=$(date +%s.%N)
+phase_done() {
+  local now; now=$(date +%s.%N)
+  timings+=("$(printf '%-9s %6.1f s' "$1" "$(echo "$now - $phase_start" | bc)")")
+  phase_start=$now
+}
+
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
   --abi abi3 --abi none "${PLATFORMS[@]}" --platform any -d "$scratch/wheels" "${REQUIREMENTS[@]}"
+phase_done download
 python3 -m pip install -q --no-deps --no-compile --only-binary=:all: --python-version 3.12 --implementation cp \
   --abi cp312 --abi abi3 --abi none "${PLATFORMS[@]}" --platform any --target "$scratch/site" "$scratch"/wheels/*.whl
 # entry-point scripts would name this machine's interpreter; nothing on the GPU machine runs them
 rm -rf "$scratch/site/bin"
 ls "$scratch/wheels" > "$scratch/site/CARRIED_WHEELS.txt"
+phase_done install
 
 rm -rf "$OUT"
 mkdir -p "$OUT"
 tar -C "$scratch/site" -cf - . | xz -T0 -9 > "$scratch/site.tar.xz"
+phase_done pack
 split -b "$PIECE_BYTES" -d -a 1 "$scratch/site.tar.xz" "$OUT/site.tar.xz.part-"
 (cd "$OUT" && sha256sum site.tar.xz.part-* > SHA256SUMS)
+phase_done split
 
 echo "carried wheels:"; sed 's/^/  /' "$scratch/site/CARRIED_WHEELS.txt"
 echo "pieces (one device call each, in this order; bench/gpu/README.md):"
 ls -l "$OUT" | awk 'NR > 1 {printf "  %s  %s bytes\n", $NF, $5}'
+echo "sizes: wheels $(du -sb "$scratch/wheels" | cut -f1) bytes, unpacked site $(du -sb "$scratch/site" | cut -f1) bytes," \
+  "packed $(stat -c %s "$scratch/site.tar.xz") bytes"
+echo "phases:"; printf '  %s\n' "${timings[@]}"

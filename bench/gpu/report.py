@@ -82,7 +82,7 @@ def markdown(data: dict[str, Any]) -> str:
         threads = "" if mode["device"] == "cuda" else " One thread per side (dry run on a shared CPU: the figures only prove the code runs)."
         lines.append(f"{mode['size']} random weights, {gen['height']}x{gen['width']}, {gen['steps']} PNDM steps, "
                      f"guidance {gen['guidance']}, batch 1; ours: `{mode['backend']}` backend, {mode['precision']} graphs"
-                     f"{graphs}; diffusers {mode['diffusers_dtype']} on {mode['device']}.{threads}")
+                     f"{graphs}; diffusers {mode['diffusers_precision']} on {mode['device']}.{threads}")
     for problem in data.get("environment_problems", []):
         lines.append(f"- **environment:** {problem}")
 

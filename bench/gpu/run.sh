@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Device side of the GPU validation (bench/gpu/README.md): run from the repository root.
 #
-#   bash bench/gpu/run.sh stash            keep the carried piece(s) of .gpu-carry/ for the next call
-#   bash bench/gpu/run.sh run [ARGS...]    stash, check every piece, unpack, run validate.py ARGS
-#   bash bench/gpu/run.sh measure [ARGS..] run validate.py ARGS with the site unpacked by an earlier run
+#   bash bench/gpu/run.sh stash              keep the carried piece(s) of .gpu-carry/ for the next call
+#   bash bench/gpu/run.sh prepare [ARGS...]  stash, check every piece, unpack, validate.py --prepare-only ARGS
+#                                            (checkpoint and package kept in $WORK for the measure call)
+#   bash bench/gpu/run.sh measure [ARGS...]  validate.py ARGS on what prepare left in $WORK (the measure
+#                                            phase; rerun it as often as the budget allows)
+#   bash bench/gpu/run.sh run [ARGS...]      stash, unpack and validate.py ARGS: everything in one call
 #
 # Pieces are kept in $STASH (outside the working tree, which each call replaces) while the machine
 # stays warm between back-to-back calls. Results go to $OUT (the folder whose files the remote run
@@ -52,12 +55,23 @@ with tarfile.open(fileobj=sys.stdin.buffer, mode="r|xz") as archive:
 case "${1:-}" in
   stash)
     stash ;;
-  run|measure)
-    if [ "$1" = run ] || [ ! -f "$SITE/CARRIED_WHEELS.txt" ]; then
+  run|prepare|measure)
+    command=$1
+    if [ "$command" != measure ] || [ ! -f "$SITE/CARRIED_WHEELS.txt" ]; then
       if ls .gpu-carry/site.tar.xz.part-* >/dev/null 2>&1; then stash; fi
       unpack
     fi
     shift
+    case "$command" in
+      prepare) set -- --prepare-only "$@" ;;
+      measure)
+        checkpoint="$WORK/full-controlnet-checkpoint" package="$WORK/full-controlnet-package"
+        if [[ " $* " != *" --checkpoint "* ]]; then
+          [ -d "$checkpoint" ] && [ -f "$package/manifest.json" ] \
+            || { echo "error: nothing prepared in $WORK (the machine was given back since prepare?): run prepare again"; exit 3; }
+          set -- --checkpoint "$checkpoint" --package "$package" "$@"
+        fi ;;
+    esac
     # the carried pins first, then this checkout (not installed); the machine's own packages after
     export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
@@ -67,5 +81,5 @@ case "${1:-}" in
     status=${PIPESTATUS[0]}
     exit "$status" ;;
   *)
-    echo "usage: bash bench/gpu/run.sh stash | run [validate.py arguments] | measure [validate.py arguments]"; exit 2 ;;
+    echo "usage: bash bench/gpu/run.sh stash | prepare [validate.py arguments] | measure [validate.py arguments] | run [...]"; exit 2 ;;
 esac

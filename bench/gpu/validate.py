@@ -46,15 +46,18 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import common  # noqa: E402  (bench/gpu is not a package)
 import report  # noqa: E402
-from common import DRY_RUN, GPU, Budget, Generation, Mode  # noqa: E402
+from common import DRY_RUN, GPU, Budget, Mode, settings_of  # noqa: E402
 
 logger = logging.getLogger("bench.gpu")
 
 SCHEMA = "blipdiffusion-trt-gpu-validation/1"
 # Pins the export side needs (docs/install.md, "Why these pins"); the GPU machine's own are newer.
 PINNED = {"diffusers": "0.32.2", "transformers": "4.48.", "huggingface_hub": "0."}
-# Rough costs (s) on one H100/H200 machine, for deciding what still fits the budget.
-ESTIMATES = {"ours": 90.0, "diffusers": 60.0, "accuracy": 60.0, "compile": 150.0}
+# Rough costs (s) of each phase on one H100/H200 machine (16 cores): a phase starts only when its
+# estimate still fits the budget; a dry run scales them by DRY_RUN_SCALE (a tiny checkpoint).
+ESTIMATES = {"checkpoint": 45.0, "export": 300.0, "ours": 90.0, "diffusers": 60.0, "accuracy": 60.0,
+             "compile": 150.0, "flops": 10.0}
+DRY_RUN_SCALE = 0.2
 
 
 def parse_args(argv):
@@ -123,7 +126,7 @@ def check_environment(env: dict[str, Any], mode: Mode) -> list[str]:
 
 
 class Run:
-    """The results so far, written after every step."""
+    """The results so far, written after every phase."""
 
     def __init__(self, out: Path, mode: Mode, budget: Budget, argv):
         self.out, self.mode, self.budget = out, mode, budget
@@ -146,6 +149,14 @@ class Run:
         self.save()
         return value
 
+    def fits(self, name: str) -> bool:
+        """Whether phase ``name``'s estimate still fits the budget (else it is recorded as skipped)."""
+        estimate = ESTIMATES[name] * (1.0 if self.mode.gpu else DRY_RUN_SCALE)
+        if self.budget.fits(estimate):
+            return True
+        self.skip(name, f"{self.budget.left:.0f} s left, needs about {estimate:.0f} s")
+        return False
+
     def skip(self, name: str, why: str) -> None:
         logger.warning("skipping %s: %s", name, why)
         self.data["phases"][name] = {"status": f"skipped: {why}", "seconds": 0.0}
@@ -163,6 +174,17 @@ class Run:
 # Steps
 # ------------------------------------------------------------------------------------------------
 
+def clean_work(work: Path, keep: list[Path]) -> None:
+    """Remove the scratch folder, except a given checkpoint or package inside it (prepared by a
+    ``--prepare-only`` call, kept for a rerun of the measure phase on the same machine)."""
+    keep = [k.resolve() for k in keep]
+    for child in list(work.iterdir()) if work.is_dir() else []:
+        if not any(k == child or child in k.parents for k in keep):
+            shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+    if work.is_dir() and not any(work.iterdir()):
+        work.rmdir()
+
+
 def build_checkpoint(work: Path, mode: Mode) -> Path:
     from blipdiffusion_trt.export.random_checkpoint import build_random_checkpoint
 
@@ -178,8 +200,9 @@ def export(checkpoint: Path, work: Path, mode: Mode, jobs: int) -> dict[str, Any
 
     package = work / f"{mode.size}-controlnet-package"
     precisions = ("fp32", "fp16") if mode.precision == "fp16" else ("fp32",)
+    # only what is measured: no editing graphs (a third full UNet trace), no CPU fusions
     result = export_package(checkpoint, package, precisions=precisions, validate=False, cpu_fusions=False,
-                            gpu_fusions=True, jobs=jobs, force=True, progress=False)
+                            editing=False, gpu_fusions=True, jobs=jobs, force=True, progress=False)
     plain = plain_view(package, work / f"{mode.size}-plain-package")
     return {"package": str(package), "plain_package": str(plain), "precisions": list(precisions), "jobs": jobs,
             "export_s": result.seconds, "gpu_fused": result.gpu_fused}
@@ -218,15 +241,16 @@ def plain_view(package: Path, view: Path) -> Path:
     return view
 
 
-def generations(package: Path, mode: Mode, args) -> dict[str, Generation]:
+def generations(package: Path, mode: Mode, args) -> dict[str, Any]:
+    """The benchmark's ``Settings`` of each pipeline ("plain", "controlnet")."""
     from blipdiffusion_trt.package import read_pipeline_config
 
     config = read_pipeline_config(package)
     size = args.size or (512 if mode.gpu else config.default_height)
     steps = args.steps or (25 if mode.gpu else 3)
     f = config.latent_scale_factor
-    return {key: Generation(height=size, width=size, steps=steps, guidance=7.5, seed=0, controlnet=key == "controlnet",
-                            latent_shape=(1, config.latent_channels, size // f, size // f))
+    return {key: settings_of(height=size, width=size, steps=steps, controlnet=key == "controlnet",
+                             latent_shape=(1, config.latent_channels, size // f, size // f), precision=mode.precision)
             for key in ("plain", "controlnet")}
 
 
@@ -246,7 +270,7 @@ def run_side(side: str, spec: dict[str, Any], work: Path, timeout: float) -> dic
     return result
 
 
-def start_flop_count(package: Path, gens: dict[str, Generation], work: Path) -> subprocess.Popen:
+def start_flop_count(package: Path, gens: dict[str, Any], work: Path) -> subprocess.Popen:
     """FLOPs of the UNet and ControlNet per guidance step, counted from the fp32 graphs in the
     background (symbolic shape inference on the CPU, while the GPU sides run)."""
     gen = gens["plain"]
@@ -278,7 +302,7 @@ def collect_flops(proc: subprocess.Popen, work: Path, timeout: float) -> dict[st
     return json.loads((work / "flops.json").read_text())
 
 
-def accuracy(checkpoint: Path, package: Path, mode: Mode, gens: dict[str, Generation], work: Path) -> dict[str, Any]:
+def accuracy(checkpoint: Path, package: Path, mode: Mode, gens: dict[str, Any], work: Path) -> dict[str, Any]:
     """PyTorch fp32 on the mode's device against our components' outputs, and the fp32 diffusers images."""
     import numpy as np
     import torch
@@ -292,7 +316,8 @@ def accuracy(checkpoint: Path, package: Path, mode: Mode, gens: dict[str, Genera
     torch.backends.cuda.matmul.allow_tf32 = False  # an fp32 reference, not TF32
     torch.backends.cudnn.allow_tf32 = False
     pkg = ModelPackage.open(package, verify=False)
-    plain, cn, dtype = sides.load_diffusers_pair(checkpoint, mode.device, "float32")
+    plain, cn, dtype = sides.load_diffusers_pair(checkpoint, mode.device, "fp32", gens["controlnet"],
+                                                 threads=None if mode.gpu else 1)
     factories = component_modules(cn, pkg.config)
     outputs = np.load(work / "components.npz")
     ours_graphs = json.loads((work / "ours.result.json").read_text())["graphs"]
@@ -400,14 +425,14 @@ def main(argv=None) -> int:
         checkpoint = args.checkpoint.resolve()
         run.data["phases"]["checkpoint"] = {"status": f"given: {checkpoint.name}", "seconds": 0.0}
     else:
-        checkpoint = run.phase("checkpoint", build_checkpoint, work, mode)
+        checkpoint = run.phase("checkpoint", build_checkpoint, work, mode) if run.fits("checkpoint") else None
     jobs = args.jobs or (4 if mode.gpu else 2)
     if args.package:
         package = args.package.resolve()
         exported = {"package": str(package), "plain_package": str(plain_view(package, work / "plain-package-view"))}
         run.data["phases"]["export"] = {"status": f"given: {package.name}", "seconds": 0.0}
     else:
-        exported = run.phase("export", export, checkpoint, work, mode, jobs) if checkpoint else None
+        exported = run.phase("export", export, checkpoint, work, mode, jobs) if checkpoint and run.fits("export") else None
     if not exported:
         return 1
     run.data["export"] = exported
@@ -427,13 +452,12 @@ def main(argv=None) -> int:
             "cuda_graph_probe": mode.gpu and budget.fits(ESTIMATES["ours"] + ESTIMATES["diffusers"] + ESTIMATES["accuracy"] + 60)}
     sides_run = run.data.setdefault("sides", {})
     for side in ("ours", "diffusers"):
-        if not budget.fits(ESTIMATES[side] * (0.2 if not mode.gpu else 1.0)):
-            run.skip(side, f"{budget.left:.0f} s left")
+        if not run.fits(side):
             continue
         result = run.phase(side, run_side, side, {**spec, "images": str(work / f"{side}.images.npz")}, work, budget.left)
         if result:
             sides_run[side] = result
-    if "ours" in sides_run:
+    if "ours" in sides_run and run.fits("accuracy"):
         acc = run.phase("accuracy", accuracy, checkpoint, package, mode, gens, work)
         if acc:
             run.data["accuracy"] = acc
@@ -453,8 +477,8 @@ def main(argv=None) -> int:
         run.data["flops"] = flops
     run.data["tensorrt_imported"] = sys.modules.get("tensorrt") is not None
     run.save()
-    if not args.keep_work:  # scratch, also when a --prepare-only run left the checkpoint and package there
-        shutil.rmtree(work, ignore_errors=True)
+    if not args.keep_work:
+        clean_work(work, keep=[p for p in (args.checkpoint, args.package) if p])
     print(report.markdown(run.data))
     failed = [name for name, p in run.data["phases"].items() if p["status"].startswith("failed")]
     return 1 if failed or not report.all_passed(run.data) else 0

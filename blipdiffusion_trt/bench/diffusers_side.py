@@ -73,7 +73,7 @@ def load_diffusers(checkpoint: Path, device: str, settings: Settings, *, torch_c
     return pipe, dtype
 
 
-class _Clock:
+class Clock:
     """Marks on the GPU's timeline (CUDA events: no synchronisation) or the host's (CPU)."""
 
     def __init__(self, gpu: bool):
@@ -93,13 +93,13 @@ class _Clock:
         return start.elapsed_time(end) / 1e3 if self.gpu else end - start
 
 
-class _DiffusersProbe:
+class DiffusersProbe:
     """Forward hooks (and wrappers on ``vae.decode``/``scheduler.step``) on diffusers' pipeline, for
     the instrumented generation only: a mark before and after every module call, at the loop's
     start (first ControlNet/UNet call) and end (the VAE decode), and each stage's first call's
     arguments for the replay."""
 
-    def __init__(self, pipe, clock: _Clock):
+    def __init__(self, pipe, clock: Clock):
         self.pipe, self.clock = pipe, clock
         self.marks: list[tuple[str, Any, Any]] = []
         self.recorded: dict[str, tuple[Callable, tuple, dict]] = {}
@@ -219,7 +219,7 @@ def bench_diffusers(checkpoint: Path, device: str, settings: Settings, args, bar
         if i >= args.warmup:
             totals.append(total)
         bar.update(1)
-    probe = _DiffusersProbe(pipe, _Clock(gpu=device != "cpu"))
+    probe = DiffusersProbe(pipe, Clock(gpu=device != "cpu"))
     try:
         sync()
         start = time.perf_counter()

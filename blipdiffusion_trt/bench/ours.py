@@ -29,7 +29,8 @@ from .stats import generation_figures, summarize, time_calls
 
 # the engines whose time is the denoising loop's work; the rest of the loop is host overhead
 LOOP_ENGINES = ("unet", "controlnet")
-# untimed calls before a GPU stage is timed: a regular run and a CUDA-graph capture
+# untimed calls before a GPU stage is timed: the first captures the CUDA graph of its input
+# addresses (ONNX Runtime 1.31: warm-up run, capture and replay in that one call), the second settles
 SETTLE_CALLS = 2
 
 
@@ -174,7 +175,7 @@ def bench_ours(backend: str, package: Path, settings: Settings, args, bar) -> di
             continue
         feed, keep = replay_feed(name, recorders, originals)  # fresh device inputs, right before timing
         engine = originals[name]
-        # an input at a new device address is a new CUDA graph, captured on its second call: settle first
+        # an input at a new device address is a new CUDA graph, captured in its first call: settle first
         warmup = max(args.warmup, SETTLE_CALLS) if get_backend(backend).device != "cpu" else args.warmup
         stages[name] = summarize(time_calls(lambda: engine.infer(feed, keep), warmup, stage_runs, sync))
         feeds[name] = {k: _value_shape(v) for k, v in feed.items()}

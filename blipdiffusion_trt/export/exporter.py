@@ -33,8 +33,9 @@ from ..package.manifest import digest_tree, write_manifest
 from ..schema import Object
 from .cpu_fusions import fuse_graphs, fusion_summary
 from .gpu_fusions import cuda_fusion_summary, fuse_graphs_for_cuda
+from .graphs import (check_finite_constants, cosine, drop_fp16_round_trips, example_inputs, export_point, max_abs_diff,
+                     ort_session, run_onnx, save_onnx, second_point, sinusoidal_embedding_nodes)
 from .hub import fetch_qformer_tokenizer, resolve_checkpoint
-from .graphs import check_finite_constants, cosine, example_inputs, export_point, max_abs_diff, ort_session, run_onnx, save_onnx, second_point
 
 logger = logging.getLogger(__name__)
 
@@ -300,7 +301,9 @@ def convert_fp16(src: Path, dst: Path) -> None:
 
     onnxruntime.transformers.float16 (the maintained copy of onnxconverter-common's
     converter) clamps constants to +-1e4 (``max_finite_val``), so any
-    ``finfo(float32).min`` mask constant left in a graph does not become -inf.
+    ``finfo(float32).min`` mask constant left in a graph does not become -inf. The timestep
+    embedding's nodes stay fp32 (:func:`.graphs.sinusoidal_embedding_nodes`); the TensorRT
+    engines are built from these graphs, so theirs does too.
     """
     import onnx
     from onnxruntime.transformers import float16
@@ -314,7 +317,10 @@ def convert_fp16(src: Path, dst: Path) -> None:
         model = onnx.load(str(inferred))
     finally:
         inferred.unlink(missing_ok=True)
-    model16 = float16.convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
+    # the timestep embedding stays fp32, as diffusers computes it (graphs.sinusoidal_embedding_nodes)
+    model16 = float16.convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True,
+                                               node_block_list=sinusoidal_embedding_nodes(model))
+    drop_fp16_round_trips(model16)
     check_finite_constants(model16, dst.name)
     save_onnx(model16, dst)
 

@@ -30,7 +30,8 @@ from ..errors import PackageError, ValidationError
 from ..package import ModelPackage, PackageLayout, layout
 from ..package.manifest import replace_variant
 from .cpu_fusions import patch_num_heads_detection
-from .graphs import check_finite_constants, import_contrib_opset, save_onnx
+from .graphs import (check_finite_constants, drop_fp16_round_trips, import_contrib_opset, save_onnx,
+                     sinusoidal_embedding_nodes)
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +67,8 @@ def gpu_fusion_options(model_type: str):
 def fuse_for_cuda(src: Path, dst: Path, model_type: str) -> dict[str, int]:
     """Write ``dst``: ``src`` (an fp32 graph) with the CUDA fusions for ``model_type``, in fp16.
 
-    Inputs and outputs stay fp32 (``keep_io_types``), as in the package's plain fp16 graphs.
-    Returns the fused op counts.
+    Inputs and outputs stay fp32 (``keep_io_types``), as in the package's plain fp16 graphs, and
+    so does the timestep embedding. Returns the fused op counts.
     """
     from onnxruntime.transformers import optimizer
 
@@ -81,8 +82,10 @@ def fuse_for_cuda(src: Path, dst: Path, model_type: str) -> dict[str, int]:
         model = optimizer.optimize_model(str(src), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
                                          optimization_options=gpu_fusion_options(model_type), use_gpu=True)
         # As the demo: fusions on the fp32 patterns first, then fp16 (symbolic shape inference knows
-        # the contrib ops, which onnx's own does not); constants are clamped to +-1e4.
-        model.convert_float_to_float16(keep_io_types=True)
+        # the contrib ops, which onnx's own does not); constants are clamped to +-1e4. The timestep
+        # embedding stays fp32, as diffusers computes it (graphs.sinusoidal_embedding_nodes).
+        model.convert_float_to_float16(keep_io_types=True, node_block_list=sinusoidal_embedding_nodes(model.model))
+        drop_fp16_round_trips(model.model)
         model.topological_sort()  # the conversion appends the input Casts last; ONNX wants nodes in order
     finally:
         logging.disable(previous)

@@ -140,6 +140,95 @@ def check_finite_constants(model, where: str) -> None:
                 raise ValidationError(f"{where}: constant {tensor.name or '?'} holds inf/NaN after fp16 conversion")
 
 
+def sinusoidal_embedding_nodes(model) -> list[str]:
+    """Names of the nodes that compute a sinusoidal embedding (the UNet's and ControlNet's timestep
+    projection): every node in the module scope of a Sin or Cos node, and the nodes between the
+    graph's inputs and that scope (the timestep's broadcast to the batch; not a Shape, which reads
+    no values).
+
+    diffusers computes this embedding in fp32 whatever the model's dtype (``Timesteps`` casts to
+    float, the cast to the model's dtype comes after it); in fp16 the argument ``t * freq`` (up to
+    ~1000 rad) is rounded to steps of 0.5 and the sines are off by up to ~0.25. The fp16
+    conversions keep these nodes in fp32 (the converters' ``node_block_list``).
+    """
+    scopes = {node.name.rsplit("/", 1)[0] + "/" for node in model.graph.node
+              if node.op_type in ("Sin", "Cos") and "/" in node.name}
+    if not scopes:
+        return []
+    in_scope = [node for node in model.graph.node if any(node.name.startswith(scope) for scope in scopes)]
+    producer = {output: node for node in model.graph.node for output in node.output}
+    downstream = {i.name for i in model.graph.input}  # values computed from a graph input
+    from_inputs = set()
+    for node in model.graph.node:  # the exporter writes nodes in topological order
+        if any(name in downstream for name in node.input):
+            downstream.update(node.output)
+            from_inputs.add(node.name)
+    ancestors, stack = set(), [name for node in in_scope for name in node.input]
+    while stack:
+        node = producer.get(stack.pop())
+        # a Shape reads no values: kept fp16, it spares a Cast of the whole latent to fp32
+        if node is None or node.name in ancestors or node.op_type in ("Shape", "Size"):
+            continue
+        ancestors.add(node.name)
+        stack += list(node.input)
+    chosen = {node.name for node in in_scope} | (ancestors & from_inputs)
+    return [node.name for node in model.graph.node if node.name in chosen]
+
+
+def drop_fp16_round_trips(model) -> int:
+    """Remove every Cast(fp32 -> fp16) -> Cast(fp16 -> fp32) pair: the fp16 converters put one on
+    every edge between two nodes kept in fp32 (each kept node gets a Cast to fp32 before its inputs
+    and a Cast to fp16 after its outputs), which rounds the value to fp16 all the same.
+    (onnxconverter-common's ``remove_unnecessary_cast_node`` misses a pair after a Constant and a
+    value read by several nodes.) The second Cast's readers read the fp32 value instead; a first
+    Cast that nobody reads any more goes too. Returns how many pairs were removed."""
+    float32, float16 = 1, 10
+    graph = model.graph
+    elem_types = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.value_info, *graph.output)}
+    elem_types.update({t.name: t.data_type for t in graph.initializer})
+    producer = {output: node for node in graph.node for output in node.output}
+    graph_outputs = {v.name for v in graph.output}
+
+    def cast_to(node) -> int | None:
+        return next((a.i for a in node.attribute if a.name == "to"), None)
+
+    rename: dict[str, str] = {}
+    dropped = []
+    for node in graph.node:
+        if node.op_type != "Cast" or cast_to(node) != float32 or node.output[0] in graph_outputs:
+            continue
+        first = producer.get(node.input[0])
+        if first is None or first.op_type != "Cast" or cast_to(first) != float16:
+            continue
+        source = first.input[0]
+        if elem_types.get(source) != float32 and not (producer.get(source) is not None
+                                                      and producer[source].op_type == "Constant"
+                                                      and _constant_elem_type(producer[source]) == float32):
+            continue
+        rename[node.output[0]] = source
+        dropped.append(node)
+    if not dropped:
+        return 0
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    for node in dropped:
+        graph.node.remove(node)
+    read = {name for node in graph.node for name in node.input} | graph_outputs
+    for node in [n for n in graph.node if n.op_type == "Cast" and cast_to(n) == float16 and n.output[0] not in read]:
+        graph.node.remove(node)
+    live = {output for node in graph.node for output in node.output}
+    for value in [v for v in graph.value_info if v.name not in live]:
+        graph.value_info.remove(value)
+    return len(dropped)
+
+
+def _constant_elem_type(node) -> int | None:
+    value = next((a for a in node.attribute if a.name == "value"), None)
+    return value.t.data_type if value is not None else None
+
+
 def ort_session(path: Path, providers: Iterable[str] = ("CPUExecutionProvider",)):
     import onnxruntime as ort
 

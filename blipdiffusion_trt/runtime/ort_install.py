@@ -10,8 +10,9 @@ the module's files and the CUDA provider can silently be missing.
 provider find the CUDA/cuDNN libraries that pip installed (the ``nvidia-*`` wheels), which its
 shared library has no search path to: without them ONNX Runtime does not fail, it silently runs
 the session on the CPU. :func:`ensure_tensorrt_library` does the same for the TensorRT provider,
-which links one TensorRT major (the 1.31 provider: ``libnvinfer.so.10``, TensorRT 10) and is
-dropped just as silently when that library is missing. :func:`cuda_device_count` asks the driver
+which links one TensorRT major (the 1.31 provider: ``libnvinfer.so.10`` and
+``libnvonnxparser.so.10``, TensorRT 10; ``libnvinfer_plugin.so.10`` when present) and is dropped
+just as silently when one of them is missing. :func:`cuda_device_count` asks the driver
 whether there is a GPU at all (what the backends' ``is_available`` needs: the GPU wheel lists its
 providers on any machine).
 """
@@ -104,11 +105,14 @@ def _nvidia_library_dirs() -> list[Path]:
 
 
 def cuda_library_names(cuda_version: str) -> list[str]:
-    """The sonames the CUDA provider opens, in dependency order (cublasLt before cublas)."""
+    """The sonames the CUDA provider opens, in dependency order (cublasLt before cublas): what its
+    library links (1.31.1: libcublasLt/libcublas/libcudart.so.13, libcurand.so.10), what it opens
+    at run time (libcudnn.so.9; libnvrtc.so.13 for its run-time compiled kernels: "NVRTC library
+    could not be loaded" otherwise) and cuFFT."""
     major = cuda_version.split(".")[0]
     cufft = str(int(major) - 1) if major.isdigit() else "*"  # cuFFT's soname is one behind: CUDA 13 -> .so.12
     return [f"libcudart.so.{major}", f"libcublasLt.so.{major}", f"libcublas.so.{major}", "libcurand.so.10",
-            f"libcufft.so.{cufft}", "libcudnn.so.9"]
+            f"libcufft.so.{cufft}", "libcudnn.so.9", f"libnvrtc.so.{major}"]
 
 
 @dataclass
@@ -206,54 +210,97 @@ def cuda_device_count(load: Callable[[str], Any] | None = None) -> int:
         return 0
 
 
-# What ONNX Runtime 1.31's TensorRT provider links, when its library cannot be read.
-DEFAULT_TENSORRT_SONAME = "libnvinfer.so.10"
+# What ONNX Runtime 1.31.1's TensorRT provider (libonnxruntime_providers_tensorrt.so) needs of
+# TensorRT, when its library cannot be read: it links libnvinfer.so.10 and libnvonnxparser.so.10
+# (ELF NEEDED entries; besides libcudnn.so.9, libcublas.so.13 and libcudart.so.13, which
+# preload_cuda_libraries loads) and has no RUNPATH, so nothing finds them unless they are loaded
+# first; it dlopens libnvinfer_plugin.so.10 for TensorRT's own plugins and goes on without them
+# ("Default plugin library is not on the path and is therefore ignored").
+DEFAULT_TENSORRT_SONAMES = ("libnvinfer.so.10", "libnvonnxparser.so.10", "libnvinfer_plugin.so.10")
+DEFAULT_TENSORRT_SONAME = DEFAULT_TENSORRT_SONAMES[0]
+_TENSORRT_LIBRARY_STEMS = ("nvinfer", "nvonnxparser", "nvinfer_plugin")  # load order: libnvinfer first
+OPTIONAL_TENSORRT_STEMS = frozenset({"nvinfer_plugin"})  # the provider runs without it
 TENSORRT_PROVIDER_LIBRARY = "libonnxruntime_providers_tensorrt.so"
 
 
-def tensorrt_soname(ort) -> str:
-    """The TensorRT library the installed TensorRT provider links (``libnvinfer.so.N``), read from
-    the provider's shared library; :data:`DEFAULT_TENSORRT_SONAME` where it cannot be read."""
+def tensorrt_sonames(ort) -> list[str]:
+    """The TensorRT libraries the installed TensorRT provider needs (``libnvinfer.so.N``,
+    ``libnvonnxparser.so.N``, ``libnvinfer_plugin.so.N``), read from the provider's shared library;
+    :data:`DEFAULT_TENSORRT_SONAMES` where it cannot be read."""
     provider = Path(getattr(ort, "__file__", "") or ".").parent / "capi" / TENSORRT_PROVIDER_LIBRARY
     try:
-        found = re.search(rb"libnvinfer\.so\.(\d+)", provider.read_bytes())
+        text = provider.read_bytes()
     except OSError:
-        found = None
-    return f"libnvinfer.so.{found.group(1).decode()}" if found else DEFAULT_TENSORRT_SONAME
+        return list(DEFAULT_TENSORRT_SONAMES)
+    majors = {}
+    for stem in _TENSORRT_LIBRARY_STEMS:
+        match = re.search(rb"lib" + stem.encode() + rb"\.so\.(\d+)", text)
+        majors[stem] = match.group(1).decode() if match else None
+    default = majors["nvinfer"] or DEFAULT_TENSORRT_SONAME.rsplit(".", 1)[-1]  # one TensorRT major for all
+    return [f"lib{stem}.so.{majors[stem] or default}" for stem in _TENSORRT_LIBRARY_STEMS]
+
+
+def tensorrt_soname(ort) -> str:
+    """The TensorRT library the installed TensorRT provider links (``libnvinfer.so.N``)."""
+    return tensorrt_sonames(ort)[0]
+
+
+def _is_optional(soname: str) -> bool:
+    return soname.split(".so", 1)[0].removeprefix("lib") in OPTIONAL_TENSORRT_STEMS
 
 
 @dataclass
 class TensorRTLibrary:
+    """What :func:`find_tensorrt_library` loaded: ``soname`` (libnvinfer), ``path`` (its file;
+    None: by name, or not at all), ``loaded`` (every library the provider needs is loaded),
+    ``libraries`` (soname -> file, None for by name), ``missing`` (needed, not found) and
+    ``missing_optional`` (the plugin library: the provider runs without it)."""
+
     soname: str
-    path: str | None = None  # where it was loaded from (None: by name, or not at all)
+    path: str | None = None
     loaded: bool = False
     folders: list[str] = field(default_factory=list)
+    libraries: dict[str, str | None] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    missing_optional: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
+        major = self.soname.rsplit(".", 1)[-1]
         if self.loaded:
-            return f"{self.soname} loaded from {self.path or 'the system library path'}"
+            where = self.path or "the system library path"
+            note = f"; without {', '.join(self.missing_optional)} (TensorRT's plugins)" if self.missing_optional else ""
+            return f"TensorRT {major} libraries loaded from {where}{note}"
         where = ", ".join(self.folders) + " and " if self.folders else ""
         note = "" if self.folders else "; no tensorrt_libs folder on sys.path"
-        return (f"{self.soname} (TensorRT {self.soname.rsplit('.', 1)[-1]}, which this provider links) was not found "
-                f"(looked in {where}the system library path{note})")
+        missing = self.missing or [self.soname]
+        return (f"{', '.join(missing)} (TensorRT {major}, which this provider links) "
+                f"{'was' if len(missing) == 1 else 'were'} not found (looked in {where}the system library path{note})")
 
 
 def find_tensorrt_library(ort, *, load: Callable[[str], Any] | None = None) -> TensorRTLibrary:
-    """Load the TensorRT library the provider links: from a ``tensorrt_libs`` folder on ``sys.path``
-    (the pip wheels'), else by name. Loaded globally, so the provider's own ``dlopen`` finds it."""
+    """Load the TensorRT libraries the provider needs (:func:`tensorrt_sonames`), libnvinfer first,
+    all from the ``tensorrt_libs`` folder on ``sys.path`` (the pip wheels') that holds libnvinfer,
+    else by name. Loaded globally, so the provider's own ``dlopen`` finds them."""
     load = load or _load_library
-    report = TensorRTLibrary(tensorrt_soname(ort))
+    sonames = tensorrt_sonames(ort)
+    report = TensorRTLibrary(sonames[0])
     folders = [Path(entry or ".") / "tensorrt_libs" for entry in sys.path]
     report.folders = [str(f) for f in dict.fromkeys(folders) if f.is_dir()]
-    candidates = [str(Path(f) / report.soname) for f in report.folders if (Path(f) / report.soname).is_file()]
-    for candidate in [*candidates, report.soname]:
-        try:
-            load(candidate)
-        except OSError as error:
-            logger.debug("cannot load %s: %s", candidate, error)
-            continue
-        report.loaded, report.path = True, candidate if candidate != report.soname else None
-        break
+    home = next((Path(f) for f in report.folders if (Path(f) / sonames[0]).is_file()), None)
+    for soname in sonames:
+        candidates = ([str(home / soname)] if home is not None and (home / soname).is_file() else []) + [soname]
+        for candidate in candidates:
+            try:
+                load(candidate)
+            except OSError as error:
+                logger.debug("cannot load %s: %s", candidate, error)
+                continue
+            report.libraries[soname] = candidate if candidate != soname else None
+            break
+        else:
+            (report.missing_optional if _is_optional(soname) else report.missing).append(soname)
+    report.loaded = not report.missing
+    report.path = report.libraries.get(sonames[0])
     return report
 
 

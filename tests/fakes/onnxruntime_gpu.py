@@ -9,17 +9,32 @@ What it assumes of the real package, each as onnxruntime-gpu 1.31.1 behaves:
 - ``preload_dlls()`` prints what it could not load and never raises.
 - A session asking for the CUDA provider whose CUDA/cuDNN libraries are not loaded does not fail:
   the provider is dropped and the session runs on the CPU provider; ``get_providers()`` says so.
-  The same for the TensorRT provider without ``libnvinfer.so.10`` (it falls back to the next
-  provider asked for). Here the libraries are "loaded" when :attr:`FakeGpu.cuda_libraries` is
-  True and ``preload_dlls()`` ran, and when :attr:`FakeGpu.tensorrt_library` is True.
+  The same for the TensorRT provider (it falls back to the next provider asked for) unless the
+  libraries its ``libonnxruntime_providers_tensorrt.so`` links were loaded before (ELF NEEDED
+  entries of the 1.31.1 wheel's library: ``libnvinfer.so.10``, ``libnvonnxparser.so.10``, and the
+  CUDA provider's cuDNN/cuBLAS/cudart; no RUNPATH, so nothing else finds them); the plugin library
+  ``libnvinfer_plugin.so.10`` is dlopened and may be absent ("Default plugin library is not on the
+  path and is therefore ignored"). Here the CUDA libraries are "loaded" when
+  :attr:`FakeGpu.cuda_libraries` is True and ``preload_dlls()`` ran; a TensorRT library when it is
+  in :attr:`FakeGpu.tensorrt_libraries` (what can be found) and the backend loaded it
+  (:attr:`FakeGpu.loaded_libraries`, kept by the test's loader).
 - Provider options are strings; ``cudnn_conv_algo_search`` outside EXHAUSTIVE/HEURISTIC/DEFAULT is
   a session-creation error.
-- ``enable_cuda_graph``: creating the session fails ("This session cannot use the CUDA Graph
-  feature ...") when a compute node would run on the CPU (here: graph files whose stem is in
-  :attr:`FakeGpu.cpu_nodes`). Per ``gpu_graph_id`` run option (default 0; -1: a regular run) the
-  first run is regular, the second captures and replays, later runs replay: they read the inputs
-  and write the outputs bound at capture, whatever is bound now. A capture with an input bound
-  from host memory fails (the copy would be captured with a stale host pointer).
+- ``enable_cuda_graph``: creating the session fails when a compute node would not run on the CUDA
+  provider (here: graph files whose stem is in :attr:`FakeGpu.cpu_nodes`) or the graph has control
+  flow (:attr:`FakeGpu.control_flow`), with the words of the 1.31.1 library (``strings`` of
+  ``libonnxruntime.so.1.31.1``: "This session cannot use the graph capture feature as requested by
+  the user  as all compute graph nodes have not been partitioned to the " + the provider's name;
+  "... as the model has control flow nodes which can't be supported by " + the name), raised as
+  ``[ONNXRuntimeError] : 1 : FAIL : ...``.
+- Per ``gpu_graph_id`` run option (default 0; -1: a regular run), the first call of an id does
+  everything inside that one call, as ``InferenceSession::Run`` in 1.31 does ("Start another run
+  for necessary memory allocation or graph capture."): a regular run (the warm-up), the capture,
+  a replay; recorded as one "capture" entry in :attr:`FakeGpu.runs`. Every later call replays:
+  it reads the inputs and writes the outputs bound at capture, whatever is bound now. A capture
+  with an input bound from host memory, or an output left to the session, fails (the copy would
+  be captured with a stale host pointer); so does a capture of a graph whose stem is in
+  :attr:`FakeGpu.capture_fails` (as a kernel that cannot be captured fails).
 - ``OrtValue`` on "cuda": ``ortvalue_from_shape_and_type`` allocates (no copy),
   ``ortvalue_from_numpy`` and ``update_inplace`` copy host to device (same address afterwards),
   ``numpy()`` copies device to host; ``data_ptr()`` is the address.
@@ -43,8 +58,14 @@ import numpy as np
 API_VERSION = "1.31.1"
 CUDA_VERSION = "13.0"
 CUDNN_SEARCHES = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
-CUDA_GRAPH_REFUSAL = ("[ONNXRuntimeError] : 1 : FAIL : This session cannot use the CUDA Graph feature as requested by "
-                      "the user  as all compute graph nodes have not been partitioned to the CUDA EP.")
+TENSORRT_SONAMES = ("libnvinfer.so.10", "libnvonnxparser.so.10", "libnvinfer_plugin.so.10")
+TENSORRT_NEEDED = ("libnvinfer.so.10", "libnvonnxparser.so.10")  # the provider library's NEEDED entries
+CUDA_GRAPH_REFUSAL = ("[ONNXRuntimeError] : 1 : FAIL : This session cannot use the graph capture feature as requested "
+                      "by the user  as all compute graph nodes have not been partitioned to the CUDAExecutionProvider")
+CUDA_GRAPH_REFUSAL_CONTROL_FLOW = ("[ONNXRuntimeError] : 1 : FAIL : This session cannot use the graph capture feature as "
+                                   "requested by the user as the model has control flow nodes which can't be supported "
+                                   "by CUDAExecutionProvider")
+CAPTURE_FAILURE = "CUDA failure 900: operation not permitted when stream is capturing"
 _addresses = itertools.count(0x7F0000000000, 0x100000)
 
 
@@ -53,8 +74,11 @@ class FakeGpu:
     """The fake device's state and counters."""
 
     cuda_libraries: bool = True  # the CUDA/cuDNN libraries can be found by preload_dlls()
-    tensorrt_library: bool = True  # libnvinfer.so.10 can be loaded
+    tensorrt_libraries: set = field(default_factory=lambda: set(TENSORRT_SONAMES))  # the ones that can be found
+    loaded_libraries: set = field(default_factory=set)  # sonames the backend loaded (the test's loader records them)
     cpu_nodes: set = field(default_factory=set)  # graph stems with a compute node ONNX Runtime puts on the CPU
+    control_flow: set = field(default_factory=set)  # graph stems with control flow (If, Loop, Scan)
+    capture_fails: set = field(default_factory=set)  # graph stems whose capture fails
     libraries_loaded: bool = False
     preload_calls: int = 0
     events: list = field(default_factory=list)  # ("preload_dlls",) / ("session", path) in call order
@@ -65,6 +89,7 @@ class FakeGpu:
     io_bindings: int = 0
     copy_outputs_calls: int = 0
     runs: list = field(default_factory=list)  # (graph stem, "regular" | "capture" | "replay", graph id)
+    graphs_captured: int = 0
 
     def h2d_of(self, name: str) -> int:
         """Host-to-device copies of what input ``name`` read: bound from host memory, or copied
@@ -185,11 +210,14 @@ class InferenceSession:
                     raise RuntimeError(f"[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : cudnn_conv_algo_search {search}")
                 if not gpu.libraries_loaded:
                     continue  # dropped silently
-                if self.options[name].get("enable_cuda_graph") == "1" and self.path.stem in gpu.cpu_nodes:
-                    raise RuntimeError(CUDA_GRAPH_REFUSAL)
+                if self.options[name].get("enable_cuda_graph") == "1":
+                    if self.path.stem in gpu.cpu_nodes:
+                        raise RuntimeError(CUDA_GRAPH_REFUSAL)
+                    if self.path.stem in gpu.control_flow:
+                        raise RuntimeError(CUDA_GRAPH_REFUSAL_CONTROL_FLOW)
                 self.active.append(name)
             elif name == "TensorrtExecutionProvider":
-                if gpu.libraries_loaded and gpu.tensorrt_library:
+                if gpu.libraries_loaded and set(TENSORRT_NEEDED) <= gpu.loaded_libraries:
                     self.active.append(name)
             elif name == "CPUExecutionProvider":
                 self.active.append(name)
@@ -200,7 +228,6 @@ class InferenceSession:
         self._real_module = real
         self._sess_options = sess_options
         self._real = None  # the real CPU session, made on the first run
-        self.graph_runs: dict[int, int] = {}
         self.captured: dict[int, tuple[dict, dict]] = {}
         gpu.sessions.append(self)
 
@@ -235,23 +262,22 @@ class InferenceSession:
     def run_with_iobinding(self, binding: IOBinding, run_options: RunOptions | None = None) -> None:
         graph_id = int((run_options.entries if run_options else {}).get("gpu_graph_id", "0"))
         if self.cuda_graph and graph_id != -1:
-            runs = self.graph_runs.get(graph_id, 0)
-            self.graph_runs[graph_id] = runs + 1
-            if runs >= 2:  # replay: the addresses bound at capture, not the current binding
+            if graph_id in self.captured:  # replay: the addresses bound at capture, not the current binding
                 inputs, outputs = self.captured[graph_id]
                 self.gpu.runs.append((self.path.stem, "replay", graph_id))
                 self._compute({k: v._array for k, v in inputs.items()}, outputs)
                 return
-            if runs == 1:
-                host = [name for name, (kind, _) in binding.inputs.items() if kind == "host"]
-                allocated = [name for name, entry in binding.outputs.items() if entry[0] != "device"]
-                if host or allocated:
-                    raise RuntimeError(f"CUDA graph capture with host-bound inputs {host} or unbound outputs {allocated}")
-                self.captured[graph_id] = ({k: v for k, (_, v) in binding.inputs.items()},
-                                           {k: entry[1] for k, entry in binding.outputs.items()})
-                self.gpu.runs.append((self.path.stem, "capture", graph_id))
-            else:
-                self.gpu.runs.append((self.path.stem, "regular", graph_id))
+            # the first call of this id: warm-up run, capture and replay, all in this call
+            host = [name for name, (kind, _) in binding.inputs.items() if kind == "host"]
+            allocated = [name for name, entry in binding.outputs.items() if entry[0] != "device"]
+            if host or allocated:
+                raise RuntimeError(f"CUDA graph capture with host-bound inputs {host} or unbound outputs {allocated}")
+            if self.path.stem in self.gpu.capture_fails:
+                raise RuntimeError(CAPTURE_FAILURE)
+            self.captured[graph_id] = ({k: v for k, (_, v) in binding.inputs.items()},
+                                       {k: entry[1] for k, entry in binding.outputs.items()})
+            self.gpu.graphs_captured += 1
+            self.gpu.runs.append((self.path.stem, "capture", graph_id))
         else:
             self.gpu.runs.append((self.path.stem, "regular", -1))
         feed = {}

@@ -1,5 +1,13 @@
-"""A stand-in for the ``tensorrt`` module (TensorRT 10.x/11.x Python API): the builder's calls and
-the runtime's (deserialize, execution context, name-based I/O, ``execute_async_v3``).
+"""A stand-in for the ``tensorrt`` module: the builder's calls and the runtime's (deserialize,
+execution context, name-based I/O, ``execute_async_v3``), as the Python bindings of exactly one of
+two versions have them (:data:`TENSORRT_10`, :data:`TENSORRT_11`, the newest of each major on
+PyPI, ``tensorrt-cu12-bindings``), with that version's enums:
+
+- 10.16: ``NetworkDefinitionCreationFlag.EXPLICIT_BATCH = 0`` (deprecated, ignored: networks are
+  always explicit batch), ``STRONGLY_TYPED = 1``; ``BuilderFlag.FP16`` exists.
+- 11.4: strongly typed networks only (weak typing removed, the flag is accepted and ignored):
+  ``NetworkDefinitionCreationFlag.STRONGLY_TYPED = 0`` and no ``EXPLICIT_BATCH``; no
+  ``BuilderFlag.FP16`` (removed in 11, NVIDIA's 10.x-to-11.x Python API migration guide).
 
 The builder side checks what TensorRT would (every dynamic input has a profile shape of the right
 rank, fixed dims agree, min <= opt <= max) and writes a JSON echo as the plan. The runtime side
@@ -21,7 +29,9 @@ from helpers import onnx_inputs
 
 from .cuda import FAKE_CUDA
 
-FAKE_VERSION = "10.99.0.1"
+TENSORRT_10 = "10.16.1.11"
+TENSORRT_11 = "11.4.0.106"
+FAKE_VERSION = TENSORRT_10
 # The GPU the stand-ins report (tests patch ``engines.environment.gpu_info`` with it) and what a
 # build on it records.
 FAKE_GPU = ("Fake GPU 80GB", "8.6")
@@ -29,7 +39,8 @@ FAKE_RUNNING = {"tensorrt_version": FAKE_VERSION, "compute_capability": FAKE_GPU
 
 
 def make_fake_tensorrt(version: str = FAKE_VERSION) -> types.ModuleType:
-    """The calls build.py makes, with TensorRT's names and signatures (10.x/11.x Python API).
+    """The calls build.py makes, with TensorRT's names, signatures and enum values of ``version``
+    (:data:`TENSORRT_10` or :data:`TENSORRT_11`).
 
     ``build_serialized_network`` checks what TensorRT would: every dynamic input has a profile
     shape of the right rank, fixed dims agree, min <= opt <= max. The plan is a JSON echo.
@@ -38,6 +49,9 @@ def make_fake_tensorrt(version: str = FAKE_VERSION) -> types.ModuleType:
 
     trt = types.ModuleType("tensorrt")
     trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)  # find_spec callers (torch, diffusers)
+    major = int(version.split(".")[0])
+    if version not in (TENSORRT_10, TENSORRT_11):
+        raise ValueError(f"the stand-in imitates TensorRT {TENSORRT_10} or {TENSORRT_11}, not {version}")
     trt.__version__ = version
     trt.calls = []
 
@@ -54,8 +68,25 @@ def make_fake_tensorrt(version: str = FAKE_VERSION) -> types.ModuleType:
     ILogger.Severity = Severity
     ILogger.__init__ = lambda self: None
 
-    class NetworkDefinitionCreationFlag(enum.IntEnum):
-        STRONGLY_TYPED = 1  # the enum value in TensorRT 10/11 (EXPLICIT_BATCH=0 is gone)
+    if major == 10:
+        class NetworkDefinitionCreationFlag(enum.IntEnum):
+            EXPLICIT_BATCH = 0
+            STRONGLY_TYPED = 1
+
+        class BuilderFlag(enum.IntEnum):
+            FP16 = 0
+            INT8 = 1
+            DEBUG = 2
+            GPU_FALLBACK = 3
+            REFIT = 4
+    else:
+        class NetworkDefinitionCreationFlag(enum.IntEnum):
+            STRONGLY_TYPED = 0
+
+        class BuilderFlag(enum.IntEnum):  # FP16, INT8, FP8, BF16, INT4, FP4 and the precision constraints: removed
+            DEBUG = 2
+            GPU_FALLBACK = 3
+            REFIT = 4
 
     class MemoryPoolType(enum.Enum):
         WORKSPACE = 0
@@ -141,7 +172,9 @@ def make_fake_tensorrt(version: str = FAKE_VERSION) -> types.ModuleType:
             return Profile()
 
         def build_serialized_network(self, network, config):
-            assert network.flags == 1 << int(NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+            strongly_typed = 1 << int(NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+            # 10: fp16 inside the graph needs a strongly typed network; 11: every network is one
+            assert network.flags == strongly_typed if major == 10 else network.flags in (0, strongly_typed)
             shapes = config.profiles[0].shapes if config.profiles else {}
             for tensor in network.inputs:
                 if -1 not in tensor.shape:
@@ -162,7 +195,8 @@ def make_fake_tensorrt(version: str = FAKE_VERSION) -> types.ModuleType:
                     "profile": {k: [list(s) for s in v] for k, v in shapes.items()}}
             return json.dumps(echo).encode()
 
-    for obj in (ILogger, NetworkDefinitionCreationFlag, MemoryPoolType, IProgressMonitor, OnnxParser, Builder):
+    for obj in (ILogger, NetworkDefinitionCreationFlag, BuilderFlag, MemoryPoolType, IProgressMonitor, OnnxParser,
+                Builder):
         setattr(trt, obj.__name__, obj)
     _add_fake_runtime(trt)
     return trt

@@ -14,11 +14,13 @@ Both drive the session through one IO binding per engine, reused for every call:
   node of their graphs has a CUDA kernel (the CUDA-fused graphs' contrib ops included) and they
   have no control flow, so ONNX Runtime captures them; the once-per-generation components (text
   encoders, Q-Former, VAE decoder) would replay a graph at most once per generation and are run
-  eagerly. One graph per input shape and device-input address (``gpu_graph_id``; the first run of
-  an id is a regular one, the second captures, later ones replay, reading and writing the
-  addresses bound at capture: which is why host inputs then go through this engine's own
-  buffers). A session ONNX Runtime refuses to capture (a compute node on the CPU), or a capture
-  that fails, runs eagerly instead, with a warning.
+  eagerly. One graph per input shape and device-input address (``gpu_graph_id``). ONNX Runtime
+  1.31 captures inside the first call of an id: that call runs the graph regularly (its warm-up,
+  for the memory allocations), captures it and replays it ("Start another run for necessary
+  memory allocation or graph capture"); every later call of the id replays, reading and writing
+  the addresses bound at capture: which is why host inputs go through this engine's own buffers.
+  A session ONNX Runtime refuses to capture (a compute node not on the CUDA provider, or control
+  flow), or a capture that fails, runs eagerly instead, with a warning.
 
 The CUDA and cuDNN libraries are loaded before the first session (:mod:`..ort_install`): without
 them ONNX Runtime silently runs the session on the CPU, which :meth:`_check_providers` turns into
@@ -71,6 +73,12 @@ MAX_CUDA_GRAPHS = 4
 # Preallocated output sets kept per engine (one per output shape).
 MAX_OUTPUT_SETS = 8
 _NO_GRAPH = -1  # ONNX Runtime's gpu_graph_id for a regular run in a CUDA-graph session
+# How ONNX Runtime words its refusal to capture a session, when the session is created. 1.31:
+# "This session cannot use the graph capture feature as requested by the user  as all compute graph
+# nodes have not been partitioned to the CUDAExecutionProvider" (or "... as the model has control
+# flow nodes which can't be supported by CUDAExecutionProvider"); earlier releases: "... cannot use
+# the CUDA Graph feature ...".
+CUDA_GRAPH_REFUSALS = ("cannot use the graph capture feature", "cannot use the CUDA Graph feature")
 
 
 @dataclass(frozen=True)
@@ -175,7 +183,7 @@ class OnnxRuntimeGpuEngine(OnnxRuntimeEngine):
         try:
             return ort.InferenceSession(str(source), session_options, providers=providers)
         except Exception as error:  # ORT raises its own exception types; the user needs one line
-            if not (self.cuda_graph and "CUDA Graph" in str(error)):
+            if not (self.cuda_graph and any(refusal in str(error) for refusal in CUDA_GRAPH_REFUSALS)):
                 raise EngineError(f"{self.path}: ONNX Runtime cannot load it ({first_line(error)})") from None
             logger.warning("%s: ONNX Runtime refuses CUDA graphs for this graph (%s); running it without",
                            self.spec.name, first_line(error))
@@ -305,9 +313,9 @@ class OnnxRuntimeGpuEngine(OnnxRuntimeEngine):
         try:
             self.session.run_with_iobinding(self._binding, run_options)
         except Exception as error:  # ORT raises its own exception types; the user needs one line
-            if graph_id is None or self._graph_runs.get(graph_id, 0) >= 2:
+            if graph_id is None or self._graph_runs.get(graph_id, 0) >= 1:
                 raise EngineError(f"{self.spec.name}: ONNX Runtime failed ({first_line(error)})") from None
-            # the capture (an id's second run) or its first run failed: eager from now on
+            # the first call of an id (warm-up, capture, replay) failed: eager from now on
             logger.warning("%s: CUDA graph capture failed (%s); running without CUDA graphs", self.spec.name,
                            first_line(error))
             self.cuda_graph = False
@@ -321,8 +329,9 @@ class OnnxRuntimeGpuEngine(OnnxRuntimeEngine):
 
     @property
     def cuda_graphs_captured(self) -> int:
-        """How many CUDA graphs this engine has captured (ONNX Runtime captures an id's second run)."""
-        return sum(1 for runs in self._graph_runs.values() if runs >= 2) if self.cuda_graph else 0
+        """How many CUDA graphs this engine has captured: ONNX Runtime 1.31 captures in the first
+        call of each graph id, so every id whose first call succeeded (0 once it runs eagerly)."""
+        return sum(1 for runs in self._graph_runs.values() if runs >= 1) if self.cuda_graph else 0
 
     def close(self) -> None:
         self._binding = None
