@@ -54,6 +54,7 @@ from .p2p import (
     token_map_matrix,
 )
 from .schedulers import DDIMInverseScheduler
+from .step_cache import refuse_cache_interval
 from .text import build_prompts
 from .timing import StageTimer
 
@@ -242,11 +243,14 @@ class EditingMixin:
         seed: int | None = None,
         callback: EditCallback | None = None,
         progress: bool = False,
+        cache_interval: int = 1,
     ) -> np.ndarray:
         """DDIM inversion of a real image -> the latent [1, C, h, w] float32 that DDIM sampling with the
         source prompt ``"a {original_subject} {prompt}"`` turns back into the image (usable as
-        ``latents=`` of a generation or an edit). Guidance 1, the VAE posterior's mean."""
+        ``latents=`` of a generation or an edit). Guidance 1, the VAE posterior's mean.
+        ``cache_interval`` other than 1 is refused: fast mode is for generation only."""
         # 1. Check inputs
+        refuse_cache_interval(cache_interval, "invert")
         self.check_editing_package()
         height, width = self.check_image_size(height, width)
         check_int("num_inference_steps", num_inference_steps, 1, LIMITS.max_steps)
@@ -291,6 +295,7 @@ class EditingMixin:
         output_type: str = "pil",
         callback: EditCallback | None = None,
         progress: bool = False,
+        cache_interval: int = 1,
     ) -> EditOutput:
         """Replace ``original_subject`` in an image by the subject of ``reference_image``.
 
@@ -301,7 +306,9 @@ class EditingMixin:
         takes from the source; ``blend_threshold``: the local blend's threshold (None: no local
         blend). Returns the source image (a real image's reconstruction) and the edited image.
         ``callback(step_index, timestep, latents [2, C, h, w])`` runs after every step.
+        ``cache_interval`` other than 1 is refused: fast mode is for generation only.
         """
+        refuse_cache_interval(cache_interval, "edit")
         request = self.prepare_edit(
             prompt, reference_image, source_subject_category, target_subject_category, original_subject,
             image=image, latents=latents, seed=seed, num_inference_steps=num_inference_steps,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from ...components import ComponentSpec
+from ...components import CONTROLNET_STEP_CACHE, PLAIN_STEP_CACHE, ComponentSpec
 from ...errors import EngineError, InputError, first_line
 from ...package import ModelPackage
 from ..engine import Engine
@@ -38,7 +38,8 @@ _ORT_LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basi
 # from 12.1 to 11.8 GB: the UNet's attention buffers dominate, and the CPU-fused graphs are what
 # shrink those (export/cpu_fusions.py). Measurements: bench/results/cpu-speed.
 MEMORY_ARENAS = ("loop", "all", "none")
-LOOP_COMPONENTS = frozenset({"unet", "unet_plain", "unet_p2p", "controlnet"})
+LOOP_COMPONENTS = frozenset({"unet", "unet_plain", "unet_p2p", "controlnet",
+                             *PLAIN_STEP_CACHE.names, *CONTROLNET_STEP_CACHE.names})
 
 
 @dataclass(frozen=True)
