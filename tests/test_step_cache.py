@@ -146,20 +146,20 @@ def _check_split(fixture) -> None:
             control_feed = {**example_inputs(controlnet, point, vocab_sizes={}, seed=6), **{
                 k: feed[k] for k in ("sample", "timestep", "encoder_hidden_states")}}
             residuals = dict(zip(controlnet.output_names,
-                                 ort_session(package.graph_path("controlnet", "fp32")).run(None, control_feed)))
+                                 ort_session(package.layout.graph("controlnet", "fp32")).run(None, control_feed)))
             feed.update(residuals)
-            first = ort_session(package.graph_path(graphs.controlnet, "fp32")).run(None, {
+            first = ort_session(package.layout.graph(graphs.controlnet, "fp32")).run(None, {
                 k: control_feed[k] for k in specs[graphs.controlnet].input_names})[0]
             np.testing.assert_allclose(first, residuals["down_block_res_0"], atol=specs[graphs.controlnet].atol, rtol=0)
-        noise_full, deep = ort_session(package.graph_path(graphs.full, "fp32")).run(None, feed)
-        noise_exact = ort_session(package.graph_path(exact.name, "fp32")).run(None, {k: feed[k] for k in exact.input_names})[0]
+        noise_full, deep = ort_session(package.layout.graph(graphs.full, "fp32")).run(None, feed)
+        noise_exact = ort_session(package.layout.graph(exact.name, "fp32")).run(None, {k: feed[k] for k in exact.input_names})[0]
         np.testing.assert_allclose(noise_full, noise_exact, atol=exact.atol, rtol=0)
         shallow_feed = {k: feed[k] for k in shallow.input_names if k != DEEP_FEATURE}
-        noise_shallow = ort_session(package.graph_path(graphs.shallow, "fp32")).run(None, {**shallow_feed, DEEP_FEATURE: deep})[0]
+        noise_shallow = ort_session(package.layout.graph(graphs.shallow, "fp32")).run(None, {**shallow_feed, DEEP_FEATURE: deep})[0]
         scale = max(1.0, float(np.abs(noise_full).max()))
         assert _max_diff(noise_shallow, noise_full) <= shallow.atol * scale
         # and the deep feature matters: another one moves the prediction far past that
-        other = ort_session(package.graph_path(graphs.shallow, "fp32")).run(None, {**shallow_feed, DEEP_FEATURE: deep[::-1].copy()})[0]
+        other = ort_session(package.layout.graph(graphs.shallow, "fp32")).run(None, {**shallow_feed, DEEP_FEATURE: deep[::-1].copy()})[0]
         assert _max_diff(other, noise_full) > SENSITIVITY_FACTOR * shallow.atol * scale
 
 
