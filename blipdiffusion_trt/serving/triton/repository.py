@@ -91,6 +91,7 @@ CODE_FILES: tuple[str, ...] = (
     "runtime/schedulers/dpm_solver.py",
     "runtime/schedulers/euler.py",
     "runtime/schedulers/pndm.py",
+    "runtime/step_cache.py",
     "runtime/text.py",
     "runtime/timing.py",
     "runtime/backends/__init__.py",
