@@ -380,3 +380,19 @@ def test_a_package_without_the_graphs_says_how_to_re_export(odd):
         runtime(PROMPT, reference, "dog", "dog", latents=latents, height=height, width=width, num_inference_steps=2,
                 cache_interval=3)
     assert "\n" not in str(error.value)
+
+
+def test_generate_cli_refuses_a_package_without_the_graphs_in_one_line(odd, tmp_path):
+    from PIL import Image
+
+    from helpers import run_cli
+
+    reference = tmp_path / "ref.png"
+    Image.new("RGB", (40, 40), (200, 100, 50)).save(reference)
+    proc = run_cli("generate", str(odd.package), "--prompt", "on a beach", "--reference-image", str(reference),
+                   "--source-subject", "dog", "--target-subject", "dog", "--out", str(tmp_path / "out.png"),
+                   "--steps", "2", "--cache-interval", "3")
+    assert proc.returncode != 0 and not (tmp_path / "out.png").exists()
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --cache-interval 3 needs the step-cache graphs"), proc.stderr
+    assert "blipdiffusion-trt export CHECKPOINT --out DIR" in lines[0]

@@ -167,8 +167,8 @@ def run_generate(args) -> int:
         "--condition-image": args.condition_image, "--canny": args.canny})
     check_scheduler_name(args.scheduler)
     if check_cache_interval(args.cache_interval) > 1 and not read_pipeline_config(args.package).has_step_cache:
-        raise InputError(f"--cache-interval {args.cache_interval} needs the step-cache graphs, which {args.package} "
-                         f"lacks (exported with --no-step-cache or before fast mode): re-export it with "
+        raise InputError(f"cache_interval {args.cache_interval} needs the step-cache graphs, which the package "
+                         f"{args.package} lacks (exported with --no-step-cache or before fast mode): re-export it with "
                          f"`blipdiffusion-trt export CHECKPOINT --out DIR`", field="cache_interval")
     latents = load_latents(args.latents, read_pipeline_config(args.package)) if args.latents else None
     with open_runtime(args) as runtime:
