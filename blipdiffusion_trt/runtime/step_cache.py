@@ -17,7 +17,7 @@ and N = 1 runs the exact mode's graphs unchanged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
@@ -66,9 +66,6 @@ class StepCache:
     graphs: StepCacheGraphs
     calls: int = 0
     deep_feature: Any = None
-    full_calls: int = 0
-    shallow_calls: int = 0
-    schedule: list[bool] = field(default_factory=list)  # per UNet call: True for a full step
 
     def next_is_full(self) -> bool:
         """Whether the next UNet call is a full step: call 0, then every ``interval`` calls."""
@@ -80,11 +77,9 @@ class StepCache:
         ``control`` the ControlNet's control map and scale (None: no ControlNet)."""
         full = self.next_is_full()
         self.calls += 1
-        self.schedule.append(full)
         feed = dict(feed)
         graphs = self.graphs
         if full:
-            self.full_calls += 1
             if control:
                 controlnet = engine("controlnet")
                 with timer("controlnet"):
@@ -93,7 +88,6 @@ class StepCache:
                 out = engine(graphs.full).infer(feed, keep=[DEEP_FEATURE])
             self.deep_feature = out[DEEP_FEATURE]
             return out["noise_pred"]
-        self.shallow_calls += 1
         if control:
             shallow_controlnet = engine(graphs.controlnet)
             with timer(graphs.controlnet):
