@@ -58,6 +58,9 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-editing", action="store_true",
                    help="skip the editing graphs (vae_encoder, unet_p2p) that `edit` and `invert` run: a package "
                         "that only generates, exported faster")
+    p.add_argument("--no-step-cache", action="store_true",
+                   help="skip fast mode's step-cache graphs (DeepCache: UNet full/shallow steps, shallow ControlNet) "
+                        "that `generate --cache-interval N` (N > 1) runs")
     p.add_argument("--gpu-fusions", action="store_true",
                    help=f"also write fp16 graphs with ONNX Runtime's CUDA fusions ({layout.GRAPHS_DIR}/{layout.CUDA_FUSED}, "
                         "CUDA provider only)")
@@ -74,7 +77,7 @@ def run_export(args) -> int:
         args.checkpoint, args.out, controlnet=args.controlnet, precisions=args.precision, opset=args.opset,
         force=args.force, allow_pickle=args.allow_pickle, validate=not args.no_validate,
         max_batch_size=args.max_batch_size, cpu_fusions=not args.no_cpu_fusions, editing=not args.no_editing,
-        gpu_fusions=args.gpu_fusions, jobs=args.jobs, revision=args.revision,
+        step_cache=not args.no_step_cache, gpu_fusions=args.gpu_fusions, jobs=args.jobs, revision=args.revision,
     )
     print(report.summary())
     return 0

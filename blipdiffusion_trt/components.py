@@ -67,6 +67,10 @@ class PipelineConfig:
     # cross-attention maps drive the local blend and at and below which self-attention is replaced
     # (export/p2p.py); 0: the package has no editing graphs (exported before editing existed).
     edit_attention_downsample: int = 0
+    # Fast mode (DeepCache, branch 0): channels of the deep feature a full UNet step hands to the
+    # shallow steps after it, the hidden state entering the last layer of the last up block
+    # (export reads it from the UNet); 0: the package has no step-cache graphs.
+    step_cache_channels: int = 0
 
     def __post_init__(self) -> None:
         if not self.min_image_size:
@@ -84,6 +88,11 @@ class PipelineConfig:
     def has_editing(self) -> bool:
         """Whether the package holds the editing graphs (``vae_encoder``, ``unet_p2p``)."""
         return self.edit_attention_downsample > 0
+
+    @property
+    def has_step_cache(self) -> bool:
+        """Whether the package holds the step-cache graphs (:func:`step_cache_components`)."""
+        return self.step_cache_channels > 0
 
     @property
     def image_multiple(self) -> int:
@@ -152,6 +161,7 @@ PIPELINE_CONFIG_SHAPE = Object(
         "max_batch_size": Int(1, MAX_DECLARED_BATCH_SIZE),
         "min_image_size": Int(0, MAX_DECLARED_IMAGE_SIZE),
         "max_image_size": Int(0, MAX_DECLARED_IMAGE_SIZE),
+        "step_cache_channels": Int(0, MAX_DECLARED_WIDTH),
     },
     rules=(
         ("text_max_length must exceed num_query_tokens + ctx_begin_pos + 1 (the prompt needs room)",
@@ -453,7 +463,83 @@ def declare_components(config: PipelineConfig) -> dict[str, ComponentSpec]:
     ))
     if config.has_editing:
         specs += _editing_components(config, batch, height, width, latent_h, latent_w)
+    if config.has_step_cache:
+        specs += _step_cache_components(config, unet_io, residuals, noise, unet_batch, height, width, latent_h, latent_w)
     return {spec.name: spec for spec in specs}
+
+
+@dataclass(frozen=True)
+class StepCacheGraphs:
+    """The graphs of fast mode (DeepCache, branch 0) for one kind of generation: ``full`` is the
+    whole UNet returning the deep feature too, ``shallow`` only what branch 0 runs with that feature
+    (time embedding, conv_in, the last up layer, norm and conv_out); ``controlnet``: the shallow
+    ControlNet (its first residual only, the one residual a shallow step reads), None without one."""
+
+    full: str
+    shallow: str
+    controlnet: str | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return [n for n in (self.controlnet, self.full, self.shallow) if n]
+
+
+DEEP_FEATURE = "deep_feature"
+PLAIN_STEP_CACHE = StepCacheGraphs("unet_plain_full_step", "unet_plain_shallow_step")
+CONTROLNET_STEP_CACHE = StepCacheGraphs("unet_full_step", "unet_shallow_step", "controlnet_shallow_step")
+
+
+def step_cache_graphs(config: PipelineConfig, *, control: bool) -> StepCacheGraphs | None:
+    """The fast-mode graphs a generation with (``control``) or without the ControlNet runs; None when
+    the package has none."""
+    if not config.has_step_cache or (control and not config.has_controlnet):
+        return None
+    return CONTROLNET_STEP_CACHE if control else PLAIN_STEP_CACHE
+
+
+def step_cache_components(config: PipelineConfig) -> list[str]:
+    """Every fast-mode graph of the package: the plain UNet pair, and with a ControlNet the
+    ControlNet UNet pair and the shallow ControlNet (none for a package exported without them)."""
+    if not config.has_step_cache:
+        return []
+    names = list(PLAIN_STEP_CACHE.names)
+    return names + CONTROLNET_STEP_CACHE.names if config.has_controlnet else names
+
+
+def _step_cache_components(config: PipelineConfig, unet_io: tuple[TensorSpec, ...], residuals: tuple[TensorSpec, ...],
+                           noise: tuple[TensorSpec, ...], unet_batch: Axis, height: Axis, width: Axis,
+                           latent_h: Axis, latent_w: Axis) -> list[ComponentSpec]:
+    """The step-cache graphs (export/modules.py: ``UNetFullStepGraph``, ``UNetShallowStepGraph``,
+    ``ControlNetShallowStepGraph``). The last up block runs at the latent size, so the deep feature
+    does too."""
+    deep = TensorSpec(DEEP_FEATURE, "float32", (unet_batch, config.step_cache_channels, latent_h, latent_w))
+    first_residual = residuals[0]
+    specs = [
+        ComponentSpec(PLAIN_STEP_CACHE.full, inputs=unet_io, outputs=noise + (deep,),
+                      description="fast mode, full step: UNet without residual inputs, also returning the deep feature",
+                      cpu_fusion="unet", gpu_fusion="unet"),
+        ComponentSpec(PLAIN_STEP_CACHE.shallow, inputs=unet_io + (deep,), outputs=noise,
+                      description="fast mode, shallow step: the UNet's last up layer on the cached deep feature",
+                      cpu_fusion="unet", gpu_fusion="unet"),
+    ]
+    if config.has_controlnet:
+        specs += [
+            ComponentSpec(
+                CONTROLNET_STEP_CACHE.controlnet,
+                inputs=(unet_io[0],
+                        TensorSpec("controlnet_cond", "float32", (unet_batch, config.controlnet_conditioning_channels, height, width)),
+                        TensorSpec("conditioning_scale", "float32", (1,))),
+                outputs=(first_residual,),
+                description="fast mode, shallow step: the ControlNet's first residual only (scaled by conditioning_scale)",
+            ),
+            ComponentSpec(CONTROLNET_STEP_CACHE.full, inputs=unet_io + residuals, outputs=noise + (deep,),
+                          description="fast mode, full step: UNet with ControlNet residual inputs, also returning "
+                                      "the deep feature", cpu_fusion="unet", gpu_fusion="unet"),
+            ComponentSpec(CONTROLNET_STEP_CACHE.shallow, inputs=unet_io + (deep, first_residual), outputs=noise,
+                          description="fast mode, shallow step: the UNet's last up layer on the cached deep feature "
+                                      "and the ControlNet's first residual", cpu_fusion="unet", gpu_fusion="unet"),
+        ]
+    return specs
 
 
 # Editing runs the UNet on [uncond_src, uncond_tgt, cond_src, cond_tgt]; the control acts on the

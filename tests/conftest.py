@@ -30,6 +30,9 @@ CHECKPOINTS = {
 # without them (editing does not use the ControlNet), which keeps the fixtures' export shorter and
 # gives the tests a package as exported before editing existed.
 EDITING_FIXTURES = ("tiny", "odd")
+# Packages with fast mode's step-cache graphs (exported by default; left out of "odd" to keep the
+# fixtures' export shorter and to give the tests a package exported without them).
+STEP_CACHE_FIXTURES = ("tiny", "tiny_cn", "odd_cn")
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,8 @@ def build_fixture(name: str, root: Path) -> Fixture:
     arch, controlnet, (mean, std), precisions = CHECKPOINTS[name]
     checkpoint = build_random_checkpoint(root / f"{name}-checkpoint", arch, controlnet=controlnet, mean=mean, std=std, seed=len(name))
     package = root / f"{name}-package"
-    export_package(checkpoint, package, precisions=precisions, editing=name in EDITING_FIXTURES, progress=False)
+    export_package(checkpoint, package, precisions=precisions, editing=name in EDITING_FIXTURES,
+                   step_cache=name in STEP_CACHE_FIXTURES, progress=False)
     _built[name] = Fixture(name, checkpoint, package, controlnet)
     return _built[name]
 

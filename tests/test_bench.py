@@ -26,7 +26,7 @@ def bench_run(tiny, tmp_path_factory):
     code = bench_cli.main([
         "--package", str(tiny.package), "--checkpoint", str(tiny.checkpoint), "--backends", "cpu",
         "--runs", "1", "--warmup", "0", "--steps", "2", "--threads", "1", "--peak-tflops", "cpu=1.5",
-        "--diffusers-precisions", "fp32", "--no-progress", "--out", str(out), "--edit",
+        "--diffusers-precisions", "fp32", "--no-progress", "--out", str(out), "--edit", "--cache-interval", "1,2",
     ])
     assert code == 0
     return out, json.loads((out / "bench.json").read_text())
@@ -99,6 +99,35 @@ def test_edit_against_the_generation(bench_run):
     assert "diffusers" not in impl["edit"] and "edit" not in results["implementations"]["diffusers"]
     markdown = (out / "bench.md").read_text()
     assert "| unet_p2p (1 call, 4 rows) |" in markdown and "| edit / generation, per step |" in markdown
+
+
+def test_fast_mode_beside_the_exact_mode(bench_run):
+    """--cache-interval 1,2: fast mode's generations, loop, one full and one shallow UNet call, the
+    speed-up over the exact mode and the image's difference from the exact mode's, in json and md."""
+    out, results = bench_run
+    assert results["settings"]["cache_intervals"] == [1, 2]
+    impl = results["implementations"]["cpu"]
+    mode = impl["fast_mode"]["2"]
+    for key in ("generation", "denoise_loop"):
+        _positive_stats(mode[key])
+        assert mode["speedup_vs_exact"][key] == pytest.approx(impl[key]["p50"] / mode[key]["p50"])
+    assert set(mode["unet_call"]) == {"unet_plain_full_step", "unet_plain_shallow_step"}
+    for stat in mode["unet_call"].values():
+        _positive_stats(stat)
+    calls = impl["unet_calls"]
+    assert mode["unet_calls"] == calls and mode["full_unet_calls"] == len(range(0, calls, 2))
+    image = mode["image_vs_exact"]
+    assert 0 < image["mean_abs"] <= image["max_abs"] <= 1 and image["psnr_db"] > 0
+    assert "fast_mode" not in results["implementations"]["diffusers"]
+    markdown = (out / "bench.md").read_text()
+    assert "Fast mode (DeepCache step caching" in markdown
+    assert any(line.startswith("| ours cpu") and "| 2 |" in line for line in markdown.splitlines())
+
+
+def test_bad_cache_intervals_are_one_line():
+    with pytest.raises(InputError, match=r"^--cache-interval must list integers in \[1, 1000\], got '0'"):
+        bench_cli._cache_intervals(["1", "0"])
+    assert bench_cli._cache_intervals(["3", "1", "3"]) == (1, 3)
 
 
 def test_markdown_has_the_table(bench_run):

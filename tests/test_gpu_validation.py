@@ -69,7 +69,11 @@ def test_dry_run_completes_and_passes(dry_run):
     statuses = {name: phase["status"] for name, phase in data["phases"].items()}
     assert statuses.pop("checkpoint").startswith("given: ")
     assert statuses == {"export": "done", "ours": "done", "diffusers": "done", "accuracy": "done",
-                        "diffusers-compile": "skipped: GPU only", "flops": "done"}
+                        "diffusers-compile": "skipped: GPU only", "fast_mode": "done", "flops": "done"}
+    # fast mode ran beside the exact mode on both packages
+    for key in ("plain", "controlnet"):
+        modes = data["fast_mode"][key]
+        assert set(modes) == {"1", "3", "5"} and modes["3"]["image_vs_exact"]["max_abs"] > 0
     assert data["tensorrt_imported"] is False
     assert not (out / "work").exists(), "the work folder (checkpoint, package) must be removed"
     assert (out / "validation.md").read_text().startswith("### GPU validation (dry-run)")

@@ -38,6 +38,7 @@ from blipdiffusion_trt.components import (  # noqa: E402
     TensorSpec,
     editing_components,
     generation_components,
+    step_cache_components,
 )
 from blipdiffusion_trt.package import read_pipeline_config  # noqa: E402
 from blipdiffusion_trt.serving.triton import configs  # noqa: E402
@@ -128,7 +129,10 @@ def test_repository_configs(flavor, which, request, trt_packages, tmp_path):
     # the editing graphs where the package has them (tiny's, not tiny_cn's)
     editing = [c for c in editing_components(config) if c not in generation]
     assert bool(editing) == (which == "tiny")
-    components = generation + editing
+    # fast mode's step-cache graphs where the package has them (every fixture here)
+    step_cache = step_cache_components(config)
+    assert step_cache
+    components = generation + editing + step_cache
     assert sorted(p.name for p in repo.path.iterdir()) == sorted(components + ["blip_diffusion"])
     assert not list(tmp_path.glob(".repo.partial-*")), "temporary directory left behind"
 
@@ -182,7 +186,7 @@ def test_repository_configs(flavor, which, request, trt_packages, tmp_path):
                 assert cfg.max_batch_size == 0 and not cfg.HasField("dynamic_batching")
             else:
                 assert cfg.max_batch_size == axis.max > 0 and cfg.HasField("dynamic_batching")
-                factor = 2 if component in ("unet", "unet_plain") else 1
+                factor = 2 if axis.name == "unet_batch" else 1  # the UNets (guidance)
                 assert cfg.max_batch_size == factor * config.max_batch_size
             assert not cfg.optimization.cuda.graphs
 
@@ -227,6 +231,7 @@ def test_repository_configs(flavor, which, request, trt_packages, tmp_path):
         "scheduler": ("TYPE_STRING", [1], True),
         "condition_image": ("TYPE_UINT8", [-1, -1, 3], True),
         "controlnet_conditioning_scale": ("TYPE_FP32", [1], True),
+        "cache_interval": ("TYPE_INT32", [1], True),
         **({"original_subject": ("TYPE_STRING", [1], True),
             "image": ("TYPE_UINT8", [-1, -1, 3], True),
             "cross_replace_steps": ("TYPE_FP32", [1], True),

@@ -29,6 +29,8 @@ from blipdiffusion_trt.components import (  # noqa: E402
     TensorSpec,
     editing_components,
     generation_components,
+    step_cache_components,
+    step_cache_graphs,
 )
 from blipdiffusion_trt.errors import EngineError, PackageError  # noqa: E402
 from blipdiffusion_trt.package import read_pipeline_config  # noqa: E402
@@ -180,7 +182,7 @@ def bls_arrays(args: dict) -> dict[str, np.ndarray]:
     dtypes = {"steps": np.int32, "height": np.int32, "width": np.int32, "seed": np.int64,
               "guidance_scale": np.float32, "controlnet_conditioning_scale": np.float32,
               "cross_replace_steps": np.float32, "self_replace_steps": np.float32, "blend_threshold": np.float32,
-              "local_blend": np.bool_}
+              "local_blend": np.bool_, "cache_interval": np.int32}
     arrays = {}
     for key, value in args.items():
         name = names.get(key, key)
@@ -208,7 +210,9 @@ def test_bls_model_matches_the_python_api(fake_server, repositories, request, wh
     components = generation_components(config)
     # a package with the editing graphs: their models too (loaded by the BLS model on the first edit)
     editing = [c for c in editing_components(config) if c not in components]
-    assert sorted(models) == sorted(components + editing + ["blip_diffusion"])
+    # and fast mode's step-cache graphs (loaded on the first request with cache_interval > 1)
+    step_cache = step_cache_components(config)
+    assert sorted(models) == sorted(components + editing + step_cache + ["blip_diffusion"])
     bls = models["blip_diffusion"].model
     assert isinstance(bls, BlipDiffusionModel) and bls.editing == bool(editing)
     assert {c: (type(e), e.model_name) for c, e in bls.runtime.engines.items()} == {c: (TritonEngine, c) for c in components}
@@ -217,6 +221,7 @@ def test_bls_model_matches_the_python_api(fake_server, repositories, request, wh
              {"seed": 3, "neg_prompt": "blurry", "scheduler": "euler", "target_subject": "cat"}]
     if fixture.controlnet:
         cases.append({"seed": 2, "controlnet_conditioning_scale": 0.5})
+    cases.append({"seed": 4, "cache_interval": 3})  # fast mode: an optional input
     asked = set()
     for case in cases:
         args = generation(fixture, **case)
@@ -228,9 +233,14 @@ def test_bls_model_matches_the_python_api(fake_server, repositories, request, wh
         # the UNet once per step (guidance: one batch of 2); the subject and negative prompt are cached
         sent = [name for name, _ in fake_server.SENT]
         unet = "unet" if fixture.controlnet else "unet_plain"
-        assert sent.count(unet) == python_api(fixture, args).timings["steps"]
+        if case.get("cache_interval", 1) == 1:
+            assert sent.count(unet) == python_api(fixture, args).timings["steps"]
+        else:
+            graphs = step_cache_graphs(config, control=fixture.controlnet)
+            assert sent.count(graphs.full) + sent.count(graphs.shallow) == python_api(fixture, args).timings["steps"]
+            assert unet not in sent and sent.count(graphs.full) < sent.count(graphs.shallow)
         asked |= set(sent)
-    assert asked == set(components)
+    assert asked == set(components + step_cache_graphs(config, control=fixture.controlnet).names)
     # different seeds give different images
     first = python_api_image(fixture, generation(fixture))
     assert not np.array_equal(first, python_api_image(fixture, generation(fixture, seed=5)))

@@ -19,7 +19,10 @@ In one run, inside a wall-clock budget (default 540 s, including the weights and
 6. the physical floor: UNet FLOPs per guidance step from the graph, the fp16 matrix-product rate
    measured here, and the fraction of that floor each side reaches;
 7. diffusers with ``torch.compile``, and which components ONNX Runtime runs under CUDA graphs,
-   when the budget still allows.
+   when the budget still allows;
+8. fast mode (DeepCache step caching, ``fast_mode.py`` in its own process), when the budget still
+   allows: cache intervals 1, 3, 5 on the plain and ControlNet packages, loop and generation
+   speed-up over the exact mode and the image's difference from it.
 
 Results go to ``OUT/validation.json`` and ``OUT/validation.md`` after every step (a run stopped
 by its time limit keeps what it finished). The dry run uses our ``cpu`` backend on the fp32
@@ -56,8 +59,9 @@ PINNED = {"diffusers": "0.32.2", "transformers": "4.48.", "huggingface_hub": "0.
 # Rough costs (s) of each phase on one H100/H200 machine (16 cores): a phase starts only when its
 # estimate still fits the budget; a dry run scales them by DRY_RUN_SCALE (a tiny checkpoint).
 ESTIMATES = {"checkpoint": 45.0, "export": 300.0, "ours": 90.0, "diffusers": 60.0, "accuracy": 60.0,
-             "compile": 150.0, "flops": 10.0}
+             "compile": 150.0, "flops": 10.0, "fast_mode": 90.0}
 DRY_RUN_SCALE = 0.2
+FAST_MODE_INTERVALS = (1, 3, 5)
 
 
 def parse_args(argv):
@@ -220,7 +224,10 @@ def plain_view(package: Path, view: Path) -> Path:
     source, files_of_view = PackageLayout(package), PackageLayout(view)
     manifest = read_manifest(package)
     config = read_pipeline_config(package)
-    files = {name: digest for name, digest in manifest["files"].items() if Path(name).stem != "controlnet"}
+    from blipdiffusion_trt.components import CONTROLNET_STEP_CACHE
+
+    controlnet_only = {"controlnet", *CONTROLNET_STEP_CACHE.names}  # the ControlNet and its fast-mode graphs
+    files = {name: digest for name, digest in manifest["files"].items() if Path(name).stem not in controlnet_only}
     for name in files:
         files_of_view.path(name).parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -234,8 +241,8 @@ def plain_view(package: Path, view: Path) -> Path:
     # write_manifest records the size of every file whose size is not given: the rewritten one's
     sizes = {k: v for k, v in (manifest.get("sizes") or {}).items() if k in files and k != rewritten}
     manifest.update(files=dict(sorted(files.items())), sizes=sizes,
-                    components={k: v for k, v in manifest["components"].items() if k != "controlnet"},
-                    gpu_fused={k: v for k, v in manifest.get("gpu_fused", {}).items() if k != "controlnet"},
+                    components={k: v for k, v in manifest["components"].items() if k not in controlnet_only},
+                    gpu_fused={k: v for k, v in manifest.get("gpu_fused", {}).items() if k not in controlnet_only},
                     source={**manifest["source"], "view_of": package.name})
     write_manifest(view, manifest)
     return view
@@ -268,6 +275,19 @@ def run_side(side: str, spec: dict[str, Any], work: Path, timeout: float) -> dic
     result = json.loads(result_path.read_text())
     result["process_s"] = round(time.monotonic() - start, 1)
     return result
+
+
+def run_fast_mode(spec: dict[str, Any], work: Path, timeout: float) -> dict[str, Any]:
+    """``fast_mode.py`` in a fresh process; its result JSON."""
+    spec_path, result_path = work / "fast-mode.spec.json", work / "fast-mode.result.json"
+    result_path.unlink(missing_ok=True)
+    common.write_json(spec_path, spec)
+    proc = subprocess.run([sys.executable, str(HERE / "fast_mode.py"), str(spec_path), str(result_path)],
+                          capture_output=True, text=True, timeout=max(30.0, timeout))
+    if proc.returncode != 0 or not result_path.is_file():
+        tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-6:])
+        raise RuntimeError(f"fast mode exited {proc.returncode}: {tail}")
+    return json.loads(result_path.read_text())
 
 
 def start_flop_count(package: Path, gens: dict[str, Any], work: Path) -> subprocess.Popen:
@@ -472,6 +492,12 @@ def main(argv=None) -> int:
             sides_run["diffusers-compile"] = result
     else:
         run.skip("diffusers-compile", f"{budget.left:.0f} s left, needs about {ESTIMATES['compile']:.0f} s")
+    # --- fast mode (DeepCache step caching): its own process and phase ---
+    if run.fits("fast_mode"):
+        result = run.phase("fast_mode", run_fast_mode, {**spec, "cache_intervals": list(FAST_MODE_INTERVALS)}, work,
+                           budget.left)
+        if result:
+            run.data["fast_mode"] = result
     flops = run.phase("flops", collect_flops, flops_proc, work, budget.left)
     if flops:
         run.data["flops"] = flops

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..components import declare_components, generation_components
+from ..components import declare_components, generation_components, step_cache_graphs
 from ..errors import BlipDiffusionTrtError, InputError, PackageError, run_reporting_errors
 from ..package import ModelPackage, read_pipeline_config
 from ..package.manifest import read_manifest
@@ -94,6 +94,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="also time an edit of the generated image on our backends (prompt-to-prompt: one unet_p2p "
                           "call per step on 4 rows with guidance) against the generation: cost per step and per "
                           "UNet call; needs the package's editing graphs (exported by default)")
+    gen.add_argument("--cache-interval", dest="cache_intervals", type=_csv, default=["1"], metavar="N,N,...",
+                     help="fast mode (DeepCache step caching) side by side with the exact mode on our backends: "
+                          "comma-separated cache intervals, e.g. 1,3,5 (1: the exact mode, always measured); per "
+                          "UNet call (full and shallow), loop, generation and the image's difference from the exact "
+                          "mode's; needs the package's step-cache graphs (exported by default)")
     run = p.add_argument_group("measurement")
     run.add_argument("--warmup", type=int, default=1, help="untimed runs before each measurement (default 1)")
     run.add_argument("--runs", type=int, default=3, help="timed runs of every measurement (default 3)")
@@ -244,10 +249,25 @@ def resolve_settings(args, config, inputs: Inputs) -> Settings:
     if args.edit and not config.has_editing:
         raise InputError(f"--edit: {inputs.package} has no editing graphs (exported without them or before editing "
                          "existed); re-export it: blipdiffusion-trt export CHECKPOINT --out PACKAGE")
+    intervals = _cache_intervals(args.cache_intervals)
+    if any(n > 1 for n in intervals) and not config.has_step_cache:
+        raise InputError(f"--cache-interval: {inputs.package} has no step-cache graphs (exported with --no-step-cache or "
+                         "before fast mode); re-export it: blipdiffusion-trt export CHECKPOINT --out PACKAGE")
     return Settings(height=height, width=width, steps=steps, batch=args.batch, scheduler=args.scheduler,
                     guidance=args.guidance, precision=args.precision, seed=args.seed,
                     controlnet=config.has_controlnet,
-                    latent_shape=(args.batch, config.latent_channels, height // f, width // f), edit=args.edit)
+                    latent_shape=(args.batch, config.latent_channels, height // f, width // f), edit=args.edit,
+                    cache_intervals=intervals)
+
+
+def _cache_intervals(values: Sequence[str]) -> tuple[int, ...]:
+    """--cache-interval's values: integers in [1, 1000], the exact mode (1) first, each once."""
+    intervals = [1]
+    for value in values:
+        if not value.isdigit() or not 1 <= int(value) <= 1000:
+            raise InputError(f"--cache-interval must list integers in [1, 1000], got {value!r}")
+        intervals.append(int(value))
+    return tuple(dict.fromkeys(intervals))
 
 
 @contextmanager
@@ -322,7 +342,10 @@ def _run(args, inputs: Inputs, package: ModelPackage, settings: Settings, backen
     per_side = 1 + args.warmup + args.runs + n_stages
     sides = len(backends) + len(diffusers_sides)
     edit_tasks = (args.warmup + args.runs + 1) * len(backends) if settings.edit else 0  # edits, a unet_p2p call
-    total = per_side * sides + (0 if args.no_cold_start else sides) + (0 if args.no_flops else 1) + edit_tasks
+    graphs = step_cache_graphs(config, control=settings.controlnet)
+    fast_modes = sum(1 for n in settings.cache_intervals if n > 1)
+    fast_tasks = fast_modes * (args.warmup + args.runs + len(graphs.names)) * len(backends) if graphs else 0
+    total = per_side * sides + (0 if args.no_cold_start else sides) + (0 if args.no_flops else 1) + edit_tasks + fast_tasks
     implementations: dict[str, dict[str, Any]] = {}
     images: dict[str, Any] = {}
     logger.info("benchmark: %dx%d, %d steps (%s), guidance %g, batch %d, %s; warm-up %d, runs %d; backends %s%s",

@@ -34,11 +34,12 @@ LOOP_ENGINES = ("unet", "controlnet")
 SETTLE_CALLS = 2
 
 
-def run_ours(runtime, settings: Settings, reference, condition, latents):
+def run_ours(runtime, settings: Settings, reference, condition, latents, cache_interval: int = 1):
     return runtime(
         [PROMPT] * settings.batch, reference, SUBJECT, SUBJECT, latents=latents, height=settings.height,
         width=settings.width, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
         neg_prompt=NEGATIVE_PROMPT, scheduler=settings.scheduler, output_type="np", condition_image=condition,
+        cache_interval=cache_interval,
     )
 
 
@@ -185,6 +186,9 @@ def bench_ours(backend: str, package: Path, settings: Settings, args, bar) -> di
     stages["scheduler_step"] = summarize(_scheduler_samples_numpy(
         scheduler_from_config, runtime.scheduler_config, settings, args.warmup, stage_runs))
     bar.update(1)
+    if any(n > 1 for n in settings.cache_intervals):
+        result["fast_mode"] = bench_fast_mode(runtime, settings, args, bar, sync, (reference, condition, latents),
+                                              result)
     if settings.edit:
         result["edit"] = bench_edit(runtime, settings, args, bar, sync, reference, latents, stages, feeds)
         result["edit"]["comparison"] = edit_comparison(result, result["edit"], stages, feeds, settings)
@@ -230,6 +234,65 @@ def bench_edit(runtime, settings: Settings, args, bar, sync, reference, latents,
     feeds["unet_p2p"] = {k: _value_shape(v) for k, v in feed.items()}
     bar.update(1)
     return generation_figures(timings, LOOP_ENGINES)
+
+
+def bench_fast_mode(runtime, settings: Settings, args, bar, sync, inputs, exact: Mapping[str, Any]) -> dict[str, Any]:
+    """Fast mode at each cache interval > 1 of ``settings`` beside the exact mode's figures
+    (``exact``: this backend's generation figures and image): whole generations, the denoising loop,
+    one call of each step-cache graph (replayed as the exact mode's components are), the speed-up
+    over the exact mode and the image's difference from the exact mode's (max, mean, PSNR)."""
+    from ..components import step_cache_graphs
+
+    graphs = step_cache_graphs(runtime.config, control=settings.controlnet)
+    loop_engines = LOOP_ENGINES + tuple(graphs.names)
+    for name in graphs.names:  # loaded (OpenVINO: compiled) before any timed run
+        runtime.engine(name)
+    modes: dict[str, Any] = {}
+    for interval in (n for n in settings.cache_intervals if n > 1):
+        recorded = [*graphs.names, "controlnet"] if settings.controlnet else list(graphs.names)
+        originals = {name: runtime.engines[name] for name in recorded}
+        recorders = {name: RecordingEngine(engine) for name, engine in originals.items()}
+        timings, image = [], None
+        for i in range(args.warmup + args.runs):
+            bar.set_postfix_str(f"fast mode {interval}: generation {i + 1}/{args.warmup + args.runs}")
+            if i == 0:
+                runtime.engines.update(recorders)
+            try:
+                out = run_ours(runtime, settings, *inputs, cache_interval=interval)
+            finally:
+                runtime.engines.update(originals)
+            if i >= args.warmup:
+                timings.append(out.timings)
+            image = out.images
+            bar.update(1)
+        mode = generation_figures(timings, loop_engines)
+        calls: dict[str, Any] = {}
+        for name in graphs.names:
+            bar.set_postfix_str(f"fast mode {interval}: {name}")
+            feed, keep = replay_feed(name, recorders, originals)
+            engine = originals[name]
+            warmup = max(args.warmup, SETTLE_CALLS) if get_backend(exact["backend"]).device != "cpu" else args.warmup
+            calls[name] = summarize(time_calls(lambda: engine.infer(feed, keep), warmup, args.stage_runs or args.runs, sync))
+            bar.update(1)
+        mode["unet_call"] = calls
+        mode["speedup_vs_exact"] = {key: exact[key]["p50"] / mode[key]["p50"] for key in ("denoise_loop", "generation")}
+        mode["image_vs_exact"] = image_difference(image, exact["image"])
+        mode["full_unet_calls"] = sum(1 for i in range(mode["unet_calls"]) if i % interval == 0)
+        modes[str(interval)] = mode
+        del recorders
+        gc.collect()
+    return modes
+
+
+def image_difference(image, reference) -> dict[str, float]:
+    """max and mean absolute difference of two images in [0, 1], and the PSNR (dB) of ``image``
+    against ``reference`` (inf when equal)."""
+    import numpy as np
+
+    diff = np.asarray(image, np.float64) - np.asarray(reference, np.float64)
+    mse = float(np.mean(diff ** 2))
+    return {"max_abs": float(np.abs(diff).max()), "mean_abs": float(np.abs(diff).mean()),
+            "psnr_db": float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))}
 
 
 def edit_comparison(generation: Mapping[str, Any], edit: Mapping[str, Any], stages: Mapping[str, Any],

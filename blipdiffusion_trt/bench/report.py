@@ -200,6 +200,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         if known:
             lines += [""] + [f"- peak of {impls[k].get('label', k)}: {v['tflops']:g} TFLOP/s ({v['source']})" for k, v in known.items()]
     lines += _edit_section(impls)
+    lines += _fast_mode_section(impls, s)
     notes = []
     reference = impls.get(DIFFUSERS, {}).get("label", DIFFUSERS)
     for k in impls:
@@ -224,6 +225,47 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     if notes:
         lines += [""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def _fast_mode_section(impls: Mapping[str, Any], settings: Mapping[str, Any]) -> list[str]:
+    """``--cache-interval``: fast mode beside the exact mode on each of our backends (p50s), with
+    the image's difference from the exact mode's on the same backend."""
+    fast = {k: v["fast_mode"] for k, v in impls.items() if v.get("fast_mode")}
+    if not fast:
+        return []
+    theirs = diffusers_keys(impls)
+    unet = "unet" if settings.get("controlnet") else "unet_plain"
+    header = ["backend", "cache interval", "full UNet calls", "UNet call, full", "UNet call, shallow", "denoising loop",
+              "loop × exact", "generation", "generation × exact"]
+    header += [f"generation × {impls[d].get('label', d)}" for d in theirs]
+    header += ["image vs exact: max", "mean", "PSNR"]
+    lines = ["", "Fast mode (DeepCache step caching, branch 0; approximate) beside the exact mode on the same backend "
+             "(p50s; × = speed-up; UNet call: the UNet graph alone, without the ControlNet):", "",
+             "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
+    for k, modes in fast.items():
+        exact = impls[k]
+        label = exact.get("label", k)
+
+        def versus(generation: float) -> list[str]:
+            return [f"{impls[d]['generation']['p50'] / generation:.2f}" if impls[d].get("generation") else "–"
+                    for d in theirs]
+
+        lines.append("| " + " | ".join([
+            label, "1 (exact)", str(exact.get("unet_calls", "–")), _fmt(exact["stages"].get(unet, {}).get("p50"), "time"),
+            "–", _fmt(exact["denoise_loop"]["p50"], "time"), "1.00", _fmt(exact["generation"]["p50"], "time"), "1.00",
+            *versus(exact["generation"]["p50"]), "0", "0", "–"]) + " |")
+        for interval, mode in modes.items():
+            calls = mode["unet_call"]
+            full = next((v for n, v in calls.items() if n.endswith("full_step")), {})
+            shallow = next((v for n, v in calls.items() if n.startswith("unet") and n.endswith("shallow_step")), {})
+            image = mode["image_vs_exact"]
+            lines.append("| " + " | ".join([
+                label, interval, str(mode["full_unet_calls"]), _fmt(full.get("p50"), "time"), _fmt(shallow.get("p50"), "time"),
+                _fmt(mode["denoise_loop"]["p50"], "time"), f"{mode['speedup_vs_exact']['denoise_loop']:.2f}",
+                _fmt(mode["generation"]["p50"], "time"), f"{mode['speedup_vs_exact']['generation']:.2f}",
+                *versus(mode["generation"]["p50"]), f"{image['max_abs']:.3g}", f"{image['mean_abs']:.3g}",
+                f"{image['psnr_db']:.1f} dB"]) + " |")
+    return lines
 
 
 def _edit_section(impls: Mapping[str, Any]) -> list[str]:

@@ -43,6 +43,8 @@ class Settings:
     controlnet: bool
     latent_shape: tuple[int, ...]
     edit: bool = False  # also an edit of the generated image (our runtime only)
+    # fast mode's cache intervals measured beside the exact mode (our runtime only; 1 is the exact mode)
+    cache_intervals: tuple[int, ...] = (1,)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}

@@ -25,7 +25,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .. import __version__
-from ..components import ComponentSpec, PipelineConfig, declare_components
+from ..components import CONTROLNET_STEP_CACHE, PLAIN_STEP_CACHE, ComponentSpec, PipelineConfig, declare_components
 from ..errors import CheckpointError, InputError, PackageError, ValidationError, describe
 from ..fsutil import StagingDir, check_not_an_input, read_json, replace_dir
 from ..package import PackageLayout, layout, pipeline_config_json
@@ -152,11 +152,14 @@ def _check_controlnet_matches(controlnet: dict, unet: dict, where: Path) -> None
             )
 
 
-def pipeline_config_from(pipe, max_batch_size: int = 4, editing: bool = True) -> PipelineConfig:
+def pipeline_config_from(pipe, max_batch_size: int = 4, editing: bool = True, step_cache: bool = True) -> PipelineConfig:
     """Everything the runtime needs, read from the loaded checkpoint's own configs.
 
     ``editing``: declare the editing graphs (``vae_encoder``, ``unet_p2p``; export/p2p.py).
+    ``step_cache``: declare fast mode's graphs (DeepCache branch 0; export/modules.py), unless the
+    UNet has parts the shallow step does not reproduce (then a warning says which).
     """
+    from .modules import step_cache_channels
     from .p2p import edit_attention_downsample
 
     proc = pipe.image_processor
@@ -198,7 +201,17 @@ def pipeline_config_from(pipe, max_batch_size: int = 4, editing: bool = True) ->
         controlnet_conditioning_channels=int(controlnet.config.conditioning_channels) if controlnet is not None else 3,
         max_batch_size=max_batch_size,
         edit_attention_downsample=edit_attention_downsample(pipe.unet) if editing else 0,
+        step_cache_channels=step_cache_channels(pipe.unet) if step_cache and _step_cache_supported(pipe.unet) else 0,
     )
+
+
+def _step_cache_supported(unet) -> bool:
+    from .modules import step_cache_unsupported
+
+    problem = step_cache_unsupported(unet)
+    if problem:
+        logger.warning("no step-cache graphs (fast mode): %s, which the shallow step does not reproduce", problem)
+    return problem is None
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,6 +238,13 @@ def component_modules(pipe, config: PipelineConfig) -> dict[str, Any]:
 
         factories["vae_encoder"] = lambda: modules.VaeEncoderGraph(pipe.vae)
         factories["unet_p2p"] = lambda: UNetP2PGraph(pipe.unet)
+    if config.has_step_cache:
+        factories[PLAIN_STEP_CACHE.full] = lambda: modules.UNetFullStepGraph(pipe.unet, with_residuals=False)
+        factories[PLAIN_STEP_CACHE.shallow] = lambda: modules.UNetShallowStepGraph(pipe.unet, with_residual=False)
+        if config.has_controlnet:
+            factories[CONTROLNET_STEP_CACHE.full] = lambda: modules.UNetFullStepGraph(pipe.unet, with_residuals=True)
+            factories[CONTROLNET_STEP_CACHE.shallow] = lambda: modules.UNetShallowStepGraph(pipe.unet, with_residual=True)
+            factories[CONTROLNET_STEP_CACHE.controlnet] = lambda: modules.ControlNetShallowStepGraph(pipe.controlnet)
     # A new wrapper is in training mode, and the exporter restores that mode on every child after
     # tracing: without eval() dropout would be live in the PyTorch reference afterwards.
     return {name: (lambda make=make: make().eval()) for name, make in factories.items()}
@@ -381,6 +401,7 @@ def export_package(
     max_batch_size: int = 4,
     cpu_fusions: bool = True,
     editing: bool = True,
+    step_cache: bool = True,
     gpu_fusions: bool = False,
     jobs: int = 1,
     progress: bool = True,
@@ -393,6 +414,7 @@ def export_package(
 
     ``editing``: include the editing graphs (``vae_encoder``, ``unet_p2p``) that
     ``BlipDiffusionRuntime.edit``/``invert`` run; without them the package only generates.
+    ``step_cache``: include fast mode's graphs (``cache_interval`` > 1; components.step_cache_components).
     ``jobs`` > 1 exports that many components at once, each in a worker process that loads the
     checkpoint itself (memory: up to ``jobs`` full-size UNet exports, ~17 GB each); CUDA fusions
     then run in the worker right after their component's graph.
@@ -425,7 +447,7 @@ def export_package(
             source["controlnet"] = f"{controlnet}@{local.name}"
         controlnet = local
     pipe = load_pipeline(checkpoint, controlnet, allow_pickle=allow_pickle)
-    config = pipeline_config_from(pipe, max_batch_size=max_batch_size, editing=editing)
+    config = pipeline_config_from(pipe, max_batch_size=max_batch_size, editing=editing, step_cache=step_cache)
     # what the runtime will accept when it reads pipeline.json back: refused now, not after the export
     PipelineConfig.from_dict(config.to_dict(), source=f"{checkpoint}: the pipeline config its configs give")
     specs = declare_components(config)
@@ -458,7 +480,8 @@ def export_package(
             gc.collect()
             report.components, report.gpu_fused = _export_in_parallel(
                 order, jobs, tmp, dict(checkpoint=checkpoint, controlnet=controlnet, allow_pickle=allow_pickle,
-                                       max_batch_size=max_batch_size, editing=editing),
+                                       max_batch_size=max_batch_size, editing=editing,
+                                       step_cache=step_cache),
                 dict(precisions=precisions, opset=opset, validate=validate), gpu_fusions, progress)
             report.components = {name: report.components[name] for name in specs}
             report.gpu_fused = {name: report.gpu_fused[name] for name in specs if name in report.gpu_fused}
@@ -533,7 +556,8 @@ def _init_export_worker(load_args: dict[str, Any], threads: int) -> None:
 
     torch.set_num_threads(threads)
     pipe = load_pipeline(load_args["checkpoint"], load_args["controlnet"], allow_pickle=load_args["allow_pickle"])
-    config = pipeline_config_from(pipe, max_batch_size=load_args["max_batch_size"], editing=load_args["editing"])
+    config = pipeline_config_from(pipe, max_batch_size=load_args["max_batch_size"], editing=load_args["editing"],
+                                  step_cache=load_args["step_cache"])
     _WORKER.update(factories=component_modules(pipe, config), specs=declare_components(config), vocab=vocab_sizes(pipe))
 
 

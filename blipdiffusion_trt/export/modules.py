@@ -151,3 +151,97 @@ class VaeEncoderGraph(nn.Module):
     def forward(self, image):
         posterior = self.vae.encode(image, return_dict=False)[0]
         return posterior.mean, posterior.logvar
+
+
+# ------------------------------------------------------------------------------------------------
+# Fast mode: DeepCache's branch 0 (Ma et al., "DeepCache: Accelerating Diffusion Models for Free")
+# ------------------------------------------------------------------------------------------------
+#
+# On a skip step DeepCache's ``DeepCacheSDHelper`` (cache_branch_id=0) returns every down block,
+# the mid block and every up layer but the last one of the last up block from the last full step;
+# only the last layer of the last up block runs, on the cached hidden state that enters it and the
+# fresh skip connection of conv_in. The full-step graph returns that hidden state (the deep
+# feature); the shallow-step graph runs only what the skip step computes fresh.
+
+
+def step_cache_channels(unet) -> int:
+    """Channels of DeepCache branch 0's deep feature: what enters the last resnet of the last up
+    block besides conv_in's skip connection (the first skip a UNet makes is the last it consumes)."""
+    return int(unet.up_blocks[-1].resnets[-1].in_channels) - int(unet.conv_in.out_channels)
+
+
+def step_cache_unsupported(unet) -> str | None:
+    """Why the step-cache graphs cannot be written for this UNet (None: they can): the shallow step
+    computes the time embedding as UNet2DConditionModel does for Stable Diffusion's UNet, so extra
+    embeddings are not reproduced."""
+    for name in ("class_embedding", "add_embedding", "time_embed_act", "encoder_hid_proj"):
+        if getattr(unet, name, None) is not None:
+            return f"the UNet has a {name}"
+    if unet.config.center_input_sample:
+        return "the UNet centres its input sample"
+    if getattr(unet.up_blocks[-1], "upsamplers", None):
+        return "the last up block upsamples"
+    return None
+
+
+class UNetFullStepGraph(UNetGraph):
+    """As :class:`UNetGraph`, also returning the deep feature (the hidden state entering the last
+    layer of the last up block, before its concatenation with conv_in's skip connection)."""
+
+    def forward(self, sample, timestep, encoder_hidden_states, *residuals):
+        channels = step_cache_channels(self.unet)
+        captured = []
+
+        def capture(module, args):
+            captured.append(args[0][:, :channels])  # resnet(cat([hidden, skip]), temb)
+
+        handle = self.unet.up_blocks[-1].resnets[-1].register_forward_pre_hook(capture)
+        try:
+            noise_pred = super().forward(sample, timestep, encoder_hidden_states, *residuals)
+        finally:
+            handle.remove()
+        return noise_pred, captured[-1]
+
+
+class UNetShallowStepGraph(nn.Module):
+    """sample, timestep, encoder_hidden_states, deep_feature[, first ControlNet residual] -> noise_pred:
+    UNet2DConditionModel.forward restricted to what DeepCache's branch-0 skip step computes."""
+
+    def __init__(self, unet, with_residual: bool):
+        super().__init__()
+        self.unet = unet
+        self.with_residual = with_residual
+
+    def forward(self, sample, timestep, encoder_hidden_states, deep_feature, *residual):
+        unet = self.unet
+        # 1. time (get_time_embed broadcasts the timestep over the batch)
+        emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
+        # 2. pre-process: conv_in is the skip connection the last up layer reads (plus ControlNet's first residual)
+        skip = unet.conv_in(sample)
+        if self.with_residual:
+            skip = skip + residual[0]
+        # 3. the last layer of the last up block, on the cached deep feature
+        block = unet.up_blocks[-1]
+        hidden = block.resnets[-1](torch.cat([deep_feature, skip], dim=1), emb)
+        if getattr(block, "attentions", None):
+            hidden = block.attentions[-1](hidden, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+        # 4. post-process
+        if unet.conv_norm_out is not None:
+            hidden = unet.conv_act(unet.conv_norm_out(hidden))
+        return unet.conv_out(hidden)
+
+
+class ControlNetShallowStepGraph(nn.Module):
+    """sample, controlnet_cond, conditioning_scale [1] -> the first residual of ControlNetModel.forward
+    (conv_in + conditioning embedding, then the first zero convolution): all a shallow step reads."""
+
+    def __init__(self, controlnet):
+        super().__init__()
+        self.controlnet = controlnet
+
+    def forward(self, sample, controlnet_cond, conditioning_scale):
+        cn = self.controlnet
+        if cn.config.controlnet_conditioning_channel_order == "bgr":
+            controlnet_cond = torch.flip(controlnet_cond, dims=[1])
+        hidden = cn.conv_in(sample) + cn.controlnet_cond_embedding(controlnet_cond)
+        return cn.controlnet_down_blocks[0](hidden) * conditioning_scale.to(hidden.dtype)

@@ -25,6 +25,7 @@ from .editing import EditArguments
 from .backends import BACKENDS, REGISTRY, add_option_arguments, flag_names, given_flags, options_from_flags
 from .inputs import read_npy
 from .schedulers import SCHEDULER_NAMES, check_scheduler_name
+from .step_cache import check_cache_interval
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ CLI_OPTIONS = {
     "original_subject": "--original-subject", "image": "--image", "cross_replace_steps": "--cross-replace-steps",
     "self_replace_steps": "--self-replace-steps", "blend_threshold": "--blend-threshold",
     "source_out": "--source-out",
+    "cache_interval": "--cache-interval",
 }
 LATENT_SUFFIXES = (".npy",)
 # The edit's defaults are EditArguments' (one home for the edit's arguments).
@@ -122,6 +124,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--canny-low", type=int, default=100)
     p.add_argument("--canny-high", type=int, default=200)
     p.add_argument("--controlnet-scale", type=float, default=1.0)
+    p.add_argument("--cache-interval", type=int, default=1, metavar="N",
+                   help="fast mode (approximate; DeepCache step caching): the UNet in full every N calls, shallow "
+                        "in between (default 1: exact)")
     add_backend_arguments(p)
     p.add_argument("--timings", action="store_true",
                    help="print per-stage times (and what the backend chose, e.g. the precision OpenVINO ran)")
@@ -137,6 +142,10 @@ def run_generate(args) -> int:
         "--reference-image": args.reference_image, "--latents": args.latents,
         "--condition-image": args.condition_image, "--canny": args.canny})
     check_scheduler_name(args.scheduler)
+    if check_cache_interval(args.cache_interval) > 1 and not read_pipeline_config(args.package).has_step_cache:
+        raise InputError(f"cache_interval {args.cache_interval} needs the step-cache graphs, which the package "
+                         f"{args.package} lacks (exported with --no-step-cache or before fast mode): re-export it with "
+                         f"`blipdiffusion-trt export CHECKPOINT --out DIR`", field="cache_interval")
     latents = load_latents(args.latents, read_pipeline_config(args.package)) if args.latents else None
     with open_runtime(args) as runtime:
         result = runtime(
@@ -146,6 +155,7 @@ def run_generate(args) -> int:
             prompt_reps=args.prompt_reps, scheduler=args.scheduler, output_type="np",
             condition_image=args.condition_image, canny_image=args.canny, canny_low_threshold=args.canny_low,
             canny_high_threshold=args.canny_high, controlnet_conditioning_scale=args.controlnet_scale, progress=True,
+            cache_interval=args.cache_interval,
         )
         details = runtime.engine_details()
     save_image(result.images[0], out, field="--out")

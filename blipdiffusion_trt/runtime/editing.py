@@ -53,6 +53,7 @@ from .p2p import (
     token_map_matrix,
 )
 from .schedulers import DDIMInverseScheduler
+from .step_cache import refuse_cache_interval
 from .text import build_prompts
 from .timing import StageTimer
 
@@ -111,7 +112,8 @@ class EditArguments:
     ``cross_replace_steps``, ``self_replace_steps``: fractions of the steps whose cross-/self-
     attention the target takes from the source. ``blend_threshold``: the local blend's threshold
     (None: no local blend). ``sample_posterior``: with ``image``, sample the VAE posterior (seeded
-    by ``seed``) instead of taking its mean. ``output_type``: "pil" or "np".
+    by ``seed``) instead of taking its mean. ``output_type``: "pil" or "np". ``cache_interval``
+    other than 1 is refused: fast mode (:mod:`.step_cache`) is for generation only.
     """
 
     prompt: str
@@ -134,6 +136,7 @@ class EditArguments:
     scheduler: str | None = None
     sample_posterior: bool = False
     output_type: str = "pil"
+    cache_interval: int = 1
 
 
 @dataclass(frozen=True)
@@ -312,11 +315,13 @@ class Editor:
 
     def invert(self, image: Any, prompt: str, original_subject: str, num_inference_steps: int = 50,
                height: int | None = None, width: int | None = None, *, sample_posterior: bool = False,
-               seed: int | None = None, callback: EditCallback | None = None, progress: bool = False) -> np.ndarray:
+               seed: int | None = None, callback: EditCallback | None = None, progress: bool = False,
+               cache_interval: int = 1) -> np.ndarray:
         """``BlipDiffusionRuntime.invert``: DDIM inversion of a real image."""
         runtime = self.runtime
 
         # 1. Check inputs
+        refuse_cache_interval(cache_interval, "invert")
         self.check_package()
         height, width = runtime._check_image_size(height, width)
         check_int("num_inference_steps", num_inference_steps, 1, LIMITS.max_steps)
@@ -347,6 +352,7 @@ class Editor:
         generation's through the runtime's checks; the real image is loaded here."""
         runtime, a = self.runtime, arguments
         cfg = runtime.config
+        refuse_cache_interval(a.cache_interval, "edit")
         self.check_package()
         if not isinstance(a.prompt, str):
             raise InputError("prompt must be one non-empty string (an edit makes one image)", field="prompt")

@@ -57,6 +57,7 @@ from .inputs import (
     check_text,
 )
 from .schedulers import check_scheduler_name, scheduler_from_config
+from .step_cache import StepCache, check_cache_interval, require_step_cache
 from .text import ClipTextTokenizer, QFormerTokenizer, build_prompts, max_useful_reps
 from .timing import StageTimer
 
@@ -448,14 +449,18 @@ class BlipDiffusionRuntime:
     # ------------------------------------------------------------------------------------------
 
     def _predict_noise(self, sample: np.ndarray, timestep: Any, encoder_hidden_states: np.ndarray,
-                      control: dict[str, np.ndarray] | None = None, *, timer: StageTimer | None = None) -> np.ndarray:
-        """One UNet call (after the ControlNet's, with ``control``) on whatever batch ``sample`` holds."""
+                       control: dict[str, np.ndarray] | None = None, *, timer: StageTimer | None = None,
+                       step_cache: StepCache | None = None) -> np.ndarray:
+        """One UNet call (after the ControlNet's, with ``control``) on whatever batch ``sample`` holds;
+        with ``step_cache``, fast mode's full or shallow step (:mod:`.step_cache`)."""
         timer = timer or StageTimer()
         feed: dict[str, Any] = {
             "sample": sample,
             "timestep": np.full((sample.shape[0],), timestep, dtype=np.float32),
             "encoder_hidden_states": encoder_hidden_states,
         }
+        if step_cache is not None:
+            return step_cache.predict(self.engine, feed, control, timer)
         if control:
             controlnet = self.engines["controlnet"]
             with timer("controlnet"):  # residuals may stay on the device until the UNet reads them
@@ -467,13 +472,14 @@ class BlipDiffusionRuntime:
 
     def _guided_noise(self, latents: np.ndarray, timestep: Any, text_embeddings: np.ndarray, scheduler, *,
                      guidance_scale: float, control: dict[str, np.ndarray] | None = None,
-                     timer: StageTimer | None = None) -> np.ndarray:
+                     timer: StageTimer | None = None, step_cache: StepCache | None = None) -> np.ndarray:
         """The noise prediction with classifier-free guidance (the UNet runs on [negative; positive]
         when ``guidance_scale > 1``)."""
         do_cfg = guidance_scale > 1.0
         model_input = np.concatenate([latents, latents]) if do_cfg else latents
         model_input = scheduler.scale_model_input(model_input, timestep).astype(np.float32, copy=False)
-        noise_pred = self._predict_noise(model_input, timestep, text_embeddings, control, timer=timer)
+        noise_pred = self._predict_noise(model_input, timestep, text_embeddings, control, timer=timer,
+                                         step_cache=step_cache)
         if do_cfg:
             batch = latents.shape[0]
             noise_uncond, noise_text = noise_pred[:batch], noise_pred[batch:]
@@ -484,7 +490,7 @@ class BlipDiffusionRuntime:
                 guidance_scale: float = 7.5, control: dict[str, np.ndarray] | None = None,
                 predict: NoisePredictor | None = None, after_step: AfterStep | None = None,
                 callback: StepCallback | None = None, progress: bool | str = False,
-                timer: StageTimer | None = None) -> np.ndarray:
+                timer: StageTimer | None = None, cache_interval: int = 1) -> np.ndarray:
         """The scheduler loop: every timestep, a noise prediction, then a scheduler step.
 
         The prediction is :meth:`_guided_noise` (``text_embeddings``, ``guidance_scale``,
@@ -494,16 +500,29 @@ class BlipDiffusionRuntime:
         timestep, latents)`` runs after every step. ``progress``: a progress bar (a string: its
         label). Records ``denoise_loop`` (and the engines' and scheduler's times) in ``timer``.
 
+        ``cache_interval`` N > 1 (with :meth:`_guided_noise` only): fast mode (:mod:`.step_cache`),
+        a full UNet step on call 0 and every N-th call, shallow steps on the cached deep feature
+        between; 1 runs the exact mode's graphs.
+
         What every step feeds unchanged (the text embeddings, the control map and its scale) is
         uploaded once, before the loop (:meth:`Engine.upload`: device memory on a GPU backend, the
         arrays themselves on the CPU). The latents stay on the host: the scheduler is numpy, and a
         step moves them and the noise prediction once each way, microseconds next to a UNet call.
         """
         timer = timer or StageTimer()
+        cache_interval = check_cache_interval(cache_interval)
+        step_cache = None
+        if cache_interval > 1:
+            if predict is not None:
+                raise ValueError("cache_interval > 1 runs the generation's own UNet feed, not a predict function")
+            step_cache = StepCache(cache_interval, require_step_cache(self.package, bool(control), cache_interval))
         if predict is None:
             if text_embeddings is None:
                 raise ValueError("denoise needs text_embeddings or a predict function")
-            unet = self.engines["unet"] if control else self.engines["unet_plain"]
+            if step_cache is not None:
+                unet = self.engine(step_cache.graphs.full)
+            else:
+                unet = self.engines["unet"] if control else self.engines["unet_plain"]
             text_embeddings = unet.upload("encoder_hidden_states", text_embeddings)
             if control:
                 controlnet = self.engines["controlnet"]
@@ -511,7 +530,7 @@ class BlipDiffusionRuntime:
 
             def predict(sample: np.ndarray, timestep: Any) -> np.ndarray:
                 return self._guided_noise(sample, timestep, text_embeddings, scheduler, guidance_scale=guidance_scale,
-                                         control=control, timer=timer)
+                                          control=control, timer=timer, step_cache=step_cache)
 
         loop_start = time.perf_counter()
         steps = len(scheduler.timesteps)
@@ -575,10 +594,13 @@ class BlipDiffusionRuntime:
         controlnet_conditioning_scale: float = 1.0,
         callback: StepCallback | None = None,
         progress: bool = False,
+        cache_interval: int = 1,
     ) -> PipelineOutput:
         """Generate images of the subject in ``reference_image`` following ``prompt``.
 
         ``callback(step_index, timestep, latents)`` is called after every scheduler step.
+        ``cache_interval`` N > 1: fast mode (approximate; :mod:`.step_cache`), the UNet in full
+        every N calls and shallow in between; 1 (the default): the exact mode.
         """
         timer = StageTimer()
         start = time.perf_counter()
@@ -592,6 +614,9 @@ class BlipDiffusionRuntime:
             controlnet_conditioning_scale=controlnet_conditioning_scale, seed=seed, prompt_strength=prompt_strength,
             prompt_reps=prompt_reps,
         )
+        cache_interval = check_cache_interval(cache_interval)
+        if cache_interval > 1:  # before any work: a package without the graphs says how to re-export
+            require_step_cache(self.package, inputs.uses_control, cache_interval)
 
         # 2. Encode the subject (Q-Former), reusing cached embeddings
         with timer("qformer"):
@@ -621,7 +646,7 @@ class BlipDiffusionRuntime:
 
         # 5. Denoise
         latents = self._denoise(latents, sched, text_embeddings, guidance_scale=inputs.guidance_scale, control=control,
-                               callback=callback, progress=progress, timer=timer)
+                                callback=callback, progress=progress, timer=timer, cache_interval=cache_interval)
 
         # 6. Decode
         images = self._decode_latents(latents, timer=timer)
@@ -644,7 +669,8 @@ class BlipDiffusionRuntime:
         image, inverted with DDIM first) or ``latents``/``seed`` (the image generated with the
         source prompt "a {original_subject} {prompt}"), ``num_inference_steps``, ``guidance_scale``,
         ``neg_prompt``, ``cross_replace_steps``, ``self_replace_steps``, ``blend_threshold``,
-        ``height``, ``width``, ``scheduler``, ``sample_posterior``, ``output_type``. Returns the
+        ``height``, ``width``, ``scheduler``, ``sample_posterior``, ``output_type``,
+        ``cache_interval`` (other than 1 refused). Returns the
         source image (a real image's reconstruction) and the edited image.
         ``callback(step_index, timestep, latents [2, C, h, w])`` runs after every step.
         """
@@ -654,13 +680,16 @@ class BlipDiffusionRuntime:
 
     def invert(self, image: Any, prompt: str, original_subject: str, num_inference_steps: int = 50,
                height: int | None = None, width: int | None = None, *, sample_posterior: bool = False,
-               seed: int | None = None, callback: EditCallback | None = None, progress: bool = False) -> np.ndarray:
+               seed: int | None = None, callback: EditCallback | None = None, progress: bool = False,
+               cache_interval: int = 1) -> np.ndarray:
         """DDIM inversion of a real image -> the latent [1, C, h, w] float32 that DDIM sampling with the
         source prompt ``"a {original_subject} {prompt}"`` turns back into the image (usable as
         ``latents=`` of a generation or an edit). Guidance 1, the VAE posterior's mean (or a sample
-        seeded by ``seed`` with ``sample_posterior``)."""
+        seeded by ``seed`` with ``sample_posterior``). ``cache_interval`` other than 1 is refused:
+        fast mode is for generation only."""
         return self._editor.invert(image, prompt, original_subject, num_inference_steps, height, width,
-                                   sample_posterior=sample_posterior, seed=seed, callback=callback, progress=progress)
+                                   sample_posterior=sample_posterior, seed=seed, callback=callback, progress=progress,
+                                   cache_interval=cache_interval)
 
 
 def _progress(steps, enabled: bool | str):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from ...components import ComponentSpec
+from ...components import CONTROLNET_STEP_CACHE, PLAIN_STEP_CACHE, ComponentSpec
 from ...errors import EngineError, InputError, first_line
 from ...package import ModelPackage
 from ..engine import Engine
@@ -41,7 +41,8 @@ _ORT_LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basi
 # it back after each call (ONNX Runtime's arena shrinkage), so the UNet's activations are not held
 # while the VAE decoder runs. Measurements: bench/results/cpu-memory-512.
 MEMORY_ARENAS = ("loop", "all", "none", "loop-shrink")
-LOOP_COMPONENTS = frozenset({"unet", "unet_plain", "unet_p2p", "controlnet"})
+LOOP_COMPONENTS = frozenset({"unet", "unet_plain", "unet_p2p", "controlnet",
+                             *PLAIN_STEP_CACHE.names, *CONTROLNET_STEP_CACHE.names})
 
 
 def memory_arena_option() -> Any:

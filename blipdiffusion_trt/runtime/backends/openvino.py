@@ -91,7 +91,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ...components import ComponentSpec
+from ...components import CONTROLNET_STEP_CACHE, PLAIN_STEP_CACHE, ComponentSpec
 from ...errors import EngineError, InputError, first_line
 from ...fsutil import LOCKS_AVAILABLE, LockTimeout, StagingDir, confined_path, locked, remove_entry, replace_dir
 from ...package import ModelPackage, layout
@@ -106,7 +106,8 @@ logger = logging.getLogger(__name__)
 INFERENCE_PRECISIONS = ("auto", "f32", "bf16")
 # The large convolutional graphs: weights dominate their memory. The encoders run once per image
 # and feed every step, so they keep their fp32 weights.
-WEIGHT_COMPRESSED_COMPONENTS = frozenset({"unet", "unet_plain", "unet_p2p", "controlnet", "vae_decoder"})
+WEIGHT_COMPRESSED_COMPONENTS = frozenset({"unet", "unet_plain", "unet_p2p", "controlnet", "vae_decoder",
+                                          *PLAIN_STEP_CACHE.names, *CONTROLNET_STEP_CACHE.names})
 DEVICE = "CPU"
 # The converted (and, with compress_weights, compressed) graph in a cache entry: OpenVINO IR.
 IR_XML, IR_BIN = "model.xml", "model.bin"

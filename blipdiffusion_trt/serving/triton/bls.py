@@ -36,6 +36,7 @@ from ...errors import BlipDiffusionTrtError, InputError, PackageError, first_lin
 from ...package import ModelPackage
 from ...runtime import images
 from ...runtime.pipeline import BlipDiffusionRuntime
+from ...runtime.step_cache import refuse_cache_interval
 from ...schema import Int, MapOf, Str, check
 from .engine import TritonEngine
 from .metrics import ModelMetrics
@@ -190,8 +191,13 @@ class BlipDiffusionModel:
         scale = self._scalar(request, "controlnet_conditioning_scale", required=False)
         if scale is not None:
             kwargs["controlnet_conditioning_scale"] = float(scale)
+        cache_interval = self._scalar(request, "cache_interval", required=False)
         if self.is_edit(request):
+            if cache_interval is not None:
+                refuse_cache_interval(int(cache_interval), "edit")
             kwargs = self._edit_arguments(request, kwargs)
+        elif cache_interval is not None:
+            kwargs["cache_interval"] = int(cache_interval)
         return kwargs
 
     def _edit_arguments(self, request: Any, kwargs: dict[str, Any]) -> dict[str, Any]:

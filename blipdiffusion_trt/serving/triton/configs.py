@@ -226,6 +226,7 @@ def bls_inputs(config: PipelineConfig, editing: bool = False) -> list[tuple[str,
         ("scheduler", "TYPE_STRING", [1], True),
         ("condition_image", "TYPE_UINT8", [-1, -1, 3], True),
         ("controlnet_conditioning_scale", "TYPE_FP32", [1], True),
+        ("cache_interval", "TYPE_INT32", [1], True),  # fast mode (step caching); 1, the default: exact
     ]
     return inputs + list(EDIT_INPUTS) if editing else inputs
 

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ...components import ComponentSpec, PipelineConfig, editing_components, generation_components
+from ...components import ComponentSpec, PipelineConfig, editing_components, generation_components, step_cache_components
 from ...engines.plans import BuildOptions, parse_engine_dir_name, read_record, version_key
 from ...engines.profiles import axis_ranges, profile_from_json, spec_profile
 from ...errors import InputError, PackageError, describe
@@ -106,6 +106,7 @@ CODE_FILES: tuple[str, ...] = (
     "runtime/schedulers/dpm_solver.py",
     "runtime/schedulers/euler.py",
     "runtime/schedulers/pndm.py",
+    "runtime/step_cache.py",
     "runtime/text.py",
     "runtime/timing.py",
     "runtime/backends/__init__.py",
@@ -351,7 +352,15 @@ def write_triton_repository(
                        "serves generations only; build them with blipdiffusion-trt build", ", ".join(editing))
         editing = []
     serves_editing = bool(editing)
-    components = components + editing
+    # fast mode's graphs (cache_interval > 1): served where the package has them (and, for the
+    # tensorrt flavor, their plans)
+    step_cache = step_cache_components(config)
+    if step_cache and flavor == "tensorrt" and not all(
+            package.layout.plan(folder.name, c).is_file() for folder in plans.values() for c in step_cache):
+        logger.warning("no TensorRT plans of the step-cache graphs (%s): the repository serves the exact mode only; "
+                       "build them with blipdiffusion-trt build", ", ".join(step_cache))
+        step_cache = []
+    components = components + editing + step_cache
     names = {c: f"{name_prefix}{c}" for c in components}
     bls_name = f"{name_prefix}{BLS_MODEL}"
     precision = "fp16" if flavor == "onnxruntime" and "fp16" in package.precisions else "fp32"
