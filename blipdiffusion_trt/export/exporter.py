@@ -195,6 +195,8 @@ def pipeline_config_from(pipe, max_batch_size: int = 4, editing: bool = True) ->
         controlnet_conditioning_channels=int(controlnet.config.conditioning_channels) if controlnet is not None else 3,
         max_batch_size=max_batch_size,
         edit_attention_downsample=edit_attention_downsample(pipe.unet) if editing else 0,
+        text_vocab_size=int(text.vocab_size),
+        qformer_vocab_size=int(qformer.qformer_config.vocab_size),
     )
 
 
