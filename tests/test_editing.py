@@ -439,7 +439,7 @@ BAD_EDITS = {
     "cross_replace_steps above 1": (dict(cross_replace_steps=1.5), InputError, ["cross_replace_steps", "[0, 1]"]),
     "self_replace_steps below 0": (dict(self_replace_steps=-0.1), InputError, ["self_replace_steps", "[0, 1]"]),
     "cross_replace_steps NaN": (dict(cross_replace_steps=float("nan")), InputError, ["cross_replace_steps"]),
-    "blend_threshold above 1": (dict(blend_threshold=2.0), InputError, ["blend_threshold", "[0, 1]"]),
+    "blend_threshold above 1": (dict(blend_threshold=2.0), InputError, ["blend_threshold", "[0, 1)"]),
     "blend_threshold not a number": (dict(blend_threshold="high"), InputError, ["blend_threshold"]),
     "real image with PNDM": (dict(image="REAL", scheduler="pndm"), InputError, ["scheduler", "ddim"]),
     "real image and latents": (dict(image="REAL", latents="LATENTS"), InputError, ["image", "latents"]),

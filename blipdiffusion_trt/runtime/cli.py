@@ -38,7 +38,7 @@ CLI_OPTIONS = {
     "latents": "--latents", "prompt": "--prompt", "prompt_strength": "--prompt-strength", "prompt_reps": "--prompt-reps",
     "scheduler": "--scheduler", "backend": "--backend", "graph_optimization": "--graph-optimization",
     "optimized_cache": "--ort-cache", "memory_arena": "--memory-arena", "low_threshold": "--canny-low",
-    "high_threshold": "--canny-high", "device_id": "--device-id", "cuda_graph": "--cuda-graph",
+    "high_threshold": "--canny-high", "canny_low_threshold": "--canny-low", "canny_high_threshold": "--canny-high", "device_id": "--device-id", "cuda_graph": "--cuda-graph",
     "cudnn_conv_algo_search": "--cudnn-conv-algo-search",
     "precision": "--precision", "threads": "--threads",
     "inference_precision": "--inference-precision", "cache_dir": "--openvino-cache", "model_cache": "--no-openvino-cache",

@@ -42,7 +42,7 @@ from PIL import Image
 from ..components import editing_components
 from ..errors import InputError, PackageError
 from . import images as imgs
-from .inputs import LIMITS, GenerationInputs, check_int, check_seed, check_text
+from .inputs import LIMITS, GenerationInputs, check_bool, check_callable, check_seed, check_text
 from .p2p import (
     LocalBlend,
     check_fraction,
@@ -249,8 +249,11 @@ class EditingMixin:
         # 1. Check inputs
         self.check_editing_package()
         height, width = self.check_image_size(height, width)
-        check_int("num_inference_steps", num_inference_steps, 1, LIMITS.max_steps)
+        num_inference_steps = self.check_steps(None, num_inference_steps, inverse=True)
         seed = check_seed(seed)
+        check_bool("sample_posterior", sample_posterior)
+        check_callable("callback", callback)
+        check_bool("progress", progress)
         source_text = self.source_prompt(prompt, original_subject)
         pil = imgs.load_image(image, field="image")
 
@@ -308,6 +311,7 @@ class EditingMixin:
             guidance_scale=guidance_scale, neg_prompt=neg_prompt, cross_replace_steps=cross_replace_steps,
             self_replace_steps=self_replace_steps, blend_threshold=blend_threshold, height=height, width=width,
             scheduler=scheduler, sample_posterior=sample_posterior, output_type=output_type, progress=progress,
+            callback=callback,
         )
         return self.run_edit(request, callback=callback, progress=progress)
 
@@ -316,7 +320,8 @@ class EditingMixin:
         original_subject: Any, *, image: Any = None, latents: Any = None, num_inference_steps: Any = 50,
         guidance_scale: Any = 7.5, neg_prompt: Any = "", cross_replace_steps: Any = 0.8,
         self_replace_steps: Any = 0.4, blend_threshold: Any = 0.3, height: Any = None, width: Any = None,
-        scheduler: Any = None, output_type: Any = "pil", seed: Any = None,
+        scheduler: Any = None, output_type: Any = "pil", seed: Any = None, sample_posterior: Any = False,
+        callback: Any = None, progress: Any = False,
     ) -> EditInputs:
         """Every argument of an edit checked (one-line :class:`InputError` naming the field), the
         generation's through :meth:`check_inputs`; the real image is loaded here."""
@@ -334,14 +339,18 @@ class EditingMixin:
             prompt, reference_image, source_subject_category, target_subject_category, guidance_scale=guidance_scale,
             height=height, width=width, num_inference_steps=num_inference_steps, latents=latents,
             neg_prompt=neg_prompt, scheduler=scheduler, output_type=output_type, controlnet=False, seed=seed,
+            callback=callback, progress=progress,
         )
+        check_bool("sample_posterior", sample_posterior)
         if real_image and scheduler != REAL_IMAGE_SCHEDULER:
             raise InputError(f"scheduler: a real image is inverted with DDIM and must be edited with the "
                              f"{REAL_IMAGE_SCHEDULER} scheduler, got {scheduler!r}", field="scheduler")
+        if real_image:  # the inversion's timesteps too
+            self.check_steps(None, num_inference_steps, inverse=True)
         cross_replace_steps = check_fraction("cross_replace_steps", cross_replace_steps)
         self_replace_steps = check_fraction("self_replace_steps", self_replace_steps)
         if blend_threshold is not None:
-            blend_threshold = check_fraction("blend_threshold", blend_threshold)
+            blend_threshold = check_fraction("blend_threshold", blend_threshold, below_one=True)
         source_text = self.source_prompt(prompt, original_subject)
         subject_ids = self.tokenizer.word_ids(original_subject, field="original_subject")
         if not subject_ids:
@@ -401,6 +410,7 @@ class EditingMixin:
         sample_posterior: bool = False,
         output_type: str = "pil",
         progress: bool = False,
+        callback: EditCallback | None = None,
     ) -> EditRequest:
         """Stages 1-5 of :meth:`edit`: checks, embeddings, control, starting latents (inversion)."""
         timer = StageTimer()
@@ -411,7 +421,7 @@ class EditingMixin:
             image=image, latents=latents, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             neg_prompt=neg_prompt, cross_replace_steps=cross_replace_steps, self_replace_steps=self_replace_steps,
             blend_threshold=blend_threshold, height=height, width=width, scheduler=scheduler, output_type=output_type,
-            seed=seed,
+            seed=seed, sample_posterior=sample_posterior, callback=callback, progress=progress,
         )
         generation = inputs.generation
         seed = generation.seed
