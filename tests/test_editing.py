@@ -34,7 +34,7 @@ from blipdiffusion_trt.runtime.editing import preprocess_edit_image  # noqa: E40
 from blipdiffusion_trt.runtime.pipeline import BlipDiffusionRuntime  # noqa: E402
 from blipdiffusion_trt.runtime.text import build_prompts  # noqa: E402
 
-from conftest import EDITING_FIXTURES, load_diffusers  # noqa: E402
+from conftest import CHECKPOINTS, EDITING_FIXTURES, load_diffusers  # noqa: E402
 from p2p_reference import (  # noqa: E402
     PLACEHOLDER,
     lavis_get_mapper,
@@ -67,6 +67,18 @@ def _runtime(fixture) -> BlipDiffusionRuntime:
 
 @pytest.fixture(params=EDITING_FIXTURES)
 def edit_fixture(request):
+    return request.getfixturevalue(request.param)
+
+
+# The editing fixtures without a ControlNet: the tests that compare an edit with a plain generation
+# (a ControlNet package's generation needs a control map) or whose thresholds were chosen on these
+# fixtures' random weights (the mixed-mask and sensitivity checks). The parity tests run on every
+# editing fixture, the ControlNet one included.
+PLAIN_EDITING_FIXTURES = tuple(name for name in EDITING_FIXTURES if not CHECKPOINTS[name][1])
+
+
+@pytest.fixture(params=PLAIN_EDITING_FIXTURES)
+def plain_edit_fixture(request):
     return request.getfixturevalue(request.param)
 
 
@@ -347,10 +359,10 @@ def _text_only_generation(runtime, text, latents, height, width):
     return imgs.postprocess(decoded)[0]
 
 
-def test_no_control_is_two_plain_generations(edit_fixture):
+def test_no_control_is_two_plain_generations(plain_edit_fixture):
     """No cross/self replacement, no local blend: the edit is the generation of the target prompt
     with prompt_reps=1 and the source is the text-only generation of the source prompt."""
-    runtime = _runtime(edit_fixture)
+    runtime = _runtime(plain_edit_fixture)
     height, width, latents, reference, _ = _inputs(runtime.config)
     out = runtime.edit(PROMPT, reference, "dog", "dog", "cat", latents=latents, num_inference_steps=STEPS, neg_prompt=NEGATIVE,
                        cross_replace_steps=0.0, self_replace_steps=0.0, blend_threshold=None, height=height, width=width,
@@ -366,9 +378,9 @@ def test_no_control_is_two_plain_generations(edit_fixture):
     assert _max_diff(controlled.edited, generated) > SENSITIVITY_FACTOR * PARITY_ATOL
 
 
-def test_local_blend_keeps_the_source_outside_the_mask(edit_fixture, monkeypatch):
+def test_local_blend_keeps_the_source_outside_the_mask(plain_edit_fixture, monkeypatch):
     """After every step the edited latent equals the source latent exactly outside that step's mask."""
-    runtime = _runtime(edit_fixture)
+    runtime = _runtime(plain_edit_fixture)
     height, width, latents, reference, _ = _inputs(runtime.config)
     masks: list[np.ndarray] = []
     original = p2p.LocalBlend.__call__
@@ -415,8 +427,8 @@ def _mistakes(runtime, request):
     }
 
 
-def test_mistakes_move_the_edit(edit_fixture):
-    runtime = _runtime(edit_fixture)
+def test_mistakes_move_the_edit(plain_edit_fixture):
+    runtime = _runtime(plain_edit_fixture)
     height, width, latents, reference, _ = _inputs(runtime.config)
     request = runtime.prepare_edit(PROMPT, reference, "dog", "dog", "cat", latents=latents, num_inference_steps=STEPS,
                                    neg_prompt=NEGATIVE, blend_threshold=0.7, height=height, width=width, output_type="np")

@@ -428,7 +428,7 @@ class BlipDiffusionRuntime(EditingMixin):
         for i, pair in enumerate(subjects):
             if (not isinstance(pair, (list, tuple)) or len(pair) != 2 or not isinstance(pair[0], SubjectEmbedding)
                     or real_number(pair[1]) is None):
-                raise InputError(f"subjects[{i}]: expected a (SubjectEmbedding, weight) pair with a number as weight, "
+                raise InputError(f"subjects[{i}]: expected a (SubjectEmbedding, weight) pair; mix_subjects weights are numbers, "
                                  f"got {shown(pair)}", field="subjects")
         weights = np.array([real_number(w) for _, w in subjects], dtype=np.float64)
         if not np.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
