@@ -321,6 +321,14 @@ class ComponentSpec:
                 if source is not None:
                     values[name] = values[source.name] * source.divisor
                     changed = True
+                    continue
+                # a sibling derived from the same pixel axis, which this component does not show
+                # (unet_p2p: its attention maps' axis from its latent axis)
+                sibling = next((a for a in axes.values() if axis.derived_from is not None
+                                and a.derived_from == axis.derived_from and a.name in values), None)
+                if sibling is not None:
+                    values[name] = values[sibling.name] * sibling.divisor // axis.divisor
+                    changed = True
         return values
 
     def output_shapes(self, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]] | None:

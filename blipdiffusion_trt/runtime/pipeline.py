@@ -82,9 +82,9 @@ __all__ = ["MAX_STEPS", "BlipDiffusionRuntime", "PipelineOutput", "SubjectEmbedd
 class SubjectEmbedding:
     """Query embeddings of one subject ([num_query_tokens, hidden]), reusable across calls.
 
-    ``embeddings``: a 2-D array of finite floats, kept as float32 (the text encoder's input; a
-    float16 or float64 array is converted); anything else is an :class:`InputError` naming
-    ``subject``. The package's own shape is checked where it is used (``check_subject``).
+    ``embeddings``: a 2-D float array, kept as float32 (the text encoder's input; a float16 or
+    float64 array is converted); anything else is an :class:`InputError` naming ``subject``. The
+    package's own shape and finite values are checked where it is used (``check_subject``).
     """
 
     embeddings: np.ndarray
@@ -97,8 +97,6 @@ class SubjectEmbedding:
                    else type(embeddings).__name__)
             raise InputError(f"subject embeddings must be a 2-D float array [num_query_tokens, hidden], got {got}",
                              field="subject")
-        if not np.isfinite(embeddings).all():
-            raise InputError("subject embeddings contain NaN or inf", field="subject")
         if not isinstance(self.label, str):
             raise InputError(f"subject label must be a string, got {type(self.label).__name__}", field="subject")
         if embeddings.dtype != np.float32:
