@@ -26,6 +26,7 @@ MAX_DECLARED_BATCH_SIZE = 64
 MAX_DECLARED_SUBJECT_IMAGE_SIZE = 1024  # pixels per side of the Q-Former's input image (224 in the paper)
 MAX_DECLARED_TEXT_POSITIONS = 4096
 MAX_DECLARED_WIDTH = 65536  # hidden sizes and channels
+MAX_DECLARED_VOCABULARY = 10_000_000  # token ids
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,10 @@ class PipelineConfig:
     # shallow steps after it, the hidden state entering the last layer of the last up block
     # (export reads it from the UNet); 0: the package has no step-cache graphs.
     step_cache_channels: int = 0
+    # The word embeddings' sizes (token ids the text encoders / the Q-Former accept): a package's
+    # tokenizers must not produce ids past them. 0: not recorded (an older export).
+    text_vocab_size: int = 0
+    qformer_vocab_size: int = 0
 
     def __post_init__(self) -> None:
         if not self.min_image_size:
@@ -127,6 +132,11 @@ def _sizes(d: Mapping[str, Any]) -> tuple[int, int, int]:
     return multiple, low, high
 
 
+def _edit_level_ok(level: int, levels: int) -> bool:
+    """0, or the downsampling factor 2 ** k of one of the UNet's ``levels`` levels."""
+    return level == 0 or (level & (level - 1) == 0 and level <= 2 ** (levels - 1))
+
+
 _SIDE = Int(1, MAX_DECLARED_IMAGE_SIZE)
 _POSITIONS = Int(1, MAX_DECLARED_TEXT_POSITIONS)
 _WIDTH = Int(1, MAX_DECLARED_WIDTH)
@@ -162,8 +172,16 @@ PIPELINE_CONFIG_SHAPE = Object(
         "min_image_size": Int(0, MAX_DECLARED_IMAGE_SIZE),
         "max_image_size": Int(0, MAX_DECLARED_IMAGE_SIZE),
         "step_cache_channels": Int(0, MAX_DECLARED_WIDTH),
+        "edit_attention_downsample": Int(0, 2 ** 15),
+        "text_vocab_size": Int(0, MAX_DECLARED_VOCABULARY),
+        "qformer_vocab_size": Int(0, MAX_DECLARED_VOCABULARY),
     },
     rules=(
+        ("unet_size_multiple must be a multiple of 2 ** (len(unet_block_out_channels) - 1) (the UNet's downsampling)",
+         lambda d: d["unet_size_multiple"] % 2 ** (len(d["unet_block_out_channels"]) - 1) == 0),
+        ("edit_attention_downsample must be 0 (no editing graphs) or the downsampling of a UNet level: "
+         "2 ** k with 2 ** k <= 2 ** (len(unet_block_out_channels) - 1)",
+         lambda d: _edit_level_ok(d.get("edit_attention_downsample", 0), len(d["unet_block_out_channels"]))),
         ("text_max_length must exceed num_query_tokens + ctx_begin_pos + 1 (the prompt needs room)",
          lambda d: d["text_max_length"] > d["num_query_tokens"] + d["ctx_begin_pos"] + 1),
         ("qformer_max_text_length must exceed num_query_tokens",
@@ -312,6 +330,14 @@ class ComponentSpec:
                 source = next((a for a in axes.values() if a.derived_from == name and a.name in values), None)
                 if source is not None:
                     values[name] = values[source.name] * source.divisor
+                    changed = True
+                    continue
+                # a sibling derived from the same pixel axis, which this component does not show
+                # (unet_p2p: its attention maps' axis from its latent axis)
+                sibling = next((a for a in axes.values() if axis.derived_from is not None
+                                and a.derived_from == axis.derived_from and a.name in values), None)
+                if sibling is not None:
+                    values[name] = values[sibling.name] * sibling.divisor // axis.divisor
                     changed = True
         return values
 

@@ -26,10 +26,10 @@ CHECKPOINTS = {
     "odd": ("tiny-odd", False, (None, None), ("fp32",)),
     "odd_cn": ("tiny-odd", True, (None, None), ("fp32",)),
 }
-# Packages with the editing graphs (vae_encoder, unet_p2p); the ControlNet ones are exported
-# without them (editing does not use the ControlNet), which keeps the fixtures' export shorter and
-# gives the tests a package as exported before editing existed.
-EDITING_FIXTURES = ("tiny", "odd")
+# Packages with the editing graphs (vae_encoder, unet_p2p): a plain and a ControlNet one (whose
+# generations load no unet_plain, which its inversion needs); tiny_cn is exported without them,
+# which gives the tests a package as exported before editing existed.
+EDITING_FIXTURES = ("tiny", "odd", "odd_cn")
 # Packages with fast mode's step-cache graphs (exported by default; left out of "odd" to keep the
 # fixtures' export shorter and to give the tests a package exported without them).
 STEP_CACHE_FIXTURES = ("tiny", "tiny_cn", "odd_cn")

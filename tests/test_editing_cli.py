@@ -45,7 +45,11 @@ def _edit_args(package, files, out, *extra) -> list:
             "--target-subject", "dog", "--original-subject", "cat", "--steps", STEPS, "--out", out, *extra]
 
 
-def test_cli_invert_and_edit_equal_the_api(tiny, files, tmp_path):
+# a plain package, and a ControlNet one exported with the editing graphs (its generations load no
+# unet_plain: the inversion loads it on first use)
+@pytest.mark.parametrize("name", ["tiny", "odd_cn"])
+def test_cli_invert_and_edit_equal_the_api(name, request, files, tmp_path):
+    tiny = request.getfixturevalue(name)
     config = fixture_config(tiny)
     height, width = _size(config)
     size = ["--height", height, "--width", width]
@@ -101,7 +105,8 @@ def _bad_cases(tiny, tiny_cn, files, tmp_path) -> dict[str, tuple[list, Path, li
     return {
         "cross fraction above 1": (edit("--cross-replace-steps", "1.5"), out, ["--cross-replace-steps", "[0, 1]"]),
         "self fraction below 0": (edit("--self-replace-steps", "-0.1"), out, ["--self-replace-steps", "[0, 1]"]),
-        "threshold above 1": (edit("--blend-threshold", "2"), out, ["--blend-threshold", "[0, 1]"]),
+        "threshold above 1": (edit("--blend-threshold", "2"), out, ["--blend-threshold", "[0, 1)"]),
+        "threshold 1 selects no pixel": (edit("--blend-threshold", "1"), out, ["--blend-threshold", "[0, 1)"]),
         "blank original subject": ([a if a != "cat" else " " for a in edit()], out, ["--original-subject"]),
         "real image with pndm": (edit("--image", files["real"], "--scheduler", "pndm"), out, ["--scheduler", "ddim"]),
         "missing real image": (edit("--image", tmp_path / "nope.png"), out, ["--image", "nope.png"]),

@@ -202,6 +202,8 @@ def pipeline_config_from(pipe, max_batch_size: int = 4, editing: bool = True, st
         max_batch_size=max_batch_size,
         edit_attention_downsample=edit_attention_downsample(pipe.unet) if editing else 0,
         step_cache_channels=step_cache_channels(pipe.unet) if step_cache and _step_cache_supported(pipe.unet) else 0,
+        text_vocab_size=int(text.vocab_size),
+        qformer_vocab_size=int(qformer.qformer_config.vocab_size),
     )
 
 

@@ -38,7 +38,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
+
+from ..errors import InputError
 
 # Version of the format below, written into pipeline.json and manifest.json.
 FORMAT_VERSION = 1
@@ -93,6 +95,16 @@ CONFIG_FILES = (
     *(name for folder in (CLIP_TOKENIZER, QFORMER_TOKENIZER)
       for name in (tokenizer_file(folder), tokenizer_settings_file(folder))),
 )
+
+
+def check_precision(precision: Any) -> str:
+    """``precision`` when it is one export can write (:data:`PRECISIONS`), else a one-line
+    InputError: a precision no package holds is a wrong argument, not a package to re-export."""
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        shown = repr(precision) if len(repr(precision)) <= 60 else repr(precision)[:57] + "..."
+        raise InputError(f"precision must be one of {', '.join(PRECISIONS)} (the graphs a package can hold), "
+                         f"got {shown}", field="precision")
+    return precision
 
 
 def graph_variant(precision: str, *, cpu_fused: bool = False, cuda_fused: bool = False) -> str:

@@ -167,7 +167,9 @@ class ModelPackage:
         return files_sha256(self.manifest, names, source=self.layout.manifest)
 
     def require_precision(self, precision: str) -> None:
-        """PackageError (naming the re-export) unless the package holds graphs of ``precision``."""
+        """PackageError (naming the re-export) unless the package holds graphs of ``precision``
+        (InputError when no package can: ``fp64``)."""
+        layout.check_precision(precision)
         if precision not in self.precisions:
             raise PackageError(
                 f"{self.root}: no {precision} graphs (package has {', '.join(self.precisions)}); "

@@ -38,7 +38,8 @@ CLI_OPTIONS = {
     "controlnet_conditioning_scale": "--controlnet-scale", "height": "--height", "width": "--width",
     "latents": "--latents", "prompt": "--prompt", "prompt_strength": "--prompt-strength", "prompt_reps": "--prompt-reps",
     "scheduler": "--scheduler", "backend": "--backend", "low_threshold": "--canny-low",
-    "high_threshold": "--canny-high", "precision": "--precision", "seed": "--seed", "out": "--out",
+    "high_threshold": "--canny-high", "canny_low_threshold": "--canny-low",
+    "canny_high_threshold": "--canny-high", "precision": "--precision", "seed": "--seed", "out": "--out",
     # editing
     "original_subject": "--original-subject", "image": "--image", "cross_replace_steps": "--cross-replace-steps",
     "self_replace_steps": "--self-replace-steps", "blend_threshold": "--blend-threshold",

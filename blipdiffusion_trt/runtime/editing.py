@@ -41,7 +41,7 @@ from PIL import Image
 
 from ..errors import InputError, PackageError
 from . import images as imgs
-from .inputs import LIMITS, GenerationInputs, check_int, check_seed, check_text
+from .inputs import LIMITS, GenerationInputs, check_bool, check_callable, check_seed, check_text
 from .p2p import (
     LocalBlend,
     check_fraction,
@@ -229,6 +229,8 @@ class GenerationStages(Protocol):
 
     def _check_image_size(self, height: Any, width: Any) -> tuple[int, int]: ...
 
+    def _check_steps(self, scheduler: Any, num_inference_steps: Any, *, inverse: bool = False) -> int: ...
+
     def _encode_subjects(self, references: Sequence[Any], categories: Sequence[str]) -> np.ndarray: ...
 
     def _encode_plain_prompt(self, prompts: list[str], *, field: str = "prompt",
@@ -324,8 +326,11 @@ class Editor:
         refuse_cache_interval(cache_interval, "invert")
         self.check_package()
         height, width = runtime._check_image_size(height, width)
-        check_int("num_inference_steps", num_inference_steps, 1, LIMITS.max_steps)
+        num_inference_steps = runtime._check_steps(None, num_inference_steps, inverse=True)
         seed = check_seed(seed)
+        check_bool("sample_posterior", sample_posterior)
+        check_callable("callback", callback)
+        check_bool("progress", progress)
         source_text = self._source_prompt(prompt, original_subject)
         pil = imgs.load_image(image, field="image")
 
@@ -345,6 +350,8 @@ class Editor:
     def edit(self, arguments: EditArguments, *, callback: EditCallback | None = None,
              progress: bool = False) -> EditOutput:
         """``BlipDiffusionRuntime.edit``: :meth:`prepare` (stages 1-5), then :meth:`run` (6-7)."""
+        check_callable("callback", callback)  # before any work, with the arguments (prepare checks those)
+        check_bool("progress", progress)
         return self.run(self.prepare(arguments, progress=progress), callback=callback, progress=progress)
 
     def _check(self, arguments: EditArguments) -> EditInputs:
@@ -369,14 +376,17 @@ class Editor:
             latents=a.latents, neg_prompt=a.neg_prompt, scheduler=scheduler, output_type=a.output_type,
             controlnet=False, seed=a.seed,
         )
+        check_bool("sample_posterior", a.sample_posterior)
         if real_image and scheduler != REAL_IMAGE_SCHEDULER:
             raise InputError(f"scheduler: a real image is inverted with DDIM and must be edited with the "
                              f"{REAL_IMAGE_SCHEDULER} scheduler, got {scheduler!r}", field="scheduler")
+        if real_image:  # the inversion's timesteps too
+            runtime._check_steps(None, a.num_inference_steps, inverse=True)
         cross_replace_steps = check_fraction("cross_replace_steps", a.cross_replace_steps)
         self_replace_steps = check_fraction("self_replace_steps", a.self_replace_steps)
         blend_threshold = a.blend_threshold
         if blend_threshold is not None:
-            blend_threshold = check_fraction("blend_threshold", blend_threshold)
+            blend_threshold = check_fraction("blend_threshold", blend_threshold, below_one=True)
         original_subject = a.original_subject
         source_text = self._source_prompt(a.prompt, original_subject)
         subject_ids = runtime.tokenizer.word_ids(original_subject, field="original_subject")

@@ -37,6 +37,7 @@ import numbers
 import os
 import re
 import secrets
+import stat
 import struct
 import tempfile
 import warnings
@@ -346,6 +347,17 @@ def _threshold(value: Any, name: str) -> int:
     return int(value)
 
 
+def check_canny_thresholds(low_threshold: Any, high_threshold: Any, *,
+                           names: tuple[str, str] = ("low_threshold", "high_threshold")) -> tuple[int, int]:
+    """(low, high): integers with ``0 <= low <= high <= CANNY_MAX_THRESHOLD``; ``names``: the
+    arguments named in the one-line error."""
+    low = _threshold(low_threshold, names[0])
+    high = _threshold(high_threshold, names[1])
+    if low > high:
+        raise InputError(f"{names[0]}: must not exceed {names[1]} ({high}), got {low}", field=names[0])
+    return low, high
+
+
 def canny_condition(image: Image.Image, low_threshold: int = 100, high_threshold: int = 200) -> Image.Image:
     """Canny edge map of ``image`` as an RGB image (the edges replicated in the three channels),
     as in diffusers' ControlNet docs: ``cv2.Canny(np.array(image), low, high)``.
@@ -353,10 +365,7 @@ def canny_condition(image: Image.Image, low_threshold: int = 100, high_threshold
     Thresholds must be integers with ``0 <= low_threshold <= high_threshold <= 2040``
     (``cv2.Canny`` accepts any number and silently swaps low > high; we reject those).
     """
-    low = _threshold(low_threshold, "low_threshold")
-    high = _threshold(high_threshold, "high_threshold")
-    if low > high:
-        raise InputError(f"low_threshold: must not exceed high_threshold ({high}), got {low}", field="low_threshold")
+    low, high = check_canny_thresholds(low_threshold, high_threshold)
     if not isinstance(image, Image.Image):
         raise InputError(f"canny image: expected a PIL image, got {type(image).__name__}", field="canny_image")
     if image.width <= 0 or image.height <= 0:
@@ -426,8 +435,8 @@ def _image_for_saving(image: Any, field: str) -> Image.Image | np.ndarray:
 def check_output_path(path: str | os.PathLike, *, field: str = "output",
                       inputs: dict[str, Any] | None = None, suffixes: tuple[str, ...] = SAVE_SUFFIXES) -> Path:
     """An output file ``path`` checked before any work: a supported suffix, not a directory or a
-    special file, in an existing directory this process can create files in (a read-only file
-    system fails here, not after the generation), and not one of the ``inputs`` (name -> path:
+    special file, not an existing read-only file, in an existing directory this process can create
+    files in (a read-only file system fails here, not after the generation), and not one of the ``inputs`` (name -> path:
     the command's input files, which are never overwritten, or another of its outputs).
     ``suffixes``: those allowed (default: what :func:`save_image` writes)."""
     path = Path(path)
@@ -437,6 +446,12 @@ def check_output_path(path: str | os.PathLike, *, field: str = "output",
         raise InputError(f"{field} must end in one of {', '.join(suffixes)}, got {path.name!r}", field=field)
     if path.exists() and not path.is_file():
         raise InputError(f"{field}: '{path}' exists and is not a regular file", field=field)
+    if path.is_file() and (not os.stat(path).st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
+                           or not os.access(path, os.W_OK)):
+        # the output is written beside it and renamed over it, which would replace a file its mode
+        # protects (and drop that mode): refused, whoever runs the command
+        raise InputError(f"{field}: '{path}' exists and is read-only; not replacing it (remove it or give "
+                         "another file)", field=field)
     parent = path.parent
     if not parent.is_dir():
         raise InputError(f"{field}: directory '{parent}' does not exist", field=field)

@@ -10,6 +10,7 @@ rest: image sizes, batch, text lengths in tokens).
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -117,7 +118,7 @@ def check_prompt_repetition(prompt_strength: Any, prompt_reps: Any) -> tuple[flo
     repeats the prompt at least once (diffusers would silently use an empty prompt). No upper
     bound: repetitions past what the text encoder keeps are never built."""
     if isinstance(prompt_reps, bool) or not isinstance(prompt_reps, (int, np.integer)) or prompt_reps < 1:
-        raise InputError(f"prompt_reps must be an integer >= 1, got {prompt_reps!r}", field="prompt_reps")
+        raise InputError(f"prompt_reps must be an integer >= 1, got {shown(prompt_reps)}", field="prompt_reps")
     strength = check_float("prompt_strength", prompt_strength)
     if strength < 0:
         raise InputError(f"prompt_strength must be a finite number >= 0, got {prompt_strength!r}", field="prompt_strength")
@@ -129,7 +130,7 @@ def check_prompt_repetition(prompt_strength: Any, prompt_reps: Any) -> tuple[flo
 
 def check_int(name: str, value: Any, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
-        raise InputError(f"{name} must be an integer in [{low}, {high}], got {value!r}", field=name)
+        raise InputError(f"{name} must be an integer in [{low}, {high}], got {shown(value)}", field=name)
     return int(value)
 
 
@@ -144,15 +145,44 @@ def check_size(name: str, value: Any, low: int, high: int, multiple: int) -> int
 def check_float(name: str, value: Any, low: float | None = None, high: float | None = None) -> float:
     """A finite number (in ``[low, high]`` when given)."""
     allowed = f" in [{low:g}, {high:g}]" if low is not None and high is not None else ""
-    try:
-        number = float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise InputError(f"{name} must be a finite number{allowed}, got {value!r}", field=name) from None
-    if isinstance(value, bool) or not math.isfinite(number):
-        raise InputError(f"{name} must be a finite number{allowed}, got {value!r}", field=name)
+    number = real_number(value)
+    if number is None or not math.isfinite(number):
+        raise InputError(f"{name} must be a finite number{allowed}, got {shown(value)}", field=name)
     if (low is not None and number < low) or (high is not None and number > high):
-        raise InputError(f"{name} must be a finite number{allowed}, got {value!r}", field=name)
+        raise InputError(f"{name} must be a finite number{allowed}, got {shown(value)}", field=name)
     return number
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` on one line, cut to ``limit`` characters (an error quotes a 401-digit
+    integer's start, an array's first values)."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def real_number(value: Any) -> float | None:
+    """``value`` as a float when it is a real number (int, float, numpy scalar; not a boolean, a
+    string such as "7.5" or an array), else None; an integer too large for a float is inf."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # 10**400
+        return math.inf
+
+
+def check_callable(name: str, value: Any) -> Any:
+    """None or a callable (``callback``)."""
+    if value is not None and not callable(value):
+        raise InputError(f"{name} must be a function or None, got {type(value).__name__}", field=name)
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """True or False (numpy's bool too)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise InputError(f"{name} must be True or False, got {value!r}", field=name)
+    return bool(value)
 
 
 def check_seed(seed: Any, limits: RequestLimits = LIMITS) -> int | None:
@@ -161,7 +191,7 @@ def check_seed(seed: Any, limits: RequestLimits = LIMITS) -> int | None:
         return None
     low, high = limits.seed
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not low <= seed <= high:
-        raise InputError(f"seed must be an integer in [{low}, {high}], got {seed!r}", field="seed")
+        raise InputError(f"seed must be an integer in [{low}, {high}], got {shown(seed)}", field="seed")
     return int(seed)
 
 

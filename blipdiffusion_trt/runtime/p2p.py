@@ -27,12 +27,12 @@ Deliberate differences from LAVIS (the intended algorithm, not its bugs):
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
 
 from ..errors import InputError
+from .inputs import real_number, shown
 
 # Target positions holding the subject's query embeddings: an id no tokenizer produces.
 QUERY_PLACEHOLDER = -1
@@ -112,14 +112,15 @@ def token_map_matrix(token_map: np.ndarray) -> np.ndarray:
     return matrix
 
 
-def check_fraction(name: str, value: object) -> float:
-    """A number in [0, 1] (replace-step fractions, the blend threshold), else a one-line InputError."""
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        number = math.nan
-    if isinstance(value, bool) or not 0.0 <= number <= 1.0:
-        raise InputError(f"{name} must be a number in [0, 1], got {value!r}", field=name)
+def check_fraction(name: str, value: object, *, below_one: bool = False) -> float:
+    """A number in [0, 1] (replace-step fractions), or in [0, 1) with ``below_one`` (the blend
+    threshold: the normalised map's largest value is 1, and the mask keeps what is above the
+    threshold, so 1 selects no pixel), else a one-line InputError."""
+    number = real_number(value)
+    if number is None or not 0.0 <= number <= 1.0 or (below_one and number == 1.0):
+        allowed = "[0, 1)" if below_one else "[0, 1]"
+        why = " (1 selects no pixel: the normalised attention map's largest value is 1)" if below_one else ""
+        raise InputError(f"{name} must be a number in {allowed}{why}, got {shown(value)}", field=name)
     return number
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -47,6 +48,8 @@ from .inputs import (
     GenerationInputs,
     broadcast,
     broadcast_images,
+    check_bool,
+    check_callable,
     check_float,
     check_int,
     check_latents,
@@ -55,8 +58,10 @@ from .inputs import (
     check_seed,
     check_size,
     check_text,
+    real_number,
+    shown,
 )
-from .schedulers import check_scheduler_name, scheduler_from_config
+from .schedulers import DDIMInverseScheduler, check_scheduler_name, scheduler_from_config
 from .step_cache import StepCache, check_cache_interval, require_step_cache
 from .text import ClipTextTokenizer, QFormerTokenizer, build_prompts, max_useful_reps
 from .timing import StageTimer
@@ -77,10 +82,27 @@ __all__ = ["MAX_STEPS", "BlipDiffusionRuntime", "PipelineOutput", "SubjectEmbedd
 
 @dataclass(frozen=True)
 class SubjectEmbedding:
-    """Query embeddings of one subject ([num_query_tokens, hidden]), reusable across calls."""
+    """Query embeddings of one subject ([num_query_tokens, hidden]), reusable across calls.
+
+    ``embeddings``: a 2-D float array, kept as float32 (the text encoder's input; a float16 or
+    float64 array is converted); anything else is an :class:`InputError` naming ``subject``. The
+    package's own shape and finite values are checked where it is used (``check_subject``).
+    """
 
     embeddings: np.ndarray
     label: str = ""
+
+    def __post_init__(self) -> None:
+        embeddings = self.embeddings
+        if not isinstance(embeddings, np.ndarray) or embeddings.dtype.kind != "f" or embeddings.ndim != 2:
+            got = (f"{embeddings.dtype} array of shape {list(embeddings.shape)}" if isinstance(embeddings, np.ndarray)
+                   else type(embeddings).__name__)
+            raise InputError(f"subject embeddings must be a 2-D float array [num_query_tokens, hidden], got {got}",
+                             field="subject")
+        if not isinstance(self.label, str):
+            raise InputError(f"subject label must be a string, got {type(self.label).__name__}", field="subject")
+        if embeddings.dtype != np.float32:
+            object.__setattr__(self, "embeddings", embeddings.astype(np.float32))
 
 
 @dataclass
@@ -106,6 +128,15 @@ class _LRU(OrderedDict):
         return value
 
 
+def _check_cache_sizes(cache_size: Any, negative_cache_size: Any) -> None:
+    for name, value in (("cache_size", cache_size), ("negative_cache_size", negative_cache_size)):
+        check_int(name, value, 0, MAX_CACHE_ENTRIES)
+
+
+# subject/negative prompt embeddings a runtime may keep (each a few hundred KB at full size)
+MAX_CACHE_ENTRIES = 100_000
+
+
 class BlipDiffusionRuntime:
     """Subject-driven generation (``__call__``) and editing (:meth:`edit`, :meth:`invert`; its flow
     is the runtime's :class:`~.editing.Editor`) from a model package on any backend of
@@ -120,6 +151,7 @@ class BlipDiffusionRuntime:
         its backend's); None: only ``engines`` can run. ``cache_size``: subject embeddings kept
         (LRU; 0: none); ``negative_cache_size``: negative prompt embeddings kept.
         """
+        _check_cache_sizes(cache_size, negative_cache_size)
         self.package = package
         self.config = package.config
         self.engines = engines
@@ -129,6 +161,7 @@ class BlipDiffusionRuntime:
         bert = package.tokenizer_settings(layout.QFORMER_TOKENIZER)
         self.tokenizer = ClipTextTokenizer.from_file(package.tokenizer_json(layout.CLIP_TOKENIZER), clip["pad_token_id"])
         self.qformer_tokenizer = QFormerTokenizer.from_file(package.tokenizer_json(layout.QFORMER_TOKENIZER), bert["pad_token_id"])
+        self._check_vocabularies(clip, bert)
         self._subject_cache = _LRU(cache_size)
         self._negative_cache = _LRU(negative_cache_size)
         self._editor = Editor(self)
@@ -151,7 +184,13 @@ class BlipDiffusionRuntime:
         :class:`~.backends.openvino.OpenVINOOptions` (``openvino``). An option the backend does
         not have is an :class:`InputError`.
         """
+        # every argument checked before anything is read or loaded
+        if not isinstance(path, (str, os.PathLike)):
+            raise InputError(f"path must be a package directory (str or path), got {type(path).__name__}", field="path")
         chosen = get_backend(backend)
+        layout.check_precision(precision)
+        check_bool("verify", verify)
+        _check_cache_sizes(cache_size, negative_cache_size)
         backend_options = chosen.options(options, **option_values)
         package = ModelPackage.open(path, verify=verify)
         engines = chosen.load(package, generation_components(package.config), precision, backend_options)
@@ -161,6 +200,25 @@ class BlipDiffusionRuntime:
 
         return cls(package, engines, load_engine=load_engine, cache_size=cache_size,
                    negative_cache_size=negative_cache_size)
+
+    def _check_vocabularies(self, clip: dict[str, Any], bert: dict[str, Any]) -> None:
+        """Every id a tokenizer can produce must index its model's word embeddings (an id past
+        them is a traceback on one backend, a silently zero embedding on another): below the
+        vocabulary pipeline.json declares (exports since it is recorded) and below the
+        ``vocab_size`` of the tokenizer's own settings."""
+        cfg = self.config
+        for tokenizer, folder, settings, declared, key in (
+                (self.tokenizer, layout.CLIP_TOKENIZER, clip, cfg.text_vocab_size, "text_vocab_size"),
+                (self.qformer_tokenizer, layout.QFORMER_TOKENIZER, bert, cfg.qformer_vocab_size, "qformer_vocab_size")):
+            limits = [(declared, f"{layout.PIPELINE_CONFIG} {key}")] if declared else []
+            if settings.get("vocab_size"):
+                limits.append((settings["vocab_size"], f"{layout.tokenizer_settings_file(folder)} vocab_size"))
+            largest = tokenizer.largest_id
+            for limit, where in limits:
+                if largest >= limit:
+                    raise PackageError(f"{self.package.root / layout.tokenizer_file(folder)}: token id {largest} is past "
+                                       f"the vocabulary of {limit} ({where}); the tokenizer does not belong to this "
+                                       "package: re-export it")
 
     def engine(self, component: str) -> Engine:
         """The engine of ``component``; one not loaded yet is made by ``load_engine`` (on the
@@ -218,6 +276,10 @@ class BlipDiffusionRuntime:
         seed: Any = None,
         prompt_strength: Any = 1.0,
         prompt_reps: Any = 20,
+        canny_low_threshold: Any = 100,
+        canny_high_threshold: Any = 200,
+        callback: Any = None,
+        progress: Any = False,
     ) -> GenerationInputs:
         """Every argument of a call checked (one-line :class:`InputError` naming the field and its
         limit) and normalised, before any work: the package's declared ranges (sizes, batch, the
@@ -231,21 +293,24 @@ class BlipDiffusionRuntime:
         prompts = check_prompts(prompt, cfg.max_batch_size)
         batch = len(prompts)
         height, width = self._check_image_size(height, width)
-        check_int("num_inference_steps", num_inference_steps, 1, LIMITS.max_steps)
+        num_inference_steps = self._check_steps(scheduler, num_inference_steps)
         guidance_scale = check_float("guidance_scale", guidance_scale, *LIMITS.guidance_scale)
         controlnet_conditioning_scale = check_float("controlnet_conditioning_scale", controlnet_conditioning_scale,
                                                     *LIMITS.controlnet_conditioning_scale)
         seed = check_seed(seed)
         prompt_strength, prompt_reps = check_prompt_repetition(prompt_strength, prompt_reps)
-        if output_type not in OUTPUT_TYPES:
-            raise InputError(f"output_type must be 'pil' or 'np', got {output_type!r}", field="output_type")
+        if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
+            raise InputError(f"output_type must be 'pil' or 'np', got {shown(output_type)}", field="output_type")
+        imgs.check_canny_thresholds(canny_low_threshold, canny_high_threshold,
+                                    names=("canny_low_threshold", "canny_high_threshold"))
+        check_callable("callback", callback)
+        check_bool("progress", progress)
         check_text("neg_prompt", neg_prompt, LIMITS.max_text_characters, allow_empty=True)
         targets = broadcast("target_subject_category", target_subject_category, batch)
         self._check_control(condition_image, canny_image, controlnet)
         latent_shape = (batch, cfg.latent_channels, height // cfg.latent_scale_factor, width // cfg.latent_scale_factor)
         if latents is not None:
             latents = check_latents(latents, latent_shape)
-        check_scheduler_name(scheduler)
         sources = references = None
         if subject is not None:
             if reference_image is not None:
@@ -267,6 +332,18 @@ class BlipDiffusionRuntime:
             controlnet_conditioning_scale=controlnet_conditioning_scale, seed=seed,
             prompt_strength=prompt_strength, prompt_reps=prompt_reps,
         )
+
+    def _check_steps(self, scheduler: Any, num_inference_steps: Any, *, inverse: bool = False) -> int:
+        """``num_inference_steps`` for scheduler ``scheduler`` (a name of ``SCHEDULER_NAMES``; with
+        ``inverse``, the DDIM inversion's), checked before any work: within :data:`~.inputs.LIMITS`
+        and what the package's scheduler config can step through (its ``num_train_timesteps``,
+        ``timestep_spacing`` and ``steps_offset``)."""
+        check_int("num_inference_steps", num_inference_steps, 1, LIMITS.max_steps)
+        if inverse:
+            sched = DDIMInverseScheduler.from_config(self.scheduler_config)
+        else:
+            sched = scheduler_from_config(check_scheduler_name(scheduler), self.scheduler_config)
+        return sched.check_num_inference_steps(num_inference_steps)
 
     def _check_image_size(self, height: Any, width: Any) -> tuple[int, int]:
         """The generated image's (height, width): the package's default size where None, else checked."""
@@ -331,7 +408,7 @@ class BlipDiffusionRuntime:
         key = (hashlib.sha256(pixels.tobytes()).hexdigest(), category)
 
         def run() -> SubjectEmbedding:
-            out = self.engines["qformer"].infer(
+            out = self.engine("qformer").infer(
                 {"pixel_values": pixels, "input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask}
             )
             return SubjectEmbedding(out["query_embeds"][0], label=category)
@@ -341,17 +418,21 @@ class BlipDiffusionRuntime:
     @staticmethod
     def mix_subjects(subjects: Sequence[tuple[SubjectEmbedding, float]]) -> SubjectEmbedding:
         """Weighted average of subject embeddings (the paper's subject interpolation)."""
-        if not subjects:
-            raise InputError("mix_subjects needs at least one (subject, weight) pair")
-        try:
-            weights = np.array([float(w) for _, w in subjects], dtype=np.float64)
-        except (TypeError, ValueError):
-            raise InputError(f"mix_subjects weights must be finite numbers, got {[w for _, w in subjects]!r}") from None
+        if not isinstance(subjects, (list, tuple)) or not subjects:
+            raise InputError("subjects: mix_subjects needs a non-empty list of (SubjectEmbedding, weight) pairs, "
+                             f"got {shown(subjects)}", field="subjects")
+        for i, pair in enumerate(subjects):
+            if (not isinstance(pair, (list, tuple)) or len(pair) != 2 or not isinstance(pair[0], SubjectEmbedding)
+                    or real_number(pair[1]) is None):
+                raise InputError(f"subjects[{i}]: expected a (SubjectEmbedding, weight) pair; mix_subjects weights are numbers, "
+                                 f"got {shown(pair)}", field="subjects")
+        weights = np.array([real_number(w) for _, w in subjects], dtype=np.float64)
         if not np.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
-            raise InputError(f"mix_subjects weights must be finite, >= 0 and not all 0, got {weights.tolist()}")
+            raise InputError(f"mix_subjects weights must be finite, >= 0 and not all 0, got {weights.tolist()}",
+                             field="subjects")
         shapes = {s.embeddings.shape for s, _ in subjects}
         if len(shapes) != 1:
-            raise InputError(f"mix_subjects: subjects have different shapes {sorted(shapes)}")
+            raise InputError(f"mix_subjects: subjects have different shapes {sorted(shapes)}", field="subjects")
         mixed = sum(w * s.embeddings.astype(np.float64) for (s, _), w in zip(subjects, weights)) / weights.sum()
         label = "+".join(f"{w:g}*{s.label}" for s, w in subjects)
         return SubjectEmbedding(mixed.astype(np.float32), label=label)
@@ -372,7 +453,7 @@ class BlipDiffusionRuntime:
     def _encode_prompt(self, prompts: list[str], subject_embeddings: np.ndarray) -> np.ndarray:
         """Text embeddings with the subject spliced in: [B, text_max_length, hidden]."""
         tokens = self.tokenizer.encode(prompts, self.config.text_length, field="prompt")
-        out = self.engines["text_encoder"].infer({"input_ids": tokens.input_ids, "ctx_embeddings": subject_embeddings})
+        out = self.engine("text_encoder").infer({"input_ids": tokens.input_ids, "ctx_embeddings": subject_embeddings})
         return out["text_embeddings"]
 
     def _encode_plain_prompt(self, prompts: list[str], *, field: str = "prompt", allow_empty: bool = False) -> np.ndarray:
@@ -384,7 +465,7 @@ class BlipDiffusionRuntime:
         tokens = self.tokenizer.encode(prompts, length, field=field, allow_empty=allow_empty)
         if any(tokens.truncated):
             logger.warning("%s truncated to %d tokens", "negative prompt" if field == "neg_prompt" else field, length)
-        return self.engines["text_encoder_plain"].infer({"input_ids": tokens.input_ids})["text_embeddings"]
+        return self.engine("text_encoder_plain").infer({"input_ids": tokens.input_ids})["text_embeddings"]
 
     def _encode_negative_prompt(self, neg_prompt: str) -> np.ndarray:
         """Plain text embeddings of the negative prompt, [1, text_max_length, hidden] (cached)."""
@@ -462,11 +543,12 @@ class BlipDiffusionRuntime:
         if step_cache is not None:
             return step_cache.predict(self.engine, feed, control, timer)
         if control:
-            controlnet = self.engines["controlnet"]
+            controlnet = self.engine("controlnet")
             with timer("controlnet"):  # residuals may stay on the device until the UNet reads them
                 feed.update(controlnet.infer({**feed, **control}, keep=controlnet.output_names))
-        # a ControlNet package's generations load no unet_plain: its inversion loads it here
-        unet = self.engines["unet"] if control else self.engine("unet_plain")
+        # every engine through self.engine(): a ControlNet package's generations load no
+        # unet_plain, its inversion loads it on first use
+        unet = self.engine("unet" if control else "unet_plain")
         with timer("unet"):
             return unet.infer(feed)["noise_pred"]
 
@@ -522,10 +604,10 @@ class BlipDiffusionRuntime:
             if step_cache is not None:
                 unet = self.engine(step_cache.graphs.full)
             else:
-                unet = self.engines["unet"] if control else self.engines["unet_plain"]
+                unet = self.engine("unet" if control else "unet_plain")
             text_embeddings = unet.upload("encoder_hidden_states", text_embeddings)
             if control:
-                controlnet = self.engines["controlnet"]
+                controlnet = self.engine("controlnet")
                 control = {name: controlnet.upload(name, value) for name, value in control.items()}
 
             def predict(sample: np.ndarray, timestep: Any) -> np.ndarray:
@@ -557,7 +639,7 @@ class BlipDiffusionRuntime:
         """Images from latents: float32 [B, H, W, 3] in [0, 1]."""
         timer = timer or StageTimer()
         with timer("vae_decoder"):
-            decoded = self.engines["vae_decoder"].infer({"latents": latents / np.float32(self.config.vae_scaling_factor)})
+            decoded = self.engine("vae_decoder").infer({"latents": latents / np.float32(self.config.vae_scaling_factor)})
         if not np.isfinite(decoded["image"]).all():
             raise InputError(f"the VAE decoder overflowed (non-finite pixels) on latents of magnitude up to "
                              f"{float(np.abs(latents).max()):.3g}: the guidance scale or the given latents are too "
@@ -612,7 +694,8 @@ class BlipDiffusionRuntime:
             latents=latents, neg_prompt=neg_prompt, scheduler=scheduler, output_type=output_type,
             condition_image=condition_image, canny_image=canny_image,
             controlnet_conditioning_scale=controlnet_conditioning_scale, seed=seed, prompt_strength=prompt_strength,
-            prompt_reps=prompt_reps,
+            prompt_reps=prompt_reps, canny_low_threshold=canny_low_threshold,
+            canny_high_threshold=canny_high_threshold, callback=callback, progress=progress,
         )
         cache_interval = check_cache_interval(cache_interval)
         if cache_interval > 1:  # before any work: a package without the graphs says how to re-export

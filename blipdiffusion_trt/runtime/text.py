@@ -26,6 +26,7 @@ With ``ftfy`` installed the slow tokenizer additionally runs ``ftfy.fix_text`` a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -34,7 +35,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import tokenizers
 
-from blipdiffusion_trt.errors import InputError
+from blipdiffusion_trt.errors import InputError, PackageError, first_line
 
 __all__ = [
     "build_prompts",
@@ -164,6 +165,26 @@ def _load_tokenizer(tokenizer_json: str | os.PathLike[str]) -> tokenizers.Tokeni
     return tok
 
 
+@contextlib.contextmanager
+def _tokenizer_failures(source: str, field: str):
+    """A failure inside the tokenizer (an ``Exception``, or the Rust ``PanicException``, a
+    ``BaseException``, e.g. a pre-tokenizer regex past Oniguruma's retry limit) as one
+    :class:`PackageError` line naming the tokenizer file: its rules are the package's, not the text's."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit, GeneratorExit, InputError):
+        raise
+    except BaseException as error:  # noqa: BLE001 - pyo3's PanicException derives from BaseException
+        raise PackageError(f"{source}: the tokenizer failed on {field} ({first_line(error)}); "
+                           "the package's tokenizer is broken: re-export it") from None
+
+
+def largest_token_id(tok: tokenizers.Tokenizer) -> int:
+    """The largest id the tokenizer can produce (its vocabulary with the added tokens)."""
+    vocab = tok.get_vocab(with_added_tokens=True)
+    return max(vocab.values(), default=-1)
+
+
 def _check_pad_id(tok: tokenizers.Tokenizer, pad_token_id: object, source: str) -> int:
     size = tok.get_vocab_size(with_added_tokens=True)
     if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, (int, np.integer)):
@@ -216,6 +237,11 @@ class ClipTextTokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def largest_id(self) -> int:
+        """The largest token id this tokenizer can produce."""
+        return largest_token_id(self._tok)
+
     def encode(
         self,
         texts: str | Sequence[str],
@@ -240,26 +266,29 @@ class ClipTextTokenizer:
         budget = max_length - self.num_special_tokens
         ids = np.full((len(items), max_length), self.pad_token_id, dtype=np.int64)
         truncated: list[bool] = []
-        for row, enc in enumerate(self._tok.encode_batch(items, add_special_tokens=False)):
-            cut = len(enc.ids) > budget
-            if cut:
-                enc.truncate(budget)
-            full = self._tok.post_process(enc, None, add_special_tokens=True).ids
-            ids[row, : len(full)] = full
-            truncated.append(cut)
+        with _tokenizer_failures(self._source, field):
+            for row, enc in enumerate(self._tok.encode_batch(items, add_special_tokens=False)):
+                cut = len(enc.ids) > budget
+                if cut:
+                    enc.truncate(budget)
+                full = self._tok.post_process(enc, None, add_special_tokens=True).ids
+                ids[row, : len(full)] = full
+                truncated.append(cut)
         return TokenizedText(ids, truncated)
 
     def token_ids(self, text: str, max_length: int, *, field: str) -> list[int]:
         """The ids :meth:`encode` gives one text, without the padding: bos, tokens (cut to fit
         ``max_length`` as :meth:`encode` cuts them), eos. Prompt-to-prompt aligns these."""
         row = self.encode([text], max_length, field=field).input_ids[0]
-        count = len(self._tok.encode(text, add_special_tokens=False).ids)
+        with _tokenizer_failures(self._source, field):
+            count = len(self._tok.encode(text, add_special_tokens=False).ids)
         return [int(i) for i in row[: min(count + self.num_special_tokens, int(max_length))]]
 
     def word_ids(self, text: str, *, field: str) -> list[int]:
         """The tokens of ``text`` alone (no bos/eos, not cut); empty when the tokenizer keeps nothing."""
         (item,) = _as_text_list(text, field, allow_empty=False)
-        return list(self._tok.encode(item, add_special_tokens=False).ids)
+        with _tokenizer_failures(self._source, field):
+            return list(self._tok.encode(item, add_special_tokens=False).ids)
 
 
 class QFormerTokenizer:
@@ -281,12 +310,18 @@ class QFormerTokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def largest_id(self) -> int:
+        """The largest token id this tokenizer can produce."""
+        return largest_token_id(self._tok)
+
     def encode(self, texts: str | Sequence[str], *, field: str = "source_subject_category") -> QFormerTokens:
         """``(input_ids, attention_mask)``, both int64 ``[B, L]``, equal to diffusers'
         ``Blip2QFormerModel.tokenizer(texts, return_tensors="np", padding=True)`` (``[CLS]`` ...
         ``[SEP]``, right-padded to the longest text, no truncation). Empty strings are refused."""
         items = _as_text_list(texts, field, allow_empty=False)
-        encs = self._tok.encode_batch(items, add_special_tokens=True)
+        with _tokenizer_failures(self._source, field):
+            encs = self._tok.encode_batch(items, add_special_tokens=True)
         width = max(len(e.ids) for e in encs)
         ids = np.full((len(items), width), self.pad_token_id, dtype=np.int64)
         mask = np.zeros((len(items), width), dtype=np.int64)

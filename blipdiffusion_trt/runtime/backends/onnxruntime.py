@@ -8,6 +8,7 @@ it, :mod:`.onnxruntime_gpu`), one engine class per provider, one factory per bac
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -15,7 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 from ...components import CONTROLNET_STEP_CACHE, PLAIN_STEP_CACHE, ComponentSpec
 from ...errors import EngineError, InputError, first_line
 from ...package import ModelPackage
-from ..engine import Engine
+from ..engine import Engine, check_graph_io, check_output_shapes
 from ..ort_install import require_onnxruntime
 from . import ort_cache
 from .base import Backend, BackendOptions, Capabilities, default_threads, option, threads_option
@@ -91,6 +92,11 @@ class OnnxRuntimeOptions(BackendOptions):
         if self.graph_optimization not in GRAPH_OPTIMIZATIONS:
             raise InputError(f"graph_optimization must be one of {', '.join(GRAPH_OPTIMIZATIONS)}, "
                              f"got {self.graph_optimization!r}", field="graph_optimization")
+        if self.optimized_cache is not None and not isinstance(self.optimized_cache, (str, os.PathLike)):
+            raise InputError(f"optimized_cache must be a directory path or None, got {type(self.optimized_cache).__name__}",
+                             field="optimized_cache")
+        if not isinstance(self.cpu_fused, bool):
+            raise InputError(f"cpu_fused must be True or False, got {self.cpu_fused!r}", field="cpu_fused")
         if self.memory_arena not in MEMORY_ARENAS:
             raise InputError(f"memory_arena must be one of {', '.join(MEMORY_ARENAS)}, got {self.memory_arena!r}",
                              field="memory_arena")
@@ -159,6 +165,7 @@ class OnnxRuntimeEngine(Engine):
         if options.shrinks_memory_arena(spec.name) and provider_name(providers[0]) == "CPUExecutionProvider":
             self._run_options = ort.RunOptions()
             self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        check_graph_io(spec, path, _io(self.session.get_inputs()), _io(self.session.get_outputs()))
 
     def _create_session(self, ort, source: Path, session_options, providers: list):
         try:
@@ -176,8 +183,10 @@ class OnnxRuntimeEngine(Engine):
 
     def infer(self, feed: Mapping[str, Any], keep: Sequence[str] = ()) -> dict[str, Any]:
         self.check_open()
-        outputs = self.session.run(None, {name: feed[name] for name in self.input_names}, self._run_options)
-        return dict(zip(self.output_names, outputs))
+        outputs = self.session.run(self.output_names, {name: feed[name] for name in self.input_names}, self._run_options)
+        result = dict(zip(self.output_names, outputs))
+        check_output_shapes(self.spec, feed, result, self.path)
+        return result
 
     def close(self) -> None:
         self.session = None
@@ -201,6 +210,17 @@ class OnnxRuntimeEngine(Engine):
 
         digest = source_digest or ort_cache.file_digest(source)
         return ort_cache.cached_graph(cache_dir, source.stem, digest, graph_optimization, optimize)
+
+
+# ONNX Runtime's tensor types -> numpy dtype names (the declarations' spelling)
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+              "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool", "tensor(uint8)": "uint8",
+              "tensor(int8)": "int8", "tensor(bfloat16)": "bfloat16"}
+
+
+def _io(args) -> list[tuple[str, str, list]]:
+    """A session's inputs or outputs (``NodeArg``) as :data:`~..engine.GraphTensor`."""
+    return [(arg.name, _ORT_TYPES.get(arg.type, arg.type), list(arg.shape or [])) for arg in args]
 
 
 # ------------------------------------------------------------------------------------------------

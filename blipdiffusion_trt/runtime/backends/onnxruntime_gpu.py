@@ -43,6 +43,7 @@ library), and a step moves the latents and the noise prediction once each way (t
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +124,9 @@ class OnnxRuntimeGpuOptions(OnnxRuntimeOptions):
         if self.cuda_graph not in CUDA_GRAPH_POLICIES:
             raise InputError(f"cuda_graph must be one of {', '.join(CUDA_GRAPH_POLICIES)}, got {self.cuda_graph!r}",
                              field="cuda_graph")
+        if self.cache_dir is not None and not isinstance(self.cache_dir, (str, os.PathLike)):
+            raise InputError(f"cache_dir must be a directory path or None, got {type(self.cache_dir).__name__}",
+                             field="cache_dir")
         if not isinstance(self.provider_options, Mapping):
             raise InputError(f"provider_options must be a mapping, got {type(self.provider_options).__name__}",
                              field="provider_options")

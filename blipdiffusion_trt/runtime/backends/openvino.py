@@ -95,7 +95,7 @@ from ...components import CONTROLNET_STEP_CACHE, PLAIN_STEP_CACHE, ComponentSpec
 from ...errors import EngineError, InputError, first_line
 from ...fsutil import LOCKS_AVAILABLE, LockTimeout, StagingDir, confined_path, locked, remove_entry, replace_dir
 from ...package import ModelPackage, layout
-from ..engine import Engine
+from ..engine import Engine, check_graph_io, check_output_shapes
 from .base import Backend, BackendOptions, Capabilities, default_threads, option, threads_option
 from .cache_record import check_record, write_record
 from .mapped_files import release_mapped_file
@@ -372,9 +372,7 @@ class OpenVINOEngine(Engine):
             model = openvino_core().read_model(str(path))
         except Exception as error:  # OpenVINO raises RuntimeError subclasses with multi-line text
             raise EngineError(f"{path}: {failure} ({first_line(error)})") from None
-        names = {port.get_any_name() for port in model.inputs}
-        if names != set(self.spec.input_names):
-            raise EngineError(f"{path}: graph inputs {sorted(names)} are not {self.spec.name}'s {self.spec.input_names}")
+        check_graph_io(self.spec, self.path, _io(model.inputs), _io(model.outputs))  # the package graph (or its IR)
         return model
 
     def _read_cached_ir(self, verify: bool = True, quiet: bool = False):
@@ -558,7 +556,9 @@ class OpenVINOEngine(Engine):
                 # the outputs are copies (below), not views of the buffers handed back
                 request.get_compiled_model().release_memory()
             # ``infer`` returns copies of the output tensors (the request's own are reused next call)
-            return {name: results[name] for name in self.output_names}
+            outputs = {name: results[name] for name in self.output_names}
+        check_output_shapes(self.spec, arrays, outputs, self.path)
+        return outputs
 
     def _compile(self, key: tuple, arrays: Mapping[str, np.ndarray]):
         shapes = {name: list(a.shape) for name, a in arrays.items()}
@@ -606,6 +606,16 @@ class OpenVINOEngine(Engine):
 # ------------------------------------------------------------------------------------------------
 # Factory: (package, component, precision, options) -> Engine
 # ------------------------------------------------------------------------------------------------
+
+def _io(ports) -> list[tuple[str, str, list]]:
+    """An ``openvino.Model``'s inputs or outputs as :data:`~..engine.GraphTensor`."""
+    tensors = []
+    for port in ports:
+        shape = port.get_partial_shape()
+        dims = [d.get_length() if d.is_static else None for d in shape] if shape.rank.is_static else []
+        tensors.append((port.get_any_name(), np.dtype(port.get_element_type().to_dtype()).name, dims))
+    return tensors
+
 
 def make_openvino_engine(package: ModelPackage, component: str, precision: str,
                          options: OpenVINOOptions) -> OpenVINOEngine:

@@ -44,10 +44,10 @@ from ...components import ComponentSpec
 from ...engines.environment import import_cudart, import_tensorrt, make_logger, running_environment
 from ...engines.plans import BuildOptions, locate_plan, read_plan, rebuild_command
 from ...engines.profiles import check_shape
-from ...errors import EngineError, InputError, first_line
+from ...errors import EngineError, InputError, PackageError, first_line
 from ...package import ModelPackage
 from .. import ort_install
-from ..engine import Engine, pad_rows, rows_to_pad
+from ..engine import Engine, check_graph_io, pad_rows, rows_to_pad
 from .base import Backend, BackendOptions, Capabilities, option
 
 logger = logging.getLogger(__name__)
@@ -249,6 +249,14 @@ class TensorRTEngine(Engine):
                 f"{self.plan}: its tensors (inputs {self._inputs}, outputs {self._outputs}) differ from the {spec.name} "
                 f"declaration; rebuild: {rebuild_command(self.package, None, [spec.name])}"
             )
+        # dtypes, ranks and fixed dimensions against the declaration, as every backend checks its graphs
+        tensors = {name: (name, self._dtypes[name].name, tuple(self._engine.get_tensor_shape(name)))
+                   for name in (*self._inputs, *self._outputs)}
+        try:
+            check_graph_io(spec, self.plan, [tensors[n] for n in self._inputs], [tensors[n] for n in self._outputs],
+                           built=True, advice=f"rebuild: {rebuild_command(self.package, None, [spec.name])}")
+        except PackageError as error:
+            raise EngineError(str(error)) from None
         self._buffers.update({name: _Buffer(cudart, host=True) for name in (*self._inputs, *self._outputs)})
         # Inputs without dynamic dimensions take no set_input_shape call.
         self._static_inputs = {n for n in self._inputs if self._profiles[n][0] == tuple(self._engine.get_tensor_shape(n))}

@@ -249,6 +249,39 @@ class SchedulerBase:
                              field="num_inference_steps")
         return int(num_inference_steps)
 
+    def check_num_inference_steps(self, num_inference_steps: Any) -> int:
+        """``num_inference_steps`` checked against this scheduler's config before any work: an
+        integer in [1, num_train_timesteps] whose timesteps this scheduler can step through (with
+        "leading" spacing, ``steps_offset`` shifts them up: 1000 steps of 1000 training steps and
+        offset 1 reach timestep 1000). One-line :class:`InputError` naming the most steps below
+        it that fit."""
+        steps = self._check_num_inference_steps(num_inference_steps)
+        problem = self._timesteps_problem(steps)
+        if problem is None:
+            return steps
+        fits = next((n for n in range(steps - 1, 0, -1) if self._timesteps_problem(n) is None), 0)
+        cfg = self.config
+        advice = f"use at most {fits} steps" if fits else "no number of steps fits"
+        raise InputError(
+            f"num_inference_steps {steps}: {type(self).__name__} with this package's scheduler config "
+            f"(num_train_timesteps {cfg.num_train_timesteps}, timestep_spacing {cfg.timestep_spacing!r}, "
+            f"steps_offset {cfg.steps_offset}) {problem}; {advice}", field="num_inference_steps")
+
+    def _timesteps_problem(self, num_inference_steps: int) -> str | None:
+        """Why ``num_inference_steps`` timesteps of this config cannot be stepped through (None: they can)."""
+        probe = type(self)(self.config)  # set_timesteps resets a scheduler's state: never this one's
+        probe.set_timesteps(num_inference_steps)
+        return probe.timesteps_problem()
+
+    def timesteps_problem(self) -> str | None:
+        """Why the set timesteps cannot be stepped through (None: they can): one outside
+        ``alphas_cumprod``, which this scheduler indexes."""
+        timesteps = np.asarray(self.timesteps)
+        outside = timesteps[(timesteps < 0) | (timesteps >= self.config.num_train_timesteps)]
+        if outside.size:
+            return f"reaches timestep {int(outside[0])}, outside the trained [0, {self.config.num_train_timesteps - 1}]"
+        return None
+
     def _alpha_cumprod_at(self, timestep: int) -> np.float32:
         n_train = self.config.num_train_timesteps
         if not -n_train <= timestep < n_train:
@@ -310,6 +343,17 @@ class StepIndexMixin:
         """sqrt((1 - α̅_t) / α̅_t) for t = 0..T-1, float32 like diffusers."""
         ac = self.alphas_cumprod
         return np.sqrt((f32(1) - ac) / ac)
+
+    def timesteps_problem(self) -> str | None:
+        """A repeated timestep (its step index is ambiguous: DPM-Solver's "leading" spacing at as
+        many steps as training timesteps runs past its sigmas); the sigmas are interpolated
+        between the training ones and clamped at both ends (as diffusers does), so a timestep
+        outside them is fine."""
+        timesteps = np.asarray(self.timesteps)
+        values, counts = np.unique(timesteps, return_counts=True)
+        if (counts > 1).any():
+            return f"repeats timestep {int(values[counts > 1][0])} (too many steps for this spacing)"
+        return None
 
     def _sigmas_at(self, timesteps: np.ndarray) -> np.ndarray:
         """σ(t) by linear interpolation of the training sigmas (float64, like diffusers' np.interp),
