@@ -98,6 +98,22 @@ class FakeGpu:
         return sum(1 for _, where, _ in self.h2d if where == name or where in addresses)
 
 
+@dataclass(frozen=True)
+class NodeArg:
+    """What ``InferenceSession.get_inputs()``/``get_outputs()`` return: name, type, shape."""
+
+    name: str
+    type: str
+    shape: list
+
+
+def onnx_tensor_type_name(elem_type: int) -> str:
+    """ONNX Runtime's spelling of an ONNX element type: "float", "float16", "int64", ..."""
+    import onnx
+
+    return onnx.TensorProto.DataType.Name(elem_type).lower()
+
+
 class OrtValue:
     """Device memory is a host array; the class is bound to one :class:`FakeGpu` (``_gpu``)."""
 
@@ -228,6 +244,7 @@ class InferenceSession:
         self._real_module = real
         self._sess_options = sess_options
         self._real = None  # the real CPU session, made on the first run
+        self._graph = None  # the ONNX graph without weights, read on the first get_inputs/get_outputs
         self.captured: dict[int, tuple[dict, dict]] = {}
         gpu.sessions.append(self)
 
@@ -239,18 +256,35 @@ class InferenceSession:
 
     @property
     def output_names(self) -> list[str]:
-        return [o.name for o in self._session().get_outputs()]
+        return [o.name for o in self.get_outputs()]
 
     def _session(self):
         if self._real is None:
             self._real = self._real_module.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
         return self._real
 
+    def _graph_io(self, which: str) -> list[NodeArg]:
+        """The graph's declared inputs or outputs, as the real session's ``NodeArg``s say them
+        (type "tensor(float16)", dims as ints or dim_param names), read from the ONNX file without
+        its weights: a real CPU session cannot be made for graphs whose contrib ops (NhwcConv,
+        GroupNorm, ...) have CUDA kernels only, and the real GPU session answers this from the graph."""
+        if self._graph is None:
+            import onnx
+
+            self._graph = onnx.load(str(self.path), load_external_data=False).graph
+        args = []
+        for value in getattr(self._graph, which):
+            tensor = value.type.tensor_type
+            dtype = onnx_tensor_type_name(tensor.elem_type)
+            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
+            args.append(NodeArg(value.name, f"tensor({dtype})", dims))
+        return args
+
     def get_inputs(self):
-        return self._session().get_inputs()
+        return self._graph_io("input")
 
     def get_outputs(self):
-        return self._session().get_outputs()
+        return self._graph_io("output")
 
     def io_binding(self) -> IOBinding:
         self.gpu.io_bindings += 1
