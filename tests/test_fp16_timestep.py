@@ -32,7 +32,7 @@ from diffusers.models.embeddings import get_timestep_embedding  # noqa: E402
 from onnxruntime.transformers import float16  # noqa: E402
 from onnxruntime.transformers.onnx_model import OnnxModel  # noqa: E402
 
-from blipdiffusion_trt.components import declare_components  # noqa: E402
+from blipdiffusion_trt.components import CONTROLNET_STEP_CACHE, PLAIN_STEP_CACHE, declare_components  # noqa: E402
 from blipdiffusion_trt.export.graphs import export_point, sinusoidal_embedding_nodes  # noqa: E402
 from blipdiffusion_trt.package.layout import PackageLayout  # noqa: E402
 
@@ -43,7 +43,11 @@ pytestmark = pytest.mark.slow
 TIMESTEPS = (1.0, 500.0, 999.0)
 EPS32 = float(np.finfo(np.float32).eps)
 # the diffusers module (checkpoint folder) each denoiser graph was traced from
-CHECKPOINT_FOLDER = {"unet": "unet", "unet_plain": "unet", "controlnet": "controlnet"}
+# every graph with a timestep embedding -> the checkpoint folder of its module: fast mode's UNet
+# steps too (the shallow ControlNet is conv_in and the first residual: no time embedding)
+CHECKPOINT_FOLDER = {"unet": "unet", "unet_plain": "unet", "controlnet": "controlnet",
+                     **{name: "unet" for graphs in (PLAIN_STEP_CACHE, CONTROLNET_STEP_CACHE)
+                        for name in (graphs.full, graphs.shallow)}}
 
 
 def _bound(t: float) -> float:

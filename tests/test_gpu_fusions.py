@@ -30,7 +30,7 @@ ort = pytest.importorskip("onnxruntime", reason="the optimizer is part of onnxru
 
 from onnx import numpy_helper  # noqa: E402
 
-from blipdiffusion_trt.components import declare_components  # noqa: E402
+from blipdiffusion_trt.components import CONTROLNET_STEP_CACHE, PLAIN_STEP_CACHE, declare_components  # noqa: E402
 from blipdiffusion_trt.errors import PackageError, ValidationError  # noqa: E402
 from blipdiffusion_trt.package import ModelPackage, sha256_file  # noqa: E402
 from blipdiffusion_trt.package.layout import CUDA_FUSED as GPU_FUSED_DIR, MANIFEST as MANIFEST_NAME  # noqa: E402
@@ -77,7 +77,9 @@ def _fused_components(package: Path) -> list[str]:
 def test_export_writes_the_declared_fused_graphs_with_their_digests(cuda_package):
     manifest = json.loads((cuda_package / MANIFEST_NAME).read_text())
     declared = _fused_components(cuda_package)
-    assert set(declared) == {"unet", "unet_plain", "controlnet", "vae_decoder"}
+    # the denoisers and the VAE decoder, and fast mode's UNet steps (the shallow ControlNet is a few convolutions)
+    step_unets = {g for graphs in (PLAIN_STEP_CACHE, CONTROLNET_STEP_CACHE) for g in (graphs.full, graphs.shallow)}
+    assert set(declared) == {"unet", "unet_plain", "controlnet", "vae_decoder"} | step_unets
     assert set(manifest["gpu_fused"]) == set(declared)
     listed = sorted(f for f in manifest["files"] if f.startswith(f"onnx/{GPU_FUSED_DIR}/"))
     assert listed == sorted(p.relative_to(cuda_package).as_posix() for p in (cuda_package / "onnx" / GPU_FUSED_DIR).iterdir())

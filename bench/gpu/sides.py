@@ -193,6 +193,12 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
     # component outputs for the accuracy check, after the timings (not timed, not in the memory figure)
     gen = settings_from_dict(spec["generations"]["controlnet"])
     engines = {**cn_runtime.engines, "unet_plain": plain_engines["unet_plain"]}
+    # fast mode's graphs are checked against PyTorch like every other component (timed in fast_mode.py)
+    from blipdiffusion_trt.components import step_cache_components
+
+    for name in step_cache_components(cn_runtime.package.config):
+        engines[name] = common.make_engine(cn_runtime.package, name, mode)
+        graphs[name] = common.graph_of(engines[name], cn_runtime.package)
     np.savez(spec["components"], **component_outputs(cn_runtime.package, engines, mode, gen))
     if mode.gpu and spec.get("cuda_graph_probe"):
         result["cuda_graphs"] = cuda_graph_probe(cn_runtime.package, engines, mode, gen)
