@@ -697,7 +697,7 @@ def test_server_edits(triton_server, tiny):
         expected = reference_edit(tiny, args)
         np.testing.assert_array_equal(edited, expected[0], err_msg=f"{protocol} {case}")
         np.testing.assert_array_equal(source, expected[1], err_msg=f"{protocol} {case}")
-    bad = [({"original_subject": "cat", "blend_threshold": 2.0}, "blend_threshold must be a number in [0, 1]"),
+    bad = [({"original_subject": "cat", "blend_threshold": 2.0}, "blend_threshold must be a number in [0, 1)"),
            ({"original_subject": "cat", "image": REAL_IMAGE, "scheduler": "pndm"}, "must be edited with the ddim scheduler"),
            ({"original_subject": " "}, "original_subject must be a non-empty string")]
     for protocol, status in (("http", "400"), ("grpc", "StatusCode.INVALID_ARGUMENT")):
