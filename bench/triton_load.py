@@ -110,16 +110,6 @@ def run_clients(url: str, clients: int, requests: int, steps: int, side: int) ->
             "p50_s": round(float(np.percentile(latencies, 50)), 3), "p99_s": round(float(np.percentile(latencies, 99)), 3)}
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--package", action="append", default=[], help="NAME=PACKAGE_DIR (repeatable)")
@@ -162,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
                 finally:
                     stop_server(server)
     load = os.getloadavg()
-    machine = {"cpu": cpu_name(), "cores": os.cpu_count(),
+    from blipdiffusion_trt.bench.machine import cpu_info
+
+    machine = {"cpu": cpu_info()["model"], "cores": os.cpu_count(),
                "load_average_at_end": [round(v, 2) for v in load], "python": platform.python_version()}
     args.out.mkdir(parents=True, exist_ok=True)
     command = ["python", "bench/triton_load.py", *[a.split("=", 1)[0] + "=" + a.split("=", 1)[0] + "-package"
