@@ -147,7 +147,7 @@ def fake_ort_gpu(monkeypatch):
     over the real CPU build; the once-per-process library loading starts afresh, and the libraries
     the fake device has (``fake.gpu.cuda_libraries``, ``.tensorrt_libraries``) are what ctypes loads."""
     real = pytest.importorskip("onnxruntime")
-    from blipdiffusion_trt.runtime import ort_install
+    from blipdiffusion_trt.runtime.backends import ort_install
 
     from fakes.onnxruntime_gpu import make_fake_onnxruntime_gpu
 

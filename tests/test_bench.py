@@ -209,7 +209,7 @@ def test_default_backends_are_the_registry_s_available_ones(monkeypatch):
 
     import onnxruntime as ort
 
-    from blipdiffusion_trt.runtime import ort_install
+    from blipdiffusion_trt.runtime.backends import ort_install
     from blipdiffusion_trt.runtime.backends import openvino as openvino_backend
     from blipdiffusion_trt.runtime.backends import tensorrt as tensorrt_backend
 

@@ -17,7 +17,7 @@ import pytest
 
 from blipdiffusion_trt.errors import EngineError, InputError
 from blipdiffusion_trt.package import ModelPackage
-from blipdiffusion_trt.runtime import ort_install
+from blipdiffusion_trt.runtime.backends import ort_install
 from blipdiffusion_trt.runtime.backends import get_backend
 from blipdiffusion_trt.runtime.backends.onnxruntime_gpu import OnnxRuntimeGpuEngine, OnnxRuntimeGpuOptions
 from blipdiffusion_trt.runtime.pipeline import BlipDiffusionRuntime

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from blipdiffusion_trt.errors import EngineError
-from blipdiffusion_trt.runtime import ort_install
+from blipdiffusion_trt.runtime.backends import ort_install
 
 BLOCK_ORT = "import sys; sys.modules['onnxruntime'] = None\n"
 

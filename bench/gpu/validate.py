@@ -437,7 +437,7 @@ def main(argv=None) -> int:
     if mode.gpu:
         import dataclasses
 
-        from blipdiffusion_trt.runtime.ort_install import ensure_cuda_libraries
+        from blipdiffusion_trt.runtime.backends.ort_install import ensure_cuda_libraries
 
         run.data["environment"]["cuda_libraries"] = dataclasses.asdict(ensure_cuda_libraries())
 

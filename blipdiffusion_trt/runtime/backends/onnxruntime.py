@@ -17,7 +17,7 @@ from ...components import CONTROLNET_STEP_CACHE, PLAIN_STEP_CACHE, ComponentSpec
 from ...errors import EngineError, InputError, first_line
 from ...package import ModelPackage
 from ..engine import Engine, check_graph_io, check_output_shapes
-from ..ort_install import require_onnxruntime
+from .ort_install import require_onnxruntime
 from . import ort_cache
 from .base import Backend, BackendOptions, Capabilities, default_threads, option, threads_option
 

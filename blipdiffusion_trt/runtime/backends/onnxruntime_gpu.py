@@ -22,7 +22,7 @@ Both drive the session through one IO binding per engine, reused for every call:
   A session ONNX Runtime refuses to capture (a compute node not on the CUDA provider, or control
   flow), or a capture that fails, runs eagerly instead, with a warning.
 
-The CUDA and cuDNN libraries are loaded before the first session (:mod:`..ort_install`): without
+The CUDA and cuDNN libraries are loaded before the first session (:mod:`.ort_install`): without
 them ONNX Runtime silently runs the session on the CPU, which :meth:`_check_providers` turns into
 one line naming what is missing. The ``cuda`` backend loads the package's CUDA-fused fp16 graphs
 (``onnx/fp16-cuda``, ``blipdiffusion-trt fuse --target cuda``) where it has them.
@@ -55,9 +55,9 @@ from ...components import ComponentSpec
 from ...engines.profiles import component_profiles
 from ...errors import EngineError, InputError, first_line
 from ...package import ModelPackage, layout
-from .. import ort_install
+from . import ort_install
 from ..engine import Engine
-from ..ort_install import ensure_cuda_libraries, ensure_tensorrt_library, require_onnxruntime
+from .ort_install import ensure_cuda_libraries, ensure_tensorrt_library, require_onnxruntime
 from .base import Backend, Capabilities, option
 from .onnxruntime import LOOP_COMPONENTS, OnnxRuntimeEngine, OnnxRuntimeOptions, provider_available, provider_name
 

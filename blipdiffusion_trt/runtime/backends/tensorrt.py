@@ -46,7 +46,7 @@ from ...engines.plans import BuildOptions, locate_plan, read_plan, rebuild_comma
 from ...engines.profiles import check_shape
 from ...errors import EngineError, InputError, PackageError, first_line
 from ...package import ModelPackage
-from .. import ort_install
+from . import ort_install
 from ..engine import Engine, check_graph_io, pad_rows, rows_to_pad
 from .base import Backend, BackendOptions, Capabilities, option
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..errors import EngineError
+from ...errors import EngineError
 
 logger = logging.getLogger(__name__)
 
