@@ -70,11 +70,11 @@ def request_arrays(seed: int, steps: int, side: int) -> dict[str, np.ndarray]:
 def grpc_inputs(values: dict[str, np.ndarray]) -> list:
     import tritonclient.grpc as grpc
 
-    types = {np.dtype(np.object_): "BYTES", np.dtype(np.uint8): "UINT8", np.dtype(np.int32): "INT32",
-             np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}
+    from tritonclient.utils import np_to_triton_dtype
+
     inputs = []
     for name, value in values.items():
-        tensor = grpc.InferInput(name, list(value.shape), types[value.dtype])
+        tensor = grpc.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
         tensor.set_data_from_numpy(value)
         inputs.append(tensor)
     return inputs

@@ -46,7 +46,7 @@ from blipdiffusion_trt.serving.triton import repository as tr  # noqa: E402
 from blipdiffusion_trt.errors import InputError, PackageError  # noqa: E402
 
 from helpers import run_cli  # noqa: E402
-from triton_server import shm_regions, start_server, stop_server, stub_pid  # noqa: E402
+from triton_server import infer_inputs, shm_regions, start_server, stop_server, stub_pid  # noqa: E402
 
 FLAVORS = ("python-cpu", "onnxruntime", "tensorrt")
 ONNX_TO_TRITON = {1: "TYPE_FP32", 10: "TYPE_FP16", 7: "TYPE_INT64", 6: "TYPE_INT32", 2: "TYPE_UINT8", 9: "TYPE_BOOL"}
@@ -507,17 +507,7 @@ def triton_inputs(protocol: str, args: dict, *, drop: tuple[str, ...] = (), raw:
         else:
             arrays[name] = np.array([value], np.float32)
     arrays.update(raw or {})
-    datatypes = {np.dtype(np.uint8): "UINT8", np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64",
-                 np.dtype(np.float32): "FP32", np.dtype(np.float64): "FP64", np.dtype(np.object_): "BYTES",
-                 np.dtype(np.bool_): "BOOL"}
-    inputs = []
-    for name, array in arrays.items():
-        if name in drop:
-            continue
-        tensor = module.InferInput(name, list(array.shape), datatypes[array.dtype])
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs
+    return infer_inputs(module, {name: array for name, array in arrays.items() if name not in drop})
 
 
 def infer(client, protocol: str, model: str, inputs: list, outputs: tuple[str, ...] = ("image",)):

@@ -27,7 +27,7 @@ import pytest
 pytest.importorskip("tritonclient.grpc", reason="needs the triton extra (pip install .[triton])")
 
 from helpers import run_cli  # noqa: E402
-from triton_server import start_server, stop_server, stub_pid  # noqa: E402
+from triton_server import infer_inputs, start_server, stop_server, stub_pid  # noqa: E402
 
 from blipdiffusion_trt.package import read_pipeline_config  # noqa: E402
 from blipdiffusion_trt.serving.triton import repository as tr  # noqa: E402
@@ -65,14 +65,7 @@ def arrays(seed: int = 0, steps: int = 2, **raw) -> dict[str, np.ndarray]:
 def grpc_inputs(values: dict[str, np.ndarray]) -> list:
     import tritonclient.grpc as grpc
 
-    types = {np.dtype(np.object_): "BYTES", np.dtype(np.uint8): "UINT8", np.dtype(np.int32): "INT32",
-             np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}
-    inputs = []
-    for name, value in values.items():
-        tensor = grpc.InferInput(name, list(value.shape), types[value.dtype])
-        tensor.set_data_from_numpy(value)
-        inputs.append(tensor)
-    return inputs
+    return infer_inputs(grpc, values)
 
 
 def reference(package: Path, seed: int) -> np.ndarray:

@@ -225,3 +225,14 @@ def stub_pid(server: TritonServer, model: str) -> int:
     return found[0]
 
 
+def infer_inputs(module, arrays) -> list:
+    """``module.InferInput``s (tritonclient.grpc or .http) holding ``arrays`` (name -> numpy array),
+    their Triton datatypes from tritonclient's own mapping."""
+    from tritonclient.utils import np_to_triton_dtype
+
+    inputs = []
+    for name, array in arrays.items():
+        tensor = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
